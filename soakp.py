@@ -1,0 +1,1819 @@
+"""SOAKP, the Secure OpenAI Key Proxy: clients hold a token that carries the OpenAI key sealed with
+AES-256-GCM; SOAKP checks the token, swaps in the real key and streams the request to the upstream.
+
+Read top to bottom, in the order a request flows; search "# 4." to jump to a section.
+ 1 Configuration  Config, load_config()            2 Tokens   derive_keys(), mint_token(), verify_token()
+ 3 HTTP parsing   RequestHead, parse_request_head() 4 Forwarding UpstreamPool, forward()
+ 5 TLS            server_ssl_context(), write_selfsigned()
+ 6 Server         ServerState, handle_connection(), error_response(), serve()
+ 7 CLI            main()
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import datetime
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import ssl
+import sys
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import certifi
+import jwt
+from cryptography import x509
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.x509.oid import NameOID
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("soakp")
+
+
+class ConfigError(Exception):
+    """A bad flag or environment value: main() prints it as one line and exits 2."""
+
+
+class ApiError(Exception):
+    """An answer SOAKP gives itself, raised where the problem is found and rendered by error_response()."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        error_type: str | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.error_type = error_type or ERROR_TYPES.get(status, "invalid_request_error")
+        self.headers = tuple(headers)
+
+
+# OpenAI's own error types, so that each SDK maps our answers onto its usual exception classes.
+ERROR_TYPES = {
+    401: "invalid_request_error",
+    403: "permission_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "server_error",
+    503: "server_error",
+    504: "server_error",
+}
+
+
+# 1. Configuration: flags and environment in, a frozen Config out. No sockets, no files but the secret's.
+
+DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\Z")
+DURATION_UNITS_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+SIZE_RE = re.compile(r"(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\Z", re.IGNORECASE)
+SIZE_UNITS = {
+    None: 1, "b": 1,
+    "k": 1024, "kib": 1024, "kb": 1000,
+    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+}
+MIN_SECRET_CHARS = 32
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_duration_s(text: str) -> float:
+    """Parse `90s`, `15m`, `12h`, `7d`, `250ms` or plain seconds. Raises ValueError."""
+    match = DURATION_RE.match(text.strip().lower())
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 12h, 7d or seconds)")
+    return float(match[1]) * DURATION_UNITS_S[match[2]]
+
+
+def parse_ttl_s(value: object) -> int:
+    """A token lifetime: whole seconds as an integer or a duration string, at least 1 s. Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError("ttl must be seconds or a duration such as 15m")
+    if isinstance(value, int):
+        seconds = value
+    elif isinstance(value, str):
+        seconds_f = parse_duration_s(value)
+        if seconds_f != int(seconds_f):
+            raise ValueError("ttl must be a whole number of seconds")
+        seconds = int(seconds_f)
+    else:
+        raise ValueError("ttl must be seconds or a duration such as 15m")
+    if seconds < 1:
+        raise ValueError("ttl must be at least 1 second")
+    return seconds
+
+
+def parse_size_bytes(text: str) -> int:
+    """Parse `512MiB`, `10MB`, `64k` or plain bytes. Raises ValueError."""
+    match = SIZE_RE.match(text.strip())
+    if not match:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512MiB, 10MB or bytes)")
+    unit = match[2].lower() if match[2] else None
+    return int(match[1]) * SIZE_UNITS[unit]
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """Parse `host:port` or `[v6]:port`. Raises ValueError."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+        raise ValueError(f"listen address must be host:port, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not re.fullmatch(r"[A-Za-z0-9.\-:]+", host):
+        raise ValueError(f"listen host is not an address or name: {host!r}")
+    return host, int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    """Where every forwarded request goes. Nothing a client sends can change it."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str  # prefix put before /v1/..., without a trailing slash
+    host_header: str
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+
+def parse_upstream(text: str) -> UpstreamTarget:
+    """Parse the upstream base URL (`https://api.openai.com`, `https://host:8443/prefix`). Raises ValueError."""
+    parts = urllib.parse.urlsplit(text.strip())
+    if parts.scheme not in ("https", "http"):
+        raise ValueError(f"upstream must be an https:// URL, got {text!r}")
+    if not parts.hostname or parts.username or parts.password or parts.query or parts.fragment:
+        raise ValueError(f"upstream must be scheme://host[:port][/path] only, got {text!r}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ValueError(f"upstream port is invalid in {text!r}") from None
+    host = parts.hostname
+    default_port = port == (443 if parts.scheme == "https" else 80)
+    shown = f"[{host}]" if ":" in host else host
+    return UpstreamTarget(
+        scheme=parts.scheme,
+        host=host,
+        port=port,
+        base_path=parts.path.rstrip("/"),
+        host_header=shown if default_port else f"{shown}:{port}",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything `soakp serve` needs, validated. Built only by load_config()."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 3033
+    secret: str = field(default="", repr=False)
+    old_secrets: tuple[str, ...] = field(default=(), repr=False)
+    admin_user: str | None = None
+    admin_pass: str | None = field(default=None, repr=False)
+    upstream: UpstreamTarget = field(default_factory=lambda: parse_upstream("https://api.openai.com"))
+    upstream_ca: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    db: str = "./soakp.db"
+    token_ttl_s: int = 7 * 86400
+    max_token_ttl_s: int = 365 * 86400
+    cors_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 512 * 1024**2
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 600.0
+    header_timeout_s: float = 30.0
+    max_connections: int = 10000
+    shutdown_grace_s: float = 30.0
+    log_level: str = "info"
+
+    @property
+    def tls(self) -> bool:
+        return self.cert_file is not None
+
+
+# One row per option: flag, variable, default, help. Commands pick the rows they take.
+OPTIONS: dict[str, tuple[str, str | None, str]] = {
+    "listen": ("SOAKP_LISTEN", "127.0.0.1:3033", "address:port to serve on"),
+    "secret": ("SOAKP_SECRET", None, "master secret, at least 32 characters"),
+    "secret-file": ("SOAKP_SECRET_FILE", None, "file holding the master secret"),
+    "old-secrets": ("SOAKP_OLD_SECRETS", None, "comma list of retired secrets still accepted for verifying"),
+    "admin-user": ("SOAKP_ADMIN_USER", None, "HTTP Basic user for the admin endpoints (without it they answer 404)"),
+    "admin-pass": ("SOAKP_ADMIN_PASS", None, "HTTP Basic password for the admin endpoints"),
+    "upstream": ("SOAKP_UPSTREAM", "https://api.openai.com", "base URL requests are forwarded to"),
+    "upstream-ca": ("SOAKP_UPSTREAM_CA", None, "CA file trusted for the upstream (default: certifi's bundle)"),
+    "cert-dir": ("SOAKP_CERT_DIR", None, "Certbot live directory with fullchain.pem and privkey.pem"),
+    "domain": ("SOAKP_DOMAIN", None, "shorthand for --cert-dir LETSENCRYPT_DIR/live/DOMAIN"),
+    "letsencrypt-dir": ("SOAKP_LETSENCRYPT_DIR", "/etc/letsencrypt", "Certbot's configuration directory"),
+    "cert": ("SOAKP_CERT", None, "PEM certificate chain (with --key)"),
+    "key": ("SOAKP_KEY", None, "PEM private key (with --cert)"),
+    "db": ("SOAKP_DB", "./soakp.db", "SQLite file of issued-token metadata and revocations "
+           "(reserved: the token registry is not built yet, so nothing is stored)"),
+    "token-ttl": ("SOAKP_TOKEN_TTL", "7d", "default lifetime of minted tokens"),
+    "max-token-ttl": ("SOAKP_MAX_TOKEN_TTL", "365d", "cap on any requested lifetime"),
+    "cors-origins": ("SOAKP_CORS_ORIGINS", None, "comma list of allowed browser origins, or * "
+                     "(reserved: CORS is not built yet, so no CORS headers are sent)"),
+    "max-body": ("SOAKP_MAX_BODY", "512MiB", "largest request body accepted"),
+    "connect-timeout": ("SOAKP_CONNECT_TIMEOUT", "10s", "connect + TLS handshake to the upstream; past it 502"),
+    "read-timeout": ("SOAKP_READ_TIMEOUT", "600s", "longest silence from the upstream; before headers 504"),
+    "header-timeout": ("SOAKP_HEADER_TIMEOUT", "30s", "time a client has to send a complete request head"),
+    "max-connections": ("SOAKP_MAX_CONNECTIONS", "10000", "concurrent client connections; beyond it 503"),
+    "shutdown-grace": ("SOAKP_SHUTDOWN_GRACE", "30s", "on SIGTERM, time in-flight requests get to finish"),
+    "log-level": ("SOAKP_LOG_LEVEL", "info", "debug, info, warning or error"),
+}
+COMMON_OPTIONS = ("secret", "secret-file", "old-secrets", "db", "token-ttl", "max-token-ttl", "log-level")
+SERVE_OPTIONS = tuple(OPTIONS)
+COMMANDS = ("serve", "mint", "revoke", "tokens", "selfsigned")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit 2 (never a usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: `soakp [COMMAND] [OPTIONS]`, serve being the default command."""
+    parser = _Parser(prog="soakp", description="SOAKP, the Secure OpenAI Key Proxy.")
+    parser.add_argument("--version", action="version", version=f"soakp {__version__}")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    def add_options(sub: argparse.ArgumentParser, names: Sequence[str]) -> None:
+        for name in names:
+            env, default, text = OPTIONS[name]
+            shown = f" (env {env}" + (f", default {default})" if default else ")")
+            sub.add_argument(f"--{name}", dest=name.replace("-", "_"), default=None, help=text + shown)
+
+    serve = commands.add_parser("serve", help="run the proxy (the default command)")
+    add_options(serve, SERVE_OPTIONS)
+
+    mint = commands.add_parser("mint", help="print a new token for an OpenAI key")
+    add_options(mint, COMMON_OPTIONS)
+    mint.add_argument("--key", dest="api_key", required=True, help="the OpenAI key to seal into the token")
+    mint.add_argument("--org", help="OpenAI-Organization the token sends")
+    mint.add_argument("--project", help="OpenAI-Project the token sends")
+    mint.add_argument("--ttl", help="lifetime (90s, 15m, 12h, 7d or seconds; default --token-ttl)")
+    mint.add_argument("--sub", help="a label for the token's holder (default 'default')")
+
+    for name, text in (("revoke", "revoke a token by its jti"), ("tokens", "list issued tokens as JSON lines")):
+        sub = commands.add_parser(name, help=text + " (needs the token registry, not built yet)")
+        add_options(sub, COMMON_OPTIONS)
+        if name == "revoke":
+            sub.add_argument("jti")
+
+    selfsigned = commands.add_parser("selfsigned", help="write a development certificate in Certbot's layout")
+    selfsigned.add_argument("--dir", required=True, help="directory for fullchain.pem and privkey.pem")
+    selfsigned.add_argument("--host", default="localhost", help="name the certificate is for (default localhost)")
+    return parser
+
+
+def option_value(args: argparse.Namespace, environ: Mapping[str, str], name: str) -> str | None:
+    """Flag over environment variable over default."""
+    value = getattr(args, name.replace("-", "_"), None)
+    if value is not None:
+        return value
+    env, default, _ = OPTIONS[name]
+    return environ.get(env) or default
+
+
+def read_secret(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
+    """The master secret from --secret, --secret-file or their variables (a flag wins)."""
+    if args.secret is not None and args.secret_file is not None:
+        raise ConfigError("give --secret or --secret-file, not both")
+    secret, path = args.secret, args.secret_file
+    if secret is None and path is None:
+        secret, path = environ.get("SOAKP_SECRET") or None, environ.get("SOAKP_SECRET_FILE") or None
+        if secret is not None and path is not None:
+            raise ConfigError("set SOAKP_SECRET or SOAKP_SECRET_FILE, not both")
+    if path is not None:
+        try:
+            secret = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the secret file {path}: {exc.__class__.__name__}") from None
+    if secret is None:
+        raise ConfigError("a master secret is required: --secret, --secret-file, SOAKP_SECRET or SOAKP_SECRET_FILE")
+    if len(secret) < MIN_SECRET_CHARS:
+        raise ConfigError(f"the master secret must be at least {MIN_SECRET_CHARS} characters")
+    return secret
+
+
+def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config, argparse.Namespace]:
+    """Parse the command line and environment into a validated Config plus the command's own arguments.
+
+    Raises ConfigError with one line for any bad value.
+    """
+    argv = list(argv)
+    if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
+        argv.insert(0, "serve")
+    args = build_parser().parse_args(argv)
+    if args.command == "selfsigned":
+        return Config(), args
+
+    def get(name: str) -> str | None:
+        return option_value(args, environ, name) if hasattr(args, name.replace("-", "_")) else OPTIONS[name][1]
+
+    def convert(name: str, parse: Any) -> Any:
+        text = get(name)
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise ConfigError(f"--{name}: {exc}") from None
+
+    needs_secret = args.command in ("serve", "mint")
+    secret = read_secret(args, environ) if needs_secret else ""
+    old_secrets = tuple(s.strip() for s in (get("old-secrets") or "").split(",") if s.strip())
+    if any(len(s) < MIN_SECRET_CHARS for s in old_secrets):
+        raise ConfigError(f"--old-secrets: each secret must be at least {MIN_SECRET_CHARS} characters")
+
+    listen_host, listen_port = convert("listen", parse_listen)
+    upstream = convert("upstream", parse_upstream)
+    admin_user, admin_pass = get("admin-user"), get("admin-pass")
+    if (admin_user is None) != (admin_pass is None):
+        raise ConfigError("give both --admin-user and --admin-pass, or neither")
+    if admin_pass is not None and len(admin_pass) < 8:
+        raise ConfigError("--admin-pass must be at least 8 characters")
+
+    cert_file, key_file = tls_files(get("cert-dir"), get("domain"), get("letsencrypt-dir"), get("cert"), get("key"))
+    upstream_ca = get("upstream-ca")
+    if upstream_ca is not None and not os.access(upstream_ca, os.R_OK):
+        raise ConfigError(f"--upstream-ca: cannot read {upstream_ca}")
+
+    token_ttl_s = convert("token-ttl", parse_ttl_s)
+    max_token_ttl_s = convert("max-token-ttl", parse_ttl_s)
+    if token_ttl_s > max_token_ttl_s:
+        raise ConfigError("--token-ttl is longer than --max-token-ttl")
+    durations = {}
+    for name in ("connect-timeout", "read-timeout", "header-timeout", "shutdown-grace"):
+        durations[name] = convert(name, parse_duration_s)
+        if durations[name] <= 0 and name != "shutdown-grace":
+            raise ConfigError(f"--{name} must be more than 0")
+    max_connections = convert("max-connections", int)
+    if max_connections < 1:
+        raise ConfigError("--max-connections must be at least 1")
+    log_level = (get("log-level") or "info").lower()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+    cors = tuple(o.strip() for o in (get("cors-origins") or "").split(",") if o.strip())
+
+    config = Config(
+        listen_host=listen_host,
+        listen_port=listen_port,
+        secret=secret,
+        old_secrets=old_secrets,
+        admin_user=admin_user,
+        admin_pass=admin_pass,
+        upstream=upstream,
+        upstream_ca=upstream_ca,
+        cert_file=cert_file,
+        key_file=key_file,
+        db=get("db") or "./soakp.db",
+        token_ttl_s=token_ttl_s,
+        max_token_ttl_s=max_token_ttl_s,
+        cors_origins=cors,
+        max_body_bytes=convert("max-body", parse_size_bytes),
+        connect_timeout_s=durations["connect-timeout"],
+        read_timeout_s=durations["read-timeout"],
+        header_timeout_s=durations["header-timeout"],
+        max_connections=max_connections,
+        shutdown_grace_s=durations["shutdown-grace"],
+        log_level=log_level,
+    )
+    return config, args
+
+
+def tls_files(
+    cert_dir: str | None, domain: str | None, letsencrypt_dir: str | None, cert: str | None, key: str | None
+) -> tuple[str | None, str | None]:
+    """Resolve the three ways of naming a certificate to (fullchain, privkey) paths, or (None, None)."""
+    ways = [name for name, given in (("--cert-dir", cert_dir), ("--domain", domain), ("--cert/--key", cert or key))
+            if given]
+    if len(ways) > 1:
+        raise ConfigError(f"choose one way to name the certificate, not {' and '.join(ways)}")
+    if domain is not None:
+        if not re.fullmatch(r"[A-Za-z0-9.\-]+", domain) or ".." in domain:
+            raise ConfigError(f"--domain is not a domain name: {domain!r}")
+        cert_dir = os.path.join(letsencrypt_dir or "/etc/letsencrypt", "live", domain)
+    if cert_dir is not None:
+        cert, key = os.path.join(cert_dir, "fullchain.pem"), os.path.join(cert_dir, "privkey.pem")
+    if (cert is None) != (key is None):
+        raise ConfigError("--cert and --key go together")
+    for path in (cert, key):
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(f"cannot read the TLS file {path}")
+    return cert, key
+
+
+# 2. Tokens: a secret and a key in, a signed JWT out, and back. Pure: the clock and randomness are arguments.
+
+JWT_ALGORITHM = "HS256"
+TOKEN_ISSUER = "soakp"
+TOKEN_AUDIENCE = "openai"
+SIGNING_INFO = b"soakp/jwt-hs256"
+SEALING_INFO = b"soakp/key-aes256gcm"
+GCM_NONCE_BYTES = 12
+KID_HEX_DIGITS = 16
+# Visible ASCII without whitespace, as SPEC.md says: no vendor prefix so compatible upstreams work.
+KEY_RE = re.compile(r"[\x21-\x7e]{1,512}\Z")
+# Header-safe label values for org, project and sub.
+LABEL_RE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,254}[\x21-\x7e])?\Z")
+MAX_TOKEN_CHARS = 8192
+# Claims that restrict a token. Enforcing them is the token-lifecycle work; until then a token that
+# carries one is refused rather than honoured without its limits.
+PERMISSION_CLAIMS = ("paths", "models", "rpm", "origins", "max_tokens_total")
+GRANT_FIELDS = ("key", "org", "project", "ttl", "sub", *PERMISSION_CLAIMS)
+
+
+@dataclass(frozen=True, slots=True)
+class SecretKeys:
+    """The two keys HKDF derives from one master secret, and the kid that names them."""
+
+    kid: str
+    signing_key: bytes = field(repr=False)
+    sealing_key: bytes = field(repr=False)
+
+
+def derive_keys(secret: str) -> SecretKeys:
+    """Derive the JWT signing key and the AES-GCM sealing key from the master secret (HKDF-SHA256, no salt)."""
+    material = secret.encode("utf-8")
+
+    def hkdf(info: bytes) -> bytes:
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(material)
+
+    signing_key = hkdf(SIGNING_INFO)
+    kid = hashlib.sha256(signing_key).hexdigest()[:KID_HEX_DIGITS]
+    return SecretKeys(kid=kid, signing_key=signing_key, sealing_key=hkdf(SEALING_INFO))
+
+
+def build_keyring(secret: str, old_secrets: Sequence[str] = ()) -> dict[str, SecretKeys]:
+    """Keys by kid: the current secret first (it mints), then retired ones (they only verify)."""
+    keyring: dict[str, SecretKeys] = {}
+    for one in (secret, *old_secrets):
+        keys = derive_keys(one)
+        keyring.setdefault(keys.kid, keys)
+    return keyring
+
+
+def b64url_encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Strict unpadded base64url. Raises ValueError."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", text) or len(text) % 4 == 1:
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def seal_key(key: str, jti: str, sealing_key: bytes, nonce: bytes) -> str:
+    """Encrypt the OpenAI key with AES-256-GCM bound to the jti: base64url(nonce ‖ ciphertext ‖ tag)."""
+    sealed = AESGCM(sealing_key).encrypt(nonce, key.encode("ascii"), jti.encode("ascii"))
+    return b64url_encode(nonce + sealed)
+
+
+def open_key(ek: str, jti: str, sealing_key: bytes) -> str:
+    """Decrypt a sealed key. Raises ValueError if it was tampered with or sealed for another jti or secret."""
+    try:
+        raw = b64url_decode(ek)
+        if len(raw) <= GCM_NONCE_BYTES + 16:
+            raise ValueError("sealed key too short")
+        plain = AESGCM(sealing_key).decrypt(raw[:GCM_NONCE_BYTES], raw[GCM_NONCE_BYTES:], jti.encode("ascii"))
+        key = plain.decode("ascii")
+    except (InvalidTag, UnicodeError, binascii.Error) as exc:
+        raise ValueError("sealed key does not open") from exc
+    if not KEY_RE.match(key):
+        raise ValueError("sealed key is not a key")
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a new token is for: the key it carries and the claims around it. Built by parse_grant()."""
+
+    key: str = field(repr=False)
+    ttl_s: int
+    sub: str = "default"
+    org: str | None = None
+    project: str | None = None
+
+
+def parse_grant(fields: Mapping[str, Any], default_ttl_s: int, max_ttl_s: int) -> Grant:
+    """Validate a mint request (the JSON body of /jwt/generate or the mint flags).
+
+    Raises ApiError(400) naming the field; the message never repeats the key.
+    """
+    unknown = sorted(set(fields) - set(GRANT_FIELDS))
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}", "invalid_field", headers=())
+    present_permissions = [name for name in PERMISSION_CLAIMS if fields.get(name) is not None]
+    if present_permissions:
+        raise ApiError(400, f"the permission claim {present_permissions[0]!r} is not supported by this "
+                            f"SOAKP version yet", "unsupported_claim")
+    key = fields.get("key")
+    if not isinstance(key, str) or not KEY_RE.match(key):
+        raise ApiError(400, "'key' must be 1 to 512 visible ASCII characters without spaces", "invalid_key")
+    labels: dict[str, str | None] = {}
+    for name in ("sub", "org", "project"):
+        value = fields.get(name)
+        if value is not None and (not isinstance(value, str) or not LABEL_RE.match(value)):
+            raise ApiError(400, f"'{name}' must be 1 to 256 printable ASCII characters", "invalid_field")
+        labels[name] = value
+    ttl_s = default_ttl_s
+    if fields.get("ttl") is not None:
+        try:
+            ttl_s = parse_ttl_s(fields["ttl"])
+        except ValueError as exc:
+            raise ApiError(400, f"'ttl': {exc}", "invalid_ttl") from None
+    if ttl_s > max_ttl_s:
+        raise ApiError(400, f"'ttl' is over the maximum of {max_ttl_s} seconds", "ttl_too_long")
+    return Grant(key=key, ttl_s=ttl_s, sub=labels["sub"] or "default", org=labels["org"],
+                 project=labels["project"])
+
+
+@dataclass(frozen=True, slots=True)
+class MintedToken:
+    token: str = field(repr=False)
+    jti: str
+    expires_at: int
+
+
+def mint_token(keys: SecretKeys, grant: Grant, now: int, jti: str, nonce: bytes) -> MintedToken:
+    """Sign a token carrying the sealed key. `jti` and `nonce` come from the caller (secrets module)."""
+    claims: dict[str, Any] = {
+        "iss": TOKEN_ISSUER,
+        "aud": TOKEN_AUDIENCE,
+        "sub": grant.sub,
+        "iat": now,
+        "exp": now + grant.ttl_s,
+        "jti": jti,
+        "ek": seal_key(grant.key, jti, keys.sealing_key, nonce),
+    }
+    if grant.org is not None:
+        claims["org"] = grant.org
+    if grant.project is not None:
+        claims["project"] = grant.project
+    token = jwt.encode(claims, keys.signing_key, algorithm=JWT_ALGORITHM, headers={"kid": keys.kid})
+    return MintedToken(token=token, jti=jti, expires_at=claims["exp"])
+
+
+def new_token(keys: SecretKeys, grant: Grant, now: int) -> MintedToken:
+    """mint_token() with a fresh 128-bit jti and GCM nonce."""
+    return mint_token(keys, grant, now, b64url_encode(secrets.token_bytes(16)), secrets.token_bytes(GCM_NONCE_BYTES))
+
+
+@dataclass(frozen=True, slots=True)
+class TokenClaims:
+    """A verified token: who it is, until when, and the opened key."""
+
+    jti: str
+    kid: str
+    sub: str
+    iat: int
+    exp: int
+    key: str = field(repr=False)
+    org: str | None = None
+    project: str | None = None
+
+
+def invalid_token(message: str) -> ApiError:
+    return ApiError(401, message, "invalid_api_key")
+
+
+def verify_token(token: str, keyring: Mapping[str, SecretKeys], now: float) -> TokenClaims:
+    """Check a token's signature (HS256 only), issuer, audience and expiry, and open its key.
+
+    Raises ApiError(401) for anything wrong; messages never repeat the token.
+    """
+    if len(token) > MAX_TOKEN_CHARS:
+        raise invalid_token("The token is too long.")
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.InvalidTokenError:
+        raise invalid_token("The token is not a SOAKP token.") from None
+    kid = header.get("kid")
+    keys = keyring.get(kid) if isinstance(kid, str) else None
+    if keys is None:
+        raise invalid_token("The token was not signed by a secret this server knows.")
+    try:
+        claims = jwt.decode(
+            token,
+            keys.signing_key,
+            algorithms=[JWT_ALGORITHM],
+            audience=TOKEN_AUDIENCE,
+            issuer=TOKEN_ISSUER,
+            # Expiry is checked below against the caller's clock, without leeway.
+            options={"require": ["iss", "aud", "sub", "iat", "exp", "jti"], "verify_exp": False,
+                     "verify_iat": False, "verify_nbf": False},
+        )
+    except jwt.InvalidTokenError:
+        raise invalid_token("The token's signature or claims are invalid.") from None
+    exp, iat, jti, sub, ek = (claims.get(k) for k in ("exp", "iat", "jti", "sub", "ek"))
+    if not (isinstance(exp, int) and isinstance(iat, int) and not isinstance(exp, bool)):
+        raise invalid_token("The token's times are invalid.")
+    if exp <= now:
+        raise invalid_token("The token has expired.")
+    if not (isinstance(jti, str) and jti.isascii() and isinstance(sub, str) and isinstance(ek, str)):
+        raise invalid_token("The token's claims are invalid.")
+    if any(name in claims for name in PERMISSION_CLAIMS):
+        raise invalid_token("The token carries permission claims this SOAKP version cannot enforce.")
+    org, project = claims.get("org"), claims.get("project")
+    for label in (org, project):
+        if label is not None and (not isinstance(label, str) or not LABEL_RE.match(label)):
+            raise invalid_token("The token's claims are invalid.")
+    try:
+        key = open_key(ek, jti, keys.sealing_key)
+    except ValueError:
+        raise invalid_token("The token's sealed key does not open.") from None
+    return TokenClaims(jti=jti, kid=keys.kid, sub=sub, iat=iat, exp=exp, key=key, org=org, project=project)
+
+
+class TokenCache:
+    """Verified tokens by their text, so each distinct token pays for HMAC and AES-GCM once.
+
+    Bounded; an entry is dropped when its token expires.
+    """
+
+    def __init__(self, keyring: Mapping[str, SecretKeys], max_entries: int = 10000) -> None:
+        self.keyring = keyring
+        self.max_entries = max_entries
+        self.entries: dict[str, TokenClaims] = {}
+
+    def verify(self, token: str, now: float) -> TokenClaims:
+        claims = self.entries.get(token)
+        if claims is None:
+            claims = verify_token(token, self.keyring, now)
+            if len(self.entries) >= self.max_entries:
+                del self.entries[next(iter(self.entries))]
+            self.entries[token] = claims
+        elif claims.exp <= now:
+            del self.entries[token]
+            raise invalid_token("The token has expired.")
+        return claims
+
+
+# 3. HTTP parsing: bytes in, RequestHead and ResponseHead out. No sockets, no awaits.
+#
+# RFC 9110/9112 grammar, enforced strictly because a proxy that reads a request differently from the
+# server behind it can be used to smuggle requests (CL.TE, TE.CL, obs-fold, bare LF).
+
+MAX_HEAD_BYTES = 64 * 1024  # the whole request head; over it 431 (nginx's large buffers: 4 x 8 KiB)
+MAX_REQUEST_LINE_BYTES = 16 * 1024  # over it 414
+MAX_HEADER_COUNT = 200
+MAX_CHUNK_LINE_BYTES = 4 * 1024
+MAX_CONTENT_LENGTH_DIGITS = 18
+# token = 1*tchar (RFC 9110 §5.6.2)
+TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+REQUEST_LINE_RE = re.compile(rb"(" + TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.([01])\Z")
+# field-line = field-name ":" OWS field-value OWS; a value holds VCHAR, SP, HTAB and obs-text, never CTLs.
+HEADER_LINE_RE = re.compile(rb"(" + TOKEN + rb"):[ \t]*((?:[\x21-\x7e\x80-\xff](?:[\t \x21-\x7e\x80-\xff]*"
+                            rb"[\x21-\x7e\x80-\xff])?)?)[ \t]*\Z")
+STATUS_LINE_RE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: ([\t \x21-\x7e\x80-\xff]*))?\Z")
+# chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS ext-name [ BWS "=" BWS ext-val ] )
+CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})((?:[ \t]*;[ \t]*" + TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + TOKEN
+                           + rb'|"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"))?)*)\Z')
+HOST_RE = re.compile(rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=%]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?\Z")
+BAD_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})|%2[fFeE]|%5[cC]|%00")
+# RFC 9110 §7.6.1: these describe one connection and never cross a proxy.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization", b"te",
+    b"trailer", b"transfer-encoding", b"upgrade",
+})
+
+BodyKind = Literal["none", "length", "chunked", "close"]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """A parsed, checked request head. `path` is canonical; it and `query` are what gets forwarded."""
+
+    method: str
+    path: str
+    query: str  # "" or "?..." exactly as received
+    http_minor: int
+    headers: tuple[tuple[bytes, bytes], ...]  # (name as received, value without OWS)
+    body_kind: BodyKind
+    content_length: int
+    keep_alive: bool
+    expect_continue: bool
+
+    def header(self, lower_name: bytes) -> bytes | None:
+        """The first value of a header, by lower-case name."""
+        for name, value in self.headers:
+            if name.lower() == lower_name:
+                return value
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """A parsed upstream response head."""
+
+    status: int
+    reason: bytes
+    headers: tuple[tuple[bytes, bytes], ...]
+    body_kind: BodyKind
+    content_length: int
+    keep_alive: bool
+
+
+def bad_request(message: str, status: int = 400) -> ApiError:
+    return ApiError(status, message, "invalid_request")
+
+
+def split_header_lines(lines: Sequence[bytes]) -> tuple[list[tuple[bytes, bytes]], dict[bytes, list[bytes]]]:
+    """Parse field lines into (name, value) pairs plus the framing-relevant ones by lower-case name.
+
+    Raises ApiError(400) for obs-fold, bare CR/LF, control bytes or a malformed name.
+    """
+    if len(lines) > MAX_HEADER_COUNT:
+        raise bad_request("Too many header fields.", 431)
+    headers: list[tuple[bytes, bytes]] = []
+    framing: dict[bytes, list[bytes]] = {}
+    for line in lines:
+        match = HEADER_LINE_RE.match(line)
+        if match is None:
+            # Covers obs-fold (a line starting with SP/HTAB, RFC 9112 §5.2), whitespace before the colon
+            # (§5.1), bare CR or LF and NUL or other control bytes.
+            raise bad_request("Malformed header field.")
+        name, value = match[1], match[2]
+        lower = name.lower()
+        if lower in FRAMING_HEADERS:
+            framing.setdefault(lower, []).append(value)
+        headers.append((name, value))
+    return headers, framing
+
+
+FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"host", b"connection", b"expect"})
+
+
+def connection_tokens(framing: Mapping[bytes, list[bytes]]) -> set[bytes]:
+    return {t.strip().lower() for v in framing.get(b"connection", ()) for t in v.split(b",") if t.strip()}
+
+
+def parse_framing(framing: Mapping[bytes, list[bytes]], http_minor: int) -> tuple[BodyKind, int]:
+    """Decide how a message body is delimited (RFC 9112 §6.3), refusing every ambiguous form.
+
+    Raises ApiError(400).
+    """
+    lengths = framing.get(b"content-length", [])
+    encodings = framing.get(b"transfer-encoding", [])
+    if lengths and encodings:
+        raise bad_request("Content-Length and Transfer-Encoding together are not allowed.")
+    if encodings:
+        # Only a lone, exact "chunked": anything else ("chunked, identity", "xchunked", a second header)
+        # could be read differently by the next hop.
+        if len(encodings) != 1 or encodings[0].lower() != b"chunked" or http_minor == 0:
+            raise bad_request("Unsupported Transfer-Encoding.")
+        return "chunked", 0
+    if lengths:
+        if len(lengths) != 1 or not lengths[0].isdigit() or len(lengths[0]) > MAX_CONTENT_LENGTH_DIGITS:
+            raise bad_request("Invalid Content-Length.")
+        length = int(lengths[0])
+        return ("length", length) if length else ("none", 0)
+    return "none", 0
+
+
+def check_canonical_path(path: str) -> None:
+    """Refuse any path another server might resolve differently from how SOAKP routes it.
+
+    No `.`, `..` or empty segments, no backslash, no percent-encoded `/`, `\\`, `.` or NUL, no malformed
+    percent escape. Raises ApiError(400).
+    """
+    if not path.startswith("/") or "\\" in path or BAD_PERCENT_RE.search(path):
+        raise bad_request("The request path is not canonical.")
+    if path != "/":
+        for segment in path[1:].split("/"):
+            if segment in ("", ".", ".."):
+                raise bad_request("The request path is not canonical.")
+
+
+def parse_target(target: bytes) -> tuple[str, str]:
+    """Split an origin-form or absolute-form target into (canonical path, query).
+
+    For absolute-form the authority is ignored: it never decides where SOAKP connects.
+    Raises ApiError(400).
+    """
+    text = target.decode("ascii")
+    if "#" in text:
+        raise bad_request("A request target must not carry a fragment.")
+    if not text.startswith("/"):
+        scheme, sep, rest = text.partition("://")
+        if not sep or scheme.lower() not in ("http", "https"):
+            raise bad_request("Unsupported request target.")
+        slash = rest.find("/")
+        question = rest.find("?")
+        if question != -1 and (slash == -1 or question < slash):
+            text = "/" + rest[question:]
+        else:
+            text = rest[slash:] if slash != -1 else "/"
+    path, sep, query = text.partition("?")
+    check_canonical_path(path)
+    return path, sep + query
+
+
+def parse_request_head(data: bytes) -> RequestHead:
+    """Parse a request head: the request line and header fields, ending with an empty line.
+
+    Returns the checked RequestHead. Raises ApiError with 400, 405, 414 or 431.
+    """
+    lines = data.split(b"\r\n")
+    while lines and lines[0] == b"":  # RFC 9112 §2.2: ignore empty lines before the request line
+        lines.pop(0)
+    while lines and lines[-1] == b"":
+        lines.pop()
+    if not lines:
+        raise bad_request("Empty request.")
+    request_line = lines[0]
+    if len(request_line) > MAX_REQUEST_LINE_BYTES:
+        raise bad_request("The request line is too long.", 414)
+    match = REQUEST_LINE_RE.match(request_line)
+    if match is None:
+        raise bad_request("Malformed request line.")
+    method = match[1].decode("ascii")
+    http_minor = int(match[3])
+    if method == "CONNECT":
+        raise ApiError(405, "CONNECT is not supported: SOAKP only forwards to its upstream.", "method_not_allowed")
+    headers, framing = split_header_lines(lines[1:])
+    body_kind, content_length = parse_framing(framing, http_minor)
+    hosts = framing.get(b"host", [])
+    if len(hosts) > 1 or (http_minor == 1 and not hosts) or (hosts and not HOST_RE.match(hosts[0])):
+        raise bad_request("A request needs exactly one valid Host header.")  # RFC 9112 §3.2
+    path, query = parse_target(match[2])
+    tokens = connection_tokens(framing)
+    keep_alive = b"close" not in tokens if http_minor == 1 else b"keep-alive" in tokens
+    expect = framing.get(b"expect", [])
+    return RequestHead(
+        method=method,
+        path=path,
+        query=query,
+        http_minor=http_minor,
+        headers=tuple(headers),
+        body_kind=body_kind,
+        content_length=content_length,
+        keep_alive=keep_alive,
+        expect_continue=any(v.lower() == b"100-continue" for v in expect),
+    )
+
+
+class UpstreamProtocolError(Exception):
+    """The upstream sent something that is not HTTP/1.1 as SOAKP can relay it."""
+
+
+def parse_response_head(data: bytes, request_method: str) -> ResponseHead:
+    """Parse an upstream response head. Raises UpstreamProtocolError."""
+    lines = data.split(b"\r\n")
+    while lines and lines[-1] == b"":
+        lines.pop()
+    match = STATUS_LINE_RE.match(lines[0]) if lines else None
+    if match is None:
+        raise UpstreamProtocolError("malformed status line")
+    status, http_minor = int(match[2]), int(match[1])
+    try:
+        headers, framing = split_header_lines(lines[1:])
+    except ApiError:
+        raise UpstreamProtocolError("malformed response header") from None
+    keep_alive = b"close" not in connection_tokens(framing) if http_minor == 1 else False
+    if request_method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        return ResponseHead(status, match[3] or b"", tuple(headers), "none", 0, keep_alive)
+    encodings = framing.get(b"transfer-encoding", [])
+    lengths = framing.get(b"content-length", [])
+    if encodings:
+        if encodings[-1].split(b",")[-1].strip().lower() != b"chunked":
+            return ResponseHead(status, match[3] or b"", tuple(headers), "close", 0, False)
+        # RFC 9112 §6.3: with both, Transfer-Encoding wins, and the connection must not be reused.
+        return ResponseHead(status, match[3] or b"", tuple(headers), "chunked", 0, keep_alive and not lengths)
+    if lengths:
+        values = {v.strip() for line in lengths for v in line.split(b",")}
+        if len(values) != 1 or not next(iter(values)).isdigit():
+            raise UpstreamProtocolError("invalid Content-Length")
+        length = int(values.pop())
+        return ResponseHead(status, match[3] or b"", tuple(headers), "length", length, keep_alive)
+    return ResponseHead(status, match[3] or b"", tuple(headers), "close", 0, False)
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """The size from a chunk-size line (CRLF already stripped); extensions are checked and ignored.
+
+    Raises ValueError.
+    """
+    match = CHUNK_LINE_RE.match(line)
+    if match is None:
+        raise ValueError("malformed chunk size line")
+    return int(match[1], 16)
+
+
+def forwarded_headers(headers: Sequence[tuple[bytes, bytes]], also_drop: frozenset[bytes]) -> list[bytes]:
+    """Header lines to pass on: hop-by-hop ones, those the Connection header names and `also_drop` removed."""
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.update(t.strip().lower() for t in value.split(b","))
+    out = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in also_drop or lower in named:
+            continue
+        out.append(name + b": " + value + b"\r\n")
+    return out
+
+
+# 4. Forwarding: a checked request in, the upstream's answer streamed back. All upstream I/O lives here.
+
+READ_CHUNK_BYTES = 64 * 1024
+SMALL_BODY_BYTES = 64 * 1024  # bodies up to this are read whole so a request can be retried on a stale connection
+POOL_MAX_IDLE = 128
+POOL_IDLE_LIMIT_S = 50.0  # below the 60 s idle timeout common to cloud load balancers
+REQUEST_DROP = frozenset({b"host", b"authorization", b"content-length", b"expect"})
+ORG_HEADERS = frozenset({b"openai-organization", b"openai-project"})
+RESPONSE_DROP = frozenset({b"content-length"})
+
+
+class UpstreamError(Exception):
+    """The upstream failed; `status` is what the client gets if no response byte was sent yet."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ClientGone(Exception):
+    """The client closed its connection or stopped sending; nothing more can be said to it."""
+
+
+if sys.version_info >= (3, 11):
+    async def bounded(awaitable: Any, seconds: float) -> Any:
+        """Await with a time limit; TimeoutError past it."""
+        async with asyncio.timeout(seconds):
+            return await awaitable
+else:  # pragma: no cover - Python 3.10
+    async def bounded(awaitable: Any, seconds: float) -> Any:
+        """Await with a time limit; TimeoutError past it."""
+        try:
+            return await asyncio.wait_for(awaitable, seconds)
+        except asyncio.TimeoutError:
+            raise TimeoutError from None
+
+
+@dataclass(slots=True)
+class UpstreamConnection:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    idle_since: float = 0.0
+
+    def close(self) -> None:
+        transport = self.writer.transport
+        if not transport.is_closing():
+            transport.abort()
+
+
+class UpstreamPool:
+    """Keep-alive connections to the one configured upstream, verified TLS, reused newest first."""
+
+    def __init__(self, target: UpstreamTarget, ssl_context: ssl.SSLContext | None, connect_timeout_s: float) -> None:
+        self.target = target
+        self.ssl_context = ssl_context
+        self.connect_timeout_s = connect_timeout_s
+        self.idle: list[UpstreamConnection] = []
+        self.connections_opened = 0
+
+    async def acquire(self) -> tuple[UpstreamConnection, bool]:
+        """An idle connection that still looks alive, else a new one. Returns (connection, reused)."""
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()
+            if conn.reader.at_eof() or conn.writer.transport.is_closing() or now - conn.idle_since > POOL_IDLE_LIMIT_S:
+                conn.close()
+                continue
+            return conn, True
+        return await self.connect(), False
+
+    async def connect(self) -> UpstreamConnection:
+        """Open a new connection. Raises UpstreamError(502)."""
+        target = self.target
+        try:
+            reader, writer = await bounded(
+                asyncio.open_connection(
+                    target.host,
+                    target.port,
+                    ssl=self.ssl_context,
+                    server_hostname=target.host if self.ssl_context else None,
+                    limit=MAX_HEAD_BYTES,
+                ),
+                self.connect_timeout_s,
+            )
+        except ssl.SSLCertVerificationError as exc:
+            # Never retried without verification: a certificate that does not verify is an attack or a
+            # misconfiguration, and the key must not go to whoever holds it.
+            raise UpstreamError(502, f"The upstream's TLS certificate did not verify: {exc.verify_message}.") from None
+        except TimeoutError:
+            raise UpstreamError(502, "The upstream did not accept a connection in time.") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise UpstreamError(502, f"The upstream is unreachable ({exc.__class__.__name__}).") from None
+        self.connections_opened += 1
+        return UpstreamConnection(reader, writer)
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Return a connection whose exchange finished cleanly."""
+        if len(self.idle) >= POOL_MAX_IDLE or conn.reader.at_eof() or conn.writer.transport.is_closing():
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.pop().close()
+
+
+def build_upstream_head(head: RequestHead, upstream_path: str, claims: TokenClaims, target: UpstreamTarget) -> bytes:
+    """The request head sent upstream: checked path and query, upstream Host, the real key, framing.
+
+    Everything else the client sent passes unchanged, except hop-by-hop headers, and the org/project
+    headers when the token sets them.
+    """
+    drop = REQUEST_DROP | ORG_HEADERS if claims.org is not None or claims.project is not None else REQUEST_DROP
+    parts = [
+        f"{head.method} {target.base_path}{upstream_path}{head.query} HTTP/1.1\r\n"
+        f"Host: {target.host_header}\r\nAuthorization: Bearer {claims.key}\r\n".encode("ascii")
+    ]
+    if claims.org is not None:
+        parts.append(b"OpenAI-Organization: " + claims.org.encode("ascii") + b"\r\n")
+        if claims.project is None:  # a token that names only an org still lets the client pick a project
+            drop = drop - {b"openai-project"}
+    if claims.project is not None:
+        parts.append(b"OpenAI-Project: " + claims.project.encode("ascii") + b"\r\n")
+        if claims.org is None:
+            drop = drop - {b"openai-organization"}
+    parts.extend(forwarded_headers(head.headers, drop))
+    if head.body_kind == "length":
+        parts.append(b"Content-Length: %d\r\n" % head.content_length)
+    elif head.body_kind == "chunked":
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def build_client_head(resp: ResponseHead, keep_alive: bool, chunked: bool) -> bytes:
+    """The response head sent to the client: the upstream's status and headers less hop-by-hop ones."""
+    parts = [b"HTTP/1.1 %d " % resp.status + resp.reason + b"\r\n"]
+    # For a body-less answer (HEAD, 204, 304) the upstream's Content-Length describes the resource: keep it.
+    parts.extend(forwarded_headers(resp.headers, frozenset() if resp.body_kind == "none" else RESPONSE_DROP))
+    if resp.body_kind == "length":
+        parts.append(b"Content-Length: %d\r\n" % resp.content_length)
+    elif chunked:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    if not keep_alive:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+async def read_request_body(
+    reader: asyncio.StreamReader, head: RequestHead, max_body_bytes: int, timeout_s: float
+) -> AsyncIterator[bytes]:
+    """Yield the client's request body in pieces as they arrive, decoding chunked framing.
+
+    Raises ApiError (400 bad chunking, 413 over the limit, 408 too slow) or ClientGone.
+    """
+    try:
+        if head.body_kind == "length":
+            remaining = head.content_length
+            while remaining:
+                piece = await bounded(reader.read(min(remaining, READ_CHUNK_BYTES)), timeout_s)
+                if not piece:
+                    raise ClientGone("client closed mid-body")
+                remaining -= len(piece)
+                yield piece
+        elif head.body_kind == "chunked":
+            total = 0
+            while True:
+                line = await bounded(reader.readuntil(b"\r\n"), timeout_s)
+                if len(line) > MAX_CHUNK_LINE_BYTES:
+                    raise bad_request("Chunk size line too long.")
+                try:
+                    size = parse_chunk_size(line[:-2])
+                except ValueError:
+                    raise bad_request("Malformed chunk size line.") from None
+                if size == 0:
+                    break
+                total += size
+                if total > max_body_bytes:
+                    raise ApiError(413, f"The request body is over the limit of {max_body_bytes} bytes.",
+                                   "request_too_large")
+                while size:
+                    piece = await bounded(reader.read(min(size, READ_CHUNK_BYTES)), timeout_s)
+                    if not piece:
+                        raise ClientGone("client closed mid-body")
+                    size -= len(piece)
+                    yield piece
+                if await bounded(reader.readexactly(2), timeout_s) != b"\r\n":
+                    raise bad_request("Chunk data is not followed by CRLF.")
+            trailer_bytes = 0
+            while True:  # trailer fields are checked like headers and then dropped, never forwarded
+                line = await bounded(reader.readuntil(b"\r\n"), timeout_s)
+                if line == b"\r\n":
+                    break
+                trailer_bytes += len(line)
+                if trailer_bytes > MAX_HEAD_BYTES:
+                    raise bad_request("Trailer section too large.", 431)
+                split_header_lines([line[:-2]])
+    except TimeoutError:
+        raise ApiError(408, "The request body arrived too slowly.", "request_timeout") from None
+    except asyncio.LimitOverrunError:
+        raise bad_request("Chunk size line too long.") from None
+    except asyncio.IncompleteReadError:
+        raise ClientGone("client closed mid-body") from None
+    except ConnectionError:
+        raise ClientGone("client connection lost") from None
+
+
+async def read_upstream_body(conn: UpstreamConnection, resp: ResponseHead, timeout_s: float) -> AsyncIterator[bytes]:
+    """Yield the upstream's response body in pieces as they arrive (chunked framing decoded).
+
+    Raises UpstreamError if the upstream stalls, breaks its framing or closes early.
+    """
+    reader = conn.reader
+    try:
+        if resp.body_kind == "length":
+            remaining = resp.content_length
+            while remaining:
+                piece = await bounded(reader.read(min(remaining, READ_CHUNK_BYTES)), timeout_s)
+                if not piece:
+                    raise UpstreamError(502, "upstream closed mid-body")
+                remaining -= len(piece)
+                yield piece
+        elif resp.body_kind == "chunked":
+            while True:
+                line = await bounded(reader.readuntil(b"\r\n"), timeout_s)
+                size = parse_chunk_size(line[:-2])
+                if size == 0:
+                    while await bounded(reader.readuntil(b"\r\n"), timeout_s) != b"\r\n":
+                        pass  # trailers are hop-by-hop here: dropped
+                    return
+                while size:
+                    piece = await bounded(reader.read(min(size, READ_CHUNK_BYTES)), timeout_s)
+                    if not piece:
+                        raise UpstreamError(502, "upstream closed mid-chunk")
+                    size -= len(piece)
+                    yield piece
+                if await bounded(reader.readexactly(2), timeout_s) != b"\r\n":
+                    raise UpstreamError(502, "upstream chunk not followed by CRLF")
+        elif resp.body_kind == "close":
+            while True:
+                piece = await bounded(reader.read(READ_CHUNK_BYTES), timeout_s)
+                if not piece:
+                    return
+                yield piece
+    except TimeoutError:
+        raise UpstreamError(504, "upstream went silent mid-body") from None
+    except (ValueError, asyncio.LimitOverrunError):
+        raise UpstreamError(502, "upstream broke its chunked framing") from None
+    except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+        raise UpstreamError(502, "upstream connection broke mid-body") from None
+
+
+async def read_response_head(conn: UpstreamConnection, method: str, timeout_s: float) -> ResponseHead:
+    """Read the upstream's final response head, skipping 1xx interim answers.
+
+    Raises UpstreamError (504 on silence, 502 otherwise) or ConnectionResetError/IncompleteReadError with
+    nothing read, which the caller may retry on a fresh connection.
+    """
+    while True:
+        try:
+            data = await bounded(conn.reader.readuntil(b"\r\n\r\n"), timeout_s)
+        except TimeoutError:
+            raise UpstreamError(504, "The upstream did not answer in time.") from None
+        except asyncio.LimitOverrunError:
+            raise UpstreamError(502, "The upstream's response head is too large.") from None
+        try:
+            resp = parse_response_head(data, method)
+        except UpstreamProtocolError as exc:
+            raise UpstreamError(502, f"The upstream sent an invalid response ({exc}).") from None
+        if not 100 <= resp.status < 200:
+            return resp
+
+
+async def write_client(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """Write and wait for the buffer to drain, so a slow client slows the upstream instead of filling memory."""
+    writer.write(data)
+    try:
+        await writer.drain()
+    except (ConnectionError, RuntimeError) as exc:
+        raise ClientGone("client went away") from exc
+
+
+async def forward(
+    state: ServerState, exchange: Exchange, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    head: RequestHead, upstream_path: str, claims: TokenClaims,
+) -> bool:
+    """Send one request upstream and stream the answer back. Returns whether the client connection may be reused.
+
+    Raises ApiError/UpstreamError before the response starts; after that a failure closes the client
+    connection so the client sees a truncated response, never an invented ending.
+    """
+    config = state.config
+    request_head = build_upstream_head(head, upstream_path, claims, config.upstream)
+    if head.expect_continue and head.body_kind != "none":
+        await write_client(writer, b"HTTP/1.1 100 Continue\r\n\r\n")
+    small_body = b""
+    if head.body_kind == "length" and head.content_length <= SMALL_BODY_BYTES:
+        try:
+            small_body = await bounded(reader.readexactly(head.content_length), config.header_timeout_s)
+        except TimeoutError:
+            raise ApiError(408, "The request body arrived too slowly.", "request_timeout") from None
+        except (asyncio.IncompleteReadError, ConnectionError):
+            raise ClientGone("client closed mid-body") from None
+        exchange.body_consumed = True
+    replayable = head.body_kind == "none" or exchange.body_consumed
+
+    for attempt in (1, 2):
+        conn, reused = await state.pool.acquire()
+        exchange.upstream = conn
+        try:
+            conn.writer.write(request_head + small_body)
+            if not replayable:
+                await send_streamed_body(conn, reader, head, config, exchange)
+            resp = await read_response_head(conn, head.method, config.read_timeout_s)
+            break
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
+            conn.close()
+            exchange.upstream = None
+            # An idle keep-alive connection the upstream closed just as we reused it: safe to try once
+            # more on a new connection, because the upstream saw no complete request.
+            if attempt == 1 and reused and replayable:
+                continue
+            raise UpstreamError(502, f"The upstream connection broke ({exc.__class__.__name__}).") from None
+        except BaseException:
+            conn.close()
+            exchange.upstream = None
+            raise
+
+    keep_alive = head.keep_alive and not state.shutting_down
+    chunked = resp.body_kind in ("chunked", "close") and head.http_minor == 1
+    if resp.body_kind == "close" and not chunked:
+        keep_alive = False
+    client_head = build_client_head(resp, keep_alive, chunked)
+    exchange.status = resp.status
+
+    try:
+        if resp.body_kind == "none":
+            exchange.response_started = True
+            await write_client(writer, client_head)
+        elif resp.body_kind == "length" and resp.content_length <= SMALL_BODY_BYTES:
+            # One write for a small answer (most JSON responses): fewer syscalls, and a failure while
+            # reading it still leaves the client an honest 502.
+            body = b"".join([piece async for piece in read_upstream_body(conn, resp, config.read_timeout_s)])
+            exchange.response_started = True
+            await write_client(writer, client_head + body)
+        else:
+            exchange.response_started = True
+            pending = client_head
+            async for piece in read_upstream_body(conn, resp, config.read_timeout_s):
+                if chunked:
+                    piece = b"%x\r\n" % len(piece) + piece + b"\r\n"
+                await write_client(writer, pending + piece if pending else piece)
+                pending = b""
+            if chunked:
+                pending += b"0\r\n\r\n"
+            if pending:
+                await write_client(writer, pending)
+    except BaseException:
+        conn.close()
+        exchange.upstream = None
+        raise
+    exchange.upstream = None
+    if resp.keep_alive:
+        state.pool.release(conn)
+    else:
+        conn.close()
+    return keep_alive
+
+
+async def send_streamed_body(
+    conn: UpstreamConnection, reader: asyncio.StreamReader, head: RequestHead, config: Config, exchange: Exchange
+) -> None:
+    """Stream a large or chunked request body upstream piece by piece as it arrives."""
+    chunked = head.body_kind == "chunked"
+    async for piece in read_request_body(reader, head, config.max_body_bytes, config.header_timeout_s):
+        conn.writer.write(b"%x\r\n" % len(piece) + piece + b"\r\n" if chunked else piece)
+        await conn.writer.drain()
+    if chunked:
+        conn.writer.write(b"0\r\n\r\n")
+    await conn.writer.drain()
+    exchange.body_consumed = True
+
+
+# 5. TLS: PEM files in, SSL contexts out.
+
+def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server context for Certbot's fullchain.pem + privkey.pem: TLS 1.2+, ALPN http/1.1.
+
+    Raises ConfigError with one line when the pair cannot be loaded.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    context.options |= ssl.OP_NO_COMPRESSION
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS pair {cert_file} + {key_file}: {exc.__class__.__name__}: "
+                          f"{getattr(exc, 'reason', None) or exc.strerror or exc}") from None
+    return context
+
+
+def upstream_ssl_context(cafile: str | None) -> ssl.SSLContext:
+    """A verifying client context: hostname checked, certifi's bundle unless --upstream-ca names another."""
+    try:
+        context = ssl.create_default_context(cafile=cafile or certifi.where())
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the upstream CA file {cafile}: {exc.__class__.__name__}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def write_selfsigned(directory: str, host: str, now: datetime.datetime) -> None:
+    """Write a self-signed development pair in Certbot's layout (cert, chain, fullchain, privkey).
+
+    The certificate names `host`, localhost, 127.0.0.1 and ::1.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName(n) for n in dict.fromkeys([host, "localhost"])]
+    names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]
+    try:
+        names.insert(0, x509.IPAddress(ipaddress.ip_address(host)))
+        names = [n for n in names if not (isinstance(n, x509.DNSName) and n.value == host)]
+    except ValueError:
+        pass
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName(list(dict.fromkeys(names))), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    key_path = out / "privkey.pem"
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(key_pem)
+    os.chmod(key_path, 0o600)
+    for name in ("cert.pem", "fullchain.pem"):
+        (out / name).write_bytes(cert_pem)
+    (out / "chain.pem").write_bytes(b"")
+
+
+# 6. Server: sockets in, one request at a time per connection; every error becomes a response here.
+
+ADMIN_BODY_LIMIT_BYTES = 64 * 1024
+ADMIN_FAILURES_ALLOWED = 5
+ADMIN_LOCKOUT_S = 60.0
+ADMIN_FAILURE_TRACKED_ADDRESSES = 10000
+LOG_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
+MAX_LOGGED_PATH_CHARS = 200
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request's progress, for deciding how a failure can still be reported."""
+
+    status: int = 0
+    body_consumed: bool = False
+    response_started: bool = False
+    upstream: UpstreamConnection | None = None
+
+
+@dataclass(slots=True)
+class ServerState:
+    """Everything the running server shares across connections. Created by serve(), passed down."""
+
+    config: Config
+    keyring: dict[str, SecretKeys]
+    tokens: TokenCache
+    pool: UpstreamPool
+    connections: set[asyncio.StreamWriter] = field(default_factory=set)
+    busy: set[asyncio.StreamWriter] = field(default_factory=set)
+    admin_failures: dict[str, list[float]] = field(default_factory=dict)
+    shutting_down: bool = False
+
+    @property
+    def current_keys(self) -> SecretKeys:
+        return next(iter(self.keyring.values()))
+
+
+def json_bytes(payload: Any) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode("utf-8")
+
+
+def json_response(status: int, payload: Any, keep_alive: bool, headers: Sequence[tuple[str, str]] = ()) -> bytes:
+    """A complete response with a JSON body."""
+    body = json_bytes(payload)
+    lines = [f"HTTP/1.1 {status} {STATUS_REASONS.get(status, 'Unknown')}",
+             "Content-Type: application/json", f"Content-Length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    if not keep_alive:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+STATUS_REASONS = {
+    200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
+    429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+}
+
+
+def error_response(exc: ApiError, keep_alive: bool) -> bytes:
+    """Render any SOAKP error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+    payload = {"error": {"message": exc.message, "type": exc.error_type, "param": None, "code": exc.code}}
+    return json_response(exc.status, payload, keep_alive, exc.headers)
+
+
+def safe_for_log(text: str) -> str:
+    """Escape control characters so client input cannot forge log lines."""
+    return text[:MAX_LOGGED_PATH_CHARS].translate(LOG_ESCAPES)
+
+
+def bearer_token(head: RequestHead) -> str:
+    """The token from `Authorization: Bearer ...`. Raises ApiError(401)."""
+    value = head.header(b"authorization")
+    if value is None:
+        raise invalid_token("Missing bearer token: send your SOAKP token as 'Authorization: Bearer <token>'.")
+    scheme, _, token = value.partition(b" ")
+    if scheme.lower() != b"bearer" or not token.strip():
+        raise invalid_token("The Authorization header must be 'Bearer <token>'.")
+    return token.strip().decode("latin-1")
+
+
+def check_admin(state: ServerState, head: RequestHead, peer: str, now: float) -> None:
+    """HTTP Basic for the admin endpoints, compared in constant time, with a lockout after repeated failures.
+
+    Raises ApiError: 404 when no admin credentials are configured, 429 while locked out, 401 on failure.
+    """
+    config = state.config
+    if config.admin_user is None or config.admin_pass is None:
+        raise ApiError(404, "Not found.", "not_found")
+    failures = [t for t in state.admin_failures.get(peer, ()) if now - t < ADMIN_LOCKOUT_S]
+    if len(failures) >= ADMIN_FAILURES_ALLOWED:
+        retry_after = int(ADMIN_LOCKOUT_S - (now - failures[-1])) + 1
+        raise ApiError(429, "Too many failed admin logins; try again later.", "rate_limit_exceeded",
+                       headers=[("Retry-After", str(retry_after))])
+    value = head.header(b"authorization") or b""
+    scheme, _, encoded = value.partition(b" ")
+    try:
+        user, sep, password = base64.b64decode(encoded.strip(), validate=True).partition(b":")
+    except (binascii.Error, ValueError):
+        user, sep, password = b"", b"", b""
+    user_ok = hmac.compare_digest(user, config.admin_user.encode("utf-8"))
+    pass_ok = hmac.compare_digest(password, config.admin_pass.encode("utf-8"))
+    if scheme.lower() == b"basic" and sep and user_ok & pass_ok:
+        state.admin_failures.pop(peer, None)
+        return
+    failures.append(now)
+    if len(state.admin_failures) >= ADMIN_FAILURE_TRACKED_ADDRESSES and peer not in state.admin_failures:
+        del state.admin_failures[next(iter(state.admin_failures))]
+    state.admin_failures[peer] = failures
+    log.warning("admin login failed from %s", peer)
+    raise ApiError(401, "Admin credentials are required.", "invalid_admin_credentials",
+                   headers=[("WWW-Authenticate", 'Basic realm="soakp"')])
+
+
+async def read_small_body(reader: asyncio.StreamReader, head: RequestHead, config: Config, exchange: Exchange) -> bytes:
+    """Read a whole body of at most ADMIN_BODY_LIMIT_BYTES (admin endpoints only). Raises ApiError(413)."""
+    if head.body_kind == "length" and head.content_length > ADMIN_BODY_LIMIT_BYTES:
+        raise ApiError(413, "The request body is too large.", "request_too_large")
+    pieces, total = [], 0
+    async for piece in read_request_body(reader, head, ADMIN_BODY_LIMIT_BYTES, config.header_timeout_s):
+        total += len(piece)
+        pieces.append(piece)
+    exchange.body_consumed = True
+    return b"".join(pieces)
+
+
+async def handle_generate(
+    state: ServerState, reader: asyncio.StreamReader, head: RequestHead, exchange: Exchange, peer: str
+) -> tuple[int, dict[str, Any]]:
+    """POST /jwt/generate: mint a token for a key. Returns the status and JSON payload."""
+    check_admin(state, head, peer, time.monotonic())
+    body = await read_small_body(reader, head, state.config, exchange)
+    try:
+        fields = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("The body must be a JSON object.") from None
+    if not isinstance(fields, dict):
+        raise bad_request("The body must be a JSON object.")
+    grant = parse_grant(fields, state.config.token_ttl_s, state.config.max_token_ttl_s)
+    minted = new_token(state.current_keys, grant, int(time.time()))
+    log.info("minted jti=%s sub=%s kid=%s expires_at=%d", minted.jti, safe_for_log(grant.sub),
+             state.current_keys.kid, minted.expires_at)
+    payload = {"status": 201, "message": "JWT added",
+               "data": {"jwt": minted.token, "jti": minted.jti, "expires_at": minted.expires_at}}
+    return 201, payload
+
+
+def upstream_path_for(path: str) -> str | None:
+    """The /v1/... path a proxied request goes to, or None when the path is not proxied."""
+    if path.startswith("/v1/"):
+        return path
+    if path.startswith("/openai/"):
+        return "/v1/" + path[len("/openai/"):]
+    return None
+
+
+ADMIN_ROUTES = {"/jwt/generate": "POST", "/get-jwt": "POST"}
+
+
+async def handle_request(
+    state: ServerState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: RequestHead,
+    exchange: Exchange, peer: str,
+) -> bool:
+    """Route one request and answer it. Returns whether the connection may carry another request."""
+    if state.shutting_down:
+        raise ApiError(503, "SOAKP is shutting down.", "shutting_down", headers=[("Retry-After", "1")])
+    path = head.path
+    upstream_path = upstream_path_for(path)
+    if upstream_path is not None:
+        claims = state.tokens.verify(bearer_token(head), time.time())
+        if head.body_kind == "length" and head.content_length > state.config.max_body_bytes:
+            raise ApiError(413, f"The request body is over the limit of {state.config.max_body_bytes} bytes.",
+                           "request_too_large")
+        return await forward(state, exchange, reader, writer, head, upstream_path, claims)
+    if path == "/healthz":
+        if head.method not in ("GET", "HEAD"):
+            raise method_not_allowed("GET")
+        status, payload = 200, {"status": "ok"}
+    elif path in ADMIN_ROUTES:
+        if head.method != ADMIN_ROUTES[path]:
+            raise method_not_allowed(ADMIN_ROUTES[path])
+        status, payload = await handle_generate(state, reader, head, exchange, peer)
+    else:
+        raise ApiError(404, f"Unknown path {safe_for_log(path)!r}: SOAKP forwards /v1/... and /openai/....",
+                       "not_found")
+    keep_alive = head.keep_alive and (exchange.body_consumed or head.body_kind == "none")
+    exchange.status = status
+    await write_client(writer, json_response(status, payload, keep_alive))
+    return keep_alive
+
+
+def method_not_allowed(allowed: str) -> ApiError:
+    return ApiError(405, "Method not allowed.", "method_not_allowed", headers=[("Allow", allowed)])
+
+
+LINGER_BYTES = 1024 * 1024
+LINGER_S = 1.0
+
+
+async def answer_error(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exc: ApiError,
+                       keep_alive: bool) -> None:
+    """Send an error response. When the connection is to close with request bytes possibly unread, read
+    and discard a little first, so the client receives the answer instead of a reset."""
+    try:
+        await write_client(writer, error_response(exc, keep_alive))
+        if not keep_alive:
+            discarded = 0
+            deadline = time.monotonic() + LINGER_S
+            while discarded < LINGER_BYTES and (left := deadline - time.monotonic()) > 0:
+                piece = await bounded(reader.read(READ_CHUNK_BYTES), left)
+                if not piece:
+                    break
+                discarded += len(piece)
+    except (ClientGone, ConnectionError, TimeoutError, asyncio.LimitOverrunError):
+        pass
+
+
+async def handle_connection(state: ServerState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Serve one client connection: request after request until either side closes.
+
+    The one place that catches everything: an unexpected error is logged and answered with 500 if no
+    response byte went out, otherwise the connection is closed.
+    """
+    config = state.config
+    peername = writer.get_extra_info("peername")
+    peer = peername[0] if isinstance(peername, tuple) else "unix"
+    state.connections.add(writer)
+    exchange = Exchange()
+    try:
+        if len(state.connections) > config.max_connections:
+            await answer_error(reader, writer, ApiError(503, "SOAKP is at its connection limit; try again.",
+                                                        "overloaded", headers=[("Retry-After", "1")]), False)
+            return
+        while True:
+            try:
+                raw = await bounded(reader.readuntil(b"\r\n\r\n"), config.header_timeout_s)
+            except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                return
+            except asyncio.LimitOverrunError:
+                await answer_error(reader, writer, bad_request("The request head is too large.", 431), False)
+                log.info("%s - 431 (request head too large)", peer)
+                return
+            started = time.monotonic()
+            exchange = Exchange()
+            state.busy.add(writer)
+            try:
+                head = parse_request_head(raw)
+            except ApiError as exc:
+                await answer_error(reader, writer, exc, keep_alive=False)
+                log.info("%s - %d (malformed request)", peer, exc.status)
+                return
+            try:
+                keep_alive = await handle_request(state, reader, writer, head, exchange, peer)
+            except (ApiError, UpstreamError) as exc:
+                if isinstance(exc, UpstreamError):
+                    if exchange.response_started:
+                        log.warning("%s %s %s: upstream failed mid-response: %s", peer, head.method,
+                                    safe_for_log(head.path), exc)
+                        return
+                    log.warning("upstream error: %s", exc)
+                    exc = ApiError(exc.status, str(exc), "upstream_error")
+                exchange.status = exc.status
+                keep_alive = (head.keep_alive and not state.shutting_down
+                              and (exchange.body_consumed or head.body_kind == "none"))
+                await answer_error(reader, writer, exc, keep_alive)
+            except ClientGone:
+                return
+            finally:
+                state.busy.discard(writer)
+                if exchange.upstream is not None:
+                    exchange.upstream.close()
+            if log.isEnabledFor(logging.INFO):
+                log.info("%s %s %s %d %.1fms", peer, head.method, safe_for_log(head.path), exchange.status,
+                         (time.monotonic() - started) * 1000)
+            if not keep_alive or state.shutting_down:
+                return
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unexpected error serving %s", peer)
+        if not exchange.response_started:
+            await answer_error(reader, writer, ApiError(500, "Internal error in SOAKP.", "internal_error"), False)
+    finally:
+        state.connections.discard(writer)
+        state.busy.discard(writer)
+        writer.close()
+
+
+def build_state(config: Config) -> ServerState:
+    keyring = build_keyring(config.secret, config.old_secrets)
+    upstream_tls = upstream_ssl_context(config.upstream_ca) if config.upstream.tls else None
+    return ServerState(
+        config=config,
+        keyring=keyring,
+        tokens=TokenCache(keyring),
+        pool=UpstreamPool(config.upstream, upstream_tls, config.connect_timeout_s),
+    )
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
+    """Run the proxy until `stop` is set or SIGTERM/SIGINT arrives; then drain and return 0.
+
+    Raises ConfigError when the certificate or listen address cannot be used.
+    """
+    state = build_state(config)
+    server_tls = server_ssl_context(config.cert_file, config.key_file) if config.tls else None
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests) or no signals (Windows)
+            pass
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await handle_connection(state, reader, writer)
+
+    try:
+        server = await asyncio.start_server(
+            on_connection, config.listen_host, config.listen_port, ssl=server_tls, limit=MAX_HEAD_BYTES,
+            backlog=1024, ssl_handshake_timeout=config.header_timeout_s if server_tls else None,
+        )
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror}") from None
+    scheme = "https" if server_tls else "http"
+    for sock in server.sockets:
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        log.info("soakp %s listening on %s://%s:%d, forwarding to %s://%s%s", __version__, scheme, shown, port,
+                 config.upstream.scheme, config.upstream.host_header, config.upstream.base_path)
+    if not server_tls and not is_loopback(config.listen_host):
+        log.warning("serving plain HTTP on a non-loopback address: tokens cross the network unencrypted; "
+                    "give --cert-dir, --domain or --cert/--key")
+    if not config.upstream.tls:
+        log.warning("the upstream is plain http://: the OpenAI key crosses the network unencrypted")
+
+    async with server:
+        await stop.wait()
+        log.info("shutting down: no new connections, %d requests in flight get up to %.0fs",
+                 len(state.busy), config.shutdown_grace_s)
+        server.close()
+        state.shutting_down = True
+        # In-flight requests and streams may finish; a new request on an open connection gets 503.
+        deadline = time.monotonic() + config.shutdown_grace_s
+        while state.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if state.busy:
+            log.warning("shutdown grace over: closing %d unfinished requests", len(state.busy))
+        for writer in list(state.connections):
+            writer.transport.abort()
+        state.pool.close()
+    log.info("stopped")
+    return 0
+
+
+# 7. CLI: argv in, an exit code out.
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+
+
+def run_mint(config: Config, args: argparse.Namespace) -> int:
+    fields = {"key": args.api_key, "org": args.org, "project": args.project, "ttl": args.ttl, "sub": args.sub}
+    try:
+        grant = parse_grant({k: v for k, v in fields.items() if v is not None}, config.token_ttl_s,
+                            config.max_token_ttl_s)
+    except ApiError as exc:
+        print(f"soakp: {exc.message}", file=sys.stderr)
+        return 2
+    keys = derive_keys(config.secret)
+    minted = new_token(keys, grant, int(time.time()))
+    expires = datetime.datetime.fromtimestamp(minted.expires_at, datetime.timezone.utc).isoformat()
+    print(f"# jti={minted.jti} sub={grant.sub} kid={keys.kid} expires_at={minted.expires_at} ({expires})")
+    print(minted.token)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Entry point of `soakp`, `python soakp.py` and `python -m soakp`. Returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    environ = os.environ if environ is None else environ
+    try:
+        config, args = load_config(argv, environ)
+        if args.command == "selfsigned":
+            write_selfsigned(args.dir, args.host, datetime.datetime.now(datetime.timezone.utc))
+            print(f"wrote {args.dir}/fullchain.pem and {args.dir}/privkey.pem for {args.host}")
+            return 0
+        configure_logging(config.log_level)
+        if args.command == "mint":
+            return run_mint(config, args)
+        if args.command in ("revoke", "tokens"):
+            print(f"soakp: '{args.command}' needs the token registry, which this version does not have yet",
+                  file=sys.stderr)
+            return 2
+        return asyncio.run(serve(config))
+    except ConfigError as exc:
+        print(f"soakp: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"soakp: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
