@@ -1345,6 +1345,70 @@ def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     return context
 
 
+CERT_CHECK_INTERVAL_S = 5.0  # SPEC.md: a renewed pair is in use within 10 s
+
+
+def pair_fingerprint(cert_file: str, key_file: str) -> tuple[tuple[int, int, int], ...] | None:
+    """What identifies the files now on disk (through Certbot's symlinks); None if one is missing."""
+    try:
+        return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in (os.stat(cert_file), os.stat(key_file)))
+    except OSError:
+        return None
+
+
+def certificate_serial(cert_file: str) -> str:
+    """The serial of the first certificate in a PEM file, for log lines."""
+    try:
+        return format(x509.load_pem_x509_certificate(Path(cert_file).read_bytes()).serial_number, "x")
+    except (OSError, ValueError):
+        return "?"
+
+
+class CertReloader:
+    """Serves the newest loadable certificate pair without a restart.
+
+    The listening socket keeps one front context whose SNI callback (OpenSSL calls it for every
+    ClientHello, with or without SNI) hands each new handshake the current pair's context; open
+    connections keep the one they started with. A pair that does not load (Certbot swaps its symlinks
+    one at a time, so a renewal can be seen half done) keeps the old one and is tried again.
+    """
+
+    def __init__(self, cert_file: str, key_file: str) -> None:
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.current = server_ssl_context(cert_file, key_file)
+        self.loaded = pair_fingerprint(cert_file, key_file)
+        self.failed: object = None  # fingerprint of the last pair that did not load, to log it once
+        self.front = server_ssl_context(cert_file, key_file)
+        self.front.sni_callback = self.pick_context
+        log.info("TLS certificate serial %s from %s", certificate_serial(cert_file), cert_file)
+
+    def pick_context(self, ssl_object: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        ssl_object.context = self.current
+
+    def reload(self, force: bool = False) -> bool:
+        """Load the pair again if it changed on disk (or always, when forced). Returns whether it was swapped."""
+        seen = pair_fingerprint(self.cert_file, self.key_file)
+        if not force and (seen == self.loaded or seen == self.failed):
+            return False
+        try:
+            context = server_ssl_context(self.cert_file, self.key_file)
+        except ConfigError as exc:
+            if seen != self.failed or force:
+                log.warning("keeping the current certificate: the new pair does not load (%s); will retry", exc)
+            self.failed = seen
+            return False
+        self.current, self.loaded, self.failed = context, seen, None
+        log.info("TLS certificate reloaded: serial %s", certificate_serial(self.cert_file))
+        return True
+
+    async def watch(self) -> None:
+        """Poll the files; SIGHUP calls reload() directly."""
+        while True:
+            await asyncio.sleep(CERT_CHECK_INTERVAL_S)
+            self.reload()
+
+
 def upstream_ssl_context(cafile: str | None) -> ssl.SSLContext:
     """A verifying client context: hostname checked, certifi's bundle unless --upstream-ca names another."""
     try:
@@ -1715,14 +1779,19 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     Raises ConfigError when the certificate or listen address cannot be used.
     """
     state = build_state(config)
-    server_tls = server_ssl_context(config.cert_file, config.key_file) if config.tls else None
+    certs = CertReloader(config.cert_file, config.key_file) if config.cert_file and config.key_file else None
+    server_tls = certs.front if certs else None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    handlers = [(signal.SIGTERM, stop.set), (signal.SIGINT, stop.set)]
+    if certs:
+        handlers.append((signal.SIGHUP, lambda: certs.reload(force=True)))
+    for signum, handler in handlers:
         try:
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, handler)
         except (NotImplementedError, RuntimeError):  # not the main thread (tests) or no signals (Windows)
             pass
+    background = [asyncio.create_task(certs.watch())] if certs else []
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await handle_connection(state, reader, writer)
@@ -1761,6 +1830,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         for writer in list(state.connections):
             writer.transport.abort()
         state.pool.close()
+        for task in background:
+            task.cancel()
     log.info("stopped")
     return 0
 
