@@ -2,11 +2,12 @@
 AES-256-GCM; SOAKP checks the token, swaps in the real key and streams the request to the upstream.
 
 Read top to bottom, in the order a request flows; search "# 4." to jump to a section.
- 1 Configuration  Config, load_config()            2 Tokens   derive_keys(), mint_token(), verify_token()
- 3 HTTP parsing   RequestHead, parse_request_head() 4 Forwarding UpstreamPool, forward()
- 5 TLS            server_ssl_context(), write_selfsigned()
- 6 Server         ServerState, handle_connection(), error_response(), serve()
- 7 CLI            main()
+ 1 Configuration  Config, load_config()              2 Tokens      derive_keys(), mint_token(), verify_token()
+ 3 Registry       TokenRegistry (SQLite)             4 HTTP        RequestHead, parse_request_head()
+ 5 Forwarding     UpstreamPool, UsageMeter, forward()
+ 6 TLS            server_ssl_context(), CertReloader, write_selfsigned()
+ 7 Server         ServerState, handle_connection(), error_response(), serve()
+ 8 CLI            main()
 """
 
 from __future__ import annotations
@@ -15,21 +16,28 @@ import argparse
 import asyncio
 import base64
 import binascii
+import bisect
+import concurrent.futures
+import dataclasses
 import datetime
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import signal
+import sqlite3
 import ssl
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping, Sequence
+import zlib
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +55,7 @@ from cryptography.x509.oid import NameOID
 __version__ = "0.1.0"
 
 log = logging.getLogger("soakp")
+access_log = logging.getLogger("soakp.access")
 
 
 class ConfigError(Exception):
@@ -63,11 +72,13 @@ class ApiError(Exception):
         code: str | None = None,
         error_type: str | None = None,
         headers: Sequence[tuple[str, str]] = (),
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        self.param = param
         self.error_type = error_type or ERROR_TYPES.get(status, "invalid_request_error")
         self.headers = tuple(headers)
 
@@ -230,12 +241,10 @@ OPTIONS: dict[str, tuple[str, str | None, str]] = {
     "letsencrypt-dir": ("SOAKP_LETSENCRYPT_DIR", "/etc/letsencrypt", "Certbot's configuration directory"),
     "cert": ("SOAKP_CERT", None, "PEM certificate chain (with --key)"),
     "key": ("SOAKP_KEY", None, "PEM private key (with --cert)"),
-    "db": ("SOAKP_DB", "./soakp.db", "SQLite file of issued-token metadata and revocations "
-           "(reserved: the token registry is not built yet, so nothing is stored)"),
+    "db": ("SOAKP_DB", "./soakp.db", "SQLite file of issued-token metadata and revocations (:memory: allowed)"),
     "token-ttl": ("SOAKP_TOKEN_TTL", "7d", "default lifetime of minted tokens"),
     "max-token-ttl": ("SOAKP_MAX_TOKEN_TTL", "365d", "cap on any requested lifetime"),
-    "cors-origins": ("SOAKP_CORS_ORIGINS", None, "comma list of allowed browser origins, or * "
-                     "(reserved: CORS is not built yet, so no CORS headers are sent)"),
+    "cors-origins": ("SOAKP_CORS_ORIGINS", None, "comma list of allowed browser origins, or *"),
     "max-body": ("SOAKP_MAX_BODY", "512MiB", "largest request body accepted"),
     "connect-timeout": ("SOAKP_CONNECT_TIMEOUT", "10s", "connect + TLS handshake to the upstream; past it 502"),
     "read-timeout": ("SOAKP_READ_TIMEOUT", "600s", "longest silence from the upstream; before headers 504"),
@@ -278,9 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--project", help="OpenAI-Project the token sends")
     mint.add_argument("--ttl", help="lifetime (90s, 15m, 12h, 7d or seconds; default --token-ttl)")
     mint.add_argument("--sub", help="a label for the token's holder (default 'default')")
+    mint.add_argument("--paths", help="comma list of allowed /v1/... paths (a trailing * matches a prefix)")
+    mint.add_argument("--models", help="comma list of allowed models")
+    mint.add_argument("--rpm", help="requests per minute allowed")
+    mint.add_argument("--origins", help="comma list of allowed browser origins")
+    mint.add_argument("--max-tokens-total", dest="max_tokens_total",
+                      help="budget of prompt + completion tokens, from the upstream's usage")
 
     for name, text in (("revoke", "revoke a token by its jti"), ("tokens", "list issued tokens as JSON lines")):
-        sub = commands.add_parser(name, help=text + " (needs the token registry, not built yet)")
+        sub = commands.add_parser(name, help=text)
         add_options(sub, COMMON_OPTIONS)
         if name == "revoke":
             sub.add_argument("jti")
@@ -441,8 +456,7 @@ KEY_RE = re.compile(r"[\x21-\x7e]{1,512}\Z")
 # Header-safe label values for org, project and sub.
 LABEL_RE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,254}[\x21-\x7e])?\Z")
 MAX_TOKEN_CHARS = 8192
-# Claims that restrict a token. Enforcing them is the token-lifecycle work; until then a token that
-# carries one is refused rather than honoured without its limits.
+# Claims that restrict what a token may do (SPEC.md, Tokens).
 PERMISSION_CLAIMS = ("paths", "models", "rpm", "origins", "max_tokens_total")
 GRANT_FIELDS = ("key", "org", "project", "ttl", "sub", *PERMISSION_CLAIMS)
 
@@ -509,6 +523,80 @@ def open_key(ek: str, jti: str, sealing_key: bytes) -> str:
     return key
 
 
+MAX_LIST_ITEMS = 100
+MAX_RPM = 1_000_000
+MAX_TOKENS_BUDGET = 10**12
+MODEL_RE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,254}[\x21-\x7e])?\Z")
+ORIGIN_RE = re.compile(r"https?://[a-z0-9.\-]+(?::[0-9]{1,5})?\Z")
+PATH_PATTERN_RE = re.compile(r"/v1/[A-Za-z0-9._~:@!$&'()+,;=\-/]*\*?\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Permissions:
+    """What a token may do beyond carrying the key; None means not limited."""
+
+    paths: tuple[str, ...] | None = None  # /v1/... paths; a trailing * matches a prefix
+    models: tuple[str, ...] | None = None  # allowed values of the request's `model`
+    rpm: int | None = None  # requests per minute
+    origins: tuple[str, ...] | None = None  # allowed browser Origin values
+    max_tokens_total: int | None = None  # budget of prompt + completion tokens
+
+    def as_claims(self) -> dict[str, Any]:
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name in PERMISSION_CLAIMS if (value := getattr(self, name)) is not None}
+
+
+def parse_string_list(name: str, value: object, valid: re.Pattern[str], normalise: Any = None) -> tuple[str, ...]:
+    """A non-empty JSON list of strings that each match `valid` (after `normalise`). Raises ValueError."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_LIST_ITEMS:
+        raise ValueError(f"'{name}' must be a list of 1 to {MAX_LIST_ITEMS} strings")
+    items = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"'{name}' must be a list of strings")
+        item = normalise(item) if normalise else item
+        if not valid.match(item):
+            raise ValueError(f"'{name}' has an invalid entry {safe_label(item)!r}")
+        items.append(item)
+    return tuple(dict.fromkeys(items))
+
+
+def safe_label(text: str) -> str:
+    return text[:80].encode("ascii", "backslashreplace").decode("ascii")
+
+
+def normalise_path_pattern(pattern: str) -> str:
+    """`/openai/x` is the alias of `/v1/x`; a pattern must be canonical but for a trailing `*`."""
+    if pattern.startswith("/openai/"):
+        pattern = "/v1/" + pattern[len("/openai/"):]
+    stem = pattern[:-1] if pattern.endswith("*") else pattern
+    segments = stem[1:].split("/")
+    if any(seg in (".", "..") for seg in segments) or any(seg == "" for seg in segments[:-1]) or "%" in stem:
+        return ""  # fails PATH_PATTERN_RE
+    return pattern
+
+
+def parse_int_claim(name: str, value: object, top: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+        raise ValueError(f"'{name}' must be a whole number from 1 to {top}")
+    return value
+
+
+def parse_permissions(fields: Mapping[str, Any]) -> Permissions:
+    """Permission claims from a mint request or a token's payload. Raises ValueError naming the claim."""
+    get = fields.get
+    return Permissions(
+        paths=None if get("paths") is None else parse_string_list("paths", get("paths"), PATH_PATTERN_RE,
+                                                                    normalise_path_pattern),
+        models=None if get("models") is None else parse_string_list("models", get("models"), MODEL_RE),
+        rpm=None if get("rpm") is None else parse_int_claim("rpm", get("rpm"), MAX_RPM),
+        origins=None if get("origins") is None else parse_string_list("origins", get("origins"), ORIGIN_RE,
+                                                                      str.lower),
+        max_tokens_total=None if get("max_tokens_total") is None
+        else parse_int_claim("max_tokens_total", get("max_tokens_total"), MAX_TOKENS_BUDGET),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Grant:
     """What a new token is for: the key it carries and the claims around it. Built by parse_grant()."""
@@ -518,6 +606,7 @@ class Grant:
     sub: str = "default"
     org: str | None = None
     project: str | None = None
+    permissions: Permissions = Permissions()
 
 
 def parse_grant(fields: Mapping[str, Any], default_ttl_s: int, max_ttl_s: int) -> Grant:
@@ -527,11 +616,7 @@ def parse_grant(fields: Mapping[str, Any], default_ttl_s: int, max_ttl_s: int) -
     """
     unknown = sorted(set(fields) - set(GRANT_FIELDS))
     if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r}", "invalid_field", headers=())
-    present_permissions = [name for name in PERMISSION_CLAIMS if fields.get(name) is not None]
-    if present_permissions:
-        raise ApiError(400, f"the permission claim {present_permissions[0]!r} is not supported by this "
-                            f"SOAKP version yet", "unsupported_claim")
+        raise ApiError(400, f"unknown field {safe_label(unknown[0])!r}", "invalid_field")
     key = fields.get("key")
     if not isinstance(key, str) or not KEY_RE.match(key):
         raise ApiError(400, "'key' must be 1 to 512 visible ASCII characters without spaces", "invalid_key")
@@ -549,8 +634,12 @@ def parse_grant(fields: Mapping[str, Any], default_ttl_s: int, max_ttl_s: int) -
             raise ApiError(400, f"'ttl': {exc}", "invalid_ttl") from None
     if ttl_s > max_ttl_s:
         raise ApiError(400, f"'ttl' is over the maximum of {max_ttl_s} seconds", "ttl_too_long")
+    try:
+        permissions = parse_permissions(fields)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), "invalid_field") from None
     return Grant(key=key, ttl_s=ttl_s, sub=labels["sub"] or "default", org=labels["org"],
-                 project=labels["project"])
+                 project=labels["project"], permissions=permissions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -575,6 +664,7 @@ def mint_token(keys: SecretKeys, grant: Grant, now: int, jti: str, nonce: bytes)
         claims["org"] = grant.org
     if grant.project is not None:
         claims["project"] = grant.project
+    claims.update(grant.permissions.as_claims())
     token = jwt.encode(claims, keys.signing_key, algorithm=JWT_ALGORITHM, headers={"kid": keys.kid})
     return MintedToken(token=token, jti=jti, expires_at=claims["exp"])
 
@@ -586,7 +676,7 @@ def new_token(keys: SecretKeys, grant: Grant, now: int) -> MintedToken:
 
 @dataclass(frozen=True, slots=True)
 class TokenClaims:
-    """A verified token: who it is, until when, and the opened key."""
+    """A verified token: who it is, until when, what it may do, and the opened key."""
 
     jti: str
     kid: str
@@ -596,6 +686,12 @@ class TokenClaims:
     key: str = field(repr=False)
     org: str | None = None
     project: str | None = None
+    permissions: Permissions = Permissions()
+
+    def regrant(self, now: int, max_ttl_s: int) -> Grant:
+        """The grant for a refreshed token: the same claims, the same lifetime capped by max_ttl_s."""
+        return Grant(key=self.key, ttl_s=max(1, min(self.exp - self.iat, max_ttl_s)), sub=self.sub, org=self.org,
+                     project=self.project, permissions=self.permissions)
 
 
 def invalid_token(message: str) -> ApiError:
@@ -631,37 +727,44 @@ def verify_token(token: str, keyring: Mapping[str, SecretKeys], now: float) -> T
     except jwt.InvalidTokenError:
         raise invalid_token("The token's signature or claims are invalid.") from None
     exp, iat, jti, sub, ek = (claims.get(k) for k in ("exp", "iat", "jti", "sub", "ek"))
-    if not (isinstance(exp, int) and isinstance(iat, int) and not isinstance(exp, bool)):
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in (exp, iat)):
         raise invalid_token("The token's times are invalid.")
     if exp <= now:
         raise invalid_token("The token has expired.")
     if not (isinstance(jti, str) and jti.isascii() and isinstance(sub, str) and isinstance(ek, str)):
         raise invalid_token("The token's claims are invalid.")
-    if any(name in claims for name in PERMISSION_CLAIMS):
-        raise invalid_token("The token carries permission claims this SOAKP version cannot enforce.")
     org, project = claims.get("org"), claims.get("project")
     for label in (org, project):
         if label is not None and (not isinstance(label, str) or not LABEL_RE.match(label)):
             raise invalid_token("The token's claims are invalid.")
     try:
+        permissions = parse_permissions(claims)
+    except ValueError:
+        # Fail closed: a limit we cannot read must not become no limit.
+        raise invalid_token("The token's permission claims are invalid.") from None
+    try:
         key = open_key(ek, jti, keys.sealing_key)
     except ValueError:
         raise invalid_token("The token's sealed key does not open.") from None
-    return TokenClaims(jti=jti, kid=keys.kid, sub=sub, iat=iat, exp=exp, key=key, org=org, project=project)
+    return TokenClaims(jti=jti, kid=keys.kid, sub=sub, iat=iat, exp=exp, key=key, org=org, project=project,
+                       permissions=permissions)
 
 
 class TokenCache:
     """Verified tokens by their text, so each distinct token pays for HMAC and AES-GCM once.
 
-    Bounded; an entry is dropped when its token expires.
+    Bounded; revocation-aware through the shared `revoked` set of jtis; an entry is dropped when its
+    token expires.
     """
 
-    def __init__(self, keyring: Mapping[str, SecretKeys], max_entries: int = 10000) -> None:
+    def __init__(self, keyring: Mapping[str, SecretKeys], revoked: set[str], max_entries: int = 10000) -> None:
         self.keyring = keyring
+        self.revoked = revoked
         self.max_entries = max_entries
         self.entries: dict[str, TokenClaims] = {}
 
     def verify(self, token: str, now: float) -> TokenClaims:
+        """verify_token() once per distinct token, then a dict lookup. Raises ApiError(401)."""
         claims = self.entries.get(token)
         if claims is None:
             claims = verify_token(token, self.keyring, now)
@@ -671,10 +774,164 @@ class TokenCache:
         elif claims.exp <= now:
             del self.entries[token]
             raise invalid_token("The token has expired.")
+        if claims.jti in self.revoked:
+            raise invalid_token("The token has been revoked.")
         return claims
 
 
-# 3. HTTP parsing: bytes in, RequestHead and ResponseHead out. No sockets, no awaits.
+def path_allowed(patterns: Sequence[str], path: str) -> bool:
+    """Whether a /v1/... path matches one of a token's `paths` (a trailing * matches a prefix)."""
+    return any(path.startswith(p[:-1]) if p.endswith("*") else path == p for p in patterns)
+
+
+class RateLimiter:
+    """Requests per minute per token, by GCRA: smooth, with a burst of up to one minute's allowance,
+    O(1) time and one float per token."""
+
+    def __init__(self) -> None:
+        self.next_free: dict[str, float] = {}  # the theoretical arrival time of each key's next request
+
+    def acquire(self, key: str, per_minute: int, now: float) -> float:
+        """Take one request. Returns 0 when allowed, else the seconds until one would be."""
+        interval = 60.0 / per_minute
+        tat = max(self.next_free.get(key, now), now)
+        wait = tat - now - (60.0 - interval)
+        if wait > 1e-9:
+            return wait
+        self.next_free[key] = tat + interval
+        return 0.0
+
+    def prune(self, now: float) -> None:
+        self.next_free = {k: t for k, t in self.next_free.items() if t > now}
+
+
+# 3. Registry: token metadata, usage and revocations in SQLite. Never the key, never a token.
+#
+# The registry is never needed to accept a token (SPEC.md: instances scale out stateless). The server
+# keeps revocations in memory and batches usage, so no request waits on the disk.
+
+REGISTRY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    jti TEXT PRIMARY KEY,
+    sub TEXT,
+    kid TEXT,
+    created_at INTEGER,
+    expires_at INTEGER NOT NULL,
+    revoked_at INTEGER,
+    last_used_at INTEGER,
+    requests INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS tokens_by_expiry ON tokens (expires_at);
+"""
+TOKEN_COLUMNS = ("jti", "sub", "created_at", "expires_at", "revoked_at", "last_used_at", "requests",
+                 "prompt_tokens", "completion_tokens", "errors")
+LIST_TOKENS_SQL = ("SELECT jti, sub, created_at, expires_at, revoked_at, last_used_at, requests, prompt_tokens, "
+                   "completion_tokens, errors FROM tokens ORDER BY created_at, jti")
+# Usage from a batch is added to the row, which is created when the token was minted elsewhere.
+ADD_USAGE_SQL = """
+INSERT INTO tokens (jti, sub, kid, created_at, expires_at, last_used_at, requests, prompt_tokens,
+                    completion_tokens, errors)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (jti) DO UPDATE SET
+    last_used_at = MAX(COALESCE(last_used_at, 0), excluded.last_used_at),
+    requests = requests + excluded.requests,
+    prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+    completion_tokens = completion_tokens + excluded.completion_tokens,
+    errors = errors + excluded.errors
+"""
+
+
+@dataclass(slots=True)
+class UsageDelta:
+    """A token's usage since the last flush; a few counters kept in memory on the hot path."""
+
+    sub: str
+    kid: str
+    created_at: int
+    expires_at: int
+    last_used_at: int = 0
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    errors: int = 0
+
+    def row(self, jti: str) -> tuple[Any, ...]:
+        return (jti, self.sub, self.kid, self.created_at, self.expires_at, self.last_used_at, self.requests,
+                self.prompt_tokens, self.completion_tokens, self.errors)
+
+
+class TokenRegistry:
+    """The SQLite file of issued tokens. Synchronous: the CLI calls it directly, the server from one
+    worker thread (see RegistryWorker). Parameterised SQL only."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            self.db = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+            if path != ":memory:":
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(REGISTRY_SCHEMA)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open the token database {path}: {exc}") from None
+
+    def register(self, jti: str, sub: str, kid: str, created_at: int, expires_at: int) -> None:
+        self.db.execute("INSERT OR IGNORE INTO tokens (jti, sub, kid, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+                        (jti, sub, kid, created_at, expires_at))
+
+    def revoke(self, jti: str, now: int, expires_at: int) -> int:
+        """Mark a jti revoked (creating the row for a token minted elsewhere). Returns its revoked_at."""
+        self.db.execute(
+            "INSERT INTO tokens (jti, expires_at, revoked_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (jti) DO UPDATE SET revoked_at = COALESCE(revoked_at, excluded.revoked_at)",
+            (jti, expires_at, now),
+        )
+        return self.db.execute("SELECT revoked_at FROM tokens WHERE jti = ?", (jti,)).fetchone()[0]
+
+    def revoked_jtis(self, now: int) -> set[str]:
+        """Revoked tokens that have not expired anyway."""
+        rows = self.db.execute("SELECT jti FROM tokens WHERE revoked_at IS NOT NULL AND expires_at > ?", (now,))
+        return {jti for (jti,) in rows}
+
+    def data_version(self) -> int:
+        """Changes when another connection (a `soakp revoke`) commits: cheap to poll."""
+        return self.db.execute("PRAGMA data_version").fetchone()[0]
+
+    def add_usage(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(ADD_USAGE_SQL, rows)
+
+    def prune(self, now: int) -> int:
+        """Delete the rows of expired tokens: they cannot be used, so their revocation no longer matters."""
+        return self.db.execute("DELETE FROM tokens WHERE expires_at <= ?", (now,)).rowcount
+
+    def list(self) -> list[dict[str, Any]]:
+        rows = self.db.execute(LIST_TOKENS_SQL)
+        return [dict(zip(TOKEN_COLUMNS, row, strict=True)) for row in rows]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class RegistryWorker:
+    """Runs TokenRegistry calls on one thread of its own, so SQLite never blocks the event loop."""
+
+    def __init__(self, registry: TokenRegistry) -> None:
+        self.registry = registry
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="soakp-db")
+
+    async def call(self, method: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, method, *args)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.registry.close()
+
+
+# 4. HTTP parsing: bytes in, RequestHead and ResponseHead out. No sockets, no awaits.
 #
 # RFC 9110/9112 grammar, enforced strictly because a proxy that reads a request differently from the
 # server behind it can be used to smuggle requests (CL.TE, TE.CL, obs-fold, bare LF).
@@ -925,6 +1182,112 @@ def parse_chunk_size(line: bytes) -> int:
     return int(match[1], 16)
 
 
+MODEL_SCAN_LIMIT_BYTES = 32 * 1024**2  # what a models-limited token may have read ahead before forwarding
+MAX_MODEL_VALUE_BYTES = 1024
+MAX_PART_HEADER_BYTES = 8 * 1024
+BOUNDARY_RE = re.compile(rb'(?i)(?:^|;)\s*boundary\s*=\s*(?:"([^"]{1,70})"|([^;\s"]{1,70}))')
+PART_NAME_RE = re.compile(rb'(?i)(?:^|;)\s*name\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s"]+))')
+
+
+def media_type(content_type: bytes | None) -> bytes:
+    return (content_type or b"").split(b";", 1)[0].strip().lower()
+
+
+def json_model(body: bytes) -> str | None:
+    """The top-level `model` of a JSON body, None when it has none.
+
+    Returns "" for a model that is not a string (never an allowed value). Raises ApiError(400) for a
+    body that is not JSON or has a repeated "model" key, since parsers disagree on which one counts.
+    """
+    def no_repeated_model(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        if sum(1 for k, _ in pairs if k == "model") > 1:
+            raise ValueError("repeated model")
+        return dict(pairs)
+
+    try:
+        document = json.loads(body, object_pairs_hook=no_repeated_model)
+    except (ValueError, RecursionError):
+        raise bad_request("The body is not valid JSON, or names 'model' more than once.") from None
+    if not isinstance(document, dict) or "model" not in document:
+        return None
+    model = document["model"]
+    return model if isinstance(model, str) else ""
+
+
+def multipart_boundary(content_type: bytes | None) -> bytes:
+    """The boundary of a multipart/form-data body. Raises ApiError(400)."""
+    match = BOUNDARY_RE.search((content_type or b"").split(b";", 1)[-1])
+    if match is None:
+        raise bad_request("A multipart body needs a boundary.")
+    return match[1] or match[2]
+
+
+class MultipartModelScanner:
+    """Finds every form field named `model` in a multipart/form-data body fed piece by piece.
+
+    Keeps only what it still needs (a delimiter's length, or one part's headers or model value), so a
+    large file part streams past it.
+    """
+
+    def __init__(self, boundary: bytes) -> None:
+        self.delimiter = b"\r\n--" + boundary
+        self.pending = b"\r\n"  # the first delimiter has no CRLF of its own
+        self.state: Literal["seek", "value", "after_delimiter", "headers", "done"] = "seek"
+
+    def feed(self, data: bytes) -> list[str]:
+        """Returns the model values completed by this piece ("" for one that is too long). Raises ApiError(400)."""
+        self.pending += data
+        found: list[str] = []
+        while self.state != "done":
+            if self.state in ("seek", "value"):
+                index = self.pending.find(self.delimiter)
+                if index == -1:
+                    if self.state == "value" and len(self.pending) > MAX_MODEL_VALUE_BYTES + len(self.delimiter):
+                        found.append("")
+                        self.state = "seek"
+                    if self.state == "seek":
+                        self.pending = self.pending[-len(self.delimiter):]
+                    break
+                if self.state == "value":
+                    found.append(self.pending[:index].decode("utf-8", "replace"))
+                self.pending = self.pending[index + len(self.delimiter):]
+                self.state = "after_delimiter"
+            elif self.state == "after_delimiter":
+                if self.pending.startswith(b"--"):
+                    self.state, self.pending = "done", b""
+                    break
+                end_of_line = self.pending.find(b"\r\n")
+                if end_of_line == -1:
+                    if len(self.pending) > MAX_PART_HEADER_BYTES:
+                        raise bad_request("Malformed multipart body.")
+                    break
+                self.pending = self.pending[end_of_line + 2:]
+                self.state = "headers"
+            else:  # headers
+                if self.pending.startswith(b"\r\n"):
+                    block, self.pending = b"", self.pending[2:]
+                else:
+                    end = self.pending.find(b"\r\n\r\n")
+                    if end == -1:
+                        if len(self.pending) > MAX_PART_HEADER_BYTES:
+                            raise bad_request("Malformed multipart body.")
+                        break
+                    block, self.pending = self.pending[:end], self.pending[end + 4:]
+                self.state = "value" if part_name(block) == b"model" else "seek"
+        return found
+
+
+def part_name(block: bytes) -> bytes | None:
+    """The form field name from a part's Content-Disposition header."""
+    for line in block.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-disposition":
+            match = PART_NAME_RE.search(value.split(b";", 1)[-1]) if b";" in value else None
+            if match:
+                return match[1] if match[1] is not None else match[2]
+    return None
+
+
 def forwarded_headers(headers: Sequence[tuple[bytes, bytes]], also_drop: frozenset[bytes]) -> list[bytes]:
     """Header lines to pass on: hop-by-hop ones, those the Connection header names and `also_drop` removed."""
     named: set[bytes] = set()
@@ -940,7 +1303,7 @@ def forwarded_headers(headers: Sequence[tuple[bytes, bytes]], also_drop: frozens
     return out
 
 
-# 4. Forwarding: a checked request in, the upstream's answer streamed back. All upstream I/O lives here.
+# 5. Forwarding: a checked request in, the upstream's answer streamed back. All upstream I/O lives here.
 
 READ_CHUNK_BYTES = 64 * 1024
 SMALL_BODY_BYTES = 64 * 1024  # bodies up to this are read whole so a request can be retried on a stale connection
@@ -949,14 +1312,20 @@ POOL_IDLE_LIMIT_S = 50.0  # below the 60 s idle timeout common to cloud load bal
 REQUEST_DROP = frozenset({b"host", b"authorization", b"content-length", b"expect"})
 ORG_HEADERS = frozenset({b"openai-organization", b"openai-project"})
 RESPONSE_DROP = frozenset({b"content-length"})
+CORS_RESPONSE_HEADERS = frozenset({
+    b"access-control-allow-origin", b"access-control-allow-credentials", b"access-control-expose-headers",
+    b"access-control-allow-methods", b"access-control-allow-headers", b"access-control-max-age",
+})
 
 
 class UpstreamError(Exception):
-    """The upstream failed; `status` is what the client gets if no response byte was sent yet."""
+    """The upstream failed; `status` is what the client gets if no response byte was sent yet, and `kind`
+    names the failure in metrics and the access log."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, kind: str) -> None:
         super().__init__(message)
         self.status = status
+        self.kind = kind
 
 
 class ClientGone(Exception):
@@ -1027,11 +1396,13 @@ class UpstreamPool:
         except ssl.SSLCertVerificationError as exc:
             # Never retried without verification: a certificate that does not verify is an attack or a
             # misconfiguration, and the key must not go to whoever holds it.
-            raise UpstreamError(502, f"The upstream's TLS certificate did not verify: {exc.verify_message}.") from None
+            raise UpstreamError(502, f"The upstream's TLS certificate did not verify: {exc.verify_message}.",
+                                "tls_verify") from None
         except TimeoutError:
-            raise UpstreamError(502, "The upstream did not accept a connection in time.") from None
+            raise UpstreamError(502, "The upstream did not accept a connection in time.", "connect_timeout") from None
         except (OSError, ssl.SSLError) as exc:
-            raise UpstreamError(502, f"The upstream is unreachable ({exc.__class__.__name__}).") from None
+            raise UpstreamError(502, f"The upstream is unreachable ({exc.__class__.__name__}).",
+                                "connect_failed") from None
         self.connections_opened += 1
         return UpstreamConnection(reader, writer)
 
@@ -1048,11 +1419,12 @@ class UpstreamPool:
             self.idle.pop().close()
 
 
-def build_upstream_head(head: RequestHead, upstream_path: str, claims: TokenClaims, target: UpstreamTarget) -> bytes:
+def build_upstream_head(head: RequestHead, upstream_path: str, claims: TokenClaims, target: UpstreamTarget,
+                        body_length: int | None = None) -> bytes:
     """The request head sent upstream: checked path and query, upstream Host, the real key, framing.
 
     Everything else the client sent passes unchanged, except hop-by-hop headers, and the org/project
-    headers when the token sets them.
+    headers when the token sets them. `body_length` replaces the client's framing for a rewritten body.
     """
     drop = REQUEST_DROP | ORG_HEADERS if claims.org is not None or claims.project is not None else REQUEST_DROP
     parts = [
@@ -1068,7 +1440,9 @@ def build_upstream_head(head: RequestHead, upstream_path: str, claims: TokenClai
         if claims.org is None:
             drop = drop - {b"openai-organization"}
     parts.extend(forwarded_headers(head.headers, drop))
-    if head.body_kind == "length":
+    if body_length is not None:
+        parts.append(b"Content-Length: %d\r\n" % body_length)
+    elif head.body_kind == "length":
         parts.append(b"Content-Length: %d\r\n" % head.content_length)
     elif head.body_kind == "chunked":
         parts.append(b"Transfer-Encoding: chunked\r\n")
@@ -1076,11 +1450,16 @@ def build_upstream_head(head: RequestHead, upstream_path: str, claims: TokenClai
     return b"".join(parts)
 
 
-def build_client_head(resp: ResponseHead, keep_alive: bool, chunked: bool) -> bytes:
-    """The response head sent to the client: the upstream's status and headers less hop-by-hop ones."""
+def build_client_head(resp: ResponseHead, keep_alive: bool, chunked: bool, cors: bytes = b"") -> bytes:
+    """The response head sent to the client: the upstream's status and headers less hop-by-hop ones.
+
+    `cors` holds SOAKP's own CORS header lines, which replace any the upstream sent.
+    """
     parts = [b"HTTP/1.1 %d " % resp.status + resp.reason + b"\r\n"]
     # For a body-less answer (HEAD, 204, 304) the upstream's Content-Length describes the resource: keep it.
-    parts.extend(forwarded_headers(resp.headers, frozenset() if resp.body_kind == "none" else RESPONSE_DROP))
+    drop = frozenset() if resp.body_kind == "none" else RESPONSE_DROP
+    parts.extend(forwarded_headers(resp.headers, drop | CORS_RESPONSE_HEADERS if cors else drop))
+    parts.append(cors)
     if resp.body_kind == "length":
         parts.append(b"Content-Length: %d\r\n" % resp.content_length)
     elif chunked:
@@ -1162,7 +1541,7 @@ async def read_upstream_body(conn: UpstreamConnection, resp: ResponseHead, timeo
             while remaining:
                 piece = await bounded(reader.read(min(remaining, READ_CHUNK_BYTES)), timeout_s)
                 if not piece:
-                    raise UpstreamError(502, "upstream closed mid-body")
+                    raise UpstreamError(502, "upstream closed mid-body", "reset_mid_body")
                 remaining -= len(piece)
                 yield piece
         elif resp.body_kind == "chunked":
@@ -1176,11 +1555,11 @@ async def read_upstream_body(conn: UpstreamConnection, resp: ResponseHead, timeo
                 while size:
                     piece = await bounded(reader.read(min(size, READ_CHUNK_BYTES)), timeout_s)
                     if not piece:
-                        raise UpstreamError(502, "upstream closed mid-chunk")
+                        raise UpstreamError(502, "upstream closed mid-chunk", "reset_mid_body")
                     size -= len(piece)
                     yield piece
                 if await bounded(reader.readexactly(2), timeout_s) != b"\r\n":
-                    raise UpstreamError(502, "upstream chunk not followed by CRLF")
+                    raise UpstreamError(502, "upstream chunk not followed by CRLF", "protocol")
         elif resp.body_kind == "close":
             while True:
                 piece = await bounded(reader.read(READ_CHUNK_BYTES), timeout_s)
@@ -1188,11 +1567,11 @@ async def read_upstream_body(conn: UpstreamConnection, resp: ResponseHead, timeo
                     return
                 yield piece
     except TimeoutError:
-        raise UpstreamError(504, "upstream went silent mid-body") from None
+        raise UpstreamError(504, "upstream went silent mid-body", "read_timeout_mid_body") from None
     except (ValueError, asyncio.LimitOverrunError):
-        raise UpstreamError(502, "upstream broke its chunked framing") from None
+        raise UpstreamError(502, "upstream broke its chunked framing", "protocol") from None
     except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
-        raise UpstreamError(502, "upstream connection broke mid-body") from None
+        raise UpstreamError(502, "upstream connection broke mid-body", "reset_mid_body") from None
 
 
 async def read_response_head(conn: UpstreamConnection, method: str, timeout_s: float) -> ResponseHead:
@@ -1205,13 +1584,13 @@ async def read_response_head(conn: UpstreamConnection, method: str, timeout_s: f
         try:
             data = await bounded(conn.reader.readuntil(b"\r\n\r\n"), timeout_s)
         except TimeoutError:
-            raise UpstreamError(504, "The upstream did not answer in time.") from None
+            raise UpstreamError(504, "The upstream did not answer in time.", "read_timeout") from None
         except asyncio.LimitOverrunError:
-            raise UpstreamError(502, "The upstream's response head is too large.") from None
+            raise UpstreamError(502, "The upstream's response head is too large.", "protocol") from None
         try:
             resp = parse_response_head(data, method)
         except UpstreamProtocolError as exc:
-            raise UpstreamError(502, f"The upstream sent an invalid response ({exc}).") from None
+            raise UpstreamError(502, f"The upstream sent an invalid response ({exc}).", "protocol") from None
         if not 100 <= resp.status < 200:
             return resp
 
@@ -1225,9 +1604,305 @@ async def write_client(writer: asyncio.StreamWriter, data: bytes) -> None:
         raise ClientGone("client went away") from exc
 
 
+USAGE_WHOLE_BYTES = 1024 * 1024  # JSON answers up to this are parsed whole; larger ones from their tail
+USAGE_TAIL_BYTES = 64 * 1024
+USAGE_MAX_DECODED_BYTES = 16 * 1024 * 1024  # stop metering a compressed answer that inflates past this
+
+
+def usage_counts(usage: object) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from an OpenAI `usage` object: Chat, Completions, Embeddings or Responses."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (prompt, completion)):
+        return None
+    return prompt, completion
+
+
+def usage_in_document(document: object) -> tuple[int, int] | None:
+    """The usage of a response body or SSE event: top-level `usage`, or `response.usage` (Responses API)."""
+    if not isinstance(document, dict):
+        return None
+    found = usage_counts(document.get("usage"))
+    if found is None and isinstance(document.get("response"), dict):
+        found = usage_counts(document["response"].get("usage"))
+    return found
+
+
+class UsageMeter:
+    """Reads OpenAI's own token counts from a response while it is relayed, without holding it back or
+    changing a byte: a JSON body's `usage`, or the last SSE event that carries one."""
+
+    def __init__(self, sse: bool, encoding: bytes) -> None:
+        self.sse = sse
+        self.inflater = zlib.decompressobj(wbits=47 if encoding == b"gzip" else 15) if encoding else None
+        self.decoded_bytes = 0
+        self.buffer = bytearray()
+        self.whole = True
+        self.found: tuple[int, int] | None = None
+
+    @classmethod
+    def for_response(cls, resp: ResponseHead) -> UsageMeter | None:
+        """A meter for a JSON or SSE answer (identity, gzip or deflate), else None."""
+        kind = encoding = b""
+        for name, value in resp.headers:
+            lower = name.lower()
+            if lower == b"content-type":
+                kind = media_type(value)
+            elif lower == b"content-encoding":
+                encoding = value.strip().lower()
+        if encoding not in (b"", b"identity", b"gzip", b"deflate") or resp.status >= 300:
+            return None
+        if kind == b"text/event-stream":
+            return cls(True, encoding if encoding != b"identity" else b"")
+        if kind == b"application/json":
+            return cls(False, encoding if encoding != b"identity" else b"")
+        return None
+
+    def feed(self, piece: bytes) -> None:
+        if self.inflater is not None:
+            if self.decoded_bytes > USAGE_MAX_DECODED_BYTES:
+                return
+            try:
+                piece = self.inflater.decompress(piece, USAGE_MAX_DECODED_BYTES)
+            except zlib.error:
+                self.decoded_bytes = USAGE_MAX_DECODED_BYTES + 1
+                return
+            self.decoded_bytes += len(piece)
+        if self.sse:
+            self.feed_sse(piece)
+            return
+        self.buffer += piece
+        if len(self.buffer) > USAGE_WHOLE_BYTES:
+            self.whole = False
+            del self.buffer[:-USAGE_TAIL_BYTES]
+
+    def feed_sse(self, piece: bytes) -> None:
+        self.buffer += piece
+        end = self.buffer.rfind(b"\n")
+        if end == -1:
+            if len(self.buffer) > USAGE_WHOLE_BYTES:
+                self.buffer.clear()  # an endless line is no event we can read
+            return
+        lines, self.buffer = bytes(self.buffer[:end]), self.buffer[end + 1:]
+        if b'"usage"' not in lines:  # nearly every event: skip without parsing
+            return
+        for line in lines.split(b"\n"):
+            if line.startswith(b"data:") and b'"usage"' in line:
+                try:
+                    found = usage_in_document(json.loads(line[5:]))
+                except ValueError:
+                    continue
+                if found is not None:
+                    self.found = found
+
+    def usage(self) -> tuple[int, int] | None:
+        """(prompt, completion) tokens once the body has been fed, or None when the answer had none."""
+        if self.sse:
+            return self.found
+        data = bytes(self.buffer)
+        if b'"usage"' not in data:
+            return None
+        if self.whole:
+            try:
+                return usage_in_document(json.loads(data))
+            except ValueError:
+                return None
+        start = data.rfind(b'"usage"')  # the tail of a large answer: decode the usage object alone
+        colon = data.find(b":", start)
+        try:
+            value, _ = json.JSONDecoder().raw_decode(data[colon + 1:].decode("utf-8").lstrip())
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return usage_counts(value)
+
+
+@dataclass(slots=True)
+class RequestBody:
+    """A request body as it is forwarded: what was read ahead (to check it, or to replay it on a fresh
+    connection) and what still streams from the client."""
+
+    read_ahead: bytes = b""
+    rest: AsyncIterator[bytes] | None = None  # None: read_ahead is the whole body
+    inspect: Callable[[bytes], None] | None = None  # sees each streamed piece; raises ApiError to stop
+    rewritten: bool = False  # read_ahead is the whole body, changed by SOAKP (budget metering)
+
+
+def check_model(allowed: Sequence[str], model: str | None) -> None:
+    """Raises ApiError(403) when a models-limited token asks for another model."""
+    if model is not None and model not in allowed:
+        raise ApiError(403, f"This token may not use the model {safe_label(model)!r}.", "model_not_allowed",
+                       param="model")
+
+
+async def read_whole(pieces: AsyncIterator[bytes], limit_bytes: int, what: str) -> bytes:
+    collected, size = [], 0
+    async for piece in pieces:
+        size += len(piece)
+        if size > limit_bytes:
+            raise ApiError(413, f"{what} is over the limit of {limit_bytes} bytes.", "request_too_large")
+        collected.append(piece)
+    return b"".join(collected)
+
+
+async def read_body_ahead(
+    state: ServerState, exchange: Exchange, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    head: RequestHead, claims: TokenClaims, upstream_path: str,
+) -> RequestBody:
+    """Read as much of the request body as forwarding needs before it connects upstream.
+
+    A small body is read whole (one write upstream, and replayable). For a models-limited token, a JSON
+    body is read whole, since a later repeated "model" key would otherwise slip past the check; a
+    multipart body is read until its `model` field, and the rest is watched as it streams. For a token
+    with a budget, a streamed chat request is made to report its usage (see SseUsageStripper).
+    Raises ApiError (403 for a model outside the token's list, 400, 408, 413) or ClientGone.
+    """
+    if head.body_kind == "none":
+        return RequestBody()
+    config = state.config
+    if head.expect_continue:
+        await write_client(writer, b"HTTP/1.1 100 Continue\r\n\r\n")
+    models = claims.permissions.models
+    meter_stream = claims.permissions.max_tokens_total is not None and upstream_path == "/v1/chat/completions"
+    content_type = head.header(b"content-type") if models is not None or meter_stream else None
+    multipart = media_type(content_type) == b"multipart/form-data"
+    small = head.body_kind == "length" and head.content_length <= SMALL_BODY_BYTES
+    if small:
+        try:
+            data = await bounded(reader.readexactly(head.content_length), config.header_timeout_s)
+        except TimeoutError:
+            raise ApiError(408, "The request body arrived too slowly.", "request_timeout") from None
+        except (asyncio.IncompleteReadError, ConnectionError):
+            raise ClientGone("client closed mid-body") from None
+    elif not multipart and (models is not None or meter_stream):
+        data = await read_whole(read_request_body(reader, head, config.max_body_bytes, config.header_timeout_s),
+                                min(MODEL_SCAN_LIMIT_BYTES, config.max_body_bytes),
+                                "A JSON body sent with a models-limited or budgeted token")
+    else:
+        pieces = read_request_body(reader, head, config.max_body_bytes, config.header_timeout_s)
+        if models is None:
+            return RequestBody(b"", pieces)
+        return await read_multipart_ahead(exchange, pieces, multipart_boundary(content_type), models)
+
+    exchange.body_consumed = True
+    found = MODEL_IN_BODY_RE.search(data)  # for the access log only; checks below parse properly
+    exchange.model = found[1].decode("latin-1") if found else None
+    if models is not None:
+        if multipart:
+            for model in MultipartModelScanner(multipart_boundary(content_type)).feed(data):
+                check_model(models, model)
+                exchange.model = model
+        else:
+            check_model(models, json_model(data))
+    if meter_stream and not multipart:
+        asking = request_stream_usage(data)
+        if asking is not None:
+            exchange.strip_usage_event = True
+            return RequestBody(asking, rewritten=True)
+    return RequestBody(data)
+
+
+async def read_multipart_ahead(exchange: Exchange, pieces: AsyncIterator[bytes], boundary: bytes,
+                               models: Sequence[str]) -> RequestBody:
+    """Read a multipart body up to its `model` field and check it; watch the rest as it streams."""
+    scanner = MultipartModelScanner(boundary)
+    ahead: list[bytes] = []
+    size = 0
+    async for piece in pieces:
+        ahead.append(piece)
+        size += len(piece)
+        seen = scanner.feed(piece)
+        for model in seen:
+            check_model(models, model)
+            exchange.model = model
+        if seen or size >= MODEL_SCAN_LIMIT_BYTES:
+            break
+    else:
+        exchange.body_consumed = True
+        return RequestBody(b"".join(ahead))
+
+    def inspect(piece: bytes) -> None:  # a second or late `model` field is checked as well
+        for model in scanner.feed(piece):
+            check_model(models, model)
+
+    return RequestBody(b"".join(ahead), pieces, inspect)
+
+
+def request_stream_usage(body: bytes) -> bytes | None:
+    """For a streamed chat request that does not ask for usage, the same request asking for it; else None.
+
+    The key is added after the opening brace, so every other byte of the client's body is kept.
+    """
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(document, dict) or document.get("stream") is not True:
+        return None
+    options = document.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return None  # the client asked for usage itself: it gets it, and the meter reads it
+    if options is None:
+        brace = body.index(b"{") + 1
+        return body[:brace] + b'"stream_options":{"include_usage":true},' + body[brace:]
+    if not isinstance(options, dict):
+        return None  # malformed: the upstream answers it
+    document["stream_options"] = {**options, "include_usage": True}
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+
+class SseUsageStripper:
+    """Takes back out of a chat stream what SOAKP's own `include_usage` added: the final usage-only event
+    and the `"usage":null` of every other chunk, so the client receives the stream it asked for."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+
+    def feed(self, piece: bytes) -> bytes:
+        """Returns the complete events of the stream so far, cleaned; holds back a partial event."""
+        self.buffer += piece
+        end = self.buffer.rfind(b"\n\n")
+        if end == -1:
+            if len(self.buffer) > USAGE_WHOLE_BYTES:  # no event boundary in sight: pass it on unchanged
+                out, self.buffer = self.buffer, b""
+                return out
+            return b""
+        events, self.buffer = self.buffer[:end + 2], self.buffer[end + 2:]
+        return self.clean(events)
+
+    def flush(self) -> bytes:
+        out, self.buffer = self.buffer, b""
+        return self.clean(out)
+
+    @staticmethod
+    def clean(events: bytes) -> bytes:
+        if b'"usage"' not in events:
+            return events
+        kept = []
+        for event in events.split(b"\n\n"):
+            if event.startswith(b"data:") and b'"usage":{' in event:
+                try:
+                    document = json.loads(event[5:])
+                except ValueError:
+                    document = None
+                if isinstance(document, dict) and document.get("choices") == [] and \
+                        isinstance(document.get("usage"), dict):
+                    continue
+            kept.append(event.replace(b',"usage":null', b""))
+        return b"\n\n".join(kept)
+
+
+def frame_body(data: bytes, chunked: bool, final: bool) -> bytes:
+    """Body bytes as they go upstream: raw for Content-Length, re-chunked for chunked."""
+    if not chunked:
+        return data
+    return (b"%x\r\n" % len(data) + data + b"\r\n" if data else b"") + (b"0\r\n\r\n" if final else b"")
+
+
 async def forward(
     state: ServerState, exchange: Exchange, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-    head: RequestHead, upstream_path: str, claims: TokenClaims,
+    head: RequestHead, upstream_path: str, claims: TokenClaims, cors: bytes,
 ) -> bool:
     """Send one request upstream and stream the answer back. Returns whether the client connection may be reused.
 
@@ -1235,27 +1910,25 @@ async def forward(
     connection so the client sees a truncated response, never an invented ending.
     """
     config = state.config
-    request_head = build_upstream_head(head, upstream_path, claims, config.upstream)
-    if head.expect_continue and head.body_kind != "none":
-        await write_client(writer, b"HTTP/1.1 100 Continue\r\n\r\n")
-    small_body = b""
-    if head.body_kind == "length" and head.content_length <= SMALL_BODY_BYTES:
-        try:
-            small_body = await bounded(reader.readexactly(head.content_length), config.header_timeout_s)
-        except TimeoutError:
-            raise ApiError(408, "The request body arrived too slowly.", "request_timeout") from None
-        except (asyncio.IncompleteReadError, ConnectionError):
-            raise ClientGone("client closed mid-body") from None
-        exchange.body_consumed = True
-    replayable = head.body_kind == "none" or exchange.body_consumed
+    body = await read_body_ahead(state, exchange, reader, writer, head, claims, upstream_path)
+    if body.rewritten:  # the whole body, changed: sent with its own Content-Length
+        first_write = build_upstream_head(head, upstream_path, claims, config.upstream, len(body.read_ahead))
+        first_write += body.read_ahead
+    else:
+        first_write = build_upstream_head(head, upstream_path, claims, config.upstream) + frame_body(
+            body.read_ahead, head.body_kind == "chunked", final=body.rest is None)
+    exchange.bytes_in = len(body.read_ahead)
+    replayable = body.rest is None
+    exchange.upstream_started = time.monotonic()
 
     for attempt in (1, 2):
         conn, reused = await state.pool.acquire()
         exchange.upstream = conn
         try:
-            conn.writer.write(request_head + small_body)
-            if not replayable:
-                await send_streamed_body(conn, reader, head, config, exchange)
+            conn.writer.write(first_write)
+            if body.rest is not None:
+                exchange.bytes_in += await send_rest_of_body(conn, body, head.body_kind == "chunked")
+                exchange.body_consumed = True
             resp = await read_response_head(conn, head.method, config.read_timeout_s)
             break
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
@@ -1265,45 +1938,82 @@ async def forward(
             # more on a new connection, because the upstream saw no complete request.
             if attempt == 1 and reused and replayable:
                 continue
-            raise UpstreamError(502, f"The upstream connection broke ({exc.__class__.__name__}).") from None
+            raise UpstreamError(502, f"The upstream connection broke ({exc.__class__.__name__}).",
+                                "reset") from None
         except BaseException:
             conn.close()
             exchange.upstream = None
             raise
 
     keep_alive = head.keep_alive and not state.shutting_down
-    chunked = resp.body_kind in ("chunked", "close") and head.http_minor == 1
-    if resp.body_kind == "close" and not chunked:
+    strip = exchange.strip_usage_event and resp.status == 200
+    chunked = (resp.body_kind in ("chunked", "close") or strip and resp.body_kind == "length") and head.http_minor == 1
+    if resp.body_kind == "close" and not chunked or strip and resp.body_kind == "length" and not chunked:
         keep_alive = False
-    client_head = build_client_head(resp, keep_alive, chunked)
+    if strip and resp.body_kind == "length":  # the length changes when the usage event is taken out
+        resp = dataclasses.replace(resp, body_kind="chunked")
+        strip_length = True
+    else:
+        strip_length = False
+    client_head = build_client_head(resp, keep_alive, chunked, cors)
     exchange.status = resp.status
+    for name, value in resp.headers:
+        if name.lower() == b"x-request-id":
+            exchange.request_id = safe_for_log(value.decode("latin-1"))
+    meter = UsageMeter.for_response(resp) if exchange.metered else None
+    stripper = SseUsageStripper() if strip else None
 
     try:
         if resp.body_kind == "none":
             exchange.response_started = True
+            exchange.first_byte_s = time.monotonic() - exchange.started
             await write_client(writer, client_head)
+            exchange.bytes_out = len(client_head)
         elif resp.body_kind == "length" and resp.content_length <= SMALL_BODY_BYTES:
             # One write for a small answer (most JSON responses): fewer syscalls, and a failure while
             # reading it still leaves the client an honest 502.
-            body = b"".join([piece async for piece in read_upstream_body(conn, resp, config.read_timeout_s)])
+            data = b"".join([piece async for piece in read_upstream_body(conn, resp, config.read_timeout_s)])
+            if meter:
+                meter.feed(data)
             exchange.response_started = True
-            await write_client(writer, client_head + body)
+            exchange.first_byte_s = time.monotonic() - exchange.started
+            await write_client(writer, client_head + data)
+            exchange.bytes_out = len(client_head) + len(data)
         else:
             exchange.response_started = True
-            pending = client_head
-            async for piece in read_upstream_body(conn, resp, config.read_timeout_s):
+            state.metrics.streams_open += 1
+            try:
+                exchange.first_byte_s = time.monotonic() - exchange.started
+                await write_client(writer, client_head)
+                exchange.bytes_out = len(client_head)
+                upstream_resp = dataclasses.replace(resp, body_kind="length") if strip_length else resp
+                async for piece in read_upstream_body(conn, upstream_resp, config.read_timeout_s):
+                    if meter:
+                        meter.feed(piece)
+                    if stripper:
+                        piece = stripper.feed(piece)
+                        if not piece:
+                            continue
+                    if chunked:
+                        piece = b"%x\r\n" % len(piece) + piece + b"\r\n"
+                    await write_client(writer, piece)
+                    exchange.bytes_out += len(piece)
+                tail = stripper.flush() if stripper else b""
                 if chunked:
-                    piece = b"%x\r\n" % len(piece) + piece + b"\r\n"
-                await write_client(writer, pending + piece if pending else piece)
-                pending = b""
-            if chunked:
-                pending += b"0\r\n\r\n"
-            if pending:
-                await write_client(writer, pending)
+                    tail = (b"%x\r\n" % len(tail) + tail + b"\r\n" if tail else b"") + b"0\r\n\r\n"
+                if tail:
+                    await write_client(writer, tail)
+                    exchange.bytes_out += len(tail)
+            finally:
+                state.metrics.streams_open -= 1
     except BaseException:
         conn.close()
         exchange.upstream = None
         raise
+    finally:
+        exchange.upstream_s = time.monotonic() - exchange.upstream_started
+        if meter:
+            exchange.usage = meter.usage()
     exchange.upstream = None
     if resp.keep_alive:
         state.pool.release(conn)
@@ -1312,21 +2022,23 @@ async def forward(
     return keep_alive
 
 
-async def send_streamed_body(
-    conn: UpstreamConnection, reader: asyncio.StreamReader, head: RequestHead, config: Config, exchange: Exchange
-) -> None:
-    """Stream a large or chunked request body upstream piece by piece as it arrives."""
-    chunked = head.body_kind == "chunked"
-    async for piece in read_request_body(reader, head, config.max_body_bytes, config.header_timeout_s):
+async def send_rest_of_body(conn: UpstreamConnection, body: RequestBody, chunked: bool) -> int:
+    """Stream the rest of a request body upstream piece by piece as it arrives. Returns its size."""
+    assert body.rest is not None
+    size = 0
+    async for piece in body.rest:
+        if body.inspect is not None:
+            body.inspect(piece)
+        size += len(piece)
         conn.writer.write(b"%x\r\n" % len(piece) + piece + b"\r\n" if chunked else piece)
         await conn.writer.drain()
     if chunked:
         conn.writer.write(b"0\r\n\r\n")
     await conn.writer.drain()
-    exchange.body_consumed = True
+    return size
 
 
-# 5. TLS: PEM files in, SSL contexts out.
+# 6. TLS: PEM files in, SSL contexts out.
 
 def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     """A server context for Certbot's fullchain.pem + privkey.pem: TLS 1.2+, ALPN http/1.1.
@@ -1465,24 +2177,134 @@ def write_selfsigned(directory: str, host: str, now: datetime.datetime) -> None:
     (out / "chain.pem").write_bytes(b"")
 
 
-# 6. Server: sockets in, one request at a time per connection; every error becomes a response here.
+# 7. Server: sockets in, one request at a time per connection; every error becomes a response here.
 
 ADMIN_BODY_LIMIT_BYTES = 64 * 1024
-ADMIN_FAILURES_ALLOWED = 5
+ADMIN_FAILURES_ALLOWED = 5  # SPEC.md: 5 failed Basic attempts within a minute lock the address for a minute
+ADMIN_FAILURE_WINDOW_S = 60.0
 ADMIN_LOCKOUT_S = 60.0
-ADMIN_FAILURE_TRACKED_ADDRESSES = 10000
+ADMIN_TRACKED_ADDRESSES = 10000
+REGISTRY_POLL_S = 1.0  # SPEC.md: a `soakp revoke` is honoured within 2 s
+REGISTRY_PRUNE_S = 3600.0
 LOG_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
 MAX_LOGGED_PATH_CHARS = 200
+CORS_ALLOWED_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+CORS_EXPOSED_HEADERS = (
+    "x-request-id, openai-processing-ms, openai-organization, openai-project, openai-version, "
+    "x-ratelimit-limit-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-requests, "
+    "x-ratelimit-remaining-tokens, x-ratelimit-reset-requests, x-ratelimit-reset-tokens, retry-after"
+)
+CORS_MAX_AGE_S = 600
+REQUEST_HEADERS_LIST_RE = re.compile(rb"[A-Za-z0-9!#$%&'*+\-.^_`|~, \t]{0,2048}\Z")
+MODEL_IN_BODY_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+# OpenAI's top-level resources, so that metric labels stay a bounded set whatever paths clients send.
+METRIC_RESOURCES = frozenset({
+    "assistants", "audio", "batches", "chat", "completions", "containers", "conversations", "embeddings", "evals",
+    "files", "fine_tuning", "images", "models", "moderations", "organization", "realtime", "responses", "threads",
+    "uploads", "vector_stores", "videos",
+})
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
 @dataclass(slots=True)
 class Exchange:
-    """One request's progress, for deciding how a failure can still be reported."""
+    """One request's progress and facts, for answering a failure honestly and for the access log."""
 
+    started: float
     status: int = 0
+    route: str = "other"
     body_consumed: bool = False
     response_started: bool = False
     upstream: UpstreamConnection | None = None
+    claims: TokenClaims | None = None
+    cors: tuple[tuple[str, str], ...] = ()
+    metered: bool = False
+    usage: tuple[int, int] | None = None
+    model: str | None = None
+    request_id: str | None = None
+    upstream_started: float = 0.0
+    upstream_s: float = 0.0
+    first_byte_s: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    error_kind: str | None = None
+    strip_usage_event: bool = False  # SOAKP asked for stream usage itself: hide that event from the client
+
+
+class Histogram:
+    """A Prometheus histogram with fixed buckets."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+        self.total += seconds
+
+    def render(self, name: str, labels: str) -> list[str]:
+        lines, running = [], 0
+        for bound, count in zip((*LATENCY_BUCKETS_S, math.inf), self.counts, strict=True):
+            running += count
+            le = "+Inf" if bound == math.inf else repr(bound)
+            lines.append(f'{name}_bucket{{{labels}{"," if labels else ""}le="{le}"}} {running}')
+        lines.append(f"{name}_sum{{{labels}}} {self.total}")
+        lines.append(f"{name}_count{{{labels}}} {running}")
+        return lines
+
+
+def prom_label(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+@dataclass(slots=True)
+class Metrics:
+    """Counters for /metrics; plain dicts and ints updated once per request."""
+
+    requests: dict[tuple[str, str], int] = field(default_factory=dict)
+    latency: dict[str, Histogram] = field(default_factory=dict)
+    first_byte: dict[str, Histogram] = field(default_factory=dict)
+    upstream_errors: dict[str, int] = field(default_factory=dict)
+    tokens_used: dict[tuple[str, str], int] = field(default_factory=dict)
+    streams_open: int = 0
+
+    def record(self, exchange: Exchange, elapsed_s: float) -> None:
+        key = (exchange.route, f"{exchange.status // 100}xx" if exchange.status else "none")
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self.latency.setdefault(exchange.route, Histogram()).observe(elapsed_s)
+        if exchange.first_byte_s is not None:
+            self.first_byte.setdefault(exchange.route, Histogram()).observe(exchange.first_byte_s)
+        if exchange.error_kind is not None:
+            self.upstream_errors[exchange.error_kind] = self.upstream_errors.get(exchange.error_kind, 0) + 1
+        if exchange.usage is not None and exchange.claims is not None:
+            for kind, count in zip(("prompt", "completion"), exchange.usage, strict=True):
+                key = (exchange.claims.sub, kind)
+                self.tokens_used[key] = self.tokens_used.get(key, 0) + count
+
+    def render(self, connections: int) -> str:
+        lines = ["# HELP soakp_requests_total Requests answered, by route and status class.",
+                 "# TYPE soakp_requests_total counter"]
+        lines += [f'soakp_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())]
+        for name, what, histograms in (
+            ("soakp_request_duration_seconds", "Time from request head to the end of the response.", self.latency),
+            ("soakp_time_to_first_byte_seconds", "Time from request head to the first response byte.",
+             self.first_byte),
+        ):
+            lines += [f"# HELP {name} {what}", f"# TYPE {name} histogram"]
+            for route, histogram in sorted(histograms.items()):
+                lines += histogram.render(name, f'route="{route}"')
+        lines += ["# HELP soakp_upstream_errors_total Upstream failures, by kind.",
+                  "# TYPE soakp_upstream_errors_total counter"]
+        lines += [f'soakp_upstream_errors_total{{kind="{k}"}} {n}' for k, n in sorted(self.upstream_errors.items())]
+        lines += ["# HELP soakp_open_connections Client connections open now.", "# TYPE soakp_open_connections gauge",
+                  f"soakp_open_connections {connections}",
+                  "# HELP soakp_open_streams Responses being streamed now.", "# TYPE soakp_open_streams gauge",
+                  f"soakp_open_streams {self.streams_open}",
+                  "# HELP soakp_tokens_used_total OpenAI tokens used, from the upstream's usage, by token sub.",
+                  "# TYPE soakp_tokens_used_total counter"]
+        lines += [f'soakp_tokens_used_total{{sub="{prom_label(sub)}",kind="{kind}"}} {n}'
+                  for (sub, kind), n in sorted(self.tokens_used.items())]
+        return "\n".join(lines) + "\n"
 
 
 @dataclass(slots=True)
@@ -1493,9 +2315,18 @@ class ServerState:
     keyring: dict[str, SecretKeys]
     tokens: TokenCache
     pool: UpstreamPool
+    registry: RegistryWorker
+    revoked: dict[str, int]  # jti -> expires_at; shared with `tokens`
+    spent: dict[str, int]  # jti -> prompt + completion tokens recorded, for budgets
+    cors_origins: frozenset[str] = frozenset()
+    rate: RateLimiter = field(default_factory=RateLimiter)
+    usage: dict[str, UsageDelta] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
     connections: set[asyncio.StreamWriter] = field(default_factory=set)
     busy: set[asyncio.StreamWriter] = field(default_factory=set)
     admin_failures: dict[str, list[float]] = field(default_factory=dict)
+    admin_locked_until: dict[str, float] = field(default_factory=dict)
+    request_counter: itertools.count = field(default_factory=itertools.count)
     shutting_down: bool = False
 
     @property
@@ -1507,29 +2338,36 @@ def json_bytes(payload: Any) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode("utf-8")
 
 
-def json_response(status: int, payload: Any, keep_alive: bool, headers: Sequence[tuple[str, str]] = ()) -> bytes:
-    """A complete response with a JSON body."""
-    body = json_bytes(payload)
-    lines = [f"HTTP/1.1 {status} {STATUS_REASONS.get(status, 'Unknown')}",
-             "Content-Type: application/json", f"Content-Length: {len(body)}"]
+STATUS_REASONS = {
+    200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large",
+    414: "URI Too Long", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+}
+
+
+def plain_response(status: int, body: bytes, content_type: str | None, keep_alive: bool,
+                   headers: Sequence[tuple[str, str]] = ()) -> bytes:
+    """A complete response SOAKP makes itself."""
+    lines = [f"HTTP/1.1 {status} {STATUS_REASONS.get(status, 'Unknown')}"]
+    if content_type:
+        lines.append(f"Content-Type: {content_type}")
+    if status != 204:
+        lines.append(f"Content-Length: {len(body)}")
     lines += [f"{name}: {value}" for name, value in headers]
     if not keep_alive:
         lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-STATUS_REASONS = {
-    200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
-    429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
-}
+def json_response(status: int, payload: Any, keep_alive: bool, headers: Sequence[tuple[str, str]] = ()) -> bytes:
+    return plain_response(status, json_bytes(payload), "application/json", keep_alive, headers)
 
 
-def error_response(exc: ApiError, keep_alive: bool) -> bytes:
+def error_response(exc: ApiError, keep_alive: bool, extra_headers: Sequence[tuple[str, str]] = ()) -> bytes:
     """Render any SOAKP error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-    payload = {"error": {"message": exc.message, "type": exc.error_type, "param": None, "code": exc.code}}
-    return json_response(exc.status, payload, keep_alive, exc.headers)
+    payload = {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}
+    return json_response(exc.status, payload, keep_alive, [*exc.headers, *extra_headers])
 
 
 def safe_for_log(text: str) -> str:
@@ -1556,11 +2394,10 @@ def check_admin(state: ServerState, head: RequestHead, peer: str, now: float) ->
     config = state.config
     if config.admin_user is None or config.admin_pass is None:
         raise ApiError(404, "Not found.", "not_found")
-    failures = [t for t in state.admin_failures.get(peer, ()) if now - t < ADMIN_LOCKOUT_S]
-    if len(failures) >= ADMIN_FAILURES_ALLOWED:
-        retry_after = int(ADMIN_LOCKOUT_S - (now - failures[-1])) + 1
-        raise ApiError(429, "Too many failed admin logins; try again later.", "rate_limit_exceeded",
-                       headers=[("Retry-After", str(retry_after))])
+    locked_until = state.admin_locked_until.get(peer, 0.0)
+    if locked_until > now:
+        raise ApiError(429, "Too many failed admin logins from this address; try again later.",
+                       "rate_limit_exceeded", headers=[("Retry-After", str(math.ceil(locked_until - now)))])
     value = head.header(b"authorization") or b""
     scheme, _, encoded = value.partition(b" ")
     try:
@@ -1572,46 +2409,122 @@ def check_admin(state: ServerState, head: RequestHead, peer: str, now: float) ->
     if scheme.lower() == b"basic" and sep and user_ok & pass_ok:
         state.admin_failures.pop(peer, None)
         return
-    failures.append(now)
-    if len(state.admin_failures) >= ADMIN_FAILURE_TRACKED_ADDRESSES and peer not in state.admin_failures:
+    failures = [t for t in state.admin_failures.get(peer, ()) if now - t < ADMIN_FAILURE_WINDOW_S] + [now]
+    if len(state.admin_failures) >= ADMIN_TRACKED_ADDRESSES and peer not in state.admin_failures:
         del state.admin_failures[next(iter(state.admin_failures))]
     state.admin_failures[peer] = failures
-    log.warning("admin login failed from %s", peer)
+    if len(failures) >= ADMIN_FAILURES_ALLOWED:
+        if len(state.admin_locked_until) >= ADMIN_TRACKED_ADDRESSES:
+            state.admin_locked_until = {p: t for p, t in state.admin_locked_until.items() if t > now}
+        state.admin_locked_until[peer] = now + ADMIN_LOCKOUT_S
+        del state.admin_failures[peer]
+        log.warning("admin login failed %d times from %s: locked out for %.0fs", len(failures), peer,
+                    ADMIN_LOCKOUT_S)
+    else:
+        log.warning("admin login failed from %s", peer)
     raise ApiError(401, "Admin credentials are required.", "invalid_admin_credentials",
                    headers=[("WWW-Authenticate", 'Basic realm="soakp"')])
 
 
-async def read_small_body(reader: asyncio.StreamReader, head: RequestHead, config: Config, exchange: Exchange) -> bytes:
-    """Read a whole body of at most ADMIN_BODY_LIMIT_BYTES (admin endpoints only). Raises ApiError(413)."""
+async def read_json_body(reader: asyncio.StreamReader, head: RequestHead, config: Config,
+                         exchange: Exchange) -> dict[str, Any]:
+    """Read and parse a small JSON object body (admin endpoints). Raises ApiError 400 or 413."""
     if head.body_kind == "length" and head.content_length > ADMIN_BODY_LIMIT_BYTES:
         raise ApiError(413, "The request body is too large.", "request_too_large")
-    pieces, total = [], 0
-    async for piece in read_request_body(reader, head, ADMIN_BODY_LIMIT_BYTES, config.header_timeout_s):
-        total += len(piece)
-        pieces.append(piece)
+    data = b""
+    if head.body_kind != "none":
+        data = await read_whole(read_request_body(reader, head, ADMIN_BODY_LIMIT_BYTES, config.header_timeout_s),
+                                ADMIN_BODY_LIMIT_BYTES, "The request body")
     exchange.body_consumed = True
-    return b"".join(pieces)
-
-
-async def handle_generate(
-    state: ServerState, reader: asyncio.StreamReader, head: RequestHead, exchange: Exchange, peer: str
-) -> tuple[int, dict[str, Any]]:
-    """POST /jwt/generate: mint a token for a key. Returns the status and JSON payload."""
-    check_admin(state, head, peer, time.monotonic())
-    body = await read_small_body(reader, head, state.config, exchange)
     try:
-        fields = json.loads(body)
+        fields = json.loads(data) if data.strip() else {}
     except (ValueError, UnicodeDecodeError):
         raise bad_request("The body must be a JSON object.") from None
     if not isinstance(fields, dict):
         raise bad_request("The body must be a JSON object.")
-    grant = parse_grant(fields, state.config.token_ttl_s, state.config.max_token_ttl_s)
-    minted = new_token(state.current_keys, grant, int(time.time()))
-    log.info("minted jti=%s sub=%s kid=%s expires_at=%d", minted.jti, safe_for_log(grant.sub),
-             state.current_keys.kid, minted.expires_at)
-    payload = {"status": 201, "message": "JWT added",
-               "data": {"jwt": minted.token, "jti": minted.jti, "expires_at": minted.expires_at}}
-    return 201, payload
+    return fields
+
+
+def token_reply(minted: MintedToken) -> dict[str, Any]:
+    return {"status": 201, "message": "JWT added",
+            "data": {"jwt": minted.token, "jti": minted.jti, "expires_at": minted.expires_at}}
+
+
+async def issue_token(state: ServerState, grant: Grant) -> MintedToken:
+    """Mint with the current secret and register the new token."""
+    keys = state.current_keys
+    now = int(time.time())
+    minted = new_token(keys, grant, now)
+    await state.registry.call(state.registry.registry.register, minted.jti, grant.sub, keys.kid, now,
+                              minted.expires_at)
+    log.info("minted jti=%s sub=%s kid=%s expires_at=%d", minted.jti, safe_for_log(grant.sub), keys.kid,
+             minted.expires_at)
+    return minted
+
+
+async def revoke_jti(state: ServerState, jti: str, expires_at: int) -> int:
+    """Revoke at once in memory, then durably. Returns revoked_at."""
+    state.revoked[jti] = expires_at
+    revoked_at = await state.registry.call(state.registry.registry.revoke, jti, int(time.time()), expires_at)
+    log.info("revoked jti=%s", safe_label(jti))
+    return revoked_at
+
+
+async def handle_admin(
+    state: ServerState, reader: asyncio.StreamReader, head: RequestHead, exchange: Exchange, peer: str
+) -> tuple[int, bytes, str]:
+    """The admin endpoints, behind HTTP Basic. Returns (status, body, content type)."""
+    check_admin(state, head, peer, time.monotonic())
+    config = state.config
+    if head.path in ("/jwt/generate", "/get-jwt"):
+        fields = await read_json_body(reader, head, config, exchange)
+        minted = await issue_token(state, parse_grant(fields, config.token_ttl_s, config.max_token_ttl_s))
+        return 201, json_bytes(token_reply(minted)), "application/json"
+    if head.path == "/jwt/revoke":
+        fields = await read_json_body(reader, head, config, exchange)
+        jti, expires_at = revocation_target(state, fields)
+        revoked_at = await revoke_jti(state, jti, expires_at)
+        return 200, json_bytes({"status": 200, "message": "JWT revoked",
+                                "data": {"jti": jti, "revoked_at": revoked_at}}), "application/json"
+    exchange.body_consumed = head.body_kind == "none"
+    await flush_usage(state)
+    if head.path == "/jwt":
+        rows = await state.registry.call(state.registry.registry.list)
+        return 200, json_bytes({"data": rows}), "application/json"
+    return 200, state.metrics.render(len(state.connections)).encode("utf-8"), "text/plain; version=0.0.4"
+
+
+def revocation_target(state: ServerState, fields: Mapping[str, Any]) -> tuple[str, int]:
+    """The jti (and expiry, when known) that a revoke request names, by `jti` or by a whole `jwt`.
+
+    Raises ApiError(400).
+    """
+    jti, token = fields.get("jti"), fields.get("jwt")
+    if (jti is None) == (token is None) or set(fields) - {"jti", "jwt"}:
+        raise bad_request("Send {\"jti\": \"...\"} or {\"jwt\": \"...\"}.")
+    fallback_expiry = int(time.time()) + state.config.max_token_ttl_s
+    if jti is not None:
+        if not isinstance(jti, str) or not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", jti):
+            raise bad_request("'jti' is not a token id.")
+        return jti, fallback_expiry
+    if not isinstance(token, str):
+        raise bad_request("'jwt' must be a string.")
+    try:
+        claims = verify_token(token, state.keyring, now=0)  # an expired token may still be revoked
+    except ApiError:
+        raise bad_request("'jwt' is not a valid token of this server.") from None
+    return claims.jti, claims.exp
+
+
+async def handle_refresh(state: ServerState, reader: asyncio.StreamReader, head: RequestHead,
+                         exchange: Exchange) -> tuple[int, bytes, str]:
+    """POST /jwt/refresh: a new token with the same claims; the presented one is revoked."""
+    claims = state.tokens.verify(bearer_token(head), time.time())
+    exchange.claims = claims
+    await read_json_body(reader, head, state.config, exchange)
+    minted = await issue_token(state, claims.regrant(int(time.time()), state.config.max_token_ttl_s))
+    await revoke_jti(state, claims.jti, claims.exp)
+    return 201, json_bytes(token_reply(minted)), "application/json"
 
 
 def upstream_path_for(path: str) -> str | None:
@@ -1623,7 +2536,59 @@ def upstream_path_for(path: str) -> str | None:
     return None
 
 
-ADMIN_ROUTES = {"/jwt/generate": "POST", "/get-jwt": "POST"}
+def metric_route(upstream_path: str) -> str:
+    resource = upstream_path[4:].split("/", 1)[0]
+    return "/v1/" + resource if resource in METRIC_RESOURCES else "/v1/other"
+
+
+ADMIN_ROUTES = {"/jwt/generate": "POST", "/get-jwt": "POST", "/jwt/revoke": "POST", "/jwt": "GET", "/metrics": "GET"}
+
+
+def allowed_cors_origin(state: ServerState, head: RequestHead) -> str | None:
+    """The request's Origin when --cors-origins lets it read responses, else None."""
+    if not state.cors_origins:
+        return None
+    origin = head.header(b"origin")
+    if origin is None:
+        return None
+    text = origin.decode("latin-1")
+    return text if "*" in state.cors_origins or text.lower() in state.cors_origins else None
+
+
+def preflight_response(state: ServerState, head: RequestHead, origin: str | None) -> bytes:
+    """Answer a CORS preflight itself: browsers send it without the token. Raises ApiError(403)."""
+    if origin is None:
+        raise ApiError(403, "This origin is not allowed to call SOAKP (see --cors-origins).", "origin_not_allowed")
+    requested = head.header(b"access-control-request-headers") or b"authorization, content-type"
+    if not REQUEST_HEADERS_LIST_RE.match(requested):
+        raise bad_request("Malformed Access-Control-Request-Headers.")
+    headers = [("Access-Control-Allow-Origin", origin), ("Access-Control-Allow-Methods", CORS_ALLOWED_METHODS),
+               ("Access-Control-Allow-Headers", requested.decode("latin-1")),
+               ("Access-Control-Max-Age", str(CORS_MAX_AGE_S)), ("Vary", "Origin")]
+    return plain_response(204, b"", None, head.keep_alive and head.body_kind == "none", headers)
+
+
+def check_permissions(state: ServerState, claims: TokenClaims, head: RequestHead, upstream_path: str,
+                      now: float) -> None:
+    """Enforce a token's paths, origins, rpm and budget before anything is sent upstream.
+
+    Raises ApiError 403 or 429.
+    """
+    permissions = claims.permissions
+    if permissions.paths is not None and not path_allowed(permissions.paths, upstream_path):
+        raise ApiError(403, f"This token may not call {safe_label(upstream_path)}.", "path_not_allowed")
+    if permissions.origins is not None:
+        origin = head.header(b"origin")
+        if origin is not None and origin.decode("latin-1").lower() not in permissions.origins:
+            raise ApiError(403, "This token may not be used from this origin.", "origin_not_allowed")
+    if permissions.max_tokens_total is not None and state.spent.get(claims.jti, 0) >= permissions.max_tokens_total:
+        raise ApiError(429, "This token has used its whole token budget (max_tokens_total).", "insufficient_quota",
+                       "insufficient_quota")
+    if permissions.rpm is not None:
+        wait_s = state.rate.acquire(claims.jti, permissions.rpm, now)
+        if wait_s:
+            raise ApiError(429, f"Rate limit of {permissions.rpm} requests per minute reached for this token.",
+                           "rate_limit_exceeded", "requests", headers=[("Retry-After", str(math.ceil(wait_s)))])
 
 
 async def handle_request(
@@ -1631,30 +2596,53 @@ async def handle_request(
     exchange: Exchange, peer: str,
 ) -> bool:
     """Route one request and answer it. Returns whether the connection may carry another request."""
+    origin = allowed_cors_origin(state, head)
+    cors = b""
+    if origin is not None:
+        exchange.cors = (("Access-Control-Allow-Origin", origin), ("Access-Control-Expose-Headers",
+                                                                   CORS_EXPOSED_HEADERS), ("Vary", "Origin"))
+        cors = "".join(f"{n}: {v}\r\n" for n, v in exchange.cors).encode("latin-1")
     if state.shutting_down:
         raise ApiError(503, "SOAKP is shutting down.", "shutting_down", headers=[("Retry-After", "1")])
     path = head.path
+    if head.method == "OPTIONS" and head.header(b"access-control-request-method") is not None:
+        exchange.route, exchange.status = "preflight", 204
+        await write_client(writer, preflight_response(state, head, origin))
+        return head.keep_alive and head.body_kind == "none"
     upstream_path = upstream_path_for(path)
     if upstream_path is not None:
-        claims = state.tokens.verify(bearer_token(head), time.time())
+        exchange.route = metric_route(upstream_path)
+        now = time.time()
+        claims = state.tokens.verify(bearer_token(head), now)
+        exchange.claims = claims
+        exchange.metered = True
+        record_use(state, claims, int(now))
+        check_permissions(state, claims, head, upstream_path, now)
         if head.body_kind == "length" and head.content_length > state.config.max_body_bytes:
             raise ApiError(413, f"The request body is over the limit of {state.config.max_body_bytes} bytes.",
                            "request_too_large")
-        return await forward(state, exchange, reader, writer, head, upstream_path, claims)
+        return await forward(state, exchange, reader, writer, head, upstream_path, claims, cors)
+    exchange.route = path if path in ADMIN_ROUTES or path in ("/healthz", "/jwt/refresh") else "other"
     if path == "/healthz":
         if head.method not in ("GET", "HEAD"):
-            raise method_not_allowed("GET")
-        status, payload = 200, {"status": "ok"}
+            raise method_not_allowed("GET, HEAD")
+        status, body, content_type = 200, json_bytes({"status": "ok"}), "application/json"
+    elif path == "/jwt/refresh":
+        if head.method != "POST":
+            raise method_not_allowed("POST")
+        status, body, content_type = await handle_refresh(state, reader, head, exchange)
     elif path in ADMIN_ROUTES:
         if head.method != ADMIN_ROUTES[path]:
             raise method_not_allowed(ADMIN_ROUTES[path])
-        status, payload = await handle_generate(state, reader, head, exchange, peer)
+        status, body, content_type = await handle_admin(state, reader, head, exchange, peer)
     else:
         raise ApiError(404, f"Unknown path {safe_for_log(path)!r}: SOAKP forwards /v1/... and /openai/....",
                        "not_found")
     keep_alive = head.keep_alive and (exchange.body_consumed or head.body_kind == "none")
     exchange.status = status
-    await write_client(writer, json_response(status, payload, keep_alive))
+    response = plain_response(status, body, content_type, keep_alive, exchange.cors)
+    await write_client(writer, response[:len(response) - len(body)] if head.method == "HEAD" else response)
+    exchange.bytes_out = len(response)
     return keep_alive
 
 
@@ -1662,16 +2650,87 @@ def method_not_allowed(allowed: str) -> ApiError:
     return ApiError(405, "Method not allowed.", "method_not_allowed", headers=[("Allow", allowed)])
 
 
+def record_use(state: ServerState, claims: TokenClaims, now: int) -> None:
+    """Count a request against its token, in memory; flush_usage() writes the batch."""
+    delta = state.usage.get(claims.jti)
+    if delta is None:
+        delta = state.usage[claims.jti] = UsageDelta(claims.sub, claims.kid, claims.iat, claims.exp)
+    delta.requests += 1
+    delta.last_used_at = now
+
+
+def record_outcome(state: ServerState, exchange: Exchange) -> None:
+    """After a proxied request: its tokens and errors against the token."""
+    claims = exchange.claims
+    if claims is None:
+        return
+    delta = state.usage.get(claims.jti)
+    if delta is None:
+        delta = state.usage[claims.jti] = UsageDelta(claims.sub, claims.kid, claims.iat, claims.exp)
+    if exchange.status >= 400 or exchange.status == 0:
+        delta.errors += 1
+    if exchange.usage is not None:
+        prompt, completion = exchange.usage
+        delta.prompt_tokens += prompt
+        delta.completion_tokens += completion
+        state.spent[claims.jti] = state.spent.get(claims.jti, 0) + prompt + completion
+
+
+async def flush_usage(state: ServerState) -> None:
+    """Write the usage batch in one transaction, off the event loop."""
+    if not state.usage:
+        return
+    batch, state.usage = state.usage, {}
+    try:
+        await state.registry.call(state.registry.registry.add_usage, [d.row(jti) for jti, d in batch.items()])
+    except sqlite3.Error as exc:
+        log.warning("could not record token usage (%s); will retry", exc)
+        for jti, delta in batch.items():  # merge back, so nothing is lost
+            kept = state.usage.setdefault(jti, dataclasses.replace(delta, requests=0, prompt_tokens=0,
+                                                                   completion_tokens=0, errors=0))
+            kept.requests += delta.requests
+            kept.prompt_tokens += delta.prompt_tokens
+            kept.completion_tokens += delta.completion_tokens
+            kept.errors += delta.errors
+            kept.last_used_at = max(kept.last_used_at, delta.last_used_at)
+
+
+async def keep_registry(state: ServerState) -> None:
+    """Background: flush usage, pick up revocations made by other processes, prune expired rows."""
+    registry = state.registry.registry
+    version = await state.registry.call(registry.data_version)
+    next_prune = time.monotonic() + REGISTRY_PRUNE_S
+    while True:
+        await asyncio.sleep(REGISTRY_POLL_S)
+        try:
+            await flush_usage(state)
+            now_version = await state.registry.call(registry.data_version)
+            if now_version != version:
+                version = now_version
+                state.revoked.update(await state.registry.call(registry.revoked_jtis, int(time.time())))
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + REGISTRY_PRUNE_S
+                now = int(time.time())
+                pruned = await state.registry.call(registry.prune, now)
+                for jti in [j for j, exp in state.revoked.items() if exp <= now]:
+                    del state.revoked[jti]
+                state.rate.prune(time.time())
+                log.info("pruned %d expired tokens from the registry", pruned)
+        except sqlite3.Error as exc:
+            log.warning("token registry error: %s", exc)
+
+
 LINGER_BYTES = 1024 * 1024
 LINGER_S = 1.0
 
 
 async def answer_error(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exc: ApiError,
-                       keep_alive: bool) -> None:
+                       keep_alive: bool, extra_headers: Sequence[tuple[str, str]] = ()) -> int:
     """Send an error response. When the connection is to close with request bytes possibly unread, read
-    and discard a little first, so the client receives the answer instead of a reset."""
+    and discard a little first, so the client receives the answer instead of a reset. Returns bytes sent."""
+    response = error_response(exc, keep_alive, extra_headers)
     try:
-        await write_client(writer, error_response(exc, keep_alive))
+        await write_client(writer, response)
         if not keep_alive:
             discarded = 0
             deadline = time.monotonic() + LINGER_S
@@ -1682,6 +2741,43 @@ async def answer_error(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
                 discarded += len(piece)
     except (ClientGone, ConnectionError, TimeoutError, asyncio.LimitOverrunError):
         pass
+    return len(response)
+
+
+def access_log_line(state: ServerState, exchange: Exchange, peer: str, head: RequestHead | None,
+                    elapsed_s: float) -> str:
+    """One JSON line per request: safe to ship anywhere (never the key, a token or a body)."""
+    claims = exchange.claims
+    record: dict[str, Any] = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+        "request_id": exchange.request_id or f"soakp-{next(state.request_counter)}",
+        "client": peer,
+        "method": head.method if head else None,
+        "path": safe_for_log(head.path) if head else None,
+        "status": exchange.status,
+        "bytes_in": exchange.bytes_in,
+        "bytes_out": exchange.bytes_out,
+        "duration_ms": round(elapsed_s * 1000, 2),
+        "upstream_ms": round(exchange.upstream_s * 1000, 2) if exchange.upstream_started else None,
+        "ttfb_ms": round(exchange.first_byte_s * 1000, 2) if exchange.first_byte_s is not None else None,
+        "sub": claims.sub if claims else None,
+        "jti": claims.jti if claims else None,
+        "model": exchange.model,
+    }
+    if exchange.usage is not None:
+        record["usage"] = {"prompt_tokens": exchange.usage[0], "completion_tokens": exchange.usage[1]}
+    if exchange.error_kind:
+        record["error"] = exchange.error_kind
+    return json.dumps(record, separators=(",", ":"))
+
+
+def finish_exchange(state: ServerState, exchange: Exchange, peer: str, head: RequestHead | None) -> None:
+    """Account for one request: metrics, usage and the access log line."""
+    elapsed_s = time.monotonic() - exchange.started
+    record_outcome(state, exchange)
+    state.metrics.record(exchange, elapsed_s)
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info("%s", access_log_line(state, exchange, peer, head, elapsed_s))
 
 
 async def handle_connection(state: ServerState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -1694,7 +2790,8 @@ async def handle_connection(state: ServerState, reader: asyncio.StreamReader, wr
     peername = writer.get_extra_info("peername")
     peer = peername[0] if isinstance(peername, tuple) else "unix"
     state.connections.add(writer)
-    exchange = Exchange()
+    exchange: Exchange | None = None
+    head: RequestHead | None = None
     try:
         if len(state.connections) > config.max_connections:
             await answer_error(reader, writer, ApiError(503, "SOAKP is at its connection limit; try again.",
@@ -1706,22 +2803,23 @@ async def handle_connection(state: ServerState, reader: asyncio.StreamReader, wr
             except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
                 return
             except asyncio.LimitOverrunError:
-                await answer_error(reader, writer, bad_request("The request head is too large.", 431), False)
-                log.info("%s - 431 (request head too large)", peer)
+                exchange, head = Exchange(started=time.monotonic(), status=431), None
+                exchange.bytes_out = await answer_error(
+                    reader, writer, bad_request("The request head is too large.", 431), False)
                 return
-            started = time.monotonic()
-            exchange = Exchange()
+            exchange, head = Exchange(started=time.monotonic()), None
             state.busy.add(writer)
             try:
                 head = parse_request_head(raw)
             except ApiError as exc:
-                await answer_error(reader, writer, exc, keep_alive=False)
-                log.info("%s - %d (malformed request)", peer, exc.status)
+                exchange.status = exc.status
+                exchange.bytes_out = await answer_error(reader, writer, exc, keep_alive=False)
                 return
             try:
                 keep_alive = await handle_request(state, reader, writer, head, exchange, peer)
             except (ApiError, UpstreamError) as exc:
                 if isinstance(exc, UpstreamError):
+                    exchange.error_kind = exc.kind
                     if exchange.response_started:
                         log.warning("%s %s %s: upstream failed mid-response: %s", peer, head.method,
                                     safe_for_log(head.path), exc)
@@ -1731,38 +2829,51 @@ async def handle_connection(state: ServerState, reader: asyncio.StreamReader, wr
                 exchange.status = exc.status
                 keep_alive = (head.keep_alive and not state.shutting_down
                               and (exchange.body_consumed or head.body_kind == "none"))
-                await answer_error(reader, writer, exc, keep_alive)
+                exchange.bytes_out = await answer_error(reader, writer, exc, keep_alive, exchange.cors)
             except ClientGone:
+                exchange.error_kind = exchange.error_kind or "client_gone"
                 return
             finally:
                 state.busy.discard(writer)
                 if exchange.upstream is not None:
                     exchange.upstream.close()
-            if log.isEnabledFor(logging.INFO):
-                log.info("%s %s %s %d %.1fms", peer, head.method, safe_for_log(head.path), exchange.status,
-                         (time.monotonic() - started) * 1000)
+            finish_exchange(state, exchange, peer, head)
+            exchange = None
             if not keep_alive or state.shutting_down:
                 return
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unexpected error serving %s", peer)
-        if not exchange.response_started:
+        if exchange is not None and not exchange.response_started:
+            exchange.status = 500
             await answer_error(reader, writer, ApiError(500, "Internal error in SOAKP.", "internal_error"), False)
     finally:
+        if exchange is not None:
+            finish_exchange(state, exchange, peer, head)
         state.connections.discard(writer)
         state.busy.discard(writer)
         writer.close()
 
 
 def build_state(config: Config) -> ServerState:
+    """Everything serve() shares across connections. Raises ConfigError (CA file, database)."""
     keyring = build_keyring(config.secret, config.old_secrets)
     upstream_tls = upstream_ssl_context(config.upstream_ca) if config.upstream.tls else None
+    registry = TokenRegistry(config.db)
+    now = int(time.time())
+    revoked = registry.revoked_jtis(now)
+    spent = {row["jti"]: row["prompt_tokens"] + row["completion_tokens"] for row in registry.list()
+             if row["expires_at"] > now and (row["prompt_tokens"] or row["completion_tokens"])}
     return ServerState(
         config=config,
         keyring=keyring,
-        tokens=TokenCache(keyring),
+        tokens=TokenCache(keyring, revoked),
         pool=UpstreamPool(config.upstream, upstream_tls, config.connect_timeout_s),
+        registry=RegistryWorker(registry),
+        revoked=revoked,
+        spent=spent,
+        cors_origins=frozenset(o.lower() for o in config.cors_origins),
     )
 
 
@@ -1776,7 +2887,7 @@ def is_loopback(host: str) -> bool:
 async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     """Run the proxy until `stop` is set or SIGTERM/SIGINT arrives; then drain and return 0.
 
-    Raises ConfigError when the certificate or listen address cannot be used.
+    Raises ConfigError when the certificate, database or listen address cannot be used.
     """
     state = build_state(config)
     certs = CertReloader(config.cert_file, config.key_file) if config.cert_file and config.key_file else None
@@ -1791,7 +2902,6 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
             loop.add_signal_handler(signum, handler)
         except (NotImplementedError, RuntimeError):  # not the main thread (tests) or no signals (Windows)
             pass
-    background = [asyncio.create_task(certs.watch())] if certs else []
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await handle_connection(state, reader, writer)
@@ -1802,7 +2912,11 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
             backlog=1024, ssl_handshake_timeout=config.header_timeout_s if server_tls else None,
         )
     except OSError as exc:
+        state.registry.close()
         raise ConfigError(f"cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror}") from None
+    background = [asyncio.create_task(keep_registry(state))]
+    if certs:
+        background.append(asyncio.create_task(certs.watch()))
     scheme = "https" if server_tls else "http"
     for sock in server.sockets:
         host, port = sock.getsockname()[:2]
@@ -1832,18 +2946,43 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         state.pool.close()
         for task in background:
             task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        try:
+            await flush_usage(state)
+        finally:
+            state.registry.close()
     log.info("stopped")
     return 0
 
 
-# 7. CLI: argv in, an exit code out.
+# 8. CLI: argv in, an exit code out.
 
 def configure_logging(level: str) -> None:
+    """Plain lines for events; the access log is one bare JSON object per line."""
     logging.basicConfig(stream=sys.stderr, level=level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access_log.addHandler(handler)
+    access_log.propagate = False
+    access_log.setLevel(level.upper())
+
+
+def split_list(text: str | None) -> list[str] | None:
+    return None if text is None else [item.strip() for item in text.split(",") if item.strip()]
 
 
 def run_mint(config: Config, args: argparse.Namespace) -> int:
-    fields = {"key": args.api_key, "org": args.org, "project": args.project, "ttl": args.ttl, "sub": args.sub}
+    """`soakp mint`: print a new token as the last line of stdout and register it in the db."""
+    fields: dict[str, Any] = {"key": args.api_key, "org": args.org, "project": args.project, "ttl": args.ttl,
+                              "sub": args.sub, "paths": split_list(args.paths), "models": split_list(args.models),
+                              "origins": split_list(args.origins)}
+    for name in ("rpm", "max_tokens_total"):
+        value = getattr(args, name)
+        if value is not None:
+            if not value.isdigit():
+                print(f"soakp: --{name.replace('_', '-')} must be a whole number", file=sys.stderr)
+                return 2
+            fields[name] = int(value)
     try:
         grant = parse_grant({k: v for k, v in fields.items() if v is not None}, config.token_ttl_s,
                             config.max_token_ttl_s)
@@ -1851,10 +2990,35 @@ def run_mint(config: Config, args: argparse.Namespace) -> int:
         print(f"soakp: {exc.message}", file=sys.stderr)
         return 2
     keys = derive_keys(config.secret)
-    minted = new_token(keys, grant, int(time.time()))
+    now = int(time.time())
+    minted = new_token(keys, grant, now)
+    registry = TokenRegistry(config.db)
+    try:
+        registry.register(minted.jti, grant.sub, keys.kid, now, minted.expires_at)
+    finally:
+        registry.close()
     expires = datetime.datetime.fromtimestamp(minted.expires_at, datetime.timezone.utc).isoformat()
     print(f"# jti={minted.jti} sub={grant.sub} kid={keys.kid} expires_at={minted.expires_at} ({expires})")
     print(minted.token)
+    return 0
+
+
+def run_registry_command(config: Config, args: argparse.Namespace) -> int:
+    """`soakp revoke JTI` and `soakp tokens`, on the same database a server uses."""
+    registry = TokenRegistry(config.db)
+    try:
+        if args.command == "revoke":
+            if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", args.jti):
+                print("soakp: that is not a token id (jti)", file=sys.stderr)
+                return 2
+            now = int(time.time())
+            revoked_at = registry.revoke(args.jti, now, now + config.max_token_ttl_s)
+            print(json.dumps({"jti": args.jti, "revoked_at": revoked_at}))
+        else:
+            for row in registry.list():
+                print(json.dumps(row))
+    finally:
+        registry.close()
     return 0
 
 
@@ -1872,15 +3036,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if args.command == "mint":
             return run_mint(config, args)
         if args.command in ("revoke", "tokens"):
-            print(f"soakp: '{args.command}' needs the token registry, which this version does not have yet",
-                  file=sys.stderr)
-            return 2
+            return run_registry_command(config, args)
         return asyncio.run(serve(config))
     except ConfigError as exc:
         print(f"soakp: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"soakp: {exc.strerror or exc}", file=sys.stderr)
+    except (OSError, sqlite3.Error) as exc:
+        print(f"soakp: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
