@@ -1420,13 +1420,16 @@ class UpstreamPool:
 
 
 def build_upstream_head(head: RequestHead, upstream_path: str, claims: TokenClaims, target: UpstreamTarget,
-                        body_length: int | None = None) -> bytes:
+                        body_length: int | None = None, extra: bytes = b"",
+                        also_drop: frozenset[bytes] = frozenset()) -> bytes:
     """The request head sent upstream: checked path and query, upstream Host, the real key, framing.
 
     Everything else the client sent passes unchanged, except hop-by-hop headers, and the org/project
-    headers when the token sets them. `body_length` replaces the client's framing for a rewritten body.
+    headers when the token sets them. `body_length` replaces the client's framing for a rewritten body;
+    `extra` header lines replace the headers named in `also_drop` (the WebSocket handshake).
     """
     drop = REQUEST_DROP | ORG_HEADERS if claims.org is not None or claims.project is not None else REQUEST_DROP
+    drop |= also_drop
     parts = [
         f"{head.method} {target.base_path}{upstream_path}{head.query} HTTP/1.1\r\n"
         f"Host: {target.host_header}\r\nAuthorization: Bearer {claims.key}\r\n".encode("ascii")
@@ -1440,6 +1443,7 @@ def build_upstream_head(head: RequestHead, upstream_path: str, claims: TokenClai
         if claims.org is None:
             drop = drop - {b"openai-organization"}
     parts.extend(forwarded_headers(head.headers, drop))
+    parts.append(extra)
     if body_length is not None:
         parts.append(b"Content-Length: %d\r\n" % body_length)
     elif head.body_kind == "length":
@@ -1574,8 +1578,9 @@ async def read_upstream_body(conn: UpstreamConnection, resp: ResponseHead, timeo
         raise UpstreamError(502, "upstream connection broke mid-body", "reset_mid_body") from None
 
 
-async def read_response_head(conn: UpstreamConnection, method: str, timeout_s: float) -> ResponseHead:
-    """Read the upstream's final response head, skipping 1xx interim answers.
+async def read_response_head(conn: UpstreamConnection, method: str, timeout_s: float,
+                             upgrade: bool = False) -> ResponseHead:
+    """Read the upstream's final response head, skipping 1xx interim answers (but a 101 when upgrading).
 
     Raises UpstreamError (504 on silence, 502 otherwise) or ConnectionResetError/IncompleteReadError with
     nothing read, which the caller may retry on a fresh connection.
@@ -1591,7 +1596,7 @@ async def read_response_head(conn: UpstreamConnection, method: str, timeout_s: f
             resp = parse_response_head(data, method)
         except UpstreamProtocolError as exc:
             raise UpstreamError(502, f"The upstream sent an invalid response ({exc}).", "protocol") from None
-        if not 100 <= resp.status < 200:
+        if not 100 <= resp.status < 200 or upgrade and resp.status == 101:
             return resp
 
 
@@ -2038,6 +2043,115 @@ async def send_rest_of_body(conn: UpstreamConnection, body: RequestBody, chunked
     return size
 
 
+WEBSOCKET_PATH = "/v1/realtime"
+WEBSOCKET_KEY_PROTOCOL = "openai-insecure-api-key."  # how browsers, which cannot set headers, pass a key
+WEBSOCKET_MAX_S = 3600.0  # OpenAI ends Realtime sessions within the hour
+WEBSOCKET_DROP = frozenset({b"sec-websocket-protocol"})
+
+
+def offered_subprotocols(head: RequestHead) -> list[str]:
+    """The Sec-WebSocket-Protocol values a client offered, in order."""
+    return [p.strip() for name, value in head.headers if name.lower() == b"sec-websocket-protocol"
+            for p in value.decode("latin-1").split(",") if p.strip()]
+
+
+def is_websocket_upgrade(head: RequestHead) -> bool:
+    upgrade = head.header(b"upgrade")
+    return head.method == "GET" and upgrade is not None and upgrade.strip().lower() == b"websocket"
+
+
+def build_switching_head(resp: ResponseHead, offered: Sequence[str], cors: bytes) -> bytes:
+    """The 101 sent to the client. Its subprotocol is one the client offered that carries no credential:
+    the upstream's choice when it is such, else the first such offer."""
+    safe = [p for p in offered if not p.startswith(WEBSOCKET_KEY_PROTOCOL)]
+    chosen = None
+    for name, value in resp.headers:
+        if name.lower() == b"sec-websocket-protocol" and value.decode("latin-1").strip() in safe:
+            chosen = value.decode("latin-1").strip()
+    if chosen is None and safe:
+        chosen = safe[0]
+    parts = [b"HTTP/1.1 101 " + (resp.reason or b"Switching Protocols") + b"\r\n"]
+    parts.extend(forwarded_headers(resp.headers, WEBSOCKET_DROP | CORS_RESPONSE_HEADERS if cors else WEBSOCKET_DROP))
+    parts.append(b"Upgrade: websocket\r\nConnection: Upgrade\r\n")
+    if chosen is not None:
+        parts.append(b"Sec-WebSocket-Protocol: " + chosen.encode("latin-1") + b"\r\n")
+    parts.append(cors + b"\r\n")
+    return b"".join(parts)
+
+
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, activity: list[float]) -> None:
+    """Copy bytes one way until EOF or an error; `activity` holds the time of the last byte."""
+    try:
+        while piece := await reader.read(READ_CHUNK_BYTES):
+            activity[0] = time.monotonic()
+            writer.write(piece)
+            await writer.drain()
+    except (ConnectionError, ssl.SSLError, RuntimeError):
+        pass
+
+
+async def tunnel_websocket(
+    state: ServerState, exchange: Exchange, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    head: RequestHead, upstream_path: str, claims: TokenClaims, cors: bytes,
+) -> bool:
+    """The Realtime API: make the upstream handshake with the real key, relay the 101, then move bytes
+    both ways without parsing frames until either side closes, goes idle or the session is too long.
+
+    Returns False: the client connection is never reused. Raises ApiError/UpstreamError before the 101.
+    """
+    config = state.config
+    offered = offered_subprotocols(head)
+    upstream_protocols = [WEBSOCKET_KEY_PROTOCOL + claims.key if p.startswith(WEBSOCKET_KEY_PROTOCOL) else p
+                          for p in offered]
+    extra = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+    if upstream_protocols:
+        extra += b"Sec-WebSocket-Protocol: " + ", ".join(upstream_protocols).encode("latin-1") + b"\r\n"
+    request = build_upstream_head(head, upstream_path, claims, config.upstream, extra=extra,
+                                  also_drop=WEBSOCKET_DROP)
+    exchange.upstream_started = time.monotonic()
+    conn = await state.pool.connect()
+    exchange.upstream = conn
+    try:
+        conn.writer.write(request)
+        try:
+            resp = await read_response_head(conn, head.method, config.read_timeout_s, upgrade=True)
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
+            raise UpstreamError(502, f"The upstream connection broke ({exc.__class__.__name__}).", "reset") from None
+        exchange.status = resp.status
+        if resp.status != 101:  # a refusal: relay it like any answer
+            data = b"".join([piece async for piece in read_upstream_body(conn, resp, config.read_timeout_s)])
+            resp = dataclasses.replace(resp, body_kind="length", content_length=len(data))
+            exchange.response_started = True
+            await write_client(writer, build_client_head(resp, False, False, cors) + data)
+            return False
+        exchange.response_started = True
+        exchange.first_byte_s = time.monotonic() - exchange.started
+        await write_client(writer, build_switching_head(resp, offered, cors))
+        state.metrics.streams_open += 1
+        try:
+            activity = [time.monotonic()]
+            tasks = {asyncio.create_task(pipe(reader, conn.writer, activity)),
+                     asyncio.create_task(pipe(conn.reader, writer, activity))}
+            deadline = time.monotonic() + WEBSOCKET_MAX_S
+            try:
+                while True:
+                    done, _ = await asyncio.wait(tasks, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                    now = time.monotonic()
+                    if done or now - activity[0] > config.read_timeout_s or now > deadline:
+                        break
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            state.metrics.streams_open -= 1
+        return False
+    finally:
+        conn.close()
+        exchange.upstream = None
+        exchange.upstream_s = time.monotonic() - exchange.upstream_started
+
+
 # 6. TLS: PEM files in, SSL contexts out.
 
 def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
@@ -2386,6 +2500,17 @@ def bearer_token(head: RequestHead) -> str:
     return token.strip().decode("latin-1")
 
 
+def websocket_token(head: RequestHead) -> str:
+    """A WebSocket client's token: `Authorization: Bearer`, or the subprotocol browsers use for it."""
+    if head.header(b"authorization") is not None:
+        return bearer_token(head)
+    for protocol in offered_subprotocols(head):
+        if protocol.startswith(WEBSOCKET_KEY_PROTOCOL):
+            return protocol[len(WEBSOCKET_KEY_PROTOCOL):]
+    raise invalid_token("Missing token: send 'Authorization: Bearer <token>' or the subprotocol "
+                        f"'{WEBSOCKET_KEY_PROTOCOL}<token>'.")
+
+
 def check_admin(state: ServerState, head: RequestHead, peer: str, now: float) -> None:
     """HTTP Basic for the admin endpoints, compared in constant time, with a lockout after repeated failures.
 
@@ -2613,11 +2738,22 @@ async def handle_request(
     if upstream_path is not None:
         exchange.route = metric_route(upstream_path)
         now = time.time()
-        claims = state.tokens.verify(bearer_token(head), now)
+        websocket = upstream_path == WEBSOCKET_PATH and is_websocket_upgrade(head)
+        claims = state.tokens.verify(websocket_token(head) if websocket else bearer_token(head), now)
         exchange.claims = claims
         exchange.metered = True
         record_use(state, claims, int(now))
         check_permissions(state, claims, head, upstream_path, now)
+        if websocket:
+            if head.body_kind != "none":
+                raise bad_request("A WebSocket handshake has no body.")
+            models = urllib.parse.parse_qs(head.query[1:]).get("model", [None])
+            if len(models) != 1:
+                raise bad_request("Name the model once.")
+            exchange.model = models[0]
+            if claims.permissions.models is not None:
+                check_model(claims.permissions.models, models[0])
+            return await tunnel_websocket(state, exchange, reader, writer, head, upstream_path, claims, cors)
         if head.body_kind == "length" and head.content_length > state.config.max_body_bytes:
             raise ApiError(413, f"The request body is over the limit of {state.config.max_body_bytes} bytes.",
                            "request_too_large")
