@@ -389,10 +389,13 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
     max_connections = convert("max-connections", int)
     if max_connections < 1:
         raise ConfigError("--max-connections must be at least 1")
-    log_level = (get("log-level") or "info").lower()
+    log_level = (get("log-level") or "").lower()
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
     cors = tuple(o.strip() for o in (get("cors-origins") or "").split(",") if o.strip())
+    db = get("db") or ""
+    if not db.strip():
+        raise ConfigError("--db must name a file (or :memory:)")
 
     config = Config(
         listen_host=listen_host,
@@ -405,7 +408,7 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
         upstream_ca=upstream_ca,
         cert_file=cert_file,
         key_file=key_file,
-        db=get("db") or "./soakp.db",
+        db=db,
         token_ttl_s=token_ttl_s,
         max_token_ttl_s=max_token_ttl_s,
         cors_origins=cors,
@@ -456,6 +459,7 @@ KEY_RE = re.compile(r"[\x21-\x7e]{1,512}\Z")
 # Header-safe label values for org, project and sub.
 LABEL_RE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,254}[\x21-\x7e])?\Z")
 MAX_TOKEN_CHARS = 8192
+JWT_SHAPE_RE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\Z")
 # Claims that restrict what a token may do (SPEC.md, Tokens).
 PERMISSION_CLAIMS = ("paths", "models", "rpm", "origins", "max_tokens_total")
 GRANT_FIELDS = ("key", "org", "project", "ttl", "sub", *PERMISSION_CLAIMS)
@@ -705,6 +709,8 @@ def verify_token(token: str, keyring: Mapping[str, SecretKeys], now: float) -> T
     """
     if len(token) > MAX_TOKEN_CHARS:
         raise invalid_token("The token is too long.")
+    if not JWT_SHAPE_RE.match(token):  # exactly one spelling per token: no padding, spaces or other bytes
+        raise invalid_token("The token is not a SOAKP token.")
     try:
         header = jwt.get_unverified_header(token)
     except jwt.InvalidTokenError:
@@ -953,7 +959,7 @@ CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})((?:[ \t]*;[ \t]*" + TOKEN + rb
                            + rb'|"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"))?)*)\Z')
 HOST_RE = re.compile(rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=%]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?\Z")
 BAD_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})|%2[fFeE]|%5[cC]|%00")
-# RFC 9110 §7.6.1: these describe one connection and never cross a proxy.
+# RFC 9110 §7.6.1: these describe one connection and never cross a proxy (nor does any Proxy-* header).
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization", b"te",
     b"trailer", b"transfer-encoding", b"upgrade",
@@ -975,6 +981,7 @@ class RequestHead:
     content_length: int
     keep_alive: bool
     expect_continue: bool
+    zero_length_declared: bool = False  # `Content-Length: 0` was sent: forwarded as such (RFC 9110 §8.6)
 
     def header(self, lower_name: bytes) -> bytes | None:
         """The first value of a header, by lower-case name."""
@@ -1132,6 +1139,7 @@ def parse_request_head(data: bytes) -> RequestHead:
         content_length=content_length,
         keep_alive=keep_alive,
         expect_continue=any(v.lower() == b"100-continue" for v in expect),
+        zero_length_declared=body_kind == "none" and b"content-length" in framing,
     )
 
 
@@ -1297,7 +1305,7 @@ def forwarded_headers(headers: Sequence[tuple[bytes, bytes]], also_drop: frozens
     out = []
     for name, value in headers:
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in also_drop or lower in named:
+        if lower in HOP_BY_HOP or lower in also_drop or lower in named or lower.startswith(b"proxy-"):
             continue
         out.append(name + b": " + value + b"\r\n")
     return out
@@ -1450,6 +1458,8 @@ def build_upstream_head(head: RequestHead, upstream_path: str, claims: TokenClai
         parts.append(b"Content-Length: %d\r\n" % head.content_length)
     elif head.body_kind == "chunked":
         parts.append(b"Transfer-Encoding: chunked\r\n")
+    elif head.zero_length_declared:
+        parts.append(b"Content-Length: 0\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
 
@@ -3163,7 +3173,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     argv = sys.argv[1:] if argv is None else argv
     environ = os.environ if environ is None else environ
     try:
-        config, args = load_config(argv, environ)
+        try:
+            config, args = load_config(argv, environ)
+        except SystemExit as exc:  # --help and --version print and stop here
+            return exc.code if isinstance(exc.code, int) else 0
         if args.command == "selfsigned":
             write_selfsigned(args.dir, args.host, datetime.datetime.now(datetime.timezone.utc))
             print(f"wrote {args.dir}/fullchain.pem and {args.dir}/privkey.pem for {args.host}")
