@@ -301,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("jti")
 
     selfsigned = commands.add_parser("selfsigned", help="write a development certificate in Certbot's layout")
+    add_options(selfsigned, COMMON_OPTIONS)  # accepted like every command's, though a certificate needs neither
     selfsigned.add_argument("--dir", required=True, help="directory for fullchain.pem and privkey.pem")
     selfsigned.add_argument("--host", default="localhost", help="name the certificate is for (default localhost)")
     return parser
@@ -759,11 +760,11 @@ def verify_token(token: str, keyring: Mapping[str, SecretKeys], now: float) -> T
 class TokenCache:
     """Verified tokens by their text, so each distinct token pays for HMAC and AES-GCM once.
 
-    Bounded; revocation-aware through the shared `revoked` set of jtis; an entry is dropped when its
+    Bounded; revocation-aware through the shared `revoked` mapping of jtis; an entry is dropped when its
     token expires.
     """
 
-    def __init__(self, keyring: Mapping[str, SecretKeys], revoked: set[str], max_entries: int = 10000) -> None:
+    def __init__(self, keyring: Mapping[str, SecretKeys], revoked: Mapping[str, int], max_entries: int = 10000) -> None:
         self.keyring = keyring
         self.revoked = revoked
         self.max_entries = max_entries
@@ -896,10 +897,11 @@ class TokenRegistry:
         )
         return self.db.execute("SELECT revoked_at FROM tokens WHERE jti = ?", (jti,)).fetchone()[0]
 
-    def revoked_jtis(self, now: int) -> set[str]:
-        """Revoked tokens that have not expired anyway."""
-        rows = self.db.execute("SELECT jti FROM tokens WHERE revoked_at IS NOT NULL AND expires_at > ?", (now,))
-        return {jti for (jti,) in rows}
+    def revoked_jtis(self, now: int) -> dict[str, int]:
+        """Revoked tokens that have not expired anyway: jti -> expires_at."""
+        rows = self.db.execute("SELECT jti, expires_at FROM tokens WHERE revoked_at IS NOT NULL AND expires_at > ?",
+                               (now,))
+        return dict(rows.fetchall())
 
     def data_version(self) -> int:
         """Changes when another connection (a `soakp revoke`) commits: cheap to poll."""
@@ -2408,7 +2410,8 @@ class Metrics:
     def render(self, connections: int) -> str:
         lines = ["# HELP soakp_requests_total Requests answered, by route and status class.",
                  "# TYPE soakp_requests_total counter"]
-        lines += [f'soakp_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())]
+        lines += [f'soakp_requests_total{{route="{route}",status="{status}"}} {n}'
+                  for (route, status), n in sorted(self.requests.items())]
         for name, what, histograms in (
             ("soakp_request_duration_seconds", "Time from request head to the end of the response.", self.latency),
             ("soakp_time_to_first_byte_seconds", "Time from request head to the first response byte.",

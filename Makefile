@@ -1,0 +1,69 @@
+# SOAKP developer commands. `make run` starts a dev server, `make test` is the test command.
+# Every variable below can be overridden on the command line (`make run LISTEN=127.0.0.1:8443`)
+# or from the environment. ARGS passes extra flags to the command a target runs.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Written after a successful install; pip runs again only when pyproject.toml is newer.
+STAMP := $(VENV)/.installed
+
+# Development state for `make run` and `make mint`: created on first use, kept by `make clean`.
+VAR ?= var
+SECRET_FILE ?= $(VAR)/secret
+ADMIN_USER ?= admin
+ADMIN_PASS_FILE ?= $(VAR)/admin-pass
+CERT_DIR ?= $(VAR)/tls
+TLS_HOST ?= localhost
+DB ?= $(VAR)/soakp.db
+LISTEN ?= 127.0.0.1:3033
+ARGS ?=
+
+.PHONY: venv test run mint clean distclean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest -q $(ARGS)
+
+# 48 random bytes, URL-safe base64: 64 characters, well over SOAKP's minimum of 32.
+# Written to a temporary name first so an interrupted run never leaves a short secret behind.
+$(SECRET_FILE) $(ADMIN_PASS_FILE):
+	@mkdir -p -m 700 $(@D)
+	@umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(48))' > $@.tmp && mv $@.tmp $@
+	@echo "generated $@ (mode 600)"
+
+$(CERT_DIR)/fullchain.pem: | $(STAMP)
+	@mkdir -p -m 700 $(VAR)
+	$(BIN)/soakp selfsigned --dir $(CERT_DIR) --host $(TLS_HOST)
+
+run: venv $(SECRET_FILE) $(ADMIN_PASS_FILE) $(CERT_DIR)/fullchain.pem
+	@echo
+	@echo "SOAKP dev server on https://$(LISTEN) (self-signed certificate for $(TLS_HOST): $(CERT_DIR)/fullchain.pem)"
+	@echo "Mint a token for an OpenAI key (in another terminal):"
+	@printf '  %s\n' "curl -sk -u $(ADMIN_USER):\$$(cat $(ADMIN_PASS_FILE)) https://$(LISTEN)/jwt/generate -H 'Content-Type: application/json' -d '{\"key\":\"sk-...\"}'"
+	@echo "or, without the server:  make mint KEY=sk-..."
+	@echo
+	@exec env SOAKP_SECRET_FILE='$(SECRET_FILE)' SOAKP_ADMIN_USER='$(ADMIN_USER)' \
+		SOAKP_ADMIN_PASS="$$(cat '$(ADMIN_PASS_FILE)')" \
+		$(BIN)/soakp serve --listen '$(LISTEN)' --cert-dir '$(CERT_DIR)' --db '$(DB)' $(ARGS)
+
+# `make mint KEY=sk-... ARGS='--ttl 12h --sub laptop'`: the token is the last line printed.
+# The recipe is not echoed, so the key does not appear on the terminal.
+mint: venv $(SECRET_FILE)
+	@test -n '$(KEY)' || { echo "usage: make mint KEY=sk-... [ARGS='--ttl 12h']" >&2; exit 2; }
+	@$(BIN)/soakp mint --secret-file '$(SECRET_FILE)' --db '$(DB)' --key '$(KEY)' $(ARGS)
+
+# Removes what a build or test run creates; keeps $(VAR)/ (dev secret, admin password, certificate, db).
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Also forgets the dev secret: tokens minted with it stop working.
+distclean: clean
+	rm -rf $(VAR)
