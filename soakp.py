@@ -39,6 +39,7 @@ import urllib.parse
 import zlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -1356,6 +1357,29 @@ else:  # pragma: no cover - Python 3.10
             raise TimeoutError from None
 
 
+CLIENT_CHECK_S = 0.5  # while the upstream is silent, how often to look whether the client is still there
+
+
+async def await_upstream(make: Callable[[], Any], timeout_s: float, client: asyncio.StreamReader | None) -> Any:
+    """Await an upstream read within the read timeout, giving up early if the client has gone away.
+
+    A client that disconnects while the upstream thinks must not keep the upstream working (and billing)
+    for nobody. Raises TimeoutError or ClientGone.
+    """
+    if client is None:
+        return await bounded(make(), timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return await bounded(make(), min(CLIENT_CHECK_S, left))
+        except TimeoutError:
+            if client.at_eof():
+                raise ClientGone("client went away while the upstream was silent") from None
+            if left <= CLIENT_CHECK_S:
+                raise
+
+
 @dataclass(slots=True)
 class UpstreamConnection:
     reader: asyncio.StreamReader
@@ -1545,40 +1569,46 @@ async def read_request_body(
         raise ClientGone("client connection lost") from None
 
 
-async def read_upstream_body(conn: UpstreamConnection, resp: ResponseHead, timeout_s: float) -> AsyncIterator[bytes]:
+async def read_upstream_body(conn: UpstreamConnection, resp: ResponseHead, timeout_s: float,
+                             client: asyncio.StreamReader | None = None) -> AsyncIterator[bytes]:
     """Yield the upstream's response body in pieces as they arrive (chunked framing decoded).
 
-    Raises UpstreamError if the upstream stalls, breaks its framing or closes early.
+    Raises UpstreamError if the upstream stalls, breaks its framing or closes early; ClientGone if the
+    client leaves while the upstream is silent.
     """
     reader = conn.reader
+
+    async def wait(read: Callable[[], Any]) -> Any:
+        return await await_upstream(read, timeout_s, client)
+
     try:
         if resp.body_kind == "length":
             remaining = resp.content_length
             while remaining:
-                piece = await bounded(reader.read(min(remaining, READ_CHUNK_BYTES)), timeout_s)
+                piece = await wait(partial(reader.read, min(remaining, READ_CHUNK_BYTES)))
                 if not piece:
                     raise UpstreamError(502, "upstream closed mid-body", "reset_mid_body")
                 remaining -= len(piece)
                 yield piece
         elif resp.body_kind == "chunked":
             while True:
-                line = await bounded(reader.readuntil(b"\r\n"), timeout_s)
+                line = await wait(partial(reader.readuntil, b"\r\n"))
                 size = parse_chunk_size(line[:-2])
                 if size == 0:
-                    while await bounded(reader.readuntil(b"\r\n"), timeout_s) != b"\r\n":
+                    while await wait(partial(reader.readuntil, b"\r\n")) != b"\r\n":
                         pass  # trailers are hop-by-hop here: dropped
                     return
                 while size:
-                    piece = await bounded(reader.read(min(size, READ_CHUNK_BYTES)), timeout_s)
+                    piece = await wait(partial(reader.read, min(size, READ_CHUNK_BYTES)))
                     if not piece:
                         raise UpstreamError(502, "upstream closed mid-chunk", "reset_mid_body")
                     size -= len(piece)
                     yield piece
-                if await bounded(reader.readexactly(2), timeout_s) != b"\r\n":
+                if await wait(partial(reader.readexactly, 2)) != b"\r\n":
                     raise UpstreamError(502, "upstream chunk not followed by CRLF", "protocol")
         elif resp.body_kind == "close":
             while True:
-                piece = await bounded(reader.read(READ_CHUNK_BYTES), timeout_s)
+                piece = await wait(partial(reader.read, READ_CHUNK_BYTES))
                 if not piece:
                     return
                 yield piece
@@ -1591,7 +1621,7 @@ async def read_upstream_body(conn: UpstreamConnection, resp: ResponseHead, timeo
 
 
 async def read_response_head(conn: UpstreamConnection, method: str, timeout_s: float,
-                             upgrade: bool = False) -> ResponseHead:
+                             upgrade: bool = False, client: asyncio.StreamReader | None = None) -> ResponseHead:
     """Read the upstream's final response head, skipping 1xx interim answers (but a 101 when upgrading).
 
     Raises UpstreamError (504 on silence, 502 otherwise) or ConnectionResetError/IncompleteReadError with
@@ -1599,7 +1629,7 @@ async def read_response_head(conn: UpstreamConnection, method: str, timeout_s: f
     """
     while True:
         try:
-            data = await bounded(conn.reader.readuntil(b"\r\n\r\n"), timeout_s)
+            data = await await_upstream(partial(conn.reader.readuntil, b"\r\n\r\n"), timeout_s, client)
         except TimeoutError:
             raise UpstreamError(504, "The upstream did not answer in time.", "read_timeout") from None
         except asyncio.LimitOverrunError:
@@ -1946,7 +1976,7 @@ async def forward(
             if body.rest is not None:
                 exchange.bytes_in += await send_rest_of_body(conn, body, head.body_kind == "chunked")
                 exchange.body_consumed = True
-            resp = await read_response_head(conn, head.method, config.read_timeout_s)
+            resp = await read_response_head(conn, head.method, config.read_timeout_s, client=reader)
             break
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
             conn.close()
@@ -1989,7 +2019,7 @@ async def forward(
         elif resp.body_kind == "length" and resp.content_length <= SMALL_BODY_BYTES:
             # One write for a small answer (most JSON responses): fewer syscalls, and a failure while
             # reading it still leaves the client an honest 502.
-            data = b"".join([piece async for piece in read_upstream_body(conn, resp, config.read_timeout_s)])
+            data = b"".join([piece async for piece in read_upstream_body(conn, resp, config.read_timeout_s, reader)])
             if meter:
                 meter.feed(data)
             exchange.response_started = True
@@ -2004,7 +2034,7 @@ async def forward(
                 await write_client(writer, client_head)
                 exchange.bytes_out = len(client_head)
                 upstream_resp = dataclasses.replace(resp, body_kind="length") if strip_length else resp
-                async for piece in read_upstream_body(conn, upstream_resp, config.read_timeout_s):
+                async for piece in read_upstream_body(conn, upstream_resp, config.read_timeout_s, reader):
                     if meter:
                         meter.feed(piece)
                     if stripper:
@@ -2131,7 +2161,7 @@ async def tunnel_websocket(
             raise UpstreamError(502, f"The upstream connection broke ({exc.__class__.__name__}).", "reset") from None
         exchange.status = resp.status
         if resp.status != 101:  # a refusal: relay it like any answer
-            data = b"".join([piece async for piece in read_upstream_body(conn, resp, config.read_timeout_s)])
+            data = b"".join([piece async for piece in read_upstream_body(conn, resp, config.read_timeout_s, reader)])
             resp = dataclasses.replace(resp, body_kind="length", content_length=len(data))
             exchange.response_started = True
             await write_client(writer, build_client_head(resp, False, False, cors) + data)
