@@ -19,7 +19,7 @@ DB ?= $(VAR)/soakp.db
 LISTEN ?= 127.0.0.1:3033
 ARGS ?=
 
-.PHONY: venv test run mint clean distclean
+.PHONY: venv test run mint zipapp clean distclean
 
 venv: $(STAMP)
 
@@ -58,6 +58,34 @@ run: venv $(SECRET_FILE) $(ADMIN_PASS_FILE) $(CERT_DIR)/fullchain.pem
 mint: venv $(SECRET_FILE)
 	@test -n '$(KEY)' || { echo "usage: make mint KEY=sk-... [ARGS='--ttl 12h']" >&2; exit 2; }
 	@$(BIN)/soakp mint --secret-file '$(SECRET_FILE)' --db '$(DB)' --key '$(KEY)' $(ARGS)
+
+# `make zipapp`: dist/soakp.pyz, one file with soakp and its dependencies inside (shiv). It runs on
+# any python3 of the Python version and CPU it was built for: `python3 dist/soakp.pyz serve ...`.
+# For another CPU or Python (an edge device), name the target's wheel platform and version:
+# `make zipapp PLATFORM=manylinux2014_aarch64 PYVER=3.11` (no compiler needed: wheels only).
+# shiv is a build tool: it lives in $(SHIV_VENV), never in the zipapp.
+ZIPAPP ?= dist/soakp.pyz
+PLATFORM ?=
+PYVER ?=
+SHIV_VENV ?= build/shiv-venv
+WHEELS_FOR = --only-binary=:all: $(if $(PLATFORM),--platform $(PLATFORM)) $(if $(PYVER),--python-version $(PYVER))
+
+$(SHIV_VENV)/bin/shiv:
+	$(PYTHON) -m venv $(SHIV_VENV)
+	$(SHIV_VENV)/bin/python -m pip install -q shiv
+
+# soakp's wheel is built from a copy, so the tree gets no build/lib or .egg-info and parallel builds
+# share nothing; the zipapp is written under a temporary name and renamed, so it is whole or absent.
+zipapp: $(SHIV_VENV)/bin/shiv
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	mkdir -p "$$tmp/src" "$(dir $(ZIPAPP))"; \
+	cp soakp.py pyproject.toml README.md "$$tmp/src/"; \
+	$(SHIV_VENV)/bin/python -m pip wheel -q --no-deps -w "$$tmp/wheels" "$$tmp/src"; \
+	$(SHIV_VENV)/bin/python -m pip download -q -d "$$tmp/wheels" $(WHEELS_FOR) "$$tmp"/wheels/soakp-*.whl; \
+	$(SHIV_VENV)/bin/shiv -q -o "$(ZIPAPP).$$$$.tmp" -e soakp:main -p '/usr/bin/env python3' --reproducible \
+		--no-index --find-links "$$tmp/wheels" $(WHEELS_FOR) soakp; \
+	mv "$(ZIPAPP).$$$$.tmp" "$(ZIPAPP)"; \
+	echo "built $(ZIPAPP) ($$(wc -c < "$(ZIPAPP)") bytes) from:"; ls "$$tmp/wheels" | sed 's/^/  /'
 
 # Removes what a build or test run creates; keeps $(VAR)/ (dev secret, admin password, certificate, db).
 clean:

@@ -39,7 +39,6 @@ import urllib.parse
 import zlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -1360,24 +1359,82 @@ else:  # pragma: no cover - Python 3.10
 CLIENT_CHECK_S = 0.5  # while the upstream is silent, how often to look whether the client is still there
 
 
-async def await_upstream(make: Callable[[], Any], timeout_s: float, client: asyncio.StreamReader | None) -> Any:
-    """Await an upstream read within the read timeout, giving up early if the client has gone away.
+class Watchdog:
+    """Every time limit of one client connection on one lazily rescheduled timer.
 
-    A client that disconnects while the upstream thinks must not keep the upstream working (and billing)
-    for nobody. Raises TimeoutError or ClientGone.
+    A timer per read (asyncio.timeout) costs more than the read it guards; here arming is an attribute
+    write and the timer, when it fires, checks whether a deadline really passed. A late read is ended by
+    setting TimeoutError on the stream it waits on. While an upstream read waits, the timer also looks
+    every CLIENT_CHECK_S whether the client has gone, so that no upstream keeps working (and billing)
+    for an answer nobody will read: that read ends with ClientGone.
     """
-    if client is None:
-        return await bounded(make(), timeout_s)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            return await bounded(make(), min(CLIENT_CHECK_S, left))
-        except TimeoutError:
-            if client.at_eof():
-                raise ClientGone("client went away while the upstream was silent") from None
-            if left <= CLIENT_CHECK_S:
-                raise
+
+    __slots__ = ("loop", "client", "client_timeout_s", "upstream_timeout_s", "client_deadline",
+                 "upstream_deadline", "upstream", "handle")
+
+    def __init__(self, client: asyncio.StreamReader, client_timeout_s: float, upstream_timeout_s: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.client = client
+        self.client_timeout_s = client_timeout_s
+        self.upstream_timeout_s = upstream_timeout_s
+        self.client_deadline: float | None = None
+        self.upstream_deadline: float | None = None
+        self.upstream: asyncio.StreamReader | None = None
+        self.handle: asyncio.TimerHandle | None = None
+
+    def arm_client(self) -> None:
+        """The client has --header-timeout to deliver what is read next."""
+        self.client_deadline = deadline = self.loop.time() + self.client_timeout_s
+        self.wake_by(deadline)
+
+    def disarm_client(self) -> None:
+        self.client_deadline = None
+
+    def arm_upstream(self, upstream: asyncio.StreamReader) -> None:
+        """The upstream has --read-timeout to send what is read next."""
+        now = self.loop.time()
+        self.upstream = upstream
+        self.upstream_deadline = deadline = now + self.upstream_timeout_s
+        self.wake_by(min(deadline, now + CLIENT_CHECK_S))
+
+    def disarm_upstream(self) -> None:
+        self.upstream_deadline = None
+        self.upstream = None
+
+    def wake_by(self, when: float) -> None:
+        handle = self.handle
+        if handle is None:
+            self.handle = self.loop.call_at(when, self.check)
+        elif handle.when() > when:
+            handle.cancel()
+            self.handle = self.loop.call_at(when, self.check)
+
+    def check(self) -> None:
+        self.handle = None
+        now = self.loop.time()
+        wake = math.inf
+        if self.client_deadline is not None:
+            if now >= self.client_deadline:
+                self.client_deadline = None
+                self.client.set_exception(TimeoutError("the client was too slow"))
+            else:
+                wake = self.client_deadline
+        if self.upstream_deadline is not None and self.upstream is not None:
+            if now >= self.upstream_deadline:
+                self.upstream.set_exception(TimeoutError("the upstream was silent too long"))
+                self.disarm_upstream()
+            elif self.client.at_eof():
+                self.upstream.set_exception(ClientGone("the client went away while the upstream was silent"))
+                self.disarm_upstream()
+            else:
+                wake = min(wake, self.upstream_deadline, now + CLIENT_CHECK_S)
+        if wake != math.inf:
+            self.handle = self.loop.call_at(wake, self.check)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
 
 
 @dataclass(slots=True)
@@ -1442,7 +1499,8 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         """Return a connection whose exchange finished cleanly."""
-        if len(self.idle) >= POOL_MAX_IDLE or conn.reader.at_eof() or conn.writer.transport.is_closing():
+        if (len(self.idle) >= POOL_MAX_IDLE or conn.reader.at_eof() or conn.writer.transport.is_closing()
+                or conn.reader.exception() is not None):
             conn.close()
             return
         conn.idle_since = time.monotonic()
@@ -1511,17 +1569,24 @@ def build_client_head(resp: ResponseHead, keep_alive: bool, chunked: bool, cors:
 
 
 async def read_request_body(
-    reader: asyncio.StreamReader, head: RequestHead, max_body_bytes: int, timeout_s: float
+    reader: asyncio.StreamReader, head: RequestHead, max_body_bytes: int, watchdog: Watchdog
 ) -> AsyncIterator[bytes]:
     """Yield the client's request body in pieces as they arrive, decoding chunked framing.
 
     Raises ApiError (400 bad chunking, 413 over the limit, 408 too slow) or ClientGone.
     """
+    async def client_read(read: Any) -> Any:
+        watchdog.arm_client()
+        try:
+            return await read
+        finally:
+            watchdog.disarm_client()
+
     try:
         if head.body_kind == "length":
             remaining = head.content_length
             while remaining:
-                piece = await bounded(reader.read(min(remaining, READ_CHUNK_BYTES)), timeout_s)
+                piece = await client_read(reader.read(min(remaining, READ_CHUNK_BYTES)))
                 if not piece:
                     raise ClientGone("client closed mid-body")
                 remaining -= len(piece)
@@ -1529,7 +1594,7 @@ async def read_request_body(
         elif head.body_kind == "chunked":
             total = 0
             while True:
-                line = await bounded(reader.readuntil(b"\r\n"), timeout_s)
+                line = await client_read(reader.readuntil(b"\r\n"))
                 if len(line) > MAX_CHUNK_LINE_BYTES:
                     raise bad_request("Chunk size line too long.")
                 try:
@@ -1543,16 +1608,16 @@ async def read_request_body(
                     raise ApiError(413, f"The request body is over the limit of {max_body_bytes} bytes.",
                                    "request_too_large")
                 while size:
-                    piece = await bounded(reader.read(min(size, READ_CHUNK_BYTES)), timeout_s)
+                    piece = await client_read(reader.read(min(size, READ_CHUNK_BYTES)))
                     if not piece:
                         raise ClientGone("client closed mid-body")
                     size -= len(piece)
                     yield piece
-                if await bounded(reader.readexactly(2), timeout_s) != b"\r\n":
+                if await client_read(reader.readexactly(2)) != b"\r\n":
                     raise bad_request("Chunk data is not followed by CRLF.")
             trailer_bytes = 0
             while True:  # trailer fields are checked like headers and then dropped, never forwarded
-                line = await bounded(reader.readuntil(b"\r\n"), timeout_s)
+                line = await client_read(reader.readuntil(b"\r\n"))
                 if line == b"\r\n":
                     break
                 trailer_bytes += len(line)
@@ -1569,8 +1634,7 @@ async def read_request_body(
         raise ClientGone("client connection lost") from None
 
 
-async def read_upstream_body(conn: UpstreamConnection, resp: ResponseHead, timeout_s: float,
-                             client: asyncio.StreamReader | None = None) -> AsyncIterator[bytes]:
+async def read_upstream_body(conn: UpstreamConnection, resp: ResponseHead, watchdog: Watchdog) -> AsyncIterator[bytes]:
     """Yield the upstream's response body in pieces as they arrive (chunked framing decoded).
 
     Raises UpstreamError if the upstream stalls, breaks its framing or closes early; ClientGone if the
@@ -1578,37 +1642,41 @@ async def read_upstream_body(conn: UpstreamConnection, resp: ResponseHead, timeo
     """
     reader = conn.reader
 
-    async def wait(read: Callable[[], Any]) -> Any:
-        return await await_upstream(read, timeout_s, client)
+    async def wait(read: Any) -> Any:
+        watchdog.arm_upstream(reader)
+        try:
+            return await read
+        finally:
+            watchdog.disarm_upstream()
 
     try:
         if resp.body_kind == "length":
             remaining = resp.content_length
             while remaining:
-                piece = await wait(partial(reader.read, min(remaining, READ_CHUNK_BYTES)))
+                piece = await wait(reader.read(min(remaining, READ_CHUNK_BYTES)))
                 if not piece:
                     raise UpstreamError(502, "upstream closed mid-body", "reset_mid_body")
                 remaining -= len(piece)
                 yield piece
         elif resp.body_kind == "chunked":
             while True:
-                line = await wait(partial(reader.readuntil, b"\r\n"))
+                line = await wait(reader.readuntil(b"\r\n"))
                 size = parse_chunk_size(line[:-2])
                 if size == 0:
-                    while await wait(partial(reader.readuntil, b"\r\n")) != b"\r\n":
+                    while await wait(reader.readuntil(b"\r\n")) != b"\r\n":
                         pass  # trailers are hop-by-hop here: dropped
                     return
                 while size:
-                    piece = await wait(partial(reader.read, min(size, READ_CHUNK_BYTES)))
+                    piece = await wait(reader.read(min(size, READ_CHUNK_BYTES)))
                     if not piece:
                         raise UpstreamError(502, "upstream closed mid-chunk", "reset_mid_body")
                     size -= len(piece)
                     yield piece
-                if await wait(partial(reader.readexactly, 2)) != b"\r\n":
+                if await wait(reader.readexactly(2)) != b"\r\n":
                     raise UpstreamError(502, "upstream chunk not followed by CRLF", "protocol")
         elif resp.body_kind == "close":
             while True:
-                piece = await wait(partial(reader.read, READ_CHUNK_BYTES))
+                piece = await wait(reader.read(READ_CHUNK_BYTES))
                 if not piece:
                     return
                 yield piece
@@ -1620,8 +1688,8 @@ async def read_upstream_body(conn: UpstreamConnection, resp: ResponseHead, timeo
         raise UpstreamError(502, "upstream connection broke mid-body", "reset_mid_body") from None
 
 
-async def read_response_head(conn: UpstreamConnection, method: str, timeout_s: float,
-                             upgrade: bool = False, client: asyncio.StreamReader | None = None) -> ResponseHead:
+async def read_response_head(conn: UpstreamConnection, method: str, watchdog: Watchdog,
+                             upgrade: bool = False) -> ResponseHead:
     """Read the upstream's final response head, skipping 1xx interim answers (but a 101 when upgrading).
 
     Raises UpstreamError (504 on silence, 502 otherwise) or ConnectionResetError/IncompleteReadError with
@@ -1629,7 +1697,11 @@ async def read_response_head(conn: UpstreamConnection, method: str, timeout_s: f
     """
     while True:
         try:
-            data = await await_upstream(partial(conn.reader.readuntil, b"\r\n\r\n"), timeout_s, client)
+            watchdog.arm_upstream(conn.reader)
+            try:
+                data = await conn.reader.readuntil(b"\r\n\r\n")
+            finally:
+                watchdog.disarm_upstream()
         except TimeoutError:
             raise UpstreamError(504, "The upstream did not answer in time.", "read_timeout") from None
         except asyncio.LimitOverrunError:
@@ -1816,18 +1888,21 @@ async def read_body_ahead(
     multipart = media_type(content_type) == b"multipart/form-data"
     small = head.body_kind == "length" and head.content_length <= SMALL_BODY_BYTES
     if small:
+        exchange.watchdog.arm_client()
         try:
-            data = await bounded(reader.readexactly(head.content_length), config.header_timeout_s)
+            data = await reader.readexactly(head.content_length)
         except TimeoutError:
             raise ApiError(408, "The request body arrived too slowly.", "request_timeout") from None
         except (asyncio.IncompleteReadError, ConnectionError):
             raise ClientGone("client closed mid-body") from None
+        finally:
+            exchange.watchdog.disarm_client()
     elif not multipart and (models is not None or meter_stream):
-        data = await read_whole(read_request_body(reader, head, config.max_body_bytes, config.header_timeout_s),
+        data = await read_whole(read_request_body(reader, head, config.max_body_bytes, exchange.watchdog),
                                 min(MODEL_SCAN_LIMIT_BYTES, config.max_body_bytes),
                                 "A JSON body sent with a models-limited or budgeted token")
     else:
-        pieces = read_request_body(reader, head, config.max_body_bytes, config.header_timeout_s)
+        pieces = read_request_body(reader, head, config.max_body_bytes, exchange.watchdog)
         if models is None:
             return RequestBody(b"", pieces)
         return await read_multipart_ahead(exchange, pieces, multipart_boundary(content_type), models)
@@ -1976,7 +2051,7 @@ async def forward(
             if body.rest is not None:
                 exchange.bytes_in += await send_rest_of_body(conn, body, head.body_kind == "chunked")
                 exchange.body_consumed = True
-            resp = await read_response_head(conn, head.method, config.read_timeout_s, client=reader)
+            resp = await read_response_head(conn, head.method, exchange.watchdog)
             break
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
             conn.close()
@@ -2019,7 +2094,7 @@ async def forward(
         elif resp.body_kind == "length" and resp.content_length <= SMALL_BODY_BYTES:
             # One write for a small answer (most JSON responses): fewer syscalls, and a failure while
             # reading it still leaves the client an honest 502.
-            data = b"".join([piece async for piece in read_upstream_body(conn, resp, config.read_timeout_s, reader)])
+            data = b"".join([piece async for piece in read_upstream_body(conn, resp, exchange.watchdog)])
             if meter:
                 meter.feed(data)
             exchange.response_started = True
@@ -2034,7 +2109,7 @@ async def forward(
                 await write_client(writer, client_head)
                 exchange.bytes_out = len(client_head)
                 upstream_resp = dataclasses.replace(resp, body_kind="length") if strip_length else resp
-                async for piece in read_upstream_body(conn, upstream_resp, config.read_timeout_s, reader):
+                async for piece in read_upstream_body(conn, upstream_resp, exchange.watchdog):
                     if meter:
                         meter.feed(piece)
                     if stripper:
@@ -2156,12 +2231,12 @@ async def tunnel_websocket(
     try:
         conn.writer.write(request)
         try:
-            resp = await read_response_head(conn, head.method, config.read_timeout_s, upgrade=True)
+            resp = await read_response_head(conn, head.method, exchange.watchdog, upgrade=True)
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
             raise UpstreamError(502, f"The upstream connection broke ({exc.__class__.__name__}).", "reset") from None
         exchange.status = resp.status
         if resp.status != 101:  # a refusal: relay it like any answer
-            data = b"".join([piece async for piece in read_upstream_body(conn, resp, config.read_timeout_s, reader)])
+            data = b"".join([piece async for piece in read_upstream_body(conn, resp, exchange.watchdog)])
             resp = dataclasses.replace(resp, body_kind="length", content_length=len(data))
             exchange.response_started = True
             await write_client(writer, build_client_head(resp, False, False, cors) + data)
@@ -2367,6 +2442,7 @@ class Exchange:
     """One request's progress and facts, for answering a failure honestly and for the access log."""
 
     started: float
+    watchdog: Watchdog
     status: int = 0
     route: str = "other"
     body_consumed: bool = False
@@ -2601,7 +2677,7 @@ async def read_json_body(reader: asyncio.StreamReader, head: RequestHead, config
         raise ApiError(413, "The request body is too large.", "request_too_large")
     data = b""
     if head.body_kind != "none":
-        data = await read_whole(read_request_body(reader, head, ADMIN_BODY_LIMIT_BYTES, config.header_timeout_s),
+        data = await read_whole(read_request_body(reader, head, ADMIN_BODY_LIMIT_BYTES, exchange.watchdog),
                                 ADMIN_BODY_LIMIT_BYTES, "The request body")
     exchange.body_consumed = True
     try:
@@ -2971,22 +3047,26 @@ async def handle_connection(state: ServerState, reader: asyncio.StreamReader, wr
     state.connections.add(writer)
     exchange: Exchange | None = None
     head: RequestHead | None = None
+    watchdog = Watchdog(reader, config.header_timeout_s, config.read_timeout_s)
     try:
         if len(state.connections) > config.max_connections:
             await answer_error(reader, writer, ApiError(503, "SOAKP is at its connection limit; try again.",
                                                         "overloaded", headers=[("Retry-After", "1")]), False)
             return
         while True:
+            watchdog.arm_client()
             try:
-                raw = await bounded(reader.readuntil(b"\r\n\r\n"), config.header_timeout_s)
+                raw = await reader.readuntil(b"\r\n\r\n")
             except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
                 return
             except asyncio.LimitOverrunError:
-                exchange, head = Exchange(started=time.monotonic(), status=431), None
+                watchdog.disarm_client()
+                exchange, head = Exchange(started=time.monotonic(), watchdog=watchdog, status=431), None
                 exchange.bytes_out = await answer_error(
                     reader, writer, bad_request("The request head is too large.", 431), False)
                 return
-            exchange, head = Exchange(started=time.monotonic()), None
+            watchdog.disarm_client()
+            exchange, head = Exchange(started=time.monotonic(), watchdog=watchdog), None
             state.busy.add(writer)
             try:
                 head = parse_request_head(raw)
@@ -3028,6 +3108,7 @@ async def handle_connection(state: ServerState, reader: asyncio.StreamReader, wr
             exchange.status = 500
             await answer_error(reader, writer, ApiError(500, "Internal error in SOAKP.", "internal_error"), False)
     finally:
+        watchdog.close()
         if exchange is not None:
             finish_exchange(state, exchange, peer, head)
         state.connections.discard(writer)
