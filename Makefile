@@ -87,6 +87,14 @@ zipapp: $(SHIV_VENV)/bin/shiv
 	mv "$(ZIPAPP).$$$$.tmp" "$(ZIPAPP)"; \
 	echo "built $(ZIPAPP) ($$(wc -c < "$(ZIPAPP)") bytes) from:"; ls "$$tmp/wheels" | sed 's/^/  /'
 
+# `make bench`: SOAKP's speed against calling the upstream directly and against nginx (issue #6), with
+# wrk and nginx when they are installed; about 3 minutes, best on a quiet machine. See bench/run.py.
+# ARGS=--quick (seconds), ARGS='--python /path/venv/bin/python' (an interpreter with uvloop, say),
+# ARGS='--markdown bench/RESULTS.md', ARGS=--profile (where SOAKP's time per request goes).
+.PHONY: bench
+bench: venv
+	$(BIN)/python bench/run.py $(ARGS)
+
 # Removes what a build or test run creates; keeps $(VAR)/ (dev secret, admin password, certificate, db).
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis

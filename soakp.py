@@ -55,7 +55,6 @@ from cryptography.x509.oid import NameOID
 __version__ = "0.1.0"
 
 log = logging.getLogger("soakp")
-access_log = logging.getLogger("soakp.access")
 
 
 class ConfigError(Exception):
@@ -2555,6 +2554,7 @@ class ServerState:
     rate: RateLimiter = field(default_factory=RateLimiter)
     usage: dict[str, UsageDelta] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
+    access: AccessLog = field(default_factory=lambda: AccessLog(None))
     connections: set[asyncio.StreamWriter] = field(default_factory=set)
     busy: set[asyncio.StreamWriter] = field(default_factory=set)
     admin_failures: dict[str, list[float]] = field(default_factory=dict)
@@ -3026,13 +3026,47 @@ def access_log_line(state: ServerState, exchange: Exchange, peer: str, head: Req
     return json.dumps(record, separators=(",", ":"))
 
 
+ACCESS_LOG_FLUSH_S = 0.05
+ACCESS_LOG_MAX_LINES = 256
+
+
+class AccessLog:
+    """The access log: one JSON object per line on stderr, written in small batches, since a write and a
+    flush per request would cost more CPU than proxying the request. Lines wait at most 50 ms."""
+
+    def __init__(self, stream: Any | None) -> None:
+        self.stream = stream  # None: the log is off (--log-level warning or error)
+        self.lines: list[str] = []
+        self.handle: asyncio.TimerHandle | None = None
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+        if len(self.lines) >= ACCESS_LOG_MAX_LINES:
+            self.flush()
+        elif self.handle is None:
+            self.handle = asyncio.get_running_loop().call_later(ACCESS_LOG_FLUSH_S, self.flush)
+
+    def flush(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+        if self.lines and self.stream is not None:
+            text = "\n".join(self.lines) + "\n"
+            self.lines.clear()
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):  # stderr gone (closed pipe): the proxy keeps serving
+                pass
+
+
 def finish_exchange(state: ServerState, exchange: Exchange, peer: str, head: RequestHead | None) -> None:
     """Account for one request: metrics, usage and the access log line."""
     elapsed_s = time.monotonic() - exchange.started
     record_outcome(state, exchange)
     state.metrics.record(exchange, elapsed_s)
-    if access_log.isEnabledFor(logging.INFO):
-        access_log.info("%s", access_log_line(state, exchange, peer, head, elapsed_s))
+    if state.access.stream is not None:
+        state.access.add(access_log_line(state, exchange, peer, head, elapsed_s))
 
 
 async def handle_connection(state: ServerState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -3134,6 +3168,7 @@ def build_state(config: Config) -> ServerState:
         revoked=revoked,
         spent=spent,
         cors_origins=frozenset(o.lower() for o in config.cors_origins),
+        access=AccessLog(sys.stderr if config.log_level in ("debug", "info") else None),
     )
 
 
@@ -3207,6 +3242,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        state.access.flush()
         try:
             await flush_usage(state)
         finally:
@@ -3218,13 +3254,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
 # 8. CLI: argv in, an exit code out.
 
 def configure_logging(level: str) -> None:
-    """Plain lines for events; the access log is one bare JSON object per line."""
+    """Plain lines for events on stderr (the access log, one JSON object per line, is AccessLog's)."""
     logging.basicConfig(stream=sys.stderr, level=level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access_log.addHandler(handler)
-    access_log.propagate = False
-    access_log.setLevel(level.upper())
 
 
 def run_event_loop(main_coro: Any) -> int:
