@@ -1748,6 +1748,32 @@ def usage_in_document(document: object) -> tuple[int, int] | None:
     return found
 
 
+USAGE_VALUE_RE = re.compile(rb'\s*:\s*(?=\{)')
+JSON_DECODER = json.JSONDecoder()
+
+
+def last_usage_object(data: bytes) -> tuple[int, int] | None:
+    """The counts of the last `"usage": {...}` in a JSON text (OpenAI puts it last), decoding that object
+    alone: cheaper than parsing the whole answer, and it works on the tail of a large one."""
+    end = len(data)
+    for _ in range(4):
+        start = data.rfind(b'"usage"', 0, end)
+        if start == -1:
+            return None
+        end = start
+        value_at = USAGE_VALUE_RE.match(data, start + 7)
+        if start and data[start - 1] == 0x5C or value_at is None:  # inside a string, or not an object
+            continue
+        try:
+            value, _ = JSON_DECODER.raw_decode(data[value_at.end():].decode("utf-8", "replace"))
+        except ValueError:
+            continue
+        found = usage_counts(value)
+        if found is not None:
+            return found
+    return None
+
+
 class UsageMeter:
     """Reads OpenAI's own token counts from a response while it is relayed, without holding it back or
     changing a byte: a JSON body's `usage`, or the last SSE event that carries one."""
@@ -1819,21 +1845,7 @@ class UsageMeter:
         """(prompt, completion) tokens once the body has been fed, or None when the answer had none."""
         if self.sse:
             return self.found
-        data = bytes(self.buffer)
-        if b'"usage"' not in data:
-            return None
-        if self.whole:
-            try:
-                return usage_in_document(json.loads(data))
-            except ValueError:
-                return None
-        start = data.rfind(b'"usage"')  # the tail of a large answer: decode the usage object alone
-        colon = data.find(b":", start)
-        try:
-            value, _ = json.JSONDecoder().raw_decode(data[colon + 1:].decode("utf-8").lstrip())
-        except (ValueError, UnicodeDecodeError):
-            return None
-        return usage_counts(value)
+        return last_usage_object(bytes(self.buffer))
 
 
 @dataclass(slots=True)
