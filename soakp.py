@@ -983,9 +983,13 @@ class RequestHead:
     keep_alive: bool
     expect_continue: bool
     zero_length_declared: bool = False  # `Content-Length: 0` was sent: forwarded as such (RFC 9110 §8.6)
+    index: Mapping[bytes, list[bytes]] = field(default_factory=dict)  # INDEXED_HEADERS' values by name
 
     def header(self, lower_name: bytes) -> bytes | None:
         """The first value of a header, by lower-case name."""
+        if lower_name in INDEXED_HEADERS:
+            values = self.index.get(lower_name)
+            return values[0] if values else None
         for name, value in self.headers:
             if name.lower() == lower_name:
                 return value
@@ -1002,6 +1006,12 @@ class ResponseHead:
     body_kind: BodyKind
     content_length: int
     keep_alive: bool
+    index: Mapping[bytes, list[bytes]] = field(default_factory=dict)  # INDEXED_HEADERS' values by name
+
+    def header(self, lower_name: bytes) -> bytes | None:
+        """The first value of an INDEXED_HEADERS header."""
+        values = self.index.get(lower_name)
+        return values[0] if values else None
 
 
 def bad_request(message: str, status: int = 400) -> ApiError:
@@ -1009,7 +1019,7 @@ def bad_request(message: str, status: int = 400) -> ApiError:
 
 
 def split_header_lines(lines: Sequence[bytes]) -> tuple[list[tuple[bytes, bytes]], dict[bytes, list[bytes]]]:
-    """Parse field lines into (name, value) pairs plus the framing-relevant ones by lower-case name.
+    """Parse field lines into (name, value) pairs plus the INDEXED_HEADERS ones by lower-case name.
 
     Raises ApiError(400) for obs-fold, bare CR/LF, control bytes or a malformed name.
     """
@@ -1025,13 +1035,17 @@ def split_header_lines(lines: Sequence[bytes]) -> tuple[list[tuple[bytes, bytes]
             raise bad_request("Malformed header field.")
         name, value = match[1], match[2]
         lower = name.lower()
-        if lower in FRAMING_HEADERS:
+        if lower in INDEXED_HEADERS:
             framing.setdefault(lower, []).append(value)
         headers.append((name, value))
     return headers, framing
 
 
-FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"host", b"connection", b"expect"})
+# Headers SOAKP looks at, gathered while parsing so that no one scans the list again.
+INDEXED_HEADERS = frozenset({
+    b"content-length", b"transfer-encoding", b"host", b"connection", b"expect", b"authorization", b"origin",
+    b"content-type", b"content-encoding", b"x-request-id", b"upgrade",
+})
 
 
 def connection_tokens(framing: Mapping[bytes, list[bytes]]) -> set[bytes]:
@@ -1141,6 +1155,7 @@ def parse_request_head(data: bytes) -> RequestHead:
         keep_alive=keep_alive,
         expect_continue=any(v.lower() == b"100-continue" for v in expect),
         zero_length_declared=body_kind == "none" and b"content-length" in framing,
+        index=framing,
     )
 
 
@@ -1163,21 +1178,21 @@ def parse_response_head(data: bytes, request_method: str) -> ResponseHead:
         raise UpstreamProtocolError("malformed response header") from None
     keep_alive = b"close" not in connection_tokens(framing) if http_minor == 1 else False
     if request_method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-        return ResponseHead(status, match[3] or b"", tuple(headers), "none", 0, keep_alive)
+        return ResponseHead(status, match[3] or b"", tuple(headers), "none", 0, keep_alive, framing)
     encodings = framing.get(b"transfer-encoding", [])
     lengths = framing.get(b"content-length", [])
     if encodings:
         if encodings[-1].split(b",")[-1].strip().lower() != b"chunked":
-            return ResponseHead(status, match[3] or b"", tuple(headers), "close", 0, False)
+            return ResponseHead(status, match[3] or b"", tuple(headers), "close", 0, False, framing)
         # RFC 9112 §6.3: with both, Transfer-Encoding wins, and the connection must not be reused.
-        return ResponseHead(status, match[3] or b"", tuple(headers), "chunked", 0, keep_alive and not lengths)
+        return ResponseHead(status, match[3] or b"", tuple(headers), "chunked", 0, keep_alive and not lengths, framing)
     if lengths:
         values = {v.strip() for line in lengths for v in line.split(b",")}
         if len(values) != 1 or not next(iter(values)).isdigit():
             raise UpstreamProtocolError("invalid Content-Length")
         length = int(values.pop())
-        return ResponseHead(status, match[3] or b"", tuple(headers), "length", length, keep_alive)
-    return ResponseHead(status, match[3] or b"", tuple(headers), "close", 0, False)
+        return ResponseHead(status, match[3] or b"", tuple(headers), "length", length, keep_alive, framing)
+    return ResponseHead(status, match[3] or b"", tuple(headers), "close", 0, False, framing)
 
 
 def parse_chunk_size(line: bytes) -> int:
@@ -1789,13 +1804,8 @@ class UsageMeter:
     @classmethod
     def for_response(cls, resp: ResponseHead) -> UsageMeter | None:
         """A meter for a JSON or SSE answer (identity, gzip or deflate), else None."""
-        kind = encoding = b""
-        for name, value in resp.headers:
-            lower = name.lower()
-            if lower == b"content-type":
-                kind = media_type(value)
-            elif lower == b"content-encoding":
-                encoding = value.strip().lower()
+        kind = media_type(resp.header(b"content-type"))
+        encoding = (resp.header(b"content-encoding") or b"").strip().lower()
         if encoding not in (b"", b"identity", b"gzip", b"deflate") or resp.status >= 300:
             return None
         if kind == b"text/event-stream":
@@ -2090,9 +2100,9 @@ async def forward(
         strip_length = False
     client_head = build_client_head(resp, keep_alive, chunked, cors)
     exchange.status = resp.status
-    for name, value in resp.headers:
-        if name.lower() == b"x-request-id":
-            exchange.request_id = safe_for_log(value.decode("latin-1"))
+    request_id = resp.header(b"x-request-id")
+    if request_id is not None:
+        exchange.request_id = safe_for_log(request_id.decode("latin-1"))
     meter = UsageMeter.for_response(resp) if exchange.metered else None
     stripper = SseUsageStripper() if strip else None
 
