@@ -31,7 +31,9 @@ import os
 import re
 import secrets
 import signal
+import socket
 import sqlite3
+import struct
 import ssl
 import sys
 import time
@@ -393,6 +395,9 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
     cors = tuple(o.strip() for o in (get("cors-origins") or "").split(",") if o.strip())
+    for origin in cors:
+        if origin != "*" and not ORIGIN_RE.match(origin.lower()):
+            raise ConfigError(f"--cors-origins: {origin!r} is not an origin such as https://app.example.com (no path)")
     db = get("db") or ""
     if not db.strip():
         raise ConfigError("--db must name a file (or :memory:)")
@@ -807,6 +812,11 @@ class RateLimiter:
         self.next_free[key] = tat + interval
         return 0.0
 
+    def inherit(self, old_key: str, new_key: str) -> None:
+        """A refreshed token takes over its predecessor's place in the limit."""
+        if old_key in self.next_free:
+            self.next_free[new_key] = self.next_free.pop(old_key)
+
     def prune(self, now: float) -> None:
         self.next_free = {k: t for k, t in self.next_free.items() if t > now}
 
@@ -1188,7 +1198,7 @@ def parse_response_head(data: bytes, request_method: str) -> ResponseHead:
         return ResponseHead(status, match[3] or b"", tuple(headers), "chunked", 0, keep_alive and not lengths, framing)
     if lengths:
         values = {v.strip() for line in lengths for v in line.split(b",")}
-        if len(values) != 1 or not next(iter(values)).isdigit():
+        if len(values) != 1 or not next(iter(values)).isdigit() or len(next(iter(values))) > MAX_CONTENT_LENGTH_DIGITS:
             raise UpstreamProtocolError("invalid Content-Length")
         length = int(values.pop())
         return ResponseHead(status, match[3] or b"", tuple(headers), "length", length, keep_alive, framing)
@@ -1210,6 +1220,7 @@ MODEL_SCAN_LIMIT_BYTES = 32 * 1024**2  # what a models-limited token may have re
 MAX_MODEL_VALUE_BYTES = 1024
 MAX_PART_HEADER_BYTES = 8 * 1024
 BOUNDARY_RE = re.compile(rb'(?i)(?:^|;)\s*boundary\s*=\s*(?:"([^"]{1,70})"|([^;\s"]{1,70}))')
+NAME_EXTENDED_RE = re.compile(rb'(?i)(?:^|;)\s*name\*')
 PART_NAME_RE = re.compile(rb'(?i)(?:^|;)\s*name\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s"]+))')
 
 
@@ -1239,11 +1250,11 @@ def json_model(body: bytes) -> str | None:
 
 
 def multipart_boundary(content_type: bytes | None) -> bytes:
-    """The boundary of a multipart/form-data body. Raises ApiError(400)."""
-    match = BOUNDARY_RE.search((content_type or b"").split(b";", 1)[-1])
-    if match is None:
-        raise bad_request("A multipart body needs a boundary.")
-    return match[1] or match[2]
+    """The boundary of a multipart/form-data body. Raises ApiError(400), also for two boundaries."""
+    matches = list(BOUNDARY_RE.finditer((content_type or b"").split(b";", 1)[-1]))
+    if len(matches) != 1:
+        raise bad_request("A multipart body needs exactly one boundary.")
+    return matches[0][1] or matches[0][2]
 
 
 class MultipartModelScanner:
@@ -1302,14 +1313,25 @@ class MultipartModelScanner:
 
 
 def part_name(block: bytes) -> bytes | None:
-    """The form field name from a part's Content-Disposition header."""
-    for line in block.split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-disposition":
-            match = PART_NAME_RE.search(value.split(b";", 1)[-1]) if b";" in value else None
-            if match:
-                return match[1] if match[1] is not None else match[2]
-    return None
+    """The form field name from a part's Content-Disposition header.
+
+    Raises ApiError(400) for a part that form parsers could name differently: two dispositions, two
+    names, an RFC 2231 `name*`, or an escaped name. What SOAKP checks must be what the upstream reads.
+    """
+    dispositions = [value for name, _, value in (line.partition(b":") for line in block.split(b"\r\n"))
+                    if name.strip().lower() == b"content-disposition"]
+    if not dispositions:
+        return None
+    params = dispositions[0].split(b";", 1)[1] if b";" in dispositions[0] else b""
+    names = list(PART_NAME_RE.finditer(params))
+    if len(dispositions) > 1 or len(names) > 1 or NAME_EXTENDED_RE.search(params):
+        raise bad_request("A multipart part names its field ambiguously.")
+    if not names:
+        return None
+    value = names[0][1] if names[0][1] is not None else names[0][2]
+    if b"\\" in value:
+        raise bad_request("A multipart part names its field ambiguously.")
+    return value
 
 
 def forwarded_headers(headers: Sequence[tuple[bytes, bytes]], also_drop: frozenset[bytes]) -> list[bytes]:
@@ -1335,11 +1357,11 @@ POOL_MAX_IDLE = 128
 POOL_IDLE_LIMIT_S = 50.0  # below the 60 s idle timeout common to cloud load balancers
 REQUEST_DROP = frozenset({b"host", b"authorization", b"content-length", b"expect"})
 ORG_HEADERS = frozenset({b"openai-organization", b"openai-project"})
-RESPONSE_DROP = frozenset({b"content-length"})
 CORS_RESPONSE_HEADERS = frozenset({
     b"access-control-allow-origin", b"access-control-allow-credentials", b"access-control-expose-headers",
     b"access-control-allow-methods", b"access-control-allow-headers", b"access-control-max-age",
 })
+RESPONSE_DROP = frozenset({b"content-length"}) | CORS_RESPONSE_HEADERS
 
 
 class UpstreamError(Exception):
@@ -1383,29 +1405,33 @@ class Watchdog:
     for an answer nobody will read: that read ends with ClientGone.
     """
 
-    __slots__ = ("loop", "client", "client_timeout_s", "upstream_timeout_s", "client_deadline",
-                 "upstream_deadline", "upstream", "handle")
+    __slots__ = ("loop", "client", "client_transport", "client_timeout_s", "upstream_timeout_s", "client_deadline",
+                 "client_writing", "upstream_deadline", "upstream", "handle")
 
-    def __init__(self, client: asyncio.StreamReader, client_timeout_s: float, upstream_timeout_s: float) -> None:
+    def __init__(self, client: asyncio.StreamReader, client_transport: asyncio.BaseTransport,
+                 client_timeout_s: float, upstream_timeout_s: float) -> None:
         self.loop = asyncio.get_running_loop()
         self.client = client
+        self.client_transport = client_transport
         self.client_timeout_s = client_timeout_s
         self.upstream_timeout_s = upstream_timeout_s
         self.client_deadline: float | None = None
+        self.client_writing = False
         self.upstream_deadline: float | None = None
-        self.upstream: asyncio.StreamReader | None = None
+        self.upstream: UpstreamConnection | None = None
         self.handle: asyncio.TimerHandle | None = None
 
-    def arm_client(self) -> None:
-        """The client has --header-timeout to deliver what is read next."""
+    def arm_client(self, writing: bool = False) -> None:
+        """The client has --header-timeout to deliver what is read next, or to take what is written."""
         self.client_deadline = deadline = self.loop.time() + self.client_timeout_s
+        self.client_writing = writing
         self.wake_by(deadline)
 
     def disarm_client(self) -> None:
         self.client_deadline = None
 
-    def arm_upstream(self, upstream: asyncio.StreamReader) -> None:
-        """The upstream has --read-timeout to send what is read next."""
+    def arm_upstream(self, upstream: UpstreamConnection) -> None:
+        """The upstream has --read-timeout to send what is read next, or to take what is written."""
         now = self.loop.time()
         self.upstream = upstream
         self.upstream_deadline = deadline = now + self.upstream_timeout_s
@@ -1430,15 +1456,19 @@ class Watchdog:
         if self.client_deadline is not None:
             if now >= self.client_deadline:
                 self.client_deadline = None
-                self.client.set_exception(TimeoutError("the client was too slow"))
+                if self.client_writing:  # a client that stopped reading: only closing ends the wait
+                    self.client_transport.abort()
+                else:
+                    self.client.set_exception(TimeoutError("the client was too slow"))
             else:
                 wake = self.client_deadline
-        if self.upstream_deadline is not None and self.upstream is not None:
-            if now >= self.upstream_deadline:
-                self.upstream.set_exception(TimeoutError("the upstream was silent too long"))
-                self.disarm_upstream()
-            elif self.client.at_eof():
-                self.upstream.set_exception(ClientGone("the client went away while the upstream was silent"))
+        upstream = self.upstream
+        if self.upstream_deadline is not None and upstream is not None:
+            if now >= self.upstream_deadline or self.client.at_eof():
+                gone = now < self.upstream_deadline
+                upstream.reader.set_exception(ClientGone("the client went away while the upstream was silent")
+                                              if gone else TimeoutError("the upstream was silent too long"))
+                upstream.abort()  # also ends a write stuck on an upstream that stopped reading
                 self.disarm_upstream()
             else:
                 wake = min(wake, self.upstream_deadline, now + CLIENT_CHECK_S)
@@ -1458,9 +1488,21 @@ class UpstreamConnection:
     idle_since: float = 0.0
 
     def close(self) -> None:
+        """Retire a connection whose exchange ended cleanly (TLS close_notify, then FIN)."""
+        if not self.writer.transport.is_closing():
+            self.writer.close()
+
+    def abort(self) -> None:
+        """Drop a connection at once with a TCP reset, so the upstream stops working on it now. A plain
+        close would queue the FIN behind unsent bytes that an upstream which stopped reading never takes."""
         transport = self.writer.transport
-        if not transport.is_closing():
-            transport.abort()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        transport.abort()
 
 
 class UpstreamPool:
@@ -1569,8 +1611,9 @@ def build_client_head(resp: ResponseHead, keep_alive: bool, chunked: bool, cors:
     """
     parts = [b"HTTP/1.1 %d " % resp.status + resp.reason + b"\r\n"]
     # For a body-less answer (HEAD, 204, 304) the upstream's Content-Length describes the resource: keep it.
-    drop = frozenset() if resp.body_kind == "none" else RESPONSE_DROP
-    parts.extend(forwarded_headers(resp.headers, drop | CORS_RESPONSE_HEADERS if cors else drop))
+    # CORS is SOAKP's policy (--cors-origins), never the upstream's: its own CORS headers are dropped.
+    drop = CORS_RESPONSE_HEADERS if resp.body_kind == "none" else RESPONSE_DROP
+    parts.extend(forwarded_headers(resp.headers, drop))
     parts.append(cors)
     if resp.body_kind == "length":
         parts.append(b"Content-Length: %d\r\n" % resp.content_length)
@@ -1657,7 +1700,7 @@ async def read_upstream_body(conn: UpstreamConnection, resp: ResponseHead, watch
     reader = conn.reader
 
     async def wait(read: Any) -> Any:
-        watchdog.arm_upstream(reader)
+        watchdog.arm_upstream(conn)
         try:
             return await read
         finally:
@@ -1711,7 +1754,7 @@ async def read_response_head(conn: UpstreamConnection, method: str, watchdog: Wa
     """
     while True:
         try:
-            watchdog.arm_upstream(conn.reader)
+            watchdog.arm_upstream(conn)
             try:
                 data = await conn.reader.readuntil(b"\r\n\r\n")
             finally:
@@ -1728,13 +1771,21 @@ async def read_response_head(conn: UpstreamConnection, method: str, watchdog: Wa
             return resp
 
 
-async def write_client(writer: asyncio.StreamWriter, data: bytes) -> None:
-    """Write and wait for the buffer to drain, so a slow client slows the upstream instead of filling memory."""
+async def write_client(writer: asyncio.StreamWriter, data: bytes, watchdog: Watchdog | None = None) -> None:
+    """Write and wait for the buffer to drain, so a slow client slows the upstream instead of filling memory.
+
+    With a watchdog, a client that takes nothing for --header-timeout is disconnected.
+    """
     writer.write(data)
+    if watchdog is not None:
+        watchdog.arm_client(writing=True)
     try:
         await writer.drain()
     except (ConnectionError, RuntimeError) as exc:
         raise ClientGone("client went away") from exc
+    finally:
+        if watchdog is not None:
+            watchdog.disarm_client()
 
 
 USAGE_WHOLE_BYTES = 1024 * 1024  # JSON answers up to this are parsed whole; larger ones from their tail
@@ -1798,7 +1849,8 @@ class UsageMeter:
         self.inflater = zlib.decompressobj(wbits=47 if encoding == b"gzip" else 15) if encoding else None
         self.decoded_bytes = 0
         self.buffer = bytearray()
-        self.whole = True
+        self.whole = True  # False once a JSON body, or the current SSE line, outgrew USAGE_WHOLE_BYTES
+        self.head = b""  # the first bytes of a huge SSE line
         self.found: tuple[int, int] | None = None
 
     @classmethod
@@ -1837,9 +1889,20 @@ class UsageMeter:
         end = self.buffer.rfind(b"\n")
         if end == -1:
             if len(self.buffer) > USAGE_WHOLE_BYTES:
-                self.buffer.clear()  # an endless line is no event we can read
+                # A huge event (Responses' response.completed repeats the whole output): its usage comes
+                # last, so keep only the line's start and its tail.
+                if not self.whole:
+                    del self.buffer[:-USAGE_TAIL_BYTES]
+                else:
+                    self.head, self.whole = bytes(self.buffer[:8]), False
+                    del self.buffer[:-USAGE_TAIL_BYTES]
             return
         lines, self.buffer = bytes(self.buffer[:end]), self.buffer[end + 1:]
+        if not self.whole:  # the end of a huge line: read its usage from the tail
+            first, _, lines = lines.partition(b"\n")
+            if self.head.startswith(b"data:"):
+                self.found = last_usage_object(first) or self.found
+            self.whole = True
         if b'"usage"' not in lines:  # nearly every event: skip without parsing
             return
         for line in lines.split(b"\n"):
@@ -1906,6 +1969,8 @@ async def read_body_ahead(
     models = claims.permissions.models
     meter_stream = claims.permissions.max_tokens_total is not None and upstream_path == "/v1/chat/completions"
     content_type = head.header(b"content-type") if models is not None or meter_stream else None
+    if models is not None and len(head.index.get(b"content-type", ())) > 1:
+        raise bad_request("A request has one Content-Type.")
     multipart = media_type(content_type) == b"multipart/form-data"
     small = head.body_kind == "length" and head.content_length <= SMALL_BODY_BYTES
     if small:
@@ -1986,13 +2051,18 @@ def request_stream_usage(body: bytes) -> bytes | None:
     options = document.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:
         return None  # the client asked for usage itself: it gets it, and the meter reads it
-    if options is None:
+    if "stream_options" not in document:
         brace = body.index(b"{") + 1
         return body[:brace] + b'"stream_options":{"include_usage":true},' + body[brace:]
-    if not isinstance(options, dict):
+    if options is not None and not isinstance(options, dict):
         return None  # malformed: the upstream answers it
+    options = options or {}
     document["stream_options"] = {**options, "include_usage": True}
     return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+
+# An SSE event ends with a blank line; a line ends with CRLF, LF or CR (the SSE standard).
+SSE_EVENT_END_RE = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
 class SseUsageStripper:
@@ -2005,13 +2075,14 @@ class SseUsageStripper:
     def feed(self, piece: bytes) -> bytes:
         """Returns the complete events of the stream so far, cleaned; holds back a partial event."""
         self.buffer += piece
-        end = self.buffer.rfind(b"\n\n")
-        if end == -1:
+        ends = list(SSE_EVENT_END_RE.finditer(self.buffer))
+        if not ends:
             if len(self.buffer) > USAGE_WHOLE_BYTES:  # no event boundary in sight: pass it on unchanged
                 out, self.buffer = self.buffer, b""
                 return out
             return b""
-        events, self.buffer = self.buffer[:end + 2], self.buffer[end + 2:]
+        end = ends[-1].end()
+        events, self.buffer = self.buffer[:end], self.buffer[end:]
         return self.clean(events)
 
     def flush(self) -> bytes:
@@ -2023,7 +2094,9 @@ class SseUsageStripper:
         if b'"usage"' not in events:
             return events
         kept = []
-        for event in events.split(b"\n\n"):
+        start = 0
+        for end in [m.end() for m in SSE_EVENT_END_RE.finditer(events)] + [len(events)]:
+            event, start = events[start:end], end
             if event.startswith(b"data:") and b'"usage":{' in event:
                 try:
                     document = json.loads(event[5:])
@@ -2033,7 +2106,7 @@ class SseUsageStripper:
                         isinstance(document.get("usage"), dict):
                     continue
             kept.append(event.replace(b',"usage":null', b""))
-        return b"\n\n".join(kept)
+        return b"".join(kept)
 
 
 def frame_body(data: bytes, chunked: bool, final: bool) -> bytes:
@@ -2055,7 +2128,9 @@ async def forward(
     config = state.config
     body = await read_body_ahead(state, exchange, reader, writer, head, claims, upstream_path)
     if body.rewritten:  # the whole body, changed: sent with its own Content-Length
-        first_write = build_upstream_head(head, upstream_path, claims, config.upstream, len(body.read_ahead))
+        # Uncompressed, so that the usage event SOAKP asked for can be taken out of the stream again.
+        first_write = build_upstream_head(head, upstream_path, claims, config.upstream, len(body.read_ahead),
+                                          also_drop=frozenset({b"accept-encoding"}))
         first_write += body.read_ahead
     else:
         first_write = build_upstream_head(head, upstream_path, claims, config.upstream) + frame_body(
@@ -2070,12 +2145,13 @@ async def forward(
         try:
             conn.writer.write(first_write)
             if body.rest is not None:
-                exchange.bytes_in += await send_rest_of_body(conn, body, head.body_kind == "chunked")
+                exchange.bytes_in += await send_rest_of_body(conn, body, head.body_kind == "chunked",
+                                                             exchange.watchdog)
                 exchange.body_consumed = True
             resp = await read_response_head(conn, head.method, exchange.watchdog)
             break
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
-            conn.close()
+            conn.abort()
             exchange.upstream = None
             # An idle keep-alive connection the upstream closed just as we reused it: safe to try once
             # more on a new connection, because the upstream saw no complete request.
@@ -2084,12 +2160,13 @@ async def forward(
             raise UpstreamError(502, f"The upstream connection broke ({exc.__class__.__name__}).",
                                 "reset") from None
         except BaseException:
-            conn.close()
+            conn.abort()
             exchange.upstream = None
             raise
 
     keep_alive = head.keep_alive and not state.shutting_down
-    strip = exchange.strip_usage_event and resp.status == 200
+    strip = (exchange.strip_usage_event and resp.status == 200
+             and (resp.header(b"content-encoding") or b"identity").strip().lower() == b"identity")
     chunked = (resp.body_kind in ("chunked", "close") or strip and resp.body_kind == "length") and head.http_minor == 1
     if resp.body_kind == "close" and not chunked or strip and resp.body_kind == "length" and not chunked:
         keep_alive = False
@@ -2139,7 +2216,7 @@ async def forward(
                             continue
                     if chunked:
                         piece = b"%x\r\n" % len(piece) + piece + b"\r\n"
-                    await write_client(writer, piece)
+                    await write_client(writer, piece, exchange.watchdog)
                     exchange.bytes_out += len(piece)
                 tail = stripper.flush() if stripper else b""
                 if chunked:
@@ -2150,7 +2227,7 @@ async def forward(
             finally:
                 state.metrics.streams_open -= 1
     except BaseException:
-        conn.close()
+        conn.abort()
         exchange.upstream = None
         raise
     finally:
@@ -2165,7 +2242,7 @@ async def forward(
     return keep_alive
 
 
-async def send_rest_of_body(conn: UpstreamConnection, body: RequestBody, chunked: bool) -> int:
+async def send_rest_of_body(conn: UpstreamConnection, body: RequestBody, chunked: bool, watchdog: Watchdog) -> int:
     """Stream the rest of a request body upstream piece by piece as it arrives. Returns its size."""
     assert body.rest is not None
     size = 0
@@ -2174,11 +2251,22 @@ async def send_rest_of_body(conn: UpstreamConnection, body: RequestBody, chunked
             body.inspect(piece)
         size += len(piece)
         conn.writer.write(b"%x\r\n" % len(piece) + piece + b"\r\n" if chunked else piece)
-        await conn.writer.drain()
+        await drain_upstream(conn, watchdog)
     if chunked:
         conn.writer.write(b"0\r\n\r\n")
-    await conn.writer.drain()
+    await drain_upstream(conn, watchdog)
     return size
+
+
+async def drain_upstream(conn: UpstreamConnection, watchdog: Watchdog) -> None:
+    """Wait until the upstream takes what was written, within --read-timeout."""
+    watchdog.arm_upstream(conn)
+    try:
+        await conn.writer.drain()
+    except TimeoutError:  # drain() raises what the watchdog set on the connection's reader
+        raise UpstreamError(504, "The upstream stopped taking the request body.", "write_timeout") from None
+    finally:
+        watchdog.disarm_upstream()
 
 
 WEBSOCKET_PATH = "/v1/realtime"
@@ -2209,7 +2297,7 @@ def build_switching_head(resp: ResponseHead, offered: Sequence[str], cors: bytes
     if chosen is None and safe:
         chosen = safe[0]
     parts = [b"HTTP/1.1 101 " + (resp.reason or b"Switching Protocols") + b"\r\n"]
-    parts.extend(forwarded_headers(resp.headers, WEBSOCKET_DROP | CORS_RESPONSE_HEADERS if cors else WEBSOCKET_DROP))
+    parts.extend(forwarded_headers(resp.headers, WEBSOCKET_DROP | CORS_RESPONSE_HEADERS))
     parts.append(b"Upgrade: websocket\r\nConnection: Upgrade\r\n")
     if chosen is not None:
         parts.append(b"Sec-WebSocket-Protocol: " + chosen.encode("latin-1") + b"\r\n")
@@ -2285,7 +2373,7 @@ async def tunnel_websocket(
             state.metrics.streams_open -= 1
         return False
     finally:
-        conn.close()
+        conn.abort()
         exchange.upstream = None
         exchange.upstream_s = time.monotonic() - exchange.upstream_started
 
@@ -2520,6 +2608,7 @@ class Metrics:
     upstream_errors: dict[str, int] = field(default_factory=dict)
     tokens_used: dict[tuple[str, str], int] = field(default_factory=dict)
     streams_open: int = 0
+    client_disconnects: int = 0
 
     def record(self, exchange: Exchange, elapsed_s: float) -> None:
         key = (exchange.route, f"{exchange.status // 100}xx" if exchange.status else "none")
@@ -2527,7 +2616,9 @@ class Metrics:
         self.latency.setdefault(exchange.route, Histogram()).observe(elapsed_s)
         if exchange.first_byte_s is not None:
             self.first_byte.setdefault(exchange.route, Histogram()).observe(exchange.first_byte_s)
-        if exchange.error_kind is not None:
+        if exchange.error_kind == "client_gone":
+            self.client_disconnects += 1
+        elif exchange.error_kind is not None:
             self.upstream_errors[exchange.error_kind] = self.upstream_errors.get(exchange.error_kind, 0) + 1
         if exchange.usage is not None and exchange.claims is not None:
             for kind, count in zip(("prompt", "completion"), exchange.usage, strict=True):
@@ -2550,6 +2641,9 @@ class Metrics:
         lines += ["# HELP soakp_upstream_errors_total Upstream failures, by kind.",
                   "# TYPE soakp_upstream_errors_total counter"]
         lines += [f'soakp_upstream_errors_total{{kind="{k}"}} {n}' for k, n in sorted(self.upstream_errors.items())]
+        lines += ["# HELP soakp_client_disconnects_total Requests whose client left before the answer was complete.",
+                  "# TYPE soakp_client_disconnects_total counter",
+                  f"soakp_client_disconnects_total {self.client_disconnects}"]
         lines += ["# HELP soakp_open_connections Client connections open now.", "# TYPE soakp_open_connections gauge",
                   f"soakp_open_connections {connections}",
                   "# HELP soakp_open_streams Responses being streamed now.", "# TYPE soakp_open_streams gauge",
@@ -2702,6 +2796,7 @@ async def read_json_body(reader: asyncio.StreamReader, head: RequestHead, config
         data = await read_whole(read_request_body(reader, head, ADMIN_BODY_LIMIT_BYTES, exchange.watchdog),
                                 ADMIN_BODY_LIMIT_BYTES, "The request body")
     exchange.body_consumed = True
+    exchange.bytes_in = len(data)
     try:
         fields = json.loads(data) if data.strip() else {}
     except (ValueError, UnicodeDecodeError):
@@ -2784,11 +2879,27 @@ def revocation_target(state: ServerState, fields: Mapping[str, Any]) -> tuple[st
 
 async def handle_refresh(state: ServerState, reader: asyncio.StreamReader, head: RequestHead,
                          exchange: Exchange) -> tuple[int, bytes, str]:
-    """POST /jwt/refresh: a new token with the same claims; the presented one is revoked."""
+    """POST /jwt/refresh: a new token with the same claims; the presented one is revoked.
+
+    The new token carries on the old one's limits: the rest of its budget, its place in the rate
+    limit, its origins. Otherwise refreshing would be a way around them.
+    """
     claims = state.tokens.verify(bearer_token(head), time.time())
     exchange.claims = claims
     await read_json_body(reader, head, state.config, exchange)
-    minted = await issue_token(state, claims.regrant(int(time.time()), state.config.max_token_ttl_s))
+    claims = state.tokens.verify(bearer_token(head), time.time())  # again: a concurrent refresh may have won
+    check_origin(claims, head)
+    grant = claims.regrant(int(time.time()), state.config.max_token_ttl_s)
+    budget = claims.permissions.max_tokens_total
+    if budget is not None:
+        left = budget - state.spent.get(claims.jti, 0)
+        if left <= 0:
+            raise ApiError(429, "This token has used its whole token budget (max_tokens_total).",
+                           "insufficient_quota", "insufficient_quota")
+        grant = dataclasses.replace(grant, permissions=dataclasses.replace(grant.permissions, max_tokens_total=left))
+    state.revoked[claims.jti] = claims.exp  # at once, before any await: one refresh per token wins
+    minted = await issue_token(state, grant)
+    state.rate.inherit(claims.jti, minted.jti)
     await revoke_jti(state, claims.jti, claims.exp)
     return 201, json_bytes(token_reply(minted)), "application/json"
 
@@ -2834,6 +2945,15 @@ def preflight_response(state: ServerState, head: RequestHead, origin: str | None
     return plain_response(204, b"", None, head.keep_alive and head.body_kind == "none", headers)
 
 
+def check_origin(claims: TokenClaims, head: RequestHead) -> None:
+    """A browser's Origin must be one of the token's `origins`. Raises ApiError(403)."""
+    origins = claims.permissions.origins
+    if origins is not None:
+        origin = head.header(b"origin")
+        if origin is not None and origin.decode("latin-1").lower() not in origins:
+            raise ApiError(403, "This token may not be used from this origin.", "origin_not_allowed")
+
+
 def check_permissions(state: ServerState, claims: TokenClaims, head: RequestHead, upstream_path: str,
                       now: float) -> None:
     """Enforce a token's paths, origins, rpm and budget before anything is sent upstream.
@@ -2843,10 +2963,7 @@ def check_permissions(state: ServerState, claims: TokenClaims, head: RequestHead
     permissions = claims.permissions
     if permissions.paths is not None and not path_allowed(permissions.paths, upstream_path):
         raise ApiError(403, f"This token may not call {safe_label(upstream_path)}.", "path_not_allowed")
-    if permissions.origins is not None:
-        origin = head.header(b"origin")
-        if origin is not None and origin.decode("latin-1").lower() not in permissions.origins:
-            raise ApiError(403, "This token may not be used from this origin.", "origin_not_allowed")
+    check_origin(claims, head)
     if permissions.max_tokens_total is not None and state.spent.get(claims.jti, 0) >= permissions.max_tokens_total:
         raise ApiError(429, "This token has used its whole token budget (max_tokens_total).", "insufficient_quota",
                        "insufficient_quota")
@@ -2882,7 +2999,8 @@ async def handle_request(
         websocket = upstream_path == WEBSOCKET_PATH and is_websocket_upgrade(head)
         claims = state.tokens.verify(websocket_token(head) if websocket else bearer_token(head), now)
         exchange.claims = claims
-        exchange.metered = True
+        # Usage is spent when an answer is made (POST); fetching a stored one later must not count it again.
+        exchange.metered = head.method == "POST"
         record_use(state, claims, int(now))
         check_permissions(state, claims, head, upstream_path, now)
         if websocket:
@@ -3103,7 +3221,7 @@ async def handle_connection(state: ServerState, reader: asyncio.StreamReader, wr
     state.connections.add(writer)
     exchange: Exchange | None = None
     head: RequestHead | None = None
-    watchdog = Watchdog(reader, config.header_timeout_s, config.read_timeout_s)
+    watchdog = Watchdog(reader, writer.transport, config.header_timeout_s, config.read_timeout_s)
     try:
         if len(state.connections) > config.max_connections:
             await answer_error(reader, writer, ApiError(503, "SOAKP is at its connection limit; try again.",
@@ -3151,7 +3269,7 @@ async def handle_connection(state: ServerState, reader: asyncio.StreamReader, wr
             finally:
                 state.busy.discard(writer)
                 if exchange.upstream is not None:
-                    exchange.upstream.close()
+                    exchange.upstream.abort()
             finish_exchange(state, exchange, peer, head)
             exchange = None
             if not keep_alive or state.shutting_down:
@@ -3178,6 +3296,9 @@ def build_state(config: Config) -> ServerState:
     upstream_tls = upstream_ssl_context(config.upstream_ca) if config.upstream.tls else None
     registry = TokenRegistry(config.db)
     now = int(time.time())
+    pruned = registry.prune(now)
+    if pruned:
+        log.info("pruned %d expired tokens from the registry", pruned)
     revoked = registry.revoked_jtis(now)
     spent = {row["jti"]: row["prompt_tokens"] + row["completion_tokens"] for row in registry.list()
              if row["expires_at"] > now and (row["prompt_tokens"] or row["completion_tokens"])}
