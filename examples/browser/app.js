@@ -1,0 +1,160 @@
+// The browser side of the SOAKP story. No build step: the official `openai` SDK is an ES module that our
+// own backend serves (make demo vendors it with `npm install openai`).
+const $ = (id) => document.getElementById(id);
+
+// What happened, for people (the page) and for the headless test (window.demo.state).
+const state = {
+  refreshes: 0,
+  tokenError: null,
+  chat: { chunks: 0, text: "", done: false, error: null },
+  realtime: { protocol: null, echo: null, closeCode: null, error: null },
+};
+window.demo = { state };
+
+let OpenAI;
+try {
+  ({ default: OpenAI } = await import("/vendor/openai/index.mjs"));
+} catch (error) {
+  $("token-status").textContent = "The openai SDK is not there: run `make demo` (it runs npm install openai).";
+  throw error;
+}
+
+// 1. The token ---------------------------------------------------------------------------------------------
+// Our backend mints it: short-lived, usable only from this origin, for this page's endpoints and models.
+// Before it expires, SOAKP swaps it for a fresh one: POST /jwt/refresh with the token as Bearer.
+
+async function tokenFromBackend() {
+  const response = await fetch("/api/soakp-token", { method: "POST" });
+  if (!response.ok) throw new Error(`the backend gave no token (${response.status})`);
+  return response.json(); // {token, expires_at, soakp_url, chat_model, realtime_model}
+}
+
+let session = await tokenFromBackend();
+
+async function refreshAtSoakp() {
+  const response = await fetch(`${session.soakp_url}/jwt/refresh`, {
+    method: "POST",
+    headers: { Authorization: `Bearer ${session.token}` },
+  });
+  if (!response.ok) throw new Error(`SOAKP refused the refresh (${response.status})`);
+  const { data } = await response.json();
+  return { ...session, token: data.jwt, expires_at: data.expires_at };
+}
+
+function scheduleRefresh() {
+  const leftMs = session.expires_at * 1000 - Date.now();
+  setTimeout(async () => {
+    try {
+      session = await refreshAtSoakp();
+      state.refreshes += 1;
+    } catch (error) {
+      // Revoked, or expired while the laptop slept: get a new one from our backend instead.
+      state.tokenError = String(error);
+      try {
+        session = await tokenFromBackend();
+      } catch (again) {
+        state.tokenError = String(again);
+      }
+    }
+    showToken();
+    scheduleRefresh();
+  }, Math.max(1000, leftMs * 0.8)); // at 80% of its remaining lifetime
+}
+
+function showToken() {
+  const until = new Date(session.expires_at * 1000).toLocaleTimeString();
+  $("token-status").textContent = `Token valid until ${until}; refreshed ${state.refreshes} times.` +
+    (state.tokenError ? ` Last problem: ${state.tokenError}` : "");
+}
+
+// 2. A streamed chat completion with the official SDK ------------------------------------------------------
+
+const client = new OpenAI({
+  baseURL: `${session.soakp_url}/v1`,
+  apiKey: async () => session.token, // asked before every request, so it is always the current token
+  dangerouslyAllowBrowser: true, // safe here: the page holds a SOAKP token, not the OpenAI key
+});
+
+async function chat(text) {
+  const output = $("chat-output");
+  output.textContent = "";
+  Object.assign(state.chat, { chunks: 0, text: "", done: false, error: null });
+  $("chat-status").textContent = "streaming…";
+  try {
+    const stream = await client.chat.completions.create({
+      model: session.chat_model,
+      stream: true,
+      messages: [{ role: "user", content: text }],
+    });
+    for await (const chunk of stream) {
+      const piece = chunk.choices[0]?.delta?.content;
+      if (piece) {
+        output.textContent += piece;
+        state.chat.chunks += 1;
+        state.chat.text = output.textContent;
+      }
+    }
+    state.chat.done = true;
+    $("chat-status").textContent = `done: ${state.chat.chunks} chunks`;
+  } catch (error) {
+    state.chat.error = String(error);
+    $("chat-status").textContent = `failed: ${error.message}`;
+  }
+  return state.chat;
+}
+
+// 3. The Realtime API over a WebSocket ---------------------------------------------------------------------
+// A browser cannot set Authorization on a WebSocket, so the token travels as a subprotocol; SOAKP swaps it
+// for the key. SOAKP's answer names "realtime", never the protocol that carries the token.
+
+function realtime(text) {
+  const log = (line) => { $("realtime-log").textContent += line + "\n"; };
+  Object.assign(state.realtime, { protocol: null, echo: null, closeCode: null, error: null });
+  $("realtime-log").textContent = "";
+  return new Promise((resolve) => {
+    const url = `${session.soakp_url.replace(/^http/, "ws")}/v1/realtime?model=${encodeURIComponent(session.realtime_model)}`;
+    const ws = new WebSocket(url, ["realtime", `openai-insecure-api-key.${session.token}`]);
+    ws.onopen = () => {
+      state.realtime.protocol = ws.protocol;
+      log(`connected (subprotocol "${ws.protocol}")`);
+    };
+    ws.onmessage = (message) => {
+      const event = JSON.parse(message.data);
+      if (event.type === "session.created") {
+        log(`← session.created (model ${event.session?.model})`);
+        const item = { type: "conversation.item.create",
+                       item: { type: "message", role: "user", content: [{ type: "input_text", text }] } };
+        ws.send(JSON.stringify(item));
+        log(`→ ${item.type}: ${text}`);
+      } else {
+        const said = event.item?.content?.[0]?.text;
+        log(`← ${event.type}${said === undefined ? "" : `: ${said}`}`);
+        state.realtime.echo = said ?? null;
+        ws.close(1000, "done");
+      }
+    };
+    ws.onerror = () => {
+      state.realtime.error = "WebSocket error";
+      log("error (see the browser console)");
+    };
+    ws.onclose = (event) => {
+      state.realtime.closeCode = event.code;
+      log(`closed (${event.code})`);
+      resolve(state.realtime);
+    };
+  });
+}
+
+// Wire up the page, and run both once so there is something to see. ---------------------------------------
+
+Object.assign(window.demo, { chat, realtime });
+showToken();
+scheduleRefresh();
+$("chat-form").addEventListener("submit", (event) => { event.preventDefault(); chat($("chat-input").value); });
+$("realtime-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  realtime($("realtime-input").value);
+});
+$("chat-send").disabled = $("realtime-send").disabled = false;
+await chat($("chat-input").value);
+await realtime($("realtime-input").value);
