@@ -1,0 +1,89 @@
+"""bench/run.py --quick starts every process and prints a row for every scenario.
+
+These tests check that the harness works, never how fast anything is: speed is what `make bench` is for,
+on a quiet machine. They take about 15 s each.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_PY = ROOT / "bench" / "run.py"
+QUICK_TIMEOUT_S = 100.0
+
+# Every row the table must have, in order (bench/run.py ROW_IDS).
+ROW_IDS = [
+    "start_src", "start_pyz", "idle_rss",
+    "c1_p50", "c1_p99", "c1_added_p50", "c1_added_p99", "c1_cpu",
+    "c16_rps", "c16_cpu", "c64_rps", "c64_cpu", "c64_vs_c16", "upstream_conns",
+    "sse_ttfc", "sse_delay_p50", "sse_delay_p99", "sse_coalesced",
+    "hold_errors", "hold_peak_rss",
+]
+# Rows whose direct column is a measurement (the others have no direct counterpart).
+DIRECT_ROWS = {"c1_p50", "c1_p99", "c16_rps", "c64_rps", "c64_vs_c16", "sse_ttfc", "sse_delay_p50",
+               "sse_delay_p99", "sse_coalesced"}
+METRICS = ["start → first proxied answer", "RSS after the first answer", "latency p50", "latency p99",
+           "latency added over direct", "proxy CPU per request", "requests/s", "new upstream TLS connections",
+           "time to first event", "relay delay per event", "events that arrived together", "held streams",
+           "peak RSS while holding them"]
+
+
+def run_quick(tmp_path: Path, *extra: str) -> tuple[str, dict]:
+    """Run `bench/run.py --quick`; on timeout SIGTERM it, so that it stops what it started."""
+    report = tmp_path / "bench.json"
+    proc = subprocess.Popen(
+        [sys.executable, str(RUN_PY), "--quick", "--json", str(report), *extra],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    try:
+        out, err = proc.communicate(timeout=QUICK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        pytest.fail(f"bench/run.py --quick took over {QUICK_TIMEOUT_S}s:\n{out}\n{err}")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{err}"
+    return out, json.loads(report.read_text())
+
+
+def is_measured(value: object) -> bool:
+    return isinstance(value, (int, float)) or isinstance(value, str) and value[:1].isdigit()
+
+
+def check_rows(out: str, report: dict) -> dict[str, dict]:
+    rows = {row["id"]: row for row in report["rows"]}
+    assert [row["id"] for row in report["rows"]] == ROW_IDS
+    for metric in METRICS:
+        assert metric in out, f"no {metric!r} row in the table:\n{out}"
+    for row_id in ROW_IDS:
+        soakp = rows[row_id]["soakp"]
+        if row_id == "start_pyz":
+            continue  # dist/soakp.pyz is another target's build product: absent, stale or broken, the row is there
+        assert is_measured(soakp), f"{row_id}: SOAKP gave {soakp!r}"
+        if row_id in DIRECT_ROWS:
+            assert is_measured(rows[row_id]["direct"]), f"{row_id}: direct gave {rows[row_id]['direct']!r}"
+    return rows
+
+
+def test_quick_bench_prints_every_scenario(tmp_path: Path) -> None:
+    out, report = run_quick(tmp_path)
+    rows = check_rows(out, report)
+    nginx_installed = report["meta"]["nginx"] != "not installed"
+    for row_id in ROW_IDS:
+        nginx = rows[row_id]["nginx"]
+        if row_id in ("start_pyz", "c1_added_p50", "c1_added_p99") or nginx is None:
+            continue
+        assert is_measured(nginx) if nginx_installed else nginx == "not installed", f"{row_id}: nginx {nginx!r}"
+
+
+def test_quick_bench_without_wrk_or_nginx_uses_the_python_fallbacks(tmp_path: Path) -> None:
+    out, report = run_quick(tmp_path, "--without", "wrk", "--without", "nginx")
+    rows = check_rows(out, report)
+    assert "bench/clients.py" in report["meta"]["load_generator"]
+    assert rows["c16_rps"]["nginx"] == "skipped"
