@@ -95,6 +95,14 @@ zipapp: $(SHIV_VENV)/bin/shiv
 bench: venv
 	$(BIN)/python bench/run.py $(ARGS)
 
+# `make demo`: the browser story of examples/browser/ against a fake OpenAI (no account needed): starts the
+# fake, SOAKP and the page's backend, then prints the URL to open. The first run installs the openai npm
+# package into examples/browser/.cache/. DEMO_PORT is the page's port; ARGS='--ttl 30' shortens the token.
+DEMO_PORT ?= 8787
+.PHONY: demo
+demo: venv
+	$(BIN)/python examples/browser/demo.py --port $(DEMO_PORT) $(ARGS)
+
 # Removes what a build or test run creates; keeps $(VAR)/ (dev secret, admin password, certificate, db).
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
