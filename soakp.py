@@ -1024,8 +1024,8 @@ class ResponseHead:
         return values[0] if values else None
 
 
-def bad_request(message: str, status: int = 400) -> ApiError:
-    return ApiError(status, message, "invalid_request")
+def bad_request(message: str, status: int = 400, param: str | None = None) -> ApiError:
+    return ApiError(status, message, "invalid_request", param=param)
 
 
 def split_header_lines(lines: Sequence[bytes]) -> tuple[list[tuple[bytes, bytes]], dict[bytes, list[bytes]]]:
@@ -2281,6 +2281,26 @@ def offered_subprotocols(head: RequestHead) -> list[str]:
             for p in value.decode("latin-1").split(",") if p.strip()]
 
 
+def websocket_model(claims: TokenClaims, upstream_path: str, query: str) -> str | None:
+    """The `model` of a WebSocket session (the Realtime API names it in the query), checked against a
+    models-limited token. Such a token must name exactly one allowed model up front: a tunnel cannot see
+    what a session asks for later (a Responses WebSocket, or a call joined by call_id).
+
+    Raises ApiError 400 or 403.
+    """
+    models = urllib.parse.parse_qs(query[1:], keep_blank_values=True).get("model", [])
+    if len(models) > 1:
+        raise bad_request("Name the model once.", param="model")
+    model = models[0] if models else None
+    allowed = claims.permissions.models
+    if allowed is not None:
+        if upstream_path != WEBSOCKET_PATH or not model:
+            raise ApiError(403, "This token is limited to certain models: open a Realtime session with "
+                                "/v1/realtime?model=<an allowed model>.", "model_not_allowed", param="model")
+        check_model(allowed, model)
+    return model
+
+
 def is_websocket_upgrade(head: RequestHead) -> bool:
     upgrade = head.header(b"upgrade")
     return head.method == "GET" and upgrade is not None and upgrade.strip().lower() == b"websocket"
@@ -2305,11 +2325,13 @@ def build_switching_head(resp: ResponseHead, offered: Sequence[str], cors: bytes
     return b"".join(parts)
 
 
-async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, activity: list[float]) -> None:
-    """Copy bytes one way until EOF or an error; `activity` holds the time of the last byte."""
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, activity: list[float],
+               moved: list[int]) -> None:
+    """Copy bytes one way until EOF or an error; `activity` holds the time of the last byte, `moved` the count."""
     try:
         while piece := await reader.read(READ_CHUNK_BYTES):
             activity[0] = time.monotonic()
+            moved[0] += len(piece)
             writer.write(piece)
             await writer.drain()
     except (ConnectionError, ssl.SSLError, RuntimeError):
@@ -2352,12 +2374,17 @@ async def tunnel_websocket(
             return False
         exchange.response_started = True
         exchange.first_byte_s = time.monotonic() - exchange.started
-        await write_client(writer, build_switching_head(resp, offered, cors))
+        request_id = resp.header(b"x-request-id")
+        if request_id is not None:
+            exchange.request_id = safe_for_log(request_id.decode("latin-1"))
+        switching = build_switching_head(resp, offered, cors)
+        exchange.bytes_out = len(switching)
+        await write_client(writer, switching)
         state.metrics.streams_open += 1
         try:
-            activity = [time.monotonic()]
-            tasks = {asyncio.create_task(pipe(reader, conn.writer, activity)),
-                     asyncio.create_task(pipe(conn.reader, writer, activity))}
+            activity, sent_up, sent_down = [time.monotonic()], [0], [0]
+            tasks = {asyncio.create_task(pipe(reader, conn.writer, activity, sent_up)),
+                     asyncio.create_task(pipe(conn.reader, writer, activity, sent_down))}
             deadline = time.monotonic() + WEBSOCKET_MAX_S
             try:
                 while True:
@@ -2365,10 +2392,15 @@ async def tunnel_websocket(
                     now = time.monotonic()
                     if done or now - activity[0] > config.read_timeout_s or now > deadline:
                         break
+                    # A session lives no longer than its token: revoked or expired ends it.
+                    if claims.jti in state.revoked or claims.exp <= time.time():
+                        log.info("closing a WebSocket session: its token jti=%s was revoked or expired", claims.jti)
+                        break
             finally:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                exchange.bytes_in, exchange.bytes_out = sent_up[0], exchange.bytes_out + sent_down[0]
         finally:
             state.metrics.streams_open -= 1
         return False
@@ -2996,7 +3028,7 @@ async def handle_request(
     if upstream_path is not None:
         exchange.route = metric_route(upstream_path)
         now = time.time()
-        websocket = upstream_path == WEBSOCKET_PATH and is_websocket_upgrade(head)
+        websocket = is_websocket_upgrade(head)
         claims = state.tokens.verify(websocket_token(head) if websocket else bearer_token(head), now)
         exchange.claims = claims
         # Usage is spent when an answer is made (POST); fetching a stored one later must not count it again.
@@ -3006,12 +3038,7 @@ async def handle_request(
         if websocket:
             if head.body_kind != "none":
                 raise bad_request("A WebSocket handshake has no body.")
-            models = urllib.parse.parse_qs(head.query[1:]).get("model", [None])
-            if len(models) != 1:
-                raise bad_request("Name the model once.")
-            exchange.model = models[0]
-            if claims.permissions.models is not None:
-                check_model(claims.permissions.models, models[0])
+            exchange.model = websocket_model(claims, upstream_path, head.query)
             return await tunnel_websocket(state, exchange, reader, writer, head, upstream_path, claims, cors)
         if head.body_kind == "length" and head.content_length > state.config.max_body_bytes:
             raise ApiError(413, f"The request body is over the limit of {state.config.max_body_bytes} bytes.",

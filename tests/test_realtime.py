@@ -420,6 +420,63 @@ def test_models_token_is_held_to_the_model_query(
         session_created(ws)
 
 
+@pytest.mark.parametrize("query", ["?model=", "", "?model=gpt-realtime&model=", "?call_id=rtc_123"])
+def test_models_token_must_name_an_allowed_model(
+    proxy: SoakpProcess, realtime: FakeRealtime, fake_upstream: FakeUpstream, query: str
+) -> None:
+    """Regression: a blank, missing or doubled `model`, or joining a call by id, slipped past a
+    models-limited token, since a tunnel never sees what the session asks for later."""
+    token = proxy.mint(models=["gpt-realtime"])
+    before = fake_upstream.connections_accepted
+    response = refused(proxy, path="/v1/realtime" + query, token=token)
+    assert response.status_code in (400, 403)
+    error_of(response, response.status_code)
+    assert_nothing_reached(fake_upstream, realtime, before)
+
+
+def test_models_token_cannot_open_other_websockets(
+    proxy: SoakpProcess, realtime: FakeRealtime, fake_upstream: FakeUpstream
+) -> None:
+    """A Responses WebSocket names its model inside the session, out of a tunnel's sight: refused."""
+    token = proxy.mint(models=["gpt-realtime"])
+    before = fake_upstream.connections_accepted
+    error = error_of(refused(proxy, path="/v1/responses?model=gpt-realtime", token=token), 403)
+    assert error["code"] == "model_not_allowed"
+    assert_nothing_reached(fake_upstream, realtime, before)
+
+
+def test_websocket_on_another_path_is_tunnelled(
+    proxy: SoakpProcess, minted: Minted, fake_upstream: FakeUpstream
+) -> None:
+    """Any endpoint works: a WebSocket upgrade on /v1/responses reaches the upstream as an upgrade."""
+    responses_ws = FakeRealtime().install(fake_upstream, path="/v1/responses")
+    with open_ws(proxy, path="/v1/responses", token=minted.token) as ws:
+        session_created(ws)
+        ws.send("response.create")
+        assert ws.recv(timeout=WAIT_S) == "response.create"
+    session = responses_ws.wait_for_session()
+    assert session.header_all("authorization") == [f"Bearer {minted.key}"]
+
+
+def test_revoking_a_token_ends_its_open_session(
+    proxy: SoakpProcess, minted: Minted, realtime: FakeRealtime
+) -> None:
+    """Regression: an open session outlived the revocation of its token."""
+    with open_ws(proxy, protocols=browser_protocols(minted.token)) as ws:
+        session_created(ws)
+        ws.send("before")
+        assert ws.recv(timeout=WAIT_S) == "before"
+        revoke(proxy, minted.jti)
+        closed_by_peer(ws, timeout_s=5)
+
+
+def test_an_expiring_token_ends_its_open_session(proxy: SoakpProcess, realtime: FakeRealtime) -> None:
+    token = proxy.mint(ttl=2)
+    with open_ws(proxy, token=token) as ws:
+        session_created(ws)
+        closed_by_peer(ws, timeout_s=6)
+
+
 def test_origin_bound_token(proxy: SoakpProcess, realtime: FakeRealtime, fake_upstream: FakeUpstream) -> None:
     token = proxy.mint(origins=[BROWSER_ORIGIN])
     before = fake_upstream.connections_accepted
