@@ -2430,6 +2430,7 @@ def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
 
 
 CERT_CHECK_INTERVAL_S = 5.0  # SPEC.md: a renewed pair is in use within 10 s
+NOT_TRIED = object()
 
 
 def pair_fingerprint(cert_file: str, key_file: str) -> tuple[tuple[int, int, int], ...] | None:
@@ -2462,7 +2463,7 @@ class CertReloader:
         self.key_file = key_file
         self.current = server_ssl_context(cert_file, key_file)
         self.loaded = pair_fingerprint(cert_file, key_file)
-        self.failed: object = None  # fingerprint of the last pair that did not load, to log it once
+        self.failed: object = NOT_TRIED  # fingerprint of the last pair that did not load, to log it once
         self.front = server_ssl_context(cert_file, key_file)
         self.front.sni_callback = self.pick_context
         log.info("TLS certificate serial %s from %s", certificate_serial(cert_file), cert_file)
@@ -2482,7 +2483,7 @@ class CertReloader:
                 log.warning("keeping the current certificate: the new pair does not load (%s); will retry", exc)
             self.failed = seen
             return False
-        self.current, self.loaded, self.failed = context, seen, None
+        self.current, self.loaded, self.failed = context, seen, NOT_TRIED
         log.info("TLS certificate reloaded: serial %s", certificate_serial(self.cert_file))
         return True
 
@@ -3359,9 +3360,10 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     server_tls = certs.front if certs else None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    handlers = [(signal.SIGTERM, stop.set), (signal.SIGINT, stop.set)]
-    if certs:
-        handlers.append((signal.SIGHUP, lambda: certs.reload(force=True)))
+    handlers = [(signal.SIGTERM, stop.set), (signal.SIGINT, stop.set),
+                # SIGHUP must never kill the server (systemd's ExecReload sends it): without TLS it only logs.
+                (signal.SIGHUP, (lambda: certs.reload(force=True)) if certs else
+                 (lambda: log.info("SIGHUP: no certificate to reload (serving plain HTTP)")))]
     for signum, handler in handlers:
         try:
             loop.add_signal_handler(signum, handler)
@@ -3407,7 +3409,10 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         if state.busy:
             log.warning("shutdown grace over: closing %d unfinished requests", len(state.busy))
         for writer in list(state.connections):
-            writer.transport.abort()
+            if writer in state.busy:
+                writer.transport.abort()  # cut off: the grace is over
+            else:
+                writer.close()  # idle keep-alive connections get a clean close
         state.pool.close()
         for task in background:
             task.cancel()

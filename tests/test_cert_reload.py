@@ -136,3 +136,28 @@ def test_without_a_signal_a_changed_pair_is_served_within_10_seconds(
     assert time.monotonic() - landed <= SPEC_RELOAD_S
     assert count(proxy, KEPT_OLD) == 1
     assert count(proxy, RELOADED) == 1
+
+
+def test_a_missing_certificate_file_is_logged_by_the_file_check(
+    soakp: Callable[..., SoakpProcess], test_ca: CertAuthority, tmp_path: Path
+) -> None:
+    """Regression: a live link pointing nowhere was skipped silently by the 5 s check (only SIGHUP said
+    so). It is logged once, the old certificate stays in use, and the server keeps serving."""
+    proxy, lineage = start_on_version_1(soakp, test_ca, tmp_path)
+    (lineage.live / "fullchain.pem").unlink()
+    (lineage.live / "fullchain.pem").symlink_to("../../archive/soakp.test/missing.pem")
+    assert wait_until(lambda: count(proxy, KEPT_OLD) == 1, SPEC_RELOAD_S + 2), proxy.log_text()
+    assert served_serial(proxy) == lineage.serials[0]
+    assert proxy.alive
+
+
+def test_sighup_without_tls_only_logs(soakp: Callable[..., SoakpProcess]) -> None:
+    """Regression: without a certificate, SIGHUP (systemd's ExecReload) killed the server."""
+    proxy = soakp()
+    assert proxy.scheme == "http"
+    proxy.popen.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "no certificate to reload" in proxy.log_text(), 5), proxy.log_text()
+    with proxy.connect() as conn:
+        conn.send(build_request("GET", "/healthz"))
+        assert conn.read_response().status == 200
+    assert proxy.alive
