@@ -1283,8 +1283,9 @@ class MultipartModelScanner:
                     if self.state == "seek":
                         self.pending = self.pending[-len(self.delimiter):]
                     break
-                if self.state == "value":
-                    found.append(self.pending[:index].decode("utf-8", "replace"))
+                if self.state == "value":  # a value too long to be a model name reads the same however cut
+                    value = self.pending[:index]
+                    found.append(value.decode("utf-8", "replace") if len(value) <= MAX_MODEL_VALUE_BYTES else "")
                 self.pending = self.pending[index + len(self.delimiter):]
                 self.state = "after_delimiter"
             elif self.state == "after_delimiter":

@@ -1,6 +1,7 @@
 """What SOAKP's access log and usage accounting cost, in SOAKP's CPU time per request (issue #7).
 
     python bench/observability_cost.py [--requests N] [--connections C] [--rounds R] [--python PATH]
+    python bench/observability_cost.py micro      (the same costs in-process, one piece at a time)
 
 On 127.0.0.1 only, it starts:
   * two upstreams (this script, `upstream` mode): plain asyncio over TLS (a test CA from
@@ -12,16 +13,21 @@ On 127.0.0.1 only, it starts:
 Four variants: `--log-level warning` (no access log) or `info` (the default), times an answer with usage
 (SOAKP reads it and counts it per token and per sub) or without. For each, SOAKP's utime + stime from
 /proc/PID/stat are read around N requests, after a warm-up, and divided by N. Variants
-are interleaved round by round, so drift hits each alike; the table gives the median of R rounds and the
-difference from the cheapest variant, and "other load": the CPU that processes other than these used meanwhile
+are interleaved round by round, so drift hits each alike; the table gives the median of R rounds, the
+median of the per-round differences from the first variant, and "other load": the CPU that processes other than these used meanwhile
 (from /proc/stat), which says how far to trust a run. Nothing here asserts on speed. Every process started
 is stopped.
+
+On a shared machine the end-to-end figures move by several microseconds from round to round; `micro`
+times the pieces themselves (best of 5 timeit repeats, no sockets): reading the usage from an answer,
+recording it (per token and in the metrics), and building and writing an access log line.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import secrets
@@ -32,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -277,23 +284,86 @@ def measure(args: argparse.Namespace) -> int:
                 stop(child)
 
     medians = {label: statistics.median(values) for label, values in results.items()}
-    base = min(medians.values())
+    base_label = VARIANTS[0][0]
     print()
     print(f"SOAKP CPU per request: {args.requests} requests x {args.rounds} rounds, {args.connections} keep-alive "
           f"connections, {args.python} (uvloop: {uvloop_version(args.python) or 'no'}), {os.cpu_count()} CPUs")
-    print("| variant | CPU us/request (median) | rounds | over the cheapest | requests/s (median) | other load |")
+    print(f"| variant | CPU us/request (median) | rounds | over \"{base_label}\" (median of per-round differences) "
+          "| requests/s (median) | other load |")
     print("|---|---:|---|---:|---:|---:|")
     for label, _, _ in VARIANTS:
         shown = ", ".join(f"{v:.1f}" for v in results[label])
-        print(f"| {label} | {medians[label]:.1f} | {shown} | {medians[label] - base:+.1f} "
-              f"({(medians[label] / base - 1) * 100:+.1f}%) | {statistics.median(rates[label]):.0f} "
-              f"| {max(other[label]):.0f}% |")
+        paired = statistics.median(v - b for v, b in zip(results[label], results[base_label]))
+        print(f"| {label} | {medians[label]:.1f} | {shown} | {paired:+.1f} ({paired / medians[base_label] * 100:+.1f}%) "
+              f"| {statistics.median(rates[label]):.0f} | {max(other[label]):.0f}% |")
     print("other load: the largest share of all CPUs, in any round, busy with processes other than SOAKP, the "
           "upstream and the client; above a few percent the figures are noisy.")
     if args.json:
         Path(args.json).write_text(json.dumps({"results_us": results, "rates": rates, "other_load_pct": other,
                                                "requests": args.requests,
                                                "connections": args.connections}, indent=2))
+    return 0
+
+
+def micro(number: int) -> int:
+    """Time each piece of observability work per request, in-process, with and without usage."""
+    sys.path.insert(0, str(ROOT))
+    import soakp  # only this mode uses soakp's internals
+
+    config, _ = soakp.load_config(["serve", "--secret", "s" * 40, "--db", ":memory:"], {})
+    state = soakp.build_state(config)
+    head = soakp.parse_request_head(b"POST /v1/chat/completions HTTP/1.1\r\nHost: soakp\r\nContent-Length: "
+                                    b"%d\r\n\r\n" % len(CHAT_BODY))
+    claims = soakp.TokenClaims(jti="j" * 22, kid="k" * 16, sub="bench", iat=0, exp=2**31, key="sk-bench")
+    # Fields without a default (a per-request watchdog, say) are not used by what is timed here.
+    required = {f.name: None for f in dataclasses.fields(soakp.Exchange) if f.name != "started"
+                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+
+    def exchange(usage: tuple[int, int] | None) -> object:
+        return soakp.Exchange(started=time.monotonic(), **required, status=200, route="/v1/chat", claims=claims,
+                              metered=True, usage=usage, model="gpt-4o-mini", request_id="req_bench",
+                              upstream_started=1.0, upstream_s=0.001, first_byte_s=0.001, bytes_in=len(CHAT_BODY),
+                              bytes_out=600)
+
+    def best_us(run: object) -> float:
+        return min(timeit.repeat(run, number=number, repeat=5)) / number * 1e6
+
+    rows = []
+    with tempfile.TemporaryFile("w") as sink:
+        for with_usage in (False, True):
+            body = completion(with_usage)
+            resp = soakp.parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                             b"Content-Length: %d\r\n\r\n" % len(body), "POST")
+            done = exchange((9, 9) if with_usage else None)
+
+            def meter(resp: object = resp, body: bytes = body) -> object:
+                reader = soakp.UsageMeter.for_response(resp)
+                reader.feed(body)
+                return reader.usage()
+
+            def account(done: object = done) -> None:
+                soakp.record_outcome(state, done)
+                state.metrics.record(done, 0.002)
+
+            line = soakp.access_log_line(state, done, "127.0.0.1", head, 0.002)
+            batch = "\n".join([line] * 256) + "\n"  # SOAKP writes the access log in batches of up to 256
+
+            def write(batch: str = batch) -> None:
+                sink.write(batch)
+                sink.flush()
+
+            rows.append((with_usage, best_us(meter), best_us(account),
+                         best_us(lambda done=done: soakp.access_log_line(state, done, "127.0.0.1", head, 0.002)),
+                         min(timeit.repeat(write, number=max(1, number // 256), repeat=5)) / max(1, number // 256)
+                         / 256 * 1e6))
+    state.registry.close()
+    print(f"Per request, in microseconds (best of 5 x {number}), {sys.executable}:")
+    print("| answer | read usage (UsageMeter) | record it (token + metrics) | build access log line | "
+          "write it (batched) |")
+    print("|---|---:|---:|---:|---:|")
+    for with_usage, *figures in rows:
+        print(f"| {'with usage' if with_usage else 'without usage'} | " + " | ".join(f"{f:.2f}" for f in figures)
+              + " |")
     return 0
 
 
@@ -310,6 +380,8 @@ def main() -> int:
     up.add_argument("--cert", required=True)
     up.add_argument("--key", required=True)
     up.add_argument("--usage", choices=("yes", "no"), required=True)
+    pieces = sub.add_parser("micro")
+    pieces.add_argument("--number", type=int, default=20000, help="calls per timeit repeat")
     client = sub.add_parser("client")
     client.add_argument("--port", type=int, required=True)
     client.add_argument("--requests", type=int, required=True)
@@ -327,6 +399,8 @@ def main() -> int:
     if args.mode == "upstream":
         asyncio.run(serve_upstream(args.cert, args.key, args.usage == "yes"))
         return 0
+    if args.mode == "micro":
+        return micro(args.number)
     if args.mode == "client":
         asyncio.run(run_client(args.port, args.requests, args.connections))
         return 0

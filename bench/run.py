@@ -114,14 +114,19 @@ QUICK = Plan("quick", rate_s=1, warmup_s=0, concurrencies=(1, 16, 64), startup_t
 
 # /proc: CPU and memory of processes and of the machine ######################################################
 
-def proc_cpu_ticks(pid: int) -> int:
-    """utime + stime of a process (all its threads), in clock ticks; 0 once it is gone."""
+def proc_cpu_split(pid: int) -> tuple[int, int]:
+    """(utime, stime) of a process (all its threads), in clock ticks; zeros once it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return 0
+        return 0, 0
     fields = stat[stat.rindex(")") + 2:].split()
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5), counted after the comm field
+    return int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5), counted after the comm field
+
+
+def proc_cpu_ticks(pid: int) -> int:
+    """utime + stime of a process (all its threads), in clock ticks; 0 once it is gone."""
+    return sum(proc_cpu_split(pid))
 
 
 def thread_cpu_ticks(pid: int) -> dict[tuple[int, str], int]:
@@ -139,6 +144,14 @@ def thread_cpu_ticks(pid: int) -> dict[tuple[int, str], int]:
         fields = stat[stat.rindex(")") + 2:].split()
         ticks[(int(tid), stat[stat.index("(") + 1:stat.rindex(")")])] = int(fields[11]) + int(fields[12])
     return ticks
+
+
+def run_queue_wait_ns(pid: int) -> int:
+    """Time the process's main thread spent runnable but waiting for a CPU (/proc/PID/schedstat)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def proc_children(pid: int) -> list[int]:
@@ -528,13 +541,29 @@ class Proxy:
     started_s: float = 0.0
 
 
+# `python -m cProfile` times with the wall clock, which charges a function for the time its process sat
+# preempted; this charges the event loop thread's CPU time only. soakp's SIGTERM handling returns from
+# main(), so the stats are written on a normal stop.
+CPROFILE_WRAPPER = """\
+import cProfile, runpy, sys, time
+out, sys.argv = sys.argv[1], sys.argv[2:]
+profiler = cProfile.Profile(time.thread_time)
+try:
+    profiler.runcall(runpy.run_path, sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+finally:
+    profiler.dump_stats(out)
+"""
+
+
 def spawn_soakp(h: Harness, upstream_port: int, entry: Path | None, port: int, name: str = "soakp") -> Child:
     argv = [h.args.python, str(entry or h.soakp), "serve", "--listen", f"127.0.0.1:{port}",
             "--secret-file", str(h.dir / "secret"), "--db", str(h.dir / "soakp.db"),
             "--upstream", f"https://127.0.0.1:{upstream_port}", "--upstream-ca", str(h.dir / "ca" / "ca.pem"),
             "--log-level", h.args.soakp_log_level, "--shutdown-grace", "1s"]
     if h.args.profile == "cprofile" and name == "soakp-profiled":
-        argv[1:1] = ["-m", "cProfile", "-o", str(h.dir / "soakp.prof")]
+        argv[1:1] = ["-c", CPROFILE_WRAPPER, str(h.dir / "soakp.prof")]
     return h.spawn(name, argv, env=soakp_env(), keep_nofile=True)
 
 
@@ -1171,21 +1200,30 @@ def profile_soakp(h: Harness) -> int:
     log(f"profiling SOAKP ({h.args.profile}) under c=16 for {plan.profile_s} s")
     window = Window(proxy.child.pids())
     threads0 = thread_cpu_ticks(proxy.child.pid)
+    user0, system0 = proc_cpu_split(proxy.child.pid)
+    waited0 = run_queue_wait_ns(proxy.child.pid)
     figures, _ = run_load(h, f"http://127.0.0.1:{proxy.port}/v1/chat/completions", proxy.auth, 16, plan.profile_s)
     cpu_s = sum(window.close()["cpu_ticks"].values()) / CLK_TCK
     threads1 = thread_cpu_ticks(proxy.child.pid)
+    user1, system1 = proc_cpu_split(proxy.child.pid)
+    waited_us = (run_queue_wait_ns(proxy.child.pid) - waited0) / 1000 / max(1, figures["requests"])
     requests = max(1, figures["requests"])
     print(f"{figures['requests']:,} requests in {figures['duration_us'] / 1e6:.1f} s "
           f"({figures['errors'] + figures['non2xx']} errors); SOAKP CPU {cpu_s:.2f} s = "
-          f"{cpu_s / requests * 1e6:.0f} µs/request under the profiler")
+          f"{cpu_s / requests * 1e6:.0f} µs/request under the profiler, of which "
+          f"{(user1 - user0) / CLK_TCK * 1e6 / requests:.0f} in user space and "
+          f"{(system1 - system0) / CLK_TCK * 1e6 / requests:.0f} in the kernel (syscalls, loopback TCP)")
     print("per thread (/proc/PID/task; the first is the event loop's): " + ", ".join(
         f"{tid} {name} {(ticks - threads0.get((tid, name), 0)) / CLK_TCK * 1e6 / requests:.1f} µs/req"
         for (tid, name), ticks in sorted(threads1.items())))
+    print(f"the event loop's thread also waited {waited_us:.0f} µs/req runnable but without a CPU (schedstat)"
+          + ("; py-spy samples such waits too, at wherever the thread was preempted (often a send() that woke "
+             "the peer on this CPU)" if spy else ""))
     if spy:
         spy.popen.wait(plan.profile_s + 30)
         h.stop(spy)
         h.stop(proxy.child)
-        print_pyspy(pyspy_out, requests, cpu_s)
+        print_pyspy(pyspy_out, requests, cpu_s + waited_us * requests / 1e6)
     else:
         h.stop(proxy.child)
         print_cprofile(h.dir / "soakp.prof", requests)
@@ -1203,7 +1241,7 @@ def print_cprofile(path: Path, requests: int) -> None:
         where = f"{Path(filename).name}:{line}" if line else filename
         entries.append((name, where, nc, tt, ct))
     for title, index in (("cumulative", 4), ("own time", 3)):
-        print(f"\nTop 25 by {title} (cProfile, wall time; µs/req = seconds x 1e6 / {requests:,} requests; the "
+        print(f"\nTop 25 by {title} (cProfile, the event loop thread's CPU time; µs/req = seconds x 1e6 / {requests:,} requests; the "
               "profiler inflates small functions; each resumption of a coroutine counts as a call, and "
               "cumulative times of coroutines overlap)")
         print(f"{'calls/req':>9} {'own µs/req':>10} {'cum µs/req':>10}  function")
@@ -1211,7 +1249,9 @@ def print_cprofile(path: Path, requests: int) -> None:
             print(f"{nc / requests:9.2f} {tt * 1e6 / requests:10.1f} {ct * 1e6 / requests:10.1f}  {name} ({where})")
 
 
-def print_pyspy(path: Path, requests: int, cpu_s: float) -> None:
+def print_pyspy(path: Path, requests: int, active_s: float) -> None:
+    """Top functions from py-spy's raw output; µs/req spread the process's CPU time plus its run-queue
+    wait (what py-spy samples) over the samples."""
     if not path.exists():
         raise RuntimeError("py-spy wrote nothing (is ptrace allowed here?)")
     own: dict[str, int] = {}
@@ -1240,10 +1280,10 @@ def print_pyspy(path: Path, requests: int, cpu_s: float) -> None:
             cumulative[frame] = cumulative.get(frame, 0) + count
     if not total:
         raise RuntimeError("py-spy recorded no samples")
-    us_per_sample = cpu_s * 1e6 / requests / total  # samples of a busy process share its CPU time
+    us_per_sample = active_s * 1e6 / requests / total
     for title, table in (("cumulative", cumulative), ("own time", own)):
         print(f"\nTop 25 by {title} (py-spy, {total:,} samples, {idle:,} of idle executor threads left out; "
-              "µs/req = the sample share of SOAKP's CPU per request)")
+              "µs/req = the sample share of SOAKP's CPU + run-queue wait per request)")
         print(f"{'samples %':>9} {'µs/req':>8}  function")
         for frame, count in sorted(table.items(), key=lambda kv: kv[1], reverse=True)[:25]:
             print(f"{count / total * 100:9.1f} {count * us_per_sample:8.1f}  {frame}")

@@ -356,6 +356,44 @@ def test_stalled_request_body_gets_408_or_a_close(impatient, fake_upstream: Fake
             "the upstream connection of a stalled body was left open"
 
 
+def endless_download(closed_at: list[float], max_bytes: int = 256 * 1024 * 1024):
+    """Stream 64 KiB blocks until SOAKP stops taking them and closes; note when the send failed."""
+
+    async def behaviour(request: RecordedRequest, responder: Responder) -> None:
+        responder.keep_alive = False
+        await responder.send_head(200, [("Content-Type", "application/octet-stream"), ("Transfer-Encoding", "chunked")])
+        block = b"d" * 65536
+        try:
+            for _ in range(max_bytes // len(block)):
+                await responder.send(block)
+        except (ConnectionError, ssl.SSLError):
+            closed_at.append(time.monotonic())
+
+    return behaviour
+
+
+def test_client_that_stops_reading_is_disconnected_and_frees_the_upstream(impatient, fake_upstream: FakeUpstream) -> None:
+    """A client that takes the response head of a large download and then reads nothing: once SOAKP has
+    waited --header-timeout (1 s) for it to take more, it drops the client and closes the upstream
+    connection, instead of holding both (and a socket buffer's worth of memory) for as long as the client
+    stays connected."""
+    server, token = impatient
+    closed_at: list[float] = []
+    fake_upstream.script("/v1/fake/endless", endless_download(closed_at))
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(build_request("GET", "/v1/fake/endless", [auth(token)]))
+        assert b" 200 " in read_until(sock, b"\r\n\r\n")
+        stalled_at = time.monotonic()
+        assert fake_upstream.wait_until(lambda: bool(closed_at), timeout_s=15), \
+            "the upstream kept streaming to a client that reads nothing"
+    finally:
+        sock.close()
+    # The client stops reading at once, but SOAKP only notices once every buffer between them is full.
+    assert closed_at[0] - stalled_at < 8.0
+
+
 # 4. Nothing leaks ###########################################################################################
 
 BAD_INPUTS = [
