@@ -2062,6 +2062,8 @@ def request_stream_usage(body: bytes) -> bytes | None:
     return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
 
+USAGE_OBJECT_RE = re.compile(rb'"usage"\s*:\s*\{')
+USAGE_NULL_RE = re.compile(rb',\s*"usage"\s*:\s*null')  # what include_usage adds to every other chunk
 # An SSE event ends with a blank line; a line ends with CRLF, LF or CR (the SSE standard).
 SSE_EVENT_END_RE = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
@@ -2098,7 +2100,7 @@ class SseUsageStripper:
         start = 0
         for end in [m.end() for m in SSE_EVENT_END_RE.finditer(events)] + [len(events)]:
             event, start = events[start:end], end
-            if event.startswith(b"data:") and b'"usage":{' in event:
+            if event.startswith(b"data:") and USAGE_OBJECT_RE.search(event):
                 try:
                     document = json.loads(event[5:])
                 except ValueError:
@@ -2106,7 +2108,7 @@ class SseUsageStripper:
                 if isinstance(document, dict) and document.get("choices") == [] and \
                         isinstance(document.get("usage"), dict):
                     continue
-            kept.append(event.replace(b',"usage":null', b""))
+            kept.append(USAGE_NULL_RE.sub(b"", event))
         return b"".join(kept)
 
 
@@ -2169,8 +2171,8 @@ async def forward(
     strip = (exchange.strip_usage_event and resp.status == 200
              and (resp.header(b"content-encoding") or b"identity").strip().lower() == b"identity")
     chunked = (resp.body_kind in ("chunked", "close") or strip and resp.body_kind == "length") and head.http_minor == 1
-    if resp.body_kind == "close" and not chunked or strip and resp.body_kind == "length" and not chunked:
-        keep_alive = False
+    if not chunked and (resp.body_kind in ("chunked", "close") or strip and resp.body_kind == "length"):
+        keep_alive = False  # an HTTP/1.0 client learns where such a body ends only from the close
     if strip and resp.body_kind == "length":  # the length changes when the usage event is taken out
         resp = dataclasses.replace(resp, body_kind="chunked")
         strip_length = True
@@ -3091,8 +3093,8 @@ def record_outcome(state: ServerState, exchange: Exchange) -> None:
     delta = state.usage.get(claims.jti)
     if delta is None:
         delta = state.usage[claims.jti] = UsageDelta(claims.sub, claims.kid, claims.iat, claims.exp)
-    if exchange.status >= 400 or exchange.status == 0:
-        delta.errors += 1
+    if exchange.status >= 400 or exchange.status == 0 or exchange.error_kind not in (None, "client_gone"):
+        delta.errors += 1  # an error status, or an answer the upstream broke off
     if exchange.usage is not None:
         prompt, completion = exchange.usage
         delta.prompt_tokens += prompt

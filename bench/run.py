@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import secrets
 import selectors
 import shutil
@@ -189,22 +190,35 @@ def machine_ticks() -> tuple[int, int]:
     return busy, busy + idle + iowait
 
 
+def reaped_children_ticks() -> float:
+    """CPU of every child this process has waited for, and of theirs (getrusage RUSAGE_CHILDREN)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (usage.ru_utime + usage.ru_stime) * CLK_TCK
+
+
 class Window:
-    """A measurement window: CPU of the processes under test, and of the whole machine."""
+    """A measurement window: CPU of the processes under test, and of the whole machine.
+
+    What ran for the harness is this process, the `pids` still alive at the end, and every child reaped
+    during the window (load generators, clients, stopped proxies): a reaped child's whole life comes in
+    through RUSAGE_CHILDREN, and the part before the window is taken back out through its `pids` delta,
+    which is negative once /proc has forgotten it."""
 
     def __init__(self, pids: Sequence[int]) -> None:
         self.pids = list(pids)
         self.started = time.monotonic()
         self.cpu0 = {pid: proc_cpu_ticks(pid) for pid in self.pids}
         self.self0 = proc_cpu_ticks(os.getpid())
+        self.reaped0 = reaped_children_ticks()
         self.machine0 = machine_ticks()
 
-    def close(self, child_ticks: float = 0.0) -> dict[str, Any]:
-        """Returns seconds, per-pid CPU ticks, and "other load": busy CPU not used by anything under test,
-        as a percentage of all CPUs. `child_ticks` is the CPU of a load generator that has exited."""
+    def close(self) -> dict[str, Any]:
+        """Returns seconds, per-pid CPU ticks, and "other load": busy CPU not used by anything the harness
+        ran, as a percentage of all CPUs."""
         busy1, total1 = machine_ticks()
         cpu = {pid: proc_cpu_ticks(pid) - self.cpu0[pid] for pid in self.pids}
-        known = sum(cpu.values()) + proc_cpu_ticks(os.getpid()) - self.self0 + child_ticks
+        known = (sum(cpu.values()) + proc_cpu_ticks(os.getpid()) - self.self0
+                 + reaped_children_ticks() - self.reaped0)
         busy, total = busy1 - self.machine0[0], total1 - self.machine0[1]
         other = max(0.0, (busy - known) / total * 100) if total > 0 else 0.0
         return {"seconds": time.monotonic() - self.started, "cpu_ticks": cpu, "other_pct": other}
@@ -219,14 +233,11 @@ def _die_with_parent() -> None:
 
 
 def nofile_limits() -> tuple[int, int]:
-    import resource  # noqa: PLC0415
-
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def _raise_nofile() -> None:
     _die_with_parent()
-    import resource  # noqa: PLC0415 - only in the forked child
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -331,21 +342,13 @@ class Harness:
         if child in self.children:
             self.children.remove(child)
 
-    def reap(self, child: Child, timeout_s: float) -> float:
-        """Wait for a child to exit by itself (stop it after timeout_s). Returns the CPU it used, in clock
-        ticks, from wait4()'s rusage: the one way to know the CPU of a process that is gone."""
-        deadline = time.monotonic() + timeout_s
-        for _ in range(10_000_000):
-            pid, status, rusage = os.wait4(child.pid, os.WNOHANG)
-            if pid:
-                child.popen.returncode = os.waitstatus_to_exitcode(status)
-                self.stop(child)  # closes its stdout pipe
-                return (rusage.ru_utime + rusage.ru_stime) * CLK_TCK
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.005)
+    def reap(self, child: Child, timeout_s: float) -> None:
+        """Wait for a child to exit by itself; stop it after timeout_s."""
+        try:
+            child.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
         self.stop(child)
-        return 0.0
 
     def close(self) -> None:
         for child in reversed(self.children):
@@ -617,8 +620,8 @@ def start_nginx_proxy(h: Harness, upstream_port: int, name: str = "nginx") -> Pr
 LOAD_LINE_RE = re.compile(r"^BENCH (.*)$", re.MULTILINE)
 
 
-def run_load(h: Harness, url: str, auth: str, connections: int, duration_s: int) -> tuple[dict[str, int], float]:
-    """One wrk run (or clients.py `load`). Returns (its BENCH figures, its CPU in clock ticks)."""
+def run_load(h: Harness, url: str, auth: str, connections: int, duration_s: int) -> dict[str, int]:
+    """One wrk run (or clients.py `load`). Returns its BENCH figures."""
     env = {**os.environ, "BENCH_AUTH": auth}
     if h.wrk:
         argv = [h.wrk, "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "5s",
@@ -627,12 +630,11 @@ def run_load(h: Harness, url: str, auth: str, connections: int, duration_s: int)
         argv = [sys.executable, str(BENCH_DIR / "clients.py"), "load", "--url", url, "--connections",
                 str(connections), "--duration-s", str(duration_s), "--ca", str(h.dir / "ca" / "ca.pem")]
     child = h.spawn("load", argv, env=env)
-    ticks = h.reap(child, duration_s + LOAD_GRACE_S)
+    h.reap(child, duration_s + LOAD_GRACE_S)
     found = LOAD_LINE_RE.search(child.log_path.read_text(errors="replace"))
     if child.popen.returncode != 0 or not found:
         raise RuntimeError(f"load generator failed ({child.popen.returncode}):\n{child.log_tail()}")
-    figures = {k: int(v) for k, v in (item.split("=") for item in found.group(1).split())}
-    return figures, ticks
+    return {k: int(v) for k, v in (item.split("=") for item in found.group(1).split())}
 
 
 @dataclass
@@ -653,8 +655,8 @@ def rate_scenario(h: Harness, route: Route, upstream: Upstream, connections: int
     if h.plan.warmup_s:
         run_load(h, route.url, route.auth, connections, h.plan.warmup_s)
     window = Window(route.pids())
-    figures, load_ticks = run_load(h, route.url, route.auth, connections, h.plan.rate_s)
-    measured = window.close(load_ticks)
+    figures = run_load(h, route.url, route.auth, connections, h.plan.rate_s)
+    measured = window.close()
     new_conns = upstream.accepts() - accepts0
     proxy_ticks = sum(measured["cpu_ticks"].get(pid, 0) for pid in route.proxy_pids())
     requests = figures["requests"]
@@ -681,7 +683,8 @@ def sse_scenario(h: Harness, route: Route) -> dict[str, Any]:
                     pipe_stdout=True, env={**os.environ, "BENCH_AUTH": route.auth})
     budget_s = (plan.sse_streams + 1) * (plan.sse_chunks * plan.sse_interval_ms / 1000 + 10) + 10
     line = child.read_line(budget_s)
-    measured = window.close(h.reap(child, 10))
+    h.reap(child, 10)
+    measured = window.close()
     if not line:
         raise RuntimeError(f"SSE client gave no result:\n{child.log_tail()}")
     result = json.loads(line)
@@ -728,7 +731,8 @@ def hold_scenario(h: Harness, proxy: Proxy, upstream: Upstream) -> dict[str, Any
     http_exchange(upstream.control_port, b"POST /release HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
     done = client.read_line(plan.hold_s + 100)
     errors_line = client.read_line(5)
-    measured = window.close(h.reap(client, 10))
+    h.reap(client, 10)
+    measured = window.close()
     failed_open = int(re.search(r"failed=(\d+)", opened or "failed=-1").group(1))
     ok = int(re.search(r"ok=(\d+)", done or "ok=0").group(1))
     errors = int(re.search(r"errors=(\d+)", done or f"errors={plan.hold_streams}").group(1))
@@ -744,8 +748,9 @@ def hold_scenario(h: Harness, proxy: Proxy, upstream: Upstream) -> dict[str, Any
     }
 
 
-def startup_scenario(h: Harness, start: Callable[[], Proxy], trials: int) -> dict[str, Any]:
+def startup_scenario(h: Harness, start: Callable[[], Proxy], trials: int, upstream: Upstream) -> dict[str, Any]:
     """Process start to first proxied answer, `trials` times; RSS a moment after the first answer."""
+    window = Window(upstream.child.pids())
     times, idle = [], []
     for _ in range(trials):
         proxy = start()
@@ -754,7 +759,7 @@ def startup_scenario(h: Harness, start: Callable[[], Proxy], trials: int) -> dic
         idle.append(proxy.child.memory_kib()["VmRSS"] / 1024)
         h.stop(proxy.child)
     return {"min_s": min(times), "median_s": statistics.median(times), "idle_mib": statistics.median(idle),
-            "all_s": times}
+            "all_s": times, "other_pct": window.close()["other_pct"]}
 
 
 def quantile(sorted_values: Sequence[float], p: float) -> float:
@@ -885,6 +890,9 @@ def build_rows(r: dict[str, Any], uvloop: str | None, pool_size: int | None) -> 
         """The largest "other load" seen while measuring any path of a scenario: every ratio depends on all."""
         seen = [num(value(scenario, p, "other_pct")) for p in ("soakp", "direct", "nginx")]
         return max((x for x in seen if x is not None), default=None)
+
+    rows["start_src"].other_pct = rows["idle_rss"].other_pct = other_load("start")
+    rows["start_pyz"].other_pct = num(value("start", "pyz", "other_pct"))
 
     cpu_target = TARGET_CPU_UVLOOP_US if uvloop else TARGET_CPU_US
     for c in (1, 16, 64):
@@ -1036,15 +1044,18 @@ def run_bench(h: Harness) -> tuple[list[Row], dict[str, Any]]:
 
     log("start-up")
     attempt(results, "start", "soakp",
-            lambda: startup_scenario(h, lambda: start_soakp(h, rate_upstream.port), plan.startup_trials))
+            lambda: startup_scenario(h, lambda: start_soakp(h, rate_upstream.port), plan.startup_trials,
+                                     rate_upstream))
     if SOAKP_PYZ.exists():
         attempt(results, "start", "pyz", lambda: startup_scenario(
-            h, lambda: start_soakp(h, rate_upstream.port, SOAKP_PYZ, "soakp-pyz"), plan.startup_trials))
+            h, lambda: start_soakp(h, rate_upstream.port, SOAKP_PYZ, "soakp-pyz"), plan.startup_trials,
+            rate_upstream))
     else:
         results["start"]["pyz"] = "no dist/soakp.pyz"
     if h.nginx:
         attempt(results, "start", "nginx",
-                lambda: startup_scenario(h, lambda: start_nginx_proxy(h, rate_upstream.port), plan.startup_trials))
+                lambda: startup_scenario(h, lambda: start_nginx_proxy(h, rate_upstream.port), plan.startup_trials,
+                                         rate_upstream))
 
     # Request rates: one SOAKP and one nginx for all concurrencies, so the pools carry over as in production.
     upstream_pids = lambda: rate_upstream.child.pids()  # noqa: E731
@@ -1202,7 +1213,7 @@ def profile_soakp(h: Harness) -> int:
     threads0 = thread_cpu_ticks(proxy.child.pid)
     user0, system0 = proc_cpu_split(proxy.child.pid)
     waited0 = run_queue_wait_ns(proxy.child.pid)
-    figures, _ = run_load(h, f"http://127.0.0.1:{proxy.port}/v1/chat/completions", proxy.auth, 16, plan.profile_s)
+    figures = run_load(h, f"http://127.0.0.1:{proxy.port}/v1/chat/completions", proxy.auth, 16, plan.profile_s)
     cpu_s = sum(window.close()["cpu_ticks"].values()) / CLK_TCK
     threads1 = thread_cpu_ticks(proxy.child.pid)
     user1, system1 = proc_cpu_split(proxy.child.pid)

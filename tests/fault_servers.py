@@ -280,9 +280,11 @@ def collect(
     half_close: bool = True,
     method: str = "GET",
     pause_after_s: float = 0.0,
+    enough: int | None = None,
 ) -> Outcome:
     """Send `data` on a new connection (then half-close unless told not to) and read until the server
-    closes or `timeout_s` passes; split what came back into responses.
+    closes, `timeout_s` passes, or (with `enough`) that many whole responses have arrived; split what came
+    back into responses.
 
     The send runs on its own thread so an early answer and close never deadlock it.
     """
@@ -319,6 +321,10 @@ def collect(
                 eof = True
                 break
             buffer += piece
+            if enough is not None:
+                whole = [r for r in split_responses(bytes(buffer), False, False, 0, method).responses if r.complete]
+                if len(whole) >= enough:
+                    break
     finally:
         sock.close()
         sender.join(5)

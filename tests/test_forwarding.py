@@ -622,3 +622,24 @@ def test_200mb_upload_and_download_stream_in_bounded_memory(soakp, fake_upstream
     upload = fake_upstream.wait_for_request("/v1/fake/echo/upload")
     assert upload.body_length == BIG_BYTES and upload.complete
     assert after["VmHWM"] - before["VmRSS"] < MEMORY_GROWTH_LIMIT_KIB
+
+
+def test_http10_keep_alive_client_gets_a_streamed_answer_ended_by_close(
+    proxy: SoakpProcess, token: str, fake_upstream: FakeUpstream
+) -> None:
+    """Regression: an HTTP/1.0 client asking for keep-alive got a chunked upstream answer with neither
+    a length nor chunking (1.0 has none) and an open connection, so it never saw the end. SOAKP must
+    end such a body by closing."""
+    fake_upstream.script("/v1/fake/http10/stream", sse_reply([{"n": 1}, {"n": 2}]))
+    with proxy.connect() as conn:
+        conn.send(
+            f"GET /v1/fake/http10/stream HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n".encode()
+        )
+        assert conn.wait_closed(timeout_s=10), "the connection stayed open: the client cannot find the end"
+        data = bytes(conn.buffer)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"transfer-encoding" not in head.lower() and b"content-length" not in head.lower()
+    assert b"connection: close" in head.lower()
+    assert body == b'data: {"n": 1}\n\ndata: {"n": 2}\n\ndata: [DONE]\n\n' or body.count(b"data:") == 3

@@ -27,6 +27,7 @@ FAMILIES = {
     "soakp_request_duration_seconds": "histogram",
     "soakp_time_to_first_byte_seconds": "histogram",
     "soakp_upstream_errors": "counter",
+    "soakp_client_disconnects": "counter",
     "soakp_open_connections": "gauge",
     "soakp_open_streams": "gauge",
     "soakp_tokens_used": "counter",
@@ -197,8 +198,8 @@ def test_sub_label_is_escaped(server: SoakpProcess) -> None:
 
 
 def test_a_client_leaving_is_not_an_upstream_error(server: SoakpProcess, fake_upstream: FakeUpstream) -> None:
-    """A client that closes its connection mid-stream: the request is counted, but not as an upstream
-    failure (the metric's help says "Upstream failures, by kind")."""
+    """A client that closes its connection mid-stream is a client disconnect, not an upstream failure
+    (regression: it was counted as soakp_upstream_errors_total{kind="client_gone"})."""
     sent, gate = Sent(), Gate()
     fake_upstream.script(CHAT, chat_stream(sent, 1, 1, gate=gate, hold_before=2))
     minted = server.mint_data()
@@ -223,3 +224,5 @@ def test_a_client_leaving_is_not_an_upstream_error(server: SoakpProcess, fake_up
         gate.open()
     assert sample_value(after, "soakp_open_streams") == 0
     assert sample_value(after, "soakp_upstream_errors_total", kind="client_gone") == 0
+    assert (sample_value(after, "soakp_client_disconnects_total")
+            - sample_value(before, "soakp_client_disconnects_total")) == 1

@@ -34,6 +34,7 @@ from usage_upstream import (
     sample_value,
     scrape,
     sha256,
+    spaced,
     token_row,
 )
 
@@ -470,7 +471,7 @@ def test_admin_endpoints_do_not_count_as_token_usage(meter: SoakpProcess) -> Non
                         "prompt_tokens", "completion_tokens", "errors"}
 
 
-# Known gaps in soakp.py, kept as strict expected failures: each turns into a plain failure once fixed ######
+# Regressions: each of these failed against soakp.py before d5f6733 ####################################
 
 
 def test_budget_stream_with_null_stream_options_is_metered(meter: SoakpProcess, fake_upstream: FakeUpstream) -> None:
@@ -503,7 +504,9 @@ def test_budget_stream_is_not_held_back_when_crlf_or_gzip(
     meter: SoakpProcess, fake_upstream: FakeUpstream, variant: str
 ) -> None:
     """A budgeted token's stream framed with CRLF (allowed by the SSE spec) or gzip-encoded: the first event
-    must reach the client while the upstream withholds the rest."""
+    reaches the client while the upstream withholds the rest (regression: both were held back whole). A
+    CRLF stream is cleaned like any other; SOAKP asks for an unencoded answer (no Accept-Encoding
+    upstream), and one that comes gzip-encoded anyway passes unchanged."""
     events = chat_stream_events(MODEL, True, 6, 2)
     headers = [("Content-Type", "text/event-stream")]
     if variant == "crlf":
@@ -530,8 +533,13 @@ def test_budget_stream_is_not_held_back_when_crlf_or_gzip(
                 received = bytes(conn.buffer)
         finally:
             gate.open()
-        conn.read_response("POST")
+        response = conn.read_response("POST")
     assert len(received.split(b"\r\n\r\n", 1)[-1]) > 16, "nothing of the body before the upstream's second piece"
+    assert fake_upstream.wait_for_request(CHAT).header("accept-encoding") is None
+    if variant == "crlf":
+        assert response.body == b"".join(e.replace(b"\n", b"\r\n") for e in chat_stream_events(MODEL, False, 6, 2))
+    else:
+        assert response.body == b"".join(pieces)
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions/chatcmpl-obs0001", "/v1/responses/resp_obs"])
@@ -547,3 +555,18 @@ def test_retrieving_a_stored_answer_does_not_count_again(
     statuses = [meter.request("GET", path, minted.token).status for _ in range(2)]
     assert statuses == [200, 200]
     assert_usage(token_row(meter, minted.jti), 0, 0, requests=2)
+
+
+# Known gaps in soakp.py, kept as strict expected failures: each turns into a plain failure once fixed ######
+
+
+def test_budget_stream_from_an_upstream_writing_spaced_json(meter: SoakpProcess, fake_upstream: FakeUpstream) -> None:
+    """An OpenAI-compatible upstream that writes its JSON with spaces (Python's json.dumps default): the
+    budgeted client still receives the stream without the usage chunk and without `"usage": null`."""
+    sent = Sent()
+    fake_upstream.script(CHAT, chat_stream(sent, 9, 4, dump=spaced))
+    minted = meter.mint_data(sub=new_sub("spaced"), max_tokens_total=1000)
+    response = post_json(meter, minted.token, stream_body())
+    assert b'"usage": null' in sent.last
+    assert_usage(token_row(meter, minted.jti), 9, 4)
+    assert response.body == b"".join(chat_stream_events(MODEL, False, 9, 4, dump=spaced))

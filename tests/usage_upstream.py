@@ -34,6 +34,11 @@ def compact(document: Any) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
 
+def spaced(document: Any) -> bytes:
+    """JSON the way Python's json.dumps writes it by default (as some OpenAI-compatible servers do)."""
+    return json.dumps(document).encode()
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -89,8 +94,9 @@ def chat_completion(model: str, prompt: int, completion: int, text: str = "Hello
 
 
 def chat_stream_events(model: str, include_usage: bool, prompt: int, completion: int,
-                       pieces: tuple[str, ...] = PIECES) -> list[bytes]:
-    """The SSE events of a streamed chat completion, `[DONE]` included, as OpenAI sends them."""
+                       pieces: tuple[str, ...] = PIECES, dump: Any = compact) -> list[bytes]:
+    """The SSE events of a streamed chat completion, `[DONE]` included, as OpenAI sends them (`dump`
+    writes each event's JSON)."""
 
     def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
         document: dict[str, Any] = {
@@ -108,7 +114,7 @@ def chat_stream_events(model: str, include_usage: bool, prompt: int, completion:
     if include_usage:
         documents.append({"id": CHAT_ID, "object": "chat.completion.chunk", "created": CREATED, "model": model,
                           "system_fingerprint": "fp_obs", "choices": [], "usage": usage_object(prompt, completion)})
-    return [b"data: " + compact(d) + b"\n\n" for d in documents] + [b"data: [DONE]\n\n"]
+    return [b"data: " + dump(d) + b"\n\n" for d in documents] + [b"data: [DONE]\n\n"]
 
 
 def wants_usage(request: RecordedRequest) -> bool:
@@ -117,18 +123,19 @@ def wants_usage(request: RecordedRequest) -> bool:
 
 
 def chat_stream(sent: Sent, prompt: int, completion: int, *, framing: str = "chunked", piece_bytes: int | None = None,
-                gate: Gate | None = None, hold_before: int = 2, usage_anyway: bool = False) -> Behaviour:
+                gate: Gate | None = None, hold_before: int = 2, usage_anyway: bool = False,
+                dump: Any = compact) -> Behaviour:
     """A streamed chat completion that honours `stream_options.include_usage` as OpenAI does.
 
     framing: "chunked" (as OpenAI) or "length" (one Content-Length body). piece_bytes: send the body in
     pieces of that many bytes instead of one event per piece, so events straddle reads. With a gate,
     event number `hold_before` is withheld until the test opens it. usage_anyway: report usage even
-    when it was not asked for (some OpenAI-compatible servers do).
+    when it was not asked for (some OpenAI-compatible servers do). dump: how each event's JSON is written.
     """
 
     async def behaviour(request: RecordedRequest, responder: Responder) -> None:
         include = wants_usage(request) or usage_anyway
-        events = chat_stream_events(request.json().get("model", "gpt-fake"), include, prompt, completion)
+        events = chat_stream_events(request.json().get("model", "gpt-fake"), include, prompt, completion, dump=dump)
         body = b"".join(events)
         sent.add(body)
         head = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
