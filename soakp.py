@@ -20,6 +20,7 @@ import bisect
 import concurrent.futures
 import dataclasses
 import datetime
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -3170,31 +3171,45 @@ async def answer_error(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     return len(response)
 
 
+json_string = json.encoder.encode_basestring_ascii  # C-accelerated: a str as a JSON string literal
+
+
+def json_text(value: str | None) -> str:
+    return "null" if value is None else json_string(value)
+
+
+def json_ms(seconds: float | None) -> str:
+    return "null" if seconds is None else repr(round(seconds * 1000, 2))
+
+
+@functools.lru_cache(maxsize=2)
+def utc_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
 def access_log_line(state: ServerState, exchange: Exchange, peer: str, head: RequestHead | None,
-                    elapsed_s: float) -> str:
-    """One JSON line per request: safe to ship anywhere (never the key, a token or a body)."""
+                    elapsed_s: float, now: float) -> str:
+    """One JSON line per request: safe to ship anywhere (never the key, a token or a body).
+
+    Written out by hand rather than with json.dumps(dict): it runs for every request, and this way costs
+    a third as much.
+    """
     claims = exchange.claims
-    record: dict[str, Any] = {
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
-        "request_id": exchange.request_id or f"soakp-{next(state.request_counter)}",
-        "client": peer,
-        "method": head.method if head else None,
-        "path": safe_for_log(head.path) if head else None,
-        "status": exchange.status,
-        "bytes_in": exchange.bytes_in,
-        "bytes_out": exchange.bytes_out,
-        "duration_ms": round(elapsed_s * 1000, 2),
-        "upstream_ms": round(exchange.upstream_s * 1000, 2) if exchange.upstream_started else None,
-        "ttfb_ms": round(exchange.first_byte_s * 1000, 2) if exchange.first_byte_s is not None else None,
-        "sub": claims.sub if claims else None,
-        "jti": claims.jti if claims else None,
-        "model": exchange.model,
-    }
+    request_id = exchange.request_id or f"soakp-{next(state.request_counter)}"
+    line = (
+        f'{{"time":"{utc_second(int(now))}.{int(now % 1 * 1000):03d}+00:00","request_id":{json_string(request_id)},'
+        f'"client":{json_string(peer)},"method":{json_text(head.method if head else None)},'
+        f'"path":{json_text(safe_for_log(head.path) if head else None)},"status":{exchange.status},'
+        f'"bytes_in":{exchange.bytes_in},"bytes_out":{exchange.bytes_out},"duration_ms":{json_ms(elapsed_s)},'
+        f'"upstream_ms":{json_ms(exchange.upstream_s if exchange.upstream_started else None)},'
+        f'"ttfb_ms":{json_ms(exchange.first_byte_s)},"sub":{json_text(claims.sub if claims else None)},'
+        f'"jti":{json_text(claims.jti if claims else None)},"model":{json_text(exchange.model)}'
+    )
     if exchange.usage is not None:
-        record["usage"] = {"prompt_tokens": exchange.usage[0], "completion_tokens": exchange.usage[1]}
+        line += f',"usage":{{"prompt_tokens":{exchange.usage[0]},"completion_tokens":{exchange.usage[1]}}}'
     if exchange.error_kind:
-        record["error"] = exchange.error_kind
-    return json.dumps(record, separators=(",", ":"))
+        line += f',"error":{json_string(exchange.error_kind)}'
+    return line + "}"
 
 
 ACCESS_LOG_FLUSH_S = 0.05
@@ -3237,7 +3252,7 @@ def finish_exchange(state: ServerState, exchange: Exchange, peer: str, head: Req
     record_outcome(state, exchange)
     state.metrics.record(exchange, elapsed_s)
     if state.access.stream is not None:
-        state.access.add(access_log_line(state, exchange, peer, head, elapsed_s))
+        state.access.add(access_log_line(state, exchange, peer, head, elapsed_s, time.time()))
 
 
 async def handle_connection(state: ServerState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

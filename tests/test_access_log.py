@@ -5,6 +5,7 @@ with who, what, how long and how much, and never a key, a token, a query string 
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import secrets
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+import soakp
 from conftest import SOAKP_PY, basic_auth, soakp_env
 from fake_upstream import FakeUpstream, build_request, die_mid_body, exchange, sse_reply
 
@@ -275,3 +279,27 @@ def test_no_access_log_at_warning(soakp_launcher: SoakpLauncher, fake_upstream: 
     assert quiet.returncode == 0
     text = log_path.read_text()
     assert not [line for line in text.splitlines() if line.startswith("{")], text
+
+
+@settings(max_examples=200, deadline=None)
+@given(path=st.text(max_size=60), model=st.one_of(st.none(), st.text(max_size=40)),
+       request_id=st.one_of(st.none(), st.text(min_size=1, max_size=30)), status=st.integers(0, 599),
+       elapsed=st.floats(0, 1e4), usage=st.one_of(st.none(), st.tuples(st.integers(0, 10**9), st.integers(0, 10**9))))
+def test_hand_written_log_line_is_always_valid_json(path: str, model: str | None, request_id: str | None, status: int,
+                                                    elapsed: float, usage: tuple[int, int] | None) -> None:
+    """access_log_line() writes JSON by hand for speed: whatever a client puts in its path or model, the
+    line parses, and to the values it was given."""
+    class State:
+        request_counter = itertools.count()
+
+    head = soakp.RequestHead(method="POST", path=path, query="", http_minor=1, headers=(), body_kind="none",
+                             content_length=0, keep_alive=True, expect_continue=False)
+    exchange = soakp.Exchange(started=0.0, watchdog=None)  # type: ignore[arg-type]
+    exchange.status, exchange.model, exchange.request_id, exchange.usage = status, model, request_id, usage
+    record = json.loads(soakp.access_log_line(State(), exchange, "127.0.0.1", head, elapsed, 1795768362.25))
+    assert record["path"] == soakp.safe_for_log(path)
+    assert record["model"] == model and record["status"] == status
+    assert record["request_id"] == (request_id or "soakp-0")
+    assert record["duration_ms"] == round(elapsed * 1000, 2)
+    assert record["time"] == "2026-11-27T08:32:42.250+00:00"
+    assert record.get("usage") == (None if usage is None else {"prompt_tokens": usage[0], "completion_tokens": usage[1]})
