@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import soakp
-from fake_upstream import CertAuthority, FakeUpstream, RecordedRequest, Responder, build_request, sse_reply
+from fake_upstream import CertAuthority, FakeUpstream, RecordedRequest, Responder, build_request
 from fault_servers import (
     FaultServer,
     collect,
@@ -270,6 +270,42 @@ def test_post_the_upstream_already_received_is_not_sent_twice(proxy: SoakpProces
     received = [r for r in fake_upstream.requests if r.path == "/v1/fake/echo/once" and r.complete]
     assert len(received) == 1, f"the upstream received the POST {len(received)} times (client got {response.status})"
     assert_gateway_error(response, 502)
+
+
+OVERFLOWS = {
+    # A second response in the same write: the next request on the pooled connection would read it.
+    "a second response after the body": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+                                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 17"
+                                        b"\r\n\r\n{\"injected\":true}",
+    # The classic server bug: Content-Length counted in characters, the body sent as UTF-8.
+    "Content-Length in characters": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 14"
+                                    b"\r\n\r\n" + '{"text":"h\u00e9\u00e9"}'.encode(),  # 14 characters, 16 bytes
+    "bytes after the last chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+                                  b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\n{\"injected\":true}",
+}
+
+
+@pytest.mark.parametrize("name", OVERFLOWS)
+def test_upstream_bytes_past_the_framing_never_answer_another_request(soakp, fake_upstream: FakeUpstream,
+                                                                      name: str) -> None:
+    """An upstream sends more than its framing announced. Whatever the first client gets, the bytes past
+    the framing must never become another request's answer: the connection is not reused (RFC 9112 §9.3:
+    a response desynchronises a connection). Otherwise one client reads another's responses, shifted by one
+    (another token, another OpenAI key)."""
+    server = soakp()
+    alice, bob = server.mint(), server.mint()
+
+    async def overflow(request: RecordedRequest, responder: Responder) -> None:
+        responder.writer.write(OVERFLOWS[name])
+        await responder.writer.drain()
+
+    fake_upstream.script("/v1/fake/overflow", overflow)
+    server.request("GET", "/v1/fake/overflow", alice, timeout_s=CLIENT_TIMEOUT_S)
+    for number in range(3):
+        response = server.request("GET", f"/v1/fake/echo/bob{number}", bob, timeout_s=CLIENT_TIMEOUT_S)
+        assert response.status == 200, response.body[:200]
+        assert response.json().get("target") == f"/v1/fake/echo/bob{number}", \
+            f"request bob{number} got another answer: {response.body[:120]!r}"
 
 
 def test_sse_reset_mid_stream_truncates_the_stream(proxy: SoakpProcess, fake_upstream: FakeUpstream, token: str) -> None:
