@@ -1419,6 +1419,7 @@ def forwarded_headers(headers: Sequence[tuple[bytes, bytes]], also_drop: frozens
 # 5. Forwarding: a checked request in, the upstream's answer streamed back. All upstream I/O lives here.
 
 READ_CHUNK_BYTES = 64 * 1024
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 SMALL_BODY_BYTES = 64 * 1024  # bodies up to this are read whole so a request can be retried on a stale connection
 POOL_MAX_IDLE = 128
 POOL_IDLE_LIMIT_S = 50.0  # below the 60 s idle timeout common to cloud load balancers
@@ -1473,7 +1474,7 @@ class Watchdog:
     """
 
     __slots__ = ("loop", "client", "client_transport", "client_timeout_s", "upstream_timeout_s", "client_deadline",
-                 "client_writing", "upstream_deadline", "upstream", "handle")
+                 "client_writing", "client_cut", "upstream_deadline", "upstream", "handle")
 
     def __init__(self, client: asyncio.StreamReader, client_transport: asyncio.BaseTransport,
                  client_timeout_s: float, upstream_timeout_s: float) -> None:
@@ -1484,6 +1485,7 @@ class Watchdog:
         self.upstream_timeout_s = upstream_timeout_s
         self.client_deadline: float | None = None
         self.client_writing = False
+        self.client_cut = False  # a client read was ended by a timeout
         self.upstream_deadline: float | None = None
         self.upstream: UpstreamConnection | None = None
         self.handle: asyncio.TimerHandle | None = None
@@ -1521,14 +1523,19 @@ class Watchdog:
         now = self.loop.time()
         wake = math.inf
         if self.client_deadline is not None:
-            if now >= self.client_deadline:
-                self.client_deadline = None
-                if self.client_writing:  # a client that stopped reading: only closing ends the wait
-                    self.client_transport.abort()
-                else:
-                    self.client.set_exception(TimeoutError("the client was too slow"))
-            else:
+            if now < self.client_deadline:
                 wake = self.client_deadline
+            elif self.client_writing or self.client_cut:
+                # A client that stopped reading, or whose read went on after being told to stop: only
+                # closing ends the wait.
+                self.client_deadline = None
+                self.client_transport.abort()
+            else:
+                # End the read so that a 408 can still be sent. A stream checks for the exception only when
+                # a read starts: one woken by a byte just now would go on, so look again shortly.
+                self.client.set_exception(TimeoutError("the client was too slow"))
+                self.client_cut = True
+                self.client_deadline = wake = now + CLIENT_CHECK_S
         upstream = self.upstream
         if self.upstream_deadline is not None and upstream is not None:
             if now >= self.upstream_deadline or self.client.at_eof():
@@ -2226,9 +2233,11 @@ async def forward(
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
             conn.abort()
             exchange.upstream = None
-            # An idle keep-alive connection the upstream closed just as we reused it: safe to try once
-            # more on a new connection, because the upstream saw no complete request.
-            if attempt == 1 and reused and replayable:
+            # A pooled connection that broke before any answer was most likely closed by the upstream while
+            # idle, but the upstream may also have received the whole request and acted on it. Like Go's
+            # net/http and nginx, try once more only a request that may run twice (RFC 9110 §9.2.2); for a
+            # POST the client decides (the SDKs retry a 502 themselves).
+            if attempt == 1 and reused and replayable and head.method in IDEMPOTENT_METHODS:
                 continue
             raise UpstreamError(502, f"The upstream connection broke ({exc.__class__.__name__}).",
                                 "reset") from None

@@ -255,9 +255,6 @@ def test_upstream_closing_before_the_answer_is_502(proxy: SoakpProcess, fake_ups
     assert proxy.request("GET", "/v1/fake/echo/after", token).status == 200
 
 
-@pytest.mark.xfail(strict=True, reason="soakp.py bug: forward() retries any replayable request on a fresh "
-                   "connection when a reused upstream connection breaks before the response head, although the "
-                   "upstream may already have received (and acted on) the whole request: a POST runs twice")
 def test_post_the_upstream_already_received_is_not_sent_twice(proxy: SoakpProcess, fake_upstream: FakeUpstream,
                                                               token: str) -> None:
     """A reused keep-alive connection; the upstream reads the whole POST, then resets without answering. It
