@@ -2285,8 +2285,13 @@ async def forward(
             exchange.response_started = True
             state.metrics.streams_open += 1
             try:
-                exchange.first_byte_s = time.monotonic() - exchange.started
-                await write_client(writer, client_head)
+                # The head goes out at once, unless the first body bytes came with it (an SSE stream's first
+                # event usually does): then both leave in one write.
+                pending = client_head
+                if not unread_bytes(conn.reader):
+                    exchange.first_byte_s = time.monotonic() - exchange.started
+                    await write_client(writer, client_head)
+                    pending = b""
                 exchange.bytes_out = len(client_head)
                 upstream_resp = dataclasses.replace(resp, body_kind="length") if strip_length else resp
                 async for piece in read_upstream_body(conn, upstream_resp, exchange.watchdog):
@@ -2298,14 +2303,20 @@ async def forward(
                             continue
                     if chunked:
                         piece = b"%x\r\n" % len(piece) + piece + b"\r\n"
-                    await write_client(writer, piece, exchange.watchdog)
                     exchange.bytes_out += len(piece)
+                    if pending:
+                        piece, pending = pending + piece, b""
+                        exchange.first_byte_s = time.monotonic() - exchange.started
+                    await write_client(writer, piece, exchange.watchdog)
                 tail = stripper.flush() if stripper else b""
                 if chunked:
                     tail = (b"%x\r\n" % len(tail) + tail + b"\r\n" if tail else b"") + b"0\r\n\r\n"
+                exchange.bytes_out += len(tail)
+                if pending:
+                    tail, pending = pending + tail, b""
+                    exchange.first_byte_s = time.monotonic() - exchange.started
                 if tail:
                     await write_client(writer, tail)
-                    exchange.bytes_out += len(tail)
             finally:
                 state.metrics.streams_open -= 1
     except BaseException:

@@ -1140,9 +1140,11 @@ def run_bench(h: Harness) -> tuple[list[Row], dict[str, Any]]:
         "soakp_python": facts,
         "harness_python": sys.version.split()[0],
         "loop": f"uvloop {facts['uvloop']}" if facts["uvloop"] else "asyncio",
-        "load_generator": tool_version([h.wrk, "-v"]).split(" [")[0] if h.wrk else "bench/clients.py (wrk not installed)"
-        if "wrk" not in h.args.without else "bench/clients.py (wrk skipped)",
-        "nginx": tool_version([h.nginx, "-v"]).replace("nginx version: ", "") if h.nginx else results.get("nginx_missing"),
+        "load_generator": (tool_version([h.wrk, "-v"]).split(" [")[0] if h.wrk else
+                           "bench/clients.py (wrk skipped)" if "wrk" in h.args.without else
+                           "bench/clients.py (wrk not installed)"),
+        "nginx": (tool_version([h.nginx, "-v"]).replace("nginx version: ", "") if h.nginx else
+                  results.get("nginx_missing")),
         "soakp_source": h.soakp_version,
         "soakp_log_level": h.args.soakp_log_level,
         "soakp_nofile": nofile_limits()[0],
@@ -1159,7 +1161,8 @@ def header_text(meta: dict[str, Any]) -> str:
         f"SOAKP bench ({meta['mode']}): {m['nproc']} CPUs, {m['cpu']}, Linux {m['kernel']}",
         f"soakp.py: {meta['soakp_source']}",
         f"soakp: Python {meta['soakp_python']['version']} ({meta['soakp_python']['executable']}), loop {meta['loop']},"
-        f" --log-level {meta['soakp_log_level']}, ulimit -n {meta['soakp_nofile']}; load: {meta['load_generator']}; nginx: {meta['nginx']}",
+        f" --log-level {meta['soakp_log_level']}, ulimit -n {meta['soakp_nofile']}; "
+        f"load: {meta['load_generator']}; nginx: {meta['nginx']}",
         f"rate runs {plan['rate_s']} s (+{plan['warmup_s']} s warm-up) per path and concurrency; "
         f"SSE {plan['sse_streams']} streams x {plan['sse_chunks']} events {plan['sse_interval_ms']:g} ms apart; "
         f"hold {plan['hold_streams']} streams for {plan['hold_s']:g} s",
@@ -1252,7 +1255,8 @@ def print_cprofile(path: Path, requests: int) -> None:
         where = f"{Path(filename).name}:{line}" if line else filename
         entries.append((name, where, nc, tt, ct))
     for title, index in (("cumulative", 4), ("own time", 3)):
-        print(f"\nTop 25 by {title} (cProfile, the event loop thread's CPU time; µs/req = seconds x 1e6 / {requests:,} requests; the "
+        print(f"\nTop 25 by {title} (cProfile, the event loop thread's CPU time; "
+              f"µs/req = seconds x 1e6 / {requests:,} requests; the "
               "profiler inflates small functions; each resumption of a coroutine counts as a call, and "
               "cumulative times of coroutines overlap)")
         print(f"{'calls/req':>9} {'own µs/req':>10} {'cum µs/req':>10}  function")

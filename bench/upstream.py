@@ -48,7 +48,8 @@ CHAT_COMPLETION = json.dumps({
 RESPONSE_HEADERS = b"Content-Type: application/json\r\nx-request-id: req_bench\r\nopenai-processing-ms: 1\r\n"
 JSON_REPLY = (b"HTTP/1.1 200 OK\r\n" + RESPONSE_HEADERS
               + b"Content-Length: %d\r\n\r\n" % len(CHAT_COMPLETION) + CHAT_COMPLETION)
-UNAUTHORIZED_BODY = b'{"error":{"message":"bench upstream: wrong key","type":"invalid_request_error","code":"invalid_api_key"}}'
+UNAUTHORIZED_BODY = (b'{"error":{"message":"bench upstream: wrong key","type":"invalid_request_error",'
+                     b'"code":"invalid_api_key"}}')
 UNAUTHORIZED = (b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
                 % len(UNAUTHORIZED_BODY) + UNAUTHORIZED_BODY)
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"

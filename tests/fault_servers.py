@@ -16,6 +16,7 @@ Every wait has a deadline and every thread is a daemon joined at stop().
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import ssl
@@ -353,8 +354,6 @@ def split_responses(buffer: bytes, eof: bool, reset: bool, elapsed_s: float, met
 
 def open_fds(pid: int) -> list[str]:
     """What each of a process's file descriptors points at (`socket:[...]`, a path, `pipe:[...]`)."""
-    import os
-
     targets = []
     for name in os.listdir(f"/proc/{pid}/fd"):
         try:
