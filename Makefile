@@ -111,7 +111,7 @@ bench: venv
 	$(BIN)/python bench/run.py $(ARGS)
 
 # `make reliability`: hostile input, upstream faults, 1,000 SSE streams held for 60 s and a 100,000-request
-# soak against a real SOAKP, with a report (issue #5); about 3 minutes. See tools/reliability.py.
+# soak against a real SOAKP, with a report (issue #5); about 2 minutes. See tools/reliability.py.
 # ARGS=--quick (the subset the tests run, seconds), ARGS='--out bench/RELIABILITY.md --json FILE'.
 .PHONY: reliability
 reliability: venv

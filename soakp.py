@@ -1149,6 +1149,10 @@ def parse_request_head(data: bytes) -> RequestHead:
     if method == "CONNECT":
         raise ApiError(405, "CONNECT is not supported: SOAKP only forwards to its upstream.", "method_not_allowed")
     headers, framing = split_header_lines(lines[1:])
+    for name, _ in headers:
+        # A server that folds "_" into "-" (some do, from CGI days) would read a second framing header.
+        if b"_" in name and name.lower().replace(b"_", b"-") in (b"content-length", b"transfer-encoding"):
+            raise bad_request("Header names that look like Content-Length or Transfer-Encoding are refused.")
     body_kind, content_length = parse_framing(framing, http_minor)
     hosts = framing.get(b"host", [])
     if len(hosts) > 1 or (http_minor == 1 and not hosts) or (hosts and not HOST_RE.match(hosts[0])):
@@ -1353,15 +1357,33 @@ class ChunkedDecoder:
         self.state: Literal["size", "data", "data_end", "trailer", "done"] = "size"
         self.trailer_bytes = 0
         self.leftover = b""
+        self.decoded: list[bytes] = []  # what the current feed has decoded so far
+        self.error: ValueError | None = None  # broken framing, raised on the next feed
 
     @property
     def done(self) -> bool:
         return self.state == "done"
 
     def feed(self, data: bytes) -> bytes:
-        """Returns the payload bytes that `data` completes (possibly b"")."""
+        """Returns the payload bytes that `data` completes (possibly b"").
+
+        Broken framing raises ValueError, but only once the payload before it has been handed on: a
+        stream that breaks after good events still delivers them.
+        """
+        if self.error is not None:
+            raise self.error
+        try:
+            return self.decode(data)
+        except ValueError as exc:
+            if not self.decoded:
+                raise
+            self.error = exc
+            return b"".join(self.decoded)
+
+    def decode(self, data: bytes) -> bytes:
         buf = self.buffer + data if self.buffer else data
         out: list[bytes] = []
+        self.decoded = out
         pos, end = 0, len(buf)
         while pos < end and self.state != "done":
             if self.state == "data":
@@ -1801,6 +1823,8 @@ async def read_upstream_body(conn: UpstreamConnection, resp: ResponseHead, watch
         elif resp.body_kind == "chunked":
             decoder = ChunkedDecoder()
             while not decoder.done:
+                if decoder.error is not None:
+                    raise decoder.error
                 data = await wait(reader.read(READ_CHUNK_BYTES))
                 if not data:
                     raise UpstreamError(502, "upstream closed mid-chunk", "reset_mid_body")
@@ -2282,13 +2306,13 @@ async def forward(
             await write_client(writer, client_head + data)
             exchange.bytes_out = len(client_head) + len(data)
         else:
-            exchange.response_started = True
             state.metrics.streams_open += 1
             try:
                 # The head goes out at once, unless the first body bytes came with it (an SSE stream's first
                 # event usually does): then both leave in one write.
                 pending = client_head
                 if not unread_bytes(conn.reader):
+                    exchange.response_started = True
                     exchange.first_byte_s = time.monotonic() - exchange.started
                     await write_client(writer, client_head)
                     pending = b""
@@ -2306,6 +2330,7 @@ async def forward(
                     exchange.bytes_out += len(piece)
                     if pending:
                         piece, pending = pending + piece, b""
+                        exchange.response_started = True
                         exchange.first_byte_s = time.monotonic() - exchange.started
                     await write_client(writer, piece, exchange.watchdog)
                 tail = stripper.flush() if stripper else b""
@@ -2314,6 +2339,7 @@ async def forward(
                 exchange.bytes_out += len(tail)
                 if pending:
                     tail, pending = pending + tail, b""
+                    exchange.response_started = True
                     exchange.first_byte_s = time.monotonic() - exchange.started
                 if tail:
                     await write_client(writer, tail)
@@ -3573,6 +3599,8 @@ def run_event_loop(main_coro: Any) -> int:
     try:
         import uvloop  # noqa: PLC0415 - an optional accelerator, looked for only here
     except ImportError:
+        uvloop = None
+    if uvloop is None:  # outside the except block, so no traceback says "No module named 'uvloop'"
         return asyncio.run(main_coro)
     log.debug("using uvloop %s", uvloop.__version__)
     return uvloop.run(main_coro)

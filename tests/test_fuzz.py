@@ -4,6 +4,7 @@ Pure properties (no sockets): on any input each function either returns a value 
 contract or raises its one documented error, never anything else:
   parse_request_head   RequestHead (and then the head SOAKP builds from it parses back the same) or ApiError 4xx
   parse_chunk_size     0 <= size < 16**15, or ValueError
+  ChunkedDecoder       the payload however the encoding is cut, bytes past the end kept apart; or ValueError
   parse_response_head  ResponseHead or UpstreamProtocolError
   MultipartModelScanner.feed  model strings (the same however the body is cut) or ApiError 400
   json_model           None / str, or ApiError 400
@@ -197,6 +198,55 @@ def test_chunk_size_parser_on_arbitrary_bytes(line: bytes) -> None:
 def test_valid_chunk_size_lines_parse_to_their_size(size: int, extensions: list[tuple[bytes, bytes, bytes]]) -> None:
     line = b"%x" % size + b"".join(space + b";" + space + name + value for space, name, value in extensions)
     assert soakp.parse_chunk_size(line) == size
+
+
+@st.composite
+def chunked_encoding(draw: st.DrawFn) -> tuple[bytes, bytes, bytes]:
+    """(payload, its chunked encoding with extensions and trailers, bytes that follow the message)."""
+    chunks = draw(st.lists(st.binary(min_size=1, max_size=40), max_size=6))
+    encoded = b""
+    for chunk in chunks:
+        extension = draw(st.sampled_from([b"", b";a", b"; a=b", b';q="x y"', b"\t;n=1"]))
+        encoded += draw(st.sampled_from([b"%x", b"%X", b"%04x"])) % len(chunk) + extension + b"\r\n" + chunk + b"\r\n"
+    trailers = draw(st.sampled_from([b"", b"X-T: 1\r\n", b"A: b\r\nC: d\r\n"]))
+    encoded += b"0" + draw(st.sampled_from([b"", b";end"])) + b"\r\n" + trailers + b"\r\n"
+    return b"".join(chunks), encoded, draw(st.sampled_from([b"", b"HTTP/1.1 200 OK\r\n", b"x"]))
+
+
+@budget(300)
+@given(message=chunked_encoding(), cuts=st.lists(st.integers(0, 10**6), max_size=10))
+def test_chunked_decoder_decodes_any_valid_encoding_however_it_is_cut(message: tuple[bytes, bytes, bytes],
+                                                                     cuts: list[int]) -> None:
+    """soakp.ChunkedDecoder (the upstream's chunked answers): the payload comes out whole and in order
+    whatever the network reads look like, the end is seen, and bytes past it are kept apart (they must
+    never be taken for the next answer)."""
+    payload, encoded, after = message
+    decoder = soakp.ChunkedDecoder()
+    out = b""
+    pieces = cut(encoded + after, cuts)
+    while pieces and not decoder.done:
+        out += decoder.feed(pieces.pop(0))
+    assert decoder.done and out == payload
+    assert decoder.leftover + b"".join(pieces) == after  # exactly what followed the end, nothing of the message
+
+
+@budget(400)
+@given(st.lists(st.one_of(st.binary(max_size=60),
+                          mutated([b"5\r\nhello\r\n0\r\n\r\n", b"3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\n"])),
+                max_size=6))
+def test_chunked_decoder_on_arbitrary_pieces(pieces: list[bytes]) -> None:
+    """Arbitrary bytes: payload or ValueError, nothing else; never more payload than bytes fed."""
+    decoder = soakp.ChunkedDecoder()
+    fed = out = 0
+    try:
+        for piece in pieces:
+            if decoder.done:
+                break
+            fed += len(piece)
+            out += len(decoder.feed(piece))
+    except ValueError:
+        return
+    assert out <= fed
 
 
 SEED_RESPONSES = [

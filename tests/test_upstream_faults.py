@@ -2,13 +2,15 @@
 truncated stream after it; never a hang, never an insecure retry.
 
 Already covered in test_http_errors.py: refused connection, untrusted CA (status only), stall before
-headers (504), and close/reset/silence mid-body. Here: resets before the answer, broken answers, and
-every way the TLS layer can fail, each asserting what the misbehaving server saw: a failed handshake
-and never a byte of HTTP (so never the key).
+headers (504), and close/reset/silence mid-body. Here: every way the TLS layer can fail, each asserting
+what the misbehaving server saw (a failed handshake and never a byte of HTTP, so never the key); garbage
+and broken framing; resets before the answer (a POST is never sent twice); bytes past a response's framing
+(never another request's answer); and an upstream that stops reading the request body.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import socket
@@ -303,6 +305,44 @@ def test_upstream_bytes_past_the_framing_never_answer_another_request(soakp, fak
         assert response.status == 200, response.body[:200]
         assert response.json().get("target") == f"/v1/fake/echo/bob{number}", \
             f"request bob{number} got another answer: {response.body[:120]!r}"
+
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+GOOD_CHUNK = b'f\r\ndata: {"n":1}\n\n\r\n'
+BROKEN_CHUNKS = {
+    "bad size line with the head": [SSE_HEAD + GOOD_CHUNK + b"zz\r\nnot a chunk\r\n"],
+    "bad size line after the head": [SSE_HEAD, GOOD_CHUNK + b"zz\r\nnot a chunk\r\n"],
+    "data not ended by CRLF, with the head": [SSE_HEAD + GOOD_CHUNK[:-2] + b"XX" + GOOD_CHUNK],
+    "size line over 4 KiB after the head": [SSE_HEAD + GOOD_CHUNK, b"1" * 5000],
+}
+
+
+@pytest.mark.parametrize("name", BROKEN_CHUNKS)
+def test_broken_chunked_framing_is_a_502_or_a_truncated_stream(proxy: SoakpProcess, fake_upstream: FakeUpstream,
+                                                               token: str, name: str) -> None:
+    """The upstream breaks its chunked framing after a good chunk (in the same network read as the head,
+    or later). If nothing reached the client yet it gets a 502; otherwise the head and the good bytes,
+    then the end of the connection. Never a connection closed without a byte of answer."""
+    pieces = BROKEN_CHUNKS[name]
+
+    async def broken(request: RecordedRequest, responder: Responder) -> None:
+        for piece in pieces:
+            responder.writer.write(piece)
+            await responder.flush()
+            await asyncio.sleep(0.1)
+        await responder.close()
+
+    fake_upstream.script("/v1/fake/broken-chunks", broken)
+    outcome = collect(proxy.port, build_request("GET", "/v1/fake/broken-chunks", [("Authorization", f"Bearer {token}")]),
+                      timeout_s=CLIENT_TIMEOUT_S, half_close=False)
+    assert outcome.eof, "SOAKP kept the connection open after the upstream broke its framing"
+    assert outcome.responses, "the connection closed without any answer"
+    response = outcome.responses[0]
+    if response.status == 502:
+        assert_gateway_error(response, 502)
+    else:
+        assert response.status == 200 and not response.complete
+        assert response.body in (b"", b'data: {"n":1}\n\n')
 
 
 def test_sse_reset_mid_stream_truncates_the_stream(proxy: SoakpProcess, fake_upstream: FakeUpstream, token: str) -> None:
