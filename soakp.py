@@ -3046,8 +3046,7 @@ async def handle_refresh(state: ServerState, reader: asyncio.StreamReader, head:
     if budget is not None:
         left = budget - state.spent.get(claims.jti, 0)
         if left <= 0:
-            raise ApiError(429, "This token has used its whole token budget (max_tokens_total).",
-                           "insufficient_quota", "insufficient_quota")
+            raise budget_spent()
         grant = dataclasses.replace(grant, permissions=dataclasses.replace(grant.permissions, max_tokens_total=left))
     state.revoked[claims.jti] = claims.exp  # at once, before any await: one refresh per token wins
     minted = await issue_token(state, grant)
@@ -3097,6 +3096,13 @@ def preflight_response(state: ServerState, head: RequestHead, origin: str | None
     return plain_response(204, b"", None, head.keep_alive and head.body_kind == "none", headers)
 
 
+def budget_spent() -> ApiError:
+    """429 for a spent budget. Waiting does not help, so no Retry-After, and `x-should-retry: false`
+    tells the official SDKs not to retry it as they would a rate limit."""
+    return ApiError(429, "This token has used its whole token budget (max_tokens_total).", "insufficient_quota",
+                    "insufficient_quota", headers=[("x-should-retry", "false")])
+
+
 def check_origin(claims: TokenClaims, head: RequestHead) -> None:
     """A browser's Origin must be one of the token's `origins`. Raises ApiError(403)."""
     origins = claims.permissions.origins
@@ -3117,8 +3123,7 @@ def check_permissions(state: ServerState, claims: TokenClaims, head: RequestHead
         raise ApiError(403, f"This token may not call {safe_label(upstream_path)}.", "path_not_allowed")
     check_origin(claims, head)
     if permissions.max_tokens_total is not None and state.spent.get(claims.jti, 0) >= permissions.max_tokens_total:
-        raise ApiError(429, "This token has used its whole token budget (max_tokens_total).", "insufficient_quota",
-                       "insufficient_quota")
+        raise budget_spent()
     if permissions.rpm is not None:
         wait_s = state.rate.acquire(claims.jti, permissions.rpm, now)
         if wait_s:
@@ -3485,8 +3490,9 @@ def tune_process(config: Config) -> None:
 
     asyncio's TLS layer gives every connection a zero-filled read buffer of SSLProtocol.max_size
     (256 KiB in CPython 3.11 to 3.13): 1,000 streams over TLS held 250 MiB of zeros. A record's worth per
-    read costs a few more syscalls on large downloads and nothing on streams. And every connection needs file descriptors: raise the soft limit towards
-    the hard one, as nginx's worker_rlimit_nofile does, so that --max-connections is reachable.
+    read costs a few more syscalls on large downloads and nothing on streams. And every connection needs
+    file descriptors: raise the soft limit towards the hard one, as nginx's worker_rlimit_nofile does, so
+    that --max-connections is reachable.
     """
     if getattr(asyncio.sslproto.SSLProtocol, "max_size", 0) > TLS_READ_BUFFER_BYTES:
         asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER_BYTES

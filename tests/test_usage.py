@@ -287,6 +287,9 @@ def assert_insufficient_quota(response: Any) -> None:
     assert response.json() == {"error": {
         "message": "This token has used its whole token budget (max_tokens_total).",
         "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}}
+    # Waiting does not refill a budget: the official SDKs must not retry it as a rate limit.
+    assert response.header("x-should-retry") == "false"
+    assert response.header("retry-after") is None
 
 
 def test_budget_refuses_a_spent_token_with_429(meter: SoakpProcess, fake_upstream: FakeUpstream) -> None:
