@@ -3,8 +3,9 @@ AES-256-GCM; SOAKP checks the token, swaps in the real key and streams the reque
 
 Read top to bottom, in the order a request flows; search "# 4." to jump to a section.
  1 Configuration  Config, load_config()              2 Tokens      derive_keys(), mint_token(), verify_token()
- 3 Registry       TokenRegistry (SQLite)             4 HTTP        RequestHead, parse_request_head()
- 5 Forwarding     UpstreamPool, UsageMeter, forward()
+ 3 Registry       TokenRegistry (SQLite)             4 HTTP        RequestHead, parse_request_head(),
+                                                                   ChunkedDecoder, MultipartModelScanner
+ 5 Forwarding     Watchdog, UpstreamPool, UsageMeter, forward(), tunnel_websocket()
  6 TLS            server_ssl_context(), CertReloader, write_selfsigned()
  7 Server         ServerState, handle_connection(), error_response(), serve()
  8 CLI            main()
