@@ -233,7 +233,9 @@ def test_models_late_second_model_field_aborts_the_upstream_request_mid_body(
     assert error["code"] == "model_not_allowed"
     record = fake_upstream.wait_for_request(TRANSCRIPTIONS, complete=True)
     assert not record.complete and record.body_error is not None
-    assert 0 < record.body_length < len(body)
+    # SOAKP resets the upstream connection, and a reset discards what the upstream had not read yet, so
+    # how much of the streamed part it saw depends on timing; that it never saw the whole body does not.
+    assert record.body_length < len(body)
 
 
 # rpm ########################################################################################################
