@@ -187,8 +187,27 @@ class Part:
         return hashlib.sha256(self.data).hexdigest()
 
 
+class HeaderLookup:
+    """Case-insensitive lookups over `self.headers`, a list of (name, value) in arrival order."""
+
+    headers: list[tuple[str, str]]
+
+    def header(self, name: str) -> str | None:
+        """Return the first value of header `name` (case-insensitive), or None."""
+        values = self.header_all(name)
+        return values[0] if values else None
+
+    def header_all(self, name: str) -> list[str]:
+        """Return every value of header `name` (case-insensitive), in arrival order."""
+        lowered = name.lower()
+        return [value for key, value in self.headers if key.lower() == lowered]
+
+    def header_names(self) -> list[str]:
+        return [key.lower() for key, _ in self.headers]
+
+
 @dataclass(eq=False)
-class RecordedRequest:
+class RecordedRequest(HeaderLookup):
     """One request as the upstream received it, recorded from its head on; `complete` once the body ended.
 
     `headers` is every header line in arrival order, names as sent. `body` is None when the body was
@@ -224,19 +243,6 @@ class RecordedRequest:
     @property
     def body_sha256(self) -> str:
         return self._hasher.copy().hexdigest()
-
-    def header(self, name: str) -> str | None:
-        """Return the first value of header `name` (case-insensitive), or None."""
-        values = self.header_all(name)
-        return values[0] if values else None
-
-    def header_all(self, name: str) -> list[str]:
-        """Return every value of header `name` (case-insensitive), in arrival order."""
-        lowered = name.lower()
-        return [value for key, value in self.headers if key.lower() == lowered]
-
-    def header_names(self) -> list[str]:
-        return [key.lower() for key, _ in self.headers]
 
     def json(self) -> Any:
         if self.body is None:
@@ -1108,7 +1114,7 @@ def parse_request_head(head: bytes, connection_id: int) -> RecordedRequest:
 
 
 @dataclass
-class RawResponse:
+class RawResponse(HeaderLookup):
     """One HTTP/1.1 response as read off the wire.
 
     `complete` is False when the connection ended before the framing said the body was over (a
@@ -1123,17 +1129,6 @@ class RawResponse:
     complete: bool
     chunked: bool
     raw_head: bytes
-
-    def header(self, name: str) -> str | None:
-        values = self.header_all(name)
-        return values[0] if values else None
-
-    def header_all(self, name: str) -> list[str]:
-        lowered = name.lower()
-        return [value for key, value in self.headers if key.lower() == lowered]
-
-    def header_names(self) -> list[str]:
-        return [key.lower() for key, _ in self.headers]
 
     def json(self) -> Any:
         return json.loads(self.body)
