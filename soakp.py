@@ -206,6 +206,7 @@ class Config:
 
     listen_host: str = "127.0.0.1"
     listen_port: int = 3033
+    admin_listen: tuple[str, int] | None = None  # the admin endpoints' own listener
     secret: str = field(default="", repr=False)
     old_secrets: tuple[str, ...] = field(default=(), repr=False)
     admin_user: str | None = None
@@ -234,6 +235,8 @@ class Config:
 # One row per option: flag, variable, default, help. Commands pick the rows they take.
 OPTIONS: dict[str, tuple[str, str | None, str]] = {
     "listen": ("SOAKP_LISTEN", "127.0.0.1:3033", "address:port to serve on"),
+    "admin-listen": ("SOAKP_ADMIN_LISTEN", None,
+                     "address:port serving the admin endpoints alone (the main listener then answers 404 for them)"),
     "secret": ("SOAKP_SECRET", None, "master secret, at least 32 characters"),
     "secret-file": ("SOAKP_SECRET_FILE", None, "file holding the master secret"),
     "old-secrets": ("SOAKP_OLD_SECRETS", None, "comma list of retired secrets still accepted for verifying"),
@@ -339,7 +342,28 @@ def read_secret(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
         raise ConfigError("a master secret is required: --secret, --secret-file, SOAKP_SECRET or SOAKP_SECRET_FILE")
     if len(secret) < MIN_SECRET_CHARS:
         raise ConfigError(f"the master secret must be at least {MIN_SECRET_CHARS} characters")
+    if weak_secret(secret):
+        raise ConfigError("the master secret is too easy to guess (it repeats a few characters); make a new "
+                          "one with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))'")
     return secret
+
+
+MIN_SECRET_DISTINCT_CHARS = 8
+
+
+def weak_secret(secret: str) -> bool:
+    """A secret of few distinct characters, or one short pattern repeated, is no secret whatever its
+    length: `aaaa...` or `abcdabcd...`. Random secrets (hex, base64) pass easily."""
+    if len(set(secret)) < MIN_SECRET_DISTINCT_CHARS:
+        return True
+    # The shortest period p with secret[i] == secret[i + p] everywhere, from the prefix function (KMP).
+    border = [0] * len(secret)
+    for i in range(1, len(secret)):
+        k = border[i - 1]
+        while k and secret[i] != secret[k]:
+            k = border[k - 1]
+        border[i] = k + (secret[i] == secret[k])
+    return len(secret) - border[-1] <= len(secret) // 2
 
 
 def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config, argparse.Namespace]:
@@ -371,6 +395,9 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
         raise ConfigError(f"--old-secrets: each secret must be at least {MIN_SECRET_CHARS} characters")
 
     listen_host, listen_port = convert("listen", parse_listen)
+    admin_listen = convert("admin-listen", parse_listen) if get("admin-listen") else None
+    if admin_listen == (listen_host, listen_port):
+        raise ConfigError("--admin-listen must differ from --listen")
     upstream = convert("upstream", parse_upstream)
     admin_user, admin_pass = get("admin-user"), get("admin-pass")
     if (admin_user is None) != (admin_pass is None):
@@ -409,6 +436,7 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
     config = Config(
         listen_host=listen_host,
         listen_port=listen_port,
+        admin_listen=admin_listen,
         secret=secret,
         old_secrets=old_secrets,
         admin_user=admin_user,
@@ -471,7 +499,9 @@ MAX_TOKEN_CHARS = 8192
 JWT_SHAPE_RE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\Z")
 # Claims that restrict what a token may do (SPEC.md, Tokens).
 PERMISSION_CLAIMS = ("paths", "models", "rpm", "origins", "max_tokens_total")
-GRANT_FIELDS = ("key", "org", "project", "ttl", "sub", *PERMISSION_CLAIMS)
+GRANT_FIELDS = ("key", "org", "project", "ttl", "renew_ttl", "sub", *PERMISSION_CLAIMS)
+TOKEN_ID_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}\Z")  # a jti or a chain id (cid)
+MAX_FUTURE_IAT_S = 60  # SPEC.md: a token issued further in the future than this is refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -620,6 +650,8 @@ class Grant:
     org: str | None = None
     project: str | None = None
     permissions: Permissions = Permissions()
+    renew_ttl_s: int | None = None  # how long the chain may be refreshed, from now; None: not past exp
+    chain: tuple[str, int] | None = None  # (cid, rexp) of the chain a refreshed token continues
 
 
 def parse_grant(fields: Mapping[str, Any], default_ttl_s: int, max_ttl_s: int) -> Grant:
@@ -647,12 +679,24 @@ def parse_grant(fields: Mapping[str, Any], default_ttl_s: int, max_ttl_s: int) -
             raise ApiError(400, f"'ttl': {exc}", "invalid_ttl") from None
     if ttl_s > max_ttl_s:
         raise ApiError(400, f"'ttl' is over the maximum of {max_ttl_s} seconds", "ttl_too_long")
+    renew_ttl_s = None
+    if fields.get("renew_ttl") is not None:
+        try:
+            renew_ttl_s = parse_ttl_s(fields["renew_ttl"])
+        except ValueError as exc:
+            raise ApiError(400, f"'renew_ttl': {exc}", "invalid_ttl", param="renew_ttl") from None
+        if renew_ttl_s < ttl_s:
+            raise ApiError(400, f"'renew_ttl' ({renew_ttl_s} s) must be at least the token's ttl ({ttl_s} s)",
+                           "invalid_ttl", param="renew_ttl")
+        if renew_ttl_s > max_ttl_s:
+            raise ApiError(400, f"'renew_ttl' is over the maximum of {max_ttl_s} seconds (--max-token-ttl)",
+                           "ttl_too_long", param="renew_ttl")
     try:
         permissions = parse_permissions(fields)
     except ValueError as exc:
         raise ApiError(400, str(exc), "invalid_field") from None
     return Grant(key=key, ttl_s=ttl_s, sub=labels["sub"] or "default", org=labels["org"],
-                 project=labels["project"], permissions=permissions)
+                 project=labels["project"], permissions=permissions, renew_ttl_s=renew_ttl_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -660,17 +704,29 @@ class MintedToken:
     token: str = field(repr=False)
     jti: str
     expires_at: int
+    cid: str = ""
+    renew_until: int = 0
 
 
 def mint_token(keys: SecretKeys, grant: Grant, now: int, jti: str, nonce: bytes) -> MintedToken:
-    """Sign a token carrying the sealed key. `jti` and `nonce` come from the caller (secrets module)."""
+    """Sign a token carrying the sealed key. `jti` and `nonce` come from the caller (secrets module).
+
+    A new chain starts with `cid == jti`; its renew-until time is `now + renew_ttl`, or the first token's
+    expiry. A refreshed token keeps its chain's cid and rexp, and never outlives the rexp.
+    """
+    if grant.chain is None:
+        cid, rexp = jti, now + (grant.renew_ttl_s if grant.renew_ttl_s is not None else grant.ttl_s)
+    else:
+        cid, rexp = grant.chain
     claims: dict[str, Any] = {
         "iss": TOKEN_ISSUER,
         "aud": TOKEN_AUDIENCE,
         "sub": grant.sub,
         "iat": now,
-        "exp": now + grant.ttl_s,
+        "exp": min(now + grant.ttl_s, rexp),
         "jti": jti,
+        "cid": cid,
+        "rexp": rexp,
         "ek": seal_key(grant.key, jti, keys.sealing_key, nonce),
     }
     if grant.org is not None:
@@ -679,7 +735,7 @@ def mint_token(keys: SecretKeys, grant: Grant, now: int, jti: str, nonce: bytes)
         claims["project"] = grant.project
     claims.update(grant.permissions.as_claims())
     token = jwt.encode(claims, keys.signing_key, algorithm=JWT_ALGORITHM, headers={"kid": keys.kid})
-    return MintedToken(token=token, jti=jti, expires_at=claims["exp"])
+    return MintedToken(token=token, jti=jti, expires_at=claims["exp"], cid=cid, renew_until=rexp)
 
 
 def new_token(keys: SecretKeys, grant: Grant, now: int) -> MintedToken:
@@ -700,20 +756,25 @@ class TokenClaims:
     org: str | None = None
     project: str | None = None
     permissions: Permissions = Permissions()
+    cid: str = ""  # the chain id: usage, budget, rpm and revocation belong to the chain
+    rexp: int = 0  # the chain's renew-until time
 
-    def regrant(self, now: int, max_ttl_s: int) -> Grant:
-        """The grant for a refreshed token: the same claims, the same lifetime capped by max_ttl_s."""
+    def regrant(self, max_ttl_s: int) -> Grant:
+        """The grant for a refreshed token: the same claims and chain, the same lifetime (capped by
+        max_ttl_s); mint_token() keeps it within the chain's renew-until time."""
         return Grant(key=self.key, ttl_s=max(1, min(self.exp - self.iat, max_ttl_s)), sub=self.sub, org=self.org,
-                     project=self.project, permissions=self.permissions)
+                     project=self.project, permissions=self.permissions, chain=(self.cid, self.rexp))
 
 
 def invalid_token(message: str) -> ApiError:
     return ApiError(401, message, "invalid_api_key")
 
 
-def verify_token(token: str, keyring: Mapping[str, SecretKeys], now: float) -> TokenClaims:
+def verify_token(token: str, keyring: Mapping[str, SecretKeys], now: float,
+                 allow_expired: bool = False) -> TokenClaims:
     """Check a token's signature (HS256 only), issuer, audience and expiry, and open its key.
 
+    `allow_expired` skips the expiry check only (an expired token may still be revoked by its text).
     Raises ApiError(401) for anything wrong; messages never repeat the token.
     """
     if len(token) > MAX_TOKEN_CHARS:
@@ -742,11 +803,17 @@ def verify_token(token: str, keyring: Mapping[str, SecretKeys], now: float) -> T
     except jwt.InvalidTokenError:
         raise invalid_token("The token's signature or claims are invalid.") from None
     exp, iat, jti, sub, ek = (claims.get(k) for k in ("exp", "iat", "jti", "sub", "ek"))
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in (exp, iat)):
+    # A token minted before chains existed is its own chain, renewable until its own expiry.
+    cid, rexp = claims.get("cid", jti), claims.get("rexp", exp)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in (exp, iat, rexp)):
         raise invalid_token("The token's times are invalid.")
-    if exp <= now:
+    if exp <= now and not allow_expired:
         raise invalid_token("The token has expired.")
-    if not (isinstance(jti, str) and jti.isascii() and isinstance(sub, str) and isinstance(ek, str)):
+    if iat > now + MAX_FUTURE_IAT_S:
+        raise invalid_token("The token was issued in the future: check the clocks of this server and the "
+                            "one that minted it.")
+    if not (isinstance(jti, str) and jti.isascii() and isinstance(sub, str) and isinstance(ek, str)
+            and isinstance(cid, str) and TOKEN_ID_RE.match(cid)):
         raise invalid_token("The token's claims are invalid.")
     org, project = claims.get("org"), claims.get("project")
     for label in (org, project):
@@ -762,17 +829,36 @@ def verify_token(token: str, keyring: Mapping[str, SecretKeys], now: float) -> T
     except ValueError:
         raise invalid_token("The token's sealed key does not open.") from None
     return TokenClaims(jti=jti, kid=keys.kid, sub=sub, iat=iat, exp=exp, key=key, org=org, project=project,
-                       permissions=permissions)
+                       permissions=permissions, cid=cid, rexp=rexp)
+
+
+@dataclass(slots=True)
+class Revocations:
+    """What is revoked, by id, each with the time after which remembering it no longer matters.
+
+    A chain (revoked by an operator) takes every token of it, past and future; a single token is revoked
+    when it is refreshed, and its chain goes on.
+    """
+
+    chains: dict[str, int] = field(default_factory=dict)  # cid -> the chain's renew-until time
+    tokens: dict[str, int] = field(default_factory=dict)  # jti -> the token's expiry
+
+    def revoked(self, claims: TokenClaims) -> bool:
+        return claims.cid in self.chains or claims.jti in self.tokens
+
+    def forget_before(self, now: int) -> None:
+        for table in (self.chains, self.tokens):
+            for key in [k for k, until in table.items() if until <= now]:
+                del table[key]
 
 
 class TokenCache:
     """Verified tokens by their text, so each distinct token pays for HMAC and AES-GCM once.
 
-    Bounded; revocation-aware through the shared `revoked` mapping of jtis; an entry is dropped when its
-    token expires.
+    Bounded; revocation-aware through the shared Revocations; an entry is dropped when its token expires.
     """
 
-    def __init__(self, keyring: Mapping[str, SecretKeys], revoked: Mapping[str, int], max_entries: int = 10000) -> None:
+    def __init__(self, keyring: Mapping[str, SecretKeys], revoked: Revocations, max_entries: int = 10000) -> None:
         self.keyring = keyring
         self.revoked = revoked
         self.max_entries = max_entries
@@ -789,14 +875,46 @@ class TokenCache:
         elif claims.exp <= now:
             del self.entries[token]
             raise invalid_token("The token has expired.")
-        if claims.jti in self.revoked:
+        if self.revoked.revoked(claims):
             raise invalid_token("The token has been revoked.")
         return claims
 
 
+def pattern_matches(pattern: str, path: str) -> bool:
+    """A `paths` entry against a /v1/... path. A trailing * matches at a segment boundary: `/v1/files*`
+    is `/v1/files` and `/v1/files/...`, never `/v1/filesX`."""
+    if not pattern.endswith("*"):
+        return path == pattern
+    stem = pattern[:-1]
+    if stem.endswith("/"):
+        return path.startswith(stem)
+    return path == stem or path.startswith(stem + "/")
+
+
 def path_allowed(patterns: Sequence[str], path: str) -> bool:
-    """Whether a /v1/... path matches one of a token's `paths` (a trailing * matches a prefix)."""
-    return any(path.startswith(p[:-1]) if p.endswith("*") else path == p for p in patterns)
+    """Whether a /v1/... path matches one of a token's `paths`."""
+    return any(pattern_matches(p, path) for p in patterns)
+
+
+# Endpoints that hand out a credential, or act with organisation admin rights, outside every SOAKP
+# limit: closed unless a `paths` entry names the endpoint itself (SPEC.md, Limits).
+CREDENTIAL_ENDPOINTS = ("/v1/realtime/client_secrets", "/v1/realtime/sessions",
+                        "/v1/realtime/transcription_sessions", "/v1/organization")
+
+
+def credential_endpoint(path: str) -> str | None:
+    """The credential endpoint a /v1/... path belongs to, or None."""
+    for endpoint in CREDENTIAL_ENDPOINTS:
+        if path == endpoint or path.startswith(endpoint + "/"):
+            return endpoint
+    return None
+
+
+def credential_endpoint_opened(patterns: Sequence[str] | None, endpoint: str) -> bool:
+    """Whether a token's `paths` open a credential endpoint: an entry must begin with the endpoint's own
+    path (`/v1/organization/*` does, `/v1/*` and `/v1/organization-x` do not)."""
+    return patterns is not None and any(
+        p == endpoint or p.startswith(endpoint + "/") or p == endpoint + "*" for p in patterns)
 
 
 class RateLimiter:
@@ -815,11 +933,6 @@ class RateLimiter:
             return wait
         self.next_free[key] = tat + interval
         return 0.0
-
-    def inherit(self, old_key: str, new_key: str) -> None:
-        """A refreshed token takes over its predecessor's place in the limit."""
-        if old_key in self.next_free:
-            self.next_free[new_key] = self.next_free.pop(old_key)
 
     def prune(self, now: float) -> None:
         self.next_free = {k: t for k, t in self.next_free.items() if t > now}
@@ -845,75 +958,182 @@ CREATE TABLE IF NOT EXISTS tokens (
     errors INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS tokens_by_expiry ON tokens (expires_at);
+CREATE TABLE IF NOT EXISTS chains (
+    cid TEXT PRIMARY KEY,
+    jti TEXT,
+    sub TEXT,
+    kid TEXT,
+    created_at INTEGER,
+    expires_at INTEGER NOT NULL,
+    renew_until INTEGER NOT NULL,
+    revoked_at INTEGER,
+    last_used_at INTEGER,
+    requests INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    limits TEXT NOT NULL DEFAULT '{}',
+    parent TEXT
+);
+CREATE INDEX IF NOT EXISTS chains_by_renewal ON chains (renew_until);
 """
-TOKEN_COLUMNS = ("jti", "sub", "created_at", "expires_at", "revoked_at", "last_used_at", "requests",
-                 "prompt_tokens", "completion_tokens", "errors")
-LIST_TOKENS_SQL = ("SELECT jti, sub, created_at, expires_at, revoked_at, last_used_at, requests, prompt_tokens, "
-                   "completion_tokens, errors FROM tokens ORDER BY created_at, jti")
-# Usage from a batch is added to the row, which is created when the token was minted elsewhere.
+# Version 1 had only `tokens`, one row per token with its usage; version 2 keeps usage per chain and uses
+# `tokens` for the chain of each jti and the revocation of refreshed tokens.
+REGISTRY_VERSION = 2
+MIGRATE_TO_CHAINS_SQL = (
+    "ALTER TABLE tokens ADD COLUMN cid TEXT",
+    "UPDATE tokens SET cid = jti WHERE cid IS NULL",
+    "INSERT OR IGNORE INTO chains (cid, jti, sub, kid, created_at, expires_at, renew_until, revoked_at, "
+    "last_used_at, requests, prompt_tokens, completion_tokens, errors) SELECT jti, jti, sub, kid, created_at, "
+    "expires_at, expires_at, revoked_at, last_used_at, requests, prompt_tokens, completion_tokens, errors "
+    "FROM tokens",
+    "CREATE INDEX IF NOT EXISTS tokens_by_chain ON tokens (cid)",
+)
+CHAIN_COLUMNS = ("cid", "jti", "sub", "created_at", "expires_at", "renew_until", "revoked_at", "last_used_at",
+                 "requests", "prompt_tokens", "completion_tokens", "errors", "limits", "parent")
+LIST_CHAINS_SQL = f"SELECT {', '.join(CHAIN_COLUMNS)} FROM chains ORDER BY created_at, cid"
+LIMIT_FIELDS = (*PERMISSION_CLAIMS, "org", "project")
+# Usage from a batch is added to the chain's row, which is created when the chain was minted elsewhere.
 ADD_USAGE_SQL = """
-INSERT INTO tokens (jti, sub, kid, created_at, expires_at, last_used_at, requests, prompt_tokens,
-                    completion_tokens, errors)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (jti) DO UPDATE SET
+INSERT INTO chains (cid, jti, sub, kid, created_at, expires_at, renew_until, last_used_at, requests,
+                    prompt_tokens, completion_tokens, errors)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (cid) DO UPDATE SET
     last_used_at = MAX(COALESCE(last_used_at, 0), excluded.last_used_at),
     requests = requests + excluded.requests,
     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
     completion_tokens = completion_tokens + excluded.completion_tokens,
     errors = errors + excluded.errors
 """
+REGISTER_CHAIN_SQL = """
+INSERT INTO chains (cid, jti, sub, kid, created_at, expires_at, renew_until, limits)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (cid) DO UPDATE SET
+    jti = excluded.jti,
+    expires_at = MAX(expires_at, excluded.expires_at),
+    limits = CASE WHEN limits = '{}' THEN excluded.limits ELSE limits END
+"""
 
 
 @dataclass(slots=True)
 class UsageDelta:
-    """A token's usage since the last flush; a few counters kept in memory on the hot path."""
+    """A chain's usage since the last flush; a few counters kept in memory on the hot path."""
 
+    jti: str
     sub: str
     kid: str
     created_at: int
     expires_at: int
+    renew_until: int
     last_used_at: int = 0
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     errors: int = 0
 
-    def row(self, jti: str) -> tuple[Any, ...]:
-        return (jti, self.sub, self.kid, self.created_at, self.expires_at, self.last_used_at, self.requests,
-                self.prompt_tokens, self.completion_tokens, self.errors)
+    def row(self, cid: str) -> tuple[Any, ...]:
+        return (cid, self.jti, self.sub, self.kid, self.created_at, self.expires_at, self.renew_until,
+                self.last_used_at, self.requests, self.prompt_tokens, self.completion_tokens, self.errors)
+
+
+def chain_limits(grant: Grant) -> str:
+    """A chain's limits as the registry stores them: JSON of the limit claims it has."""
+    claims = {**grant.permissions.as_claims(), "org": grant.org, "project": grant.project}
+    return json.dumps({name: claims[name] for name in LIMIT_FIELDS if claims.get(name) is not None},
+                      separators=(",", ":"), sort_keys=True)
+
+
+def create_private_file(path: str) -> None:
+    """Create the database file (if new) readable by its owner only, and make an existing one so.
+
+    SQLite gives its -wal and -shm files the database file's mode, so they are private too.
+    """
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the token database {path}: {exc.strerror or exc}; "
+                          "check --db / SOAKP_DB and the folder's permissions") from None
 
 
 class TokenRegistry:
-    """The SQLite file of issued tokens. Synchronous: the CLI calls it directly, the server from one
-    worker thread (see RegistryWorker). Parameterised SQL only."""
+    """The SQLite file of token chains: who, until when, what limits, what they used, what is revoked.
+    Synchronous: the CLI calls it directly, the server from one worker thread (see RegistryWorker).
+    Parameterised SQL only."""
 
     def __init__(self, path: str) -> None:
+        create_private_file(path)
         try:
             self.db = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
             if path != ":memory:":
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(REGISTRY_SCHEMA)
+            self.migrate()
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open the token database {path}: {exc}") from None
 
-    def register(self, jti: str, sub: str, kid: str, created_at: int, expires_at: int) -> None:
-        self.db.execute("INSERT OR IGNORE INTO tokens (jti, sub, kid, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
-                        (jti, sub, kid, created_at, expires_at))
+    def migrate(self) -> None:
+        if self.db.execute("PRAGMA user_version").fetchone()[0] >= REGISTRY_VERSION:
+            return
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(tokens)")}
+            for statement in MIGRATE_TO_CHAINS_SQL:
+                if statement.startswith("ALTER") and "cid" in columns:
+                    continue
+                self.db.execute(statement)
+            self.db.execute(f"PRAGMA user_version = {REGISTRY_VERSION}")
 
-    def revoke(self, jti: str, now: int, expires_at: int) -> int:
-        """Mark a jti revoked (creating the row for a token minted elsewhere). Returns its revoked_at."""
+    def register(self, minted: MintedToken, sub: str, kid: str, created_at: int, limits: str) -> None:
+        """Record a new token: its chain's row (created, or moved on to this token) and its jti."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute(REGISTER_CHAIN_SQL, (minted.cid, minted.jti, sub, kid, created_at, minted.expires_at,
+                                                 minted.renew_until, limits))
+            self.db.execute("INSERT OR IGNORE INTO tokens (jti, cid, sub, kid, created_at, expires_at) "
+                            "VALUES (?, ?, ?, ?, ?, ?)",
+                            (minted.jti, minted.cid, sub, kid, created_at, minted.expires_at))
+
+    def chain_of(self, token_id: str) -> tuple[str, int] | None:
+        """(cid, renew_until) of the chain a jti or cid names, or None when this registry never saw it."""
+        row = self.db.execute("SELECT cid, renew_until FROM chains WHERE cid = ?", (token_id,)).fetchone()
+        if row is None:
+            row = self.db.execute("SELECT chains.cid, chains.renew_until FROM tokens JOIN chains "
+                                  "ON chains.cid = tokens.cid WHERE tokens.jti = ?", (token_id,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def revoke_chain(self, cid: str, renew_until: int, now: int) -> int:
+        """Revoke a chain (creating its row for one minted elsewhere). Returns its revoked_at."""
         self.db.execute(
-            "INSERT INTO tokens (jti, expires_at, revoked_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (jti) DO UPDATE SET revoked_at = COALESCE(revoked_at, excluded.revoked_at)",
-            (jti, expires_at, now),
+            "INSERT INTO chains (cid, expires_at, renew_until, revoked_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (cid) DO UPDATE SET revoked_at = COALESCE(revoked_at, excluded.revoked_at)",
+            (cid, renew_until, renew_until, now),
         )
-        return self.db.execute("SELECT revoked_at FROM tokens WHERE jti = ?", (jti,)).fetchone()[0]
+        return self.db.execute("SELECT revoked_at FROM chains WHERE cid = ?", (cid,)).fetchone()[0]
 
-    def revoked_jtis(self, now: int) -> dict[str, int]:
-        """Revoked tokens that have not expired anyway: jti -> expires_at."""
-        rows = self.db.execute("SELECT jti, expires_at FROM tokens WHERE revoked_at IS NOT NULL AND expires_at > ?",
-                               (now,))
+    def revoke_token(self, jti: str, cid: str, expires_at: int, now: int) -> None:
+        """Revoke one token of a chain (a refreshed one); the chain goes on."""
+        self.db.execute(
+            "INSERT INTO tokens (jti, cid, expires_at, revoked_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (jti) DO UPDATE SET revoked_at = COALESCE(revoked_at, excluded.revoked_at)",
+            (jti, cid, expires_at, now),
+        )
+
+    def revocations(self, now: int) -> Revocations:
+        """What is revoked and still matters: chains before their renew-until, tokens before expiry."""
+        chains = self.db.execute("SELECT cid, renew_until FROM chains WHERE revoked_at IS NOT NULL "
+                                 "AND renew_until > ?", (now,))
+        tokens = self.db.execute("SELECT jti, expires_at FROM tokens WHERE revoked_at IS NOT NULL "
+                                 "AND expires_at > ?", (now,))
+        return Revocations(dict(chains.fetchall()), dict(tokens.fetchall()))
+
+    def spent(self, now: int) -> dict[str, int]:
+        """Tokens used so far by each chain that can still be used: what budgets start from."""
+        rows = self.db.execute("SELECT cid, prompt_tokens + completion_tokens FROM chains WHERE renew_until > ? "
+                               "AND prompt_tokens + completion_tokens > 0", (now,))
         return dict(rows.fetchall())
 
     def data_version(self) -> int:
@@ -926,12 +1146,22 @@ class TokenRegistry:
             self.db.executemany(ADD_USAGE_SQL, rows)
 
     def prune(self, now: int) -> int:
-        """Delete the rows of expired tokens: they cannot be used, so their revocation no longer matters."""
-        return self.db.execute("DELETE FROM tokens WHERE expires_at <= ?", (now,)).rowcount
+        """Delete chains past their renew-until time and expired tokens: none of them can be used again, so
+        their revocation no longer matters. Returns the number of chains deleted."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("DELETE FROM tokens WHERE expires_at <= ?", (now,))
+            return self.db.execute("DELETE FROM chains WHERE renew_until <= ?", (now,)).rowcount
 
     def list(self) -> list[dict[str, Any]]:
-        rows = self.db.execute(LIST_TOKENS_SQL)
-        return [dict(zip(TOKEN_COLUMNS, row, strict=True)) for row in rows]
+        """One row per chain, newest token's jti and expiry, usage and limits; never a key or a token."""
+        rows = []
+        for row in self.db.execute(LIST_CHAINS_SQL):
+            chain = dict(zip(CHAIN_COLUMNS, row, strict=True))
+            limits = json.loads(chain.pop("limits") or "{}")
+            chain.update({name: limits.get(name) for name in LIMIT_FIELDS})
+            rows.append(chain)
+        return rows
 
     def close(self) -> None:
         self.db.close()
@@ -1148,7 +1378,8 @@ def parse_request_head(data: bytes) -> RequestHead:
     method = match[1].decode("ascii")
     http_minor = int(match[3])
     if method == "CONNECT":
-        raise ApiError(405, "CONNECT is not supported: SOAKP only forwards to its upstream.", "method_not_allowed")
+        raise ApiError(501, "CONNECT is not supported: SOAKP only forwards to its upstream.",
+                       "method_not_supported")
     headers, framing = split_header_lines(lines[1:])
     for name, _ in headers:
         # A server that folds "_" into "-" (some do, from CGI days) would read a second framing header.
@@ -1497,7 +1728,7 @@ class Watchdog:
     """
 
     __slots__ = ("loop", "client", "client_transport", "client_timeout_s", "upstream_timeout_s", "client_deadline",
-                 "client_writing", "client_cut", "upstream_deadline", "upstream", "handle")
+                 "client_writing", "client_cut", "upstream_deadline", "upstream", "handle", "finish_upstream")
 
     def __init__(self, client: asyncio.StreamReader, client_transport: asyncio.BaseTransport,
                  client_timeout_s: float, upstream_timeout_s: float) -> None:
@@ -1512,6 +1743,7 @@ class Watchdog:
         self.upstream_deadline: float | None = None
         self.upstream: UpstreamConnection | None = None
         self.handle: asyncio.TimerHandle | None = None
+        self.finish_upstream = False  # a budgeted answer: keep reading it when the client leaves
 
     def arm_client(self, writing: bool = False) -> None:
         """The client has --header-timeout to deliver what is read next, or to take what is written."""
@@ -1561,7 +1793,7 @@ class Watchdog:
                 self.client_deadline = wake = now + CLIENT_CHECK_S
         upstream = self.upstream
         if self.upstream_deadline is not None and upstream is not None:
-            if now >= self.upstream_deadline or self.client.at_eof():
+            if now >= self.upstream_deadline or self.client.at_eof() and not self.finish_upstream:
                 gone = now < self.upstream_deadline
                 upstream.reader.set_exception(ClientGone("the client went away while the upstream was silent")
                                               if gone else TimeoutError("the upstream was silent too long"))
@@ -1710,8 +1942,18 @@ def build_upstream_head(head: RequestHead, upstream_path: str, claims: TokenClai
     return b"".join(parts)
 
 
-def build_client_head(resp: ResponseHead, keep_alive: bool, chunked: bool, cors: bytes = b"") -> bytes:
-    """The response head sent to the client: the upstream's status and headers less hop-by-hop ones.
+def without_secret(headers: Sequence[tuple[bytes, bytes]], secret: bytes) -> Sequence[tuple[bytes, bytes]]:
+    """The headers less any that holds the real key: an upstream that echoes what it was sent must not
+    hand the key to the client."""
+    if not secret or not any(secret in value or secret in name for name, value in headers):
+        return headers
+    return [(name, value) for name, value in headers if secret not in value and secret not in name]
+
+
+def build_client_head(resp: ResponseHead, keep_alive: bool, chunked: bool, cors: bytes = b"",
+                      secret: bytes = b"") -> bytes:
+    """The response head sent to the client: the upstream's status and headers less hop-by-hop ones and
+    any that holds `secret` (the real key).
 
     `cors` holds SOAKP's own CORS header lines, which replace any the upstream sent.
     """
@@ -1719,7 +1961,7 @@ def build_client_head(resp: ResponseHead, keep_alive: bool, chunked: bool, cors:
     # For a body-less answer (HEAD, 204, 304) the upstream's Content-Length describes the resource: keep it.
     # CORS is SOAKP's policy (--cors-origins), never the upstream's: its own CORS headers are dropped.
     drop = CORS_RESPONSE_HEADERS if resp.body_kind == "none" else RESPONSE_DROP
-    parts.extend(forwarded_headers(resp.headers, drop))
+    parts.extend(forwarded_headers(without_secret(resp.headers, secret), drop))
     parts.append(cors)
     if resp.body_kind == "length":
         parts.append(b"Content-Length: %d\r\n" % resp.content_length)
@@ -2070,7 +2312,8 @@ async def read_body_ahead(
     if head.expect_continue:
         await write_client(writer, b"HTTP/1.1 100 Continue\r\n\r\n")
     models = claims.permissions.models
-    meter_stream = claims.permissions.max_tokens_total is not None and upstream_path == "/v1/chat/completions"
+    budgeted = claims.permissions.max_tokens_total is not None and head.method == "POST"
+    meter_stream = budgeted and upstream_path in CAPPED_ENDPOINTS
     content_type = head.header(b"content-type") if models is not None or meter_stream else None
     if models is not None and len(head.index.get(b"content-type", ())) > 1:
         raise bad_request("A request has one Content-Type.")
@@ -2086,7 +2329,7 @@ async def read_body_ahead(
             raise ClientGone("client closed mid-body") from None
         finally:
             exchange.watchdog.disarm_client()
-    elif not multipart and (models is not None or meter_stream):
+    elif not multipart and (models is not None or meter_stream or budgeted and upstream_path in ESTIMATED_ENDPOINTS):
         data = await read_whole(read_request_body(reader, head, config.max_body_bytes, exchange.watchdog),
                                 min(MODEL_SCAN_LIMIT_BYTES, config.max_body_bytes),
                                 "A JSON body sent with a models-limited or budgeted token")
@@ -2106,12 +2349,32 @@ async def read_body_ahead(
                 exchange.model = model
         else:
             check_model(models, json_model(data))
-    if meter_stream and not multipart:
-        asking = request_stream_usage(data)
-        if asking is not None:
-            exchange.strip_usage_event = True
-            return RequestBody(asking, rewritten=True)
+    if budgeted and not multipart and upstream_path in ESTIMATED_ENDPOINTS:
+        return await budget_body(state, exchange, claims, upstream_path, data)
     return RequestBody(data)
+
+
+async def budget_body(state: ServerState, exchange: Exchange, claims: TokenClaims, upstream_path: str,
+                      data: bytes) -> RequestBody:
+    """A budgeted request's JSON body, its output cap lowered to what the chain's budget has left, and that
+    much reserved until the answer's usage settles it (record_outcome). Raises ApiError 400, 403, 429."""
+    try:
+        document = json.loads(data) if len(data) <= JSON_ON_LOOP_BYTES else \
+            await asyncio.get_running_loop().run_in_executor(None, json.loads, data)
+    except (ValueError, RecursionError):
+        raise bad_request("A token with a budget needs a JSON body it can read.") from None
+    if not isinstance(document, dict):
+        raise bad_request("The body must be a JSON object.")
+    left = budget_left(state, claims)
+    plan = plan_budget(document, upstream_path, left)
+    exchange.reserved = plan.reserved
+    if plan.reserved:
+        state.reserved[claims.cid] = state.reserved.get(claims.cid, 0) + plan.reserved
+    exchange.estimate = (max(1, len(data)), plan.reserved)
+    exchange.strip_usage_event = plan.strip_usage_event
+    if plan.body is None:
+        return RequestBody(data)
+    return RequestBody(plan.body, rewritten=True)
 
 
 async def read_multipart_ahead(exchange: Exchange, pieces: AsyncIterator[bytes], boundary: bytes,
@@ -2140,28 +2403,76 @@ async def read_multipart_ahead(exchange: Exchange, pieces: AsyncIterator[bytes],
     return RequestBody(b"".join(ahead), pieces, inspect)
 
 
-def request_stream_usage(body: bytes) -> bytes | None:
-    """For a streamed chat request that does not ask for usage, the same request asking for it; else None.
+# For a budgeted token (SPEC.md, Limits): the output caps each endpoint knows, and the one SOAKP adds
+# when the request has none. Reasoning models refuse `max_tokens`, so chat gets `max_completion_tokens`;
+# legacy completions get the API's own default of 16, which changes nothing but makes it explicit.
+CAPPED_ENDPOINTS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "/v1/chat/completions": (("max_tokens", "max_completion_tokens"), "max_completion_tokens"),
+    "/v1/responses": (("max_output_tokens",), "max_output_tokens"),
+    "/v1/completions": (("max_tokens",), None),
+}
+LEGACY_COMPLETIONS_DEFAULT_CAP = 16
+# Endpoints whose answers report usage; a budgeted answer without it is charged the estimate.
+ESTIMATED_ENDPOINTS = frozenset({*CAPPED_ENDPOINTS, "/v1/embeddings"})
+STREAM_USAGE_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions"})
+JSON_ON_LOOP_BYTES = 1024 * 1024  # larger JSON bodies are parsed on a worker thread, not the event loop
 
-    The key is added after the opening brace, so every other byte of the client's body is kept.
+
+@dataclass(frozen=True, slots=True)
+class BudgetPlan:
+    body: bytes | None  # the body to send instead of the client's, or None to send it unchanged
+    reserved: int  # output tokens the answer may use at most (its cap times its choices)
+    strip_usage_event: bool  # SOAKP asked for stream usage: take that event out of the answer
+
+
+def whole_number(document: Mapping[str, Any], name: str, default: int) -> int:
+    value = document.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise bad_request(f"'{name}' must be a whole number of at least 1.", param=name)
+    return value
+
+
+def plan_budget(document: dict[str, Any], upstream_path: str, left: int) -> BudgetPlan:
+    """Lower (or add) a budgeted request's output cap to what the budget has left, shared among its choices.
+
+    Pure; `document` is changed in place. Raises ApiError: 400 for a cap that is not a number, 403 for a
+    background response (its usage is never reported in the answer), 429 when nothing is left.
     """
-    try:
-        document = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(document, dict) or document.get("stream") is not True:
-        return None
-    options = document.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage") is True:
-        return None  # the client asked for usage itself: it gets it, and the meter reads it
-    if "stream_options" not in document:
-        brace = body.index(b"{") + 1
-        return body[:brace] + b'"stream_options":{"include_usage":true},' + body[brace:]
-    if options is not None and not isinstance(options, dict):
-        return None  # malformed: the upstream answers it
-    options = options or {}
-    document["stream_options"] = {**options, "include_usage": True}
-    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+    if upstream_path == "/v1/responses" and document.get("background") not in (None, False):
+        raise ApiError(403, "A token with a budget (max_tokens_total) may not start background responses: their "
+                            "token usage is not reported in the answer.", "budget_unmetered_endpoint",
+                       param="background")
+    if upstream_path not in CAPPED_ENDPOINTS:
+        return BudgetPlan(None, 0, False)  # embeddings: no output to cap, charged by their usage
+    names, added = CAPPED_ENDPOINTS[upstream_path]
+    choices = 1
+    if upstream_path != "/v1/responses":
+        choices = max(whole_number(document, "n", 1), whole_number(document, "best_of", 1))
+    per_choice = left // choices
+    if per_choice < 1:
+        raise budget_spent()
+    caps = [whole_number(document, name, 1) for name in names if document.get(name) is not None]
+    if caps:
+        for name in names:
+            if document.get(name) is not None:
+                document[name] = min(document[name], per_choice)
+        cap = min(min(caps), per_choice)
+    elif added is not None:
+        document[added] = cap = per_choice
+    else:
+        document["max_tokens"] = cap = min(LEGACY_COMPLETIONS_DEFAULT_CAP, per_choice)
+    strip = False
+    if upstream_path in STREAM_USAGE_ENDPOINTS and document.get("stream") is True:
+        options = document.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise bad_request("'stream_options' must be an object.", param="stream_options")
+        if not (options or {}).get("include_usage") is True:
+            document["stream_options"] = {**(options or {}), "include_usage": True}
+            strip = True
+    body = json.dumps(document, separators=(",", ":")).encode("ascii")
+    return BudgetPlan(body, cap * choices, strip)
 
 
 USAGE_OBJECT_RE = re.compile(rb'"usage"\s*:\s*\{')
@@ -2232,10 +2543,14 @@ async def forward(
     """
     config = state.config
     body = await read_body_ahead(state, exchange, reader, writer, head, claims, upstream_path)
+    take_rate(state, claims, time.time())  # every other check has passed: now it counts against rpm
+    # A budgeted answer is read to its end even when the client leaves, so that it is charged.
+    exchange.watchdog.finish_upstream = exchange.reserved > 0 or exchange.estimate is not None
     if body.rewritten:  # the whole body, changed: sent with its own Content-Length
-        # Uncompressed, so that the usage event SOAKP asked for can be taken out of the stream again.
+        # Uncompressed when the usage event SOAKP asked for must be taken out of the stream again.
+        drop = frozenset({b"accept-encoding"}) if exchange.strip_usage_event else frozenset()
         first_write = build_upstream_head(head, upstream_path, claims, config.upstream, len(body.read_ahead),
-                                          also_drop=frozenset({b"accept-encoding"}))
+                                          also_drop=drop)
         first_write += body.read_ahead
     else:
         first_write = build_upstream_head(head, upstream_path, claims, config.upstream) + frame_body(
@@ -2282,7 +2597,7 @@ async def forward(
         strip_length = True
     else:
         strip_length = False
-    client_head = build_client_head(resp, keep_alive, chunked, cors)
+    client_head = build_client_head(resp, keep_alive, chunked, cors, claims.key.encode("ascii"))
     exchange.status = resp.status
     request_id = resp.header(b"x-request-id")
     if request_id is not None:
@@ -2302,12 +2617,16 @@ async def forward(
             data = b"".join([piece async for piece in read_upstream_body(conn, resp, exchange.watchdog)])
             if meter:
                 meter.feed(data)
+                exchange.usage = meter.usage()
             exchange.response_started = True
             exchange.first_byte_s = time.monotonic() - exchange.started
             await write_client(writer, client_head + data)
             exchange.bytes_out = len(client_head) + len(data)
         else:
             state.metrics.streams_open += 1
+            chain_streams = state.streams.setdefault(claims.cid, set())
+            chain_streams.add(exchange)
+            client = ClientWriter(writer, exchange)
             try:
                 # The head goes out at once, unless the first body bytes came with it (an SSE stream's first
                 # event usually does): then both leave in one write.
@@ -2315,7 +2634,7 @@ async def forward(
                 if not unread_bytes(conn.reader):
                     exchange.response_started = True
                     exchange.first_byte_s = time.monotonic() - exchange.started
-                    await write_client(writer, client_head)
+                    await client.write(client_head)
                     pending = b""
                 exchange.bytes_out = len(client_head)
                 upstream_resp = dataclasses.replace(resp, body_kind="length") if strip_length else resp
@@ -2333,7 +2652,7 @@ async def forward(
                         piece, pending = pending + piece, b""
                         exchange.response_started = True
                         exchange.first_byte_s = time.monotonic() - exchange.started
-                    await write_client(writer, piece, exchange.watchdog)
+                    await client.write(piece, exchange.watchdog)
                 tail = stripper.flush() if stripper else b""
                 if chunked:
                     tail = (b"%x\r\n" % len(tail) + tail + b"\r\n" if tail else b"") + b"0\r\n\r\n"
@@ -2343,9 +2662,13 @@ async def forward(
                     exchange.response_started = True
                     exchange.first_byte_s = time.monotonic() - exchange.started
                 if tail:
-                    await write_client(writer, tail)
+                    await client.write(tail)
+                client.check_gone()
             finally:
                 state.metrics.streams_open -= 1
+                chain_streams.discard(exchange)
+                if not chain_streams:
+                    state.streams.pop(claims.cid, None)
     except BaseException:
         conn.abort()
         exchange.upstream = None
@@ -2360,6 +2683,40 @@ async def forward(
     else:
         conn.close()
     return keep_alive
+
+
+BUDGET_DRAIN_MAX_BYTES = 64 * 1024**2  # what is read of a budgeted answer after its client left
+
+
+class ClientWriter:
+    """Writes an answer to the client. For a budgeted answer (the watchdog finishes its upstream), a client
+    that leaves does not end the relay at once: the rest is read and metered, so that it is charged, up to
+    BUDGET_DRAIN_MAX_BYTES and --read-timeout; check_gone() then ends the exchange."""
+
+    __slots__ = ("writer", "exchange", "gone", "drained")
+
+    def __init__(self, writer: asyncio.StreamWriter, exchange: Exchange) -> None:
+        self.writer = writer
+        self.exchange = exchange
+        self.gone: ClientGone | None = None
+        self.drained = 0
+
+    async def write(self, data: bytes, watchdog: Watchdog | None = None) -> None:
+        if self.gone is None:
+            try:
+                await write_client(self.writer, data, watchdog)
+                return
+            except ClientGone as exc:
+                if not self.exchange.watchdog.finish_upstream:
+                    raise
+                self.gone = exc
+        self.drained += len(data)
+        if self.drained > BUDGET_DRAIN_MAX_BYTES:
+            raise self.gone
+
+    def check_gone(self) -> None:
+        if self.gone is not None:
+            raise self.gone
 
 
 async def send_rest_of_body(conn: UpstreamConnection, body: RequestBody, chunked: bool, watchdog: Watchdog) -> int:
@@ -2426,7 +2783,7 @@ def is_websocket_upgrade(head: RequestHead) -> bool:
     return head.method == "GET" and upgrade is not None and upgrade.strip().lower() == b"websocket"
 
 
-def build_switching_head(resp: ResponseHead, offered: Sequence[str], cors: bytes) -> bytes:
+def build_switching_head(resp: ResponseHead, offered: Sequence[str], cors: bytes, secret: bytes = b"") -> bytes:
     """The 101 sent to the client. Its subprotocol is one the client offered that carries no credential:
     the upstream's choice when it is such, else the first such offer."""
     safe = [p for p in offered if not p.startswith(WEBSOCKET_KEY_PROTOCOL)]
@@ -2437,7 +2794,7 @@ def build_switching_head(resp: ResponseHead, offered: Sequence[str], cors: bytes
     if chosen is None and safe:
         chosen = safe[0]
     parts = [b"HTTP/1.1 101 " + (resp.reason or b"Switching Protocols") + b"\r\n"]
-    parts.extend(forwarded_headers(resp.headers, WEBSOCKET_DROP | CORS_RESPONSE_HEADERS))
+    parts.extend(forwarded_headers(without_secret(resp.headers, secret), WEBSOCKET_DROP | CORS_RESPONSE_HEADERS))
     parts.append(b"Upgrade: websocket\r\nConnection: Upgrade\r\n")
     if chosen is not None:
         parts.append(b"Sec-WebSocket-Protocol: " + chosen.encode("latin-1") + b"\r\n")
@@ -2469,8 +2826,11 @@ async def tunnel_websocket(
     """
     config = state.config
     offered = offered_subprotocols(head)
+    # The real key goes into the upstream's subprotocol only when the client authenticated that way; a
+    # client that sent Authorization gets Authorization upstream, and its key-shaped offers are dropped.
+    by_header = head.header(b"authorization") is not None
     upstream_protocols = [WEBSOCKET_KEY_PROTOCOL + claims.key if p.startswith(WEBSOCKET_KEY_PROTOCOL) else p
-                          for p in offered]
+                          for p in offered if not (by_header and p.startswith(WEBSOCKET_KEY_PROTOCOL))]
     extra = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
     if upstream_protocols:
         extra += b"Sec-WebSocket-Protocol: " + ", ".join(upstream_protocols).encode("latin-1") + b"\r\n"
@@ -2486,21 +2846,26 @@ async def tunnel_websocket(
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
             raise UpstreamError(502, f"The upstream connection broke ({exc.__class__.__name__}).", "reset") from None
         exchange.status = resp.status
-        if resp.status != 101:  # a refusal: relay it like any answer
+        if resp.status != 101:  # a refusal: relay it like any answer, less what the handshake sent upstream
             data = b"".join([piece async for piece in read_upstream_body(conn, resp, exchange.watchdog)])
-            resp = dataclasses.replace(resp, body_kind="length", content_length=len(data))
+            resp = dataclasses.replace(resp, body_kind="length", content_length=len(data),
+                                       headers=tuple((n, v) for n, v in resp.headers
+                                                     if n.lower() not in WEBSOCKET_DROP))
             exchange.response_started = True
-            await write_client(writer, build_client_head(resp, False, False, cors) + data)
+            await write_client(writer, build_client_head(resp, False, False, cors, claims.key.encode("ascii"))
+                               + data)
             return False
         exchange.response_started = True
         exchange.first_byte_s = time.monotonic() - exchange.started
         request_id = resp.header(b"x-request-id")
         if request_id is not None:
             exchange.request_id = safe_for_log(request_id.decode("latin-1"))
-        switching = build_switching_head(resp, offered, cors)
+        switching = build_switching_head(resp, offered, cors, claims.key.encode("ascii"))
         exchange.bytes_out = len(switching)
         await write_client(writer, switching)
         state.metrics.streams_open += 1
+        chain_streams = state.streams.setdefault(claims.cid, set())
+        chain_streams.add(exchange)
         try:
             activity, sent_up, sent_down = [time.monotonic()], [0], [0]
             tasks = {asyncio.create_task(pipe(reader, conn.writer, activity, sent_up)),
@@ -2513,7 +2878,7 @@ async def tunnel_websocket(
                     if done or now - activity[0] > config.read_timeout_s or now > deadline:
                         break
                     # A session lives no longer than its token: revoked or expired ends it.
-                    if claims.jti in state.revoked or claims.exp <= time.time():
+                    if claims.cid in state.revoked.chains or claims.exp <= time.time():
                         log.info("closing a WebSocket session: its token jti=%s was revoked or expired", claims.jti)
                         break
             finally:
@@ -2523,6 +2888,9 @@ async def tunnel_websocket(
                 exchange.bytes_in, exchange.bytes_out = sent_up[0], exchange.bytes_out + sent_down[0]
         finally:
             state.metrics.streams_open -= 1
+            chain_streams.discard(exchange)
+            if not chain_streams:
+                state.streams.pop(claims.cid, None)
         return False
     finally:
         conn.abort()
@@ -2699,7 +3067,7 @@ METRIC_RESOURCES = frozenset({
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Exchange:
     """One request's progress and facts, for answering a failure honestly and for the access log."""
 
@@ -2716,6 +3084,9 @@ class Exchange:
     usage: tuple[int, int] | None = None
     model: str | None = None
     request_id: str | None = None
+    reserved: int = 0  # output tokens of the chain's budget promised to this request until it is settled
+    estimate: tuple[int, int] | None = None  # what a budgeted request is charged if no usage is reported
+    revoked: bool = False  # its chain was revoked while it streamed
     upstream_started: float = 0.0
     upstream_s: float = 0.0
     first_byte_s: float | None = None
@@ -2817,8 +3188,10 @@ class ServerState:
     tokens: TokenCache
     pool: UpstreamPool
     registry: RegistryWorker
-    revoked: dict[str, int]  # jti -> expires_at; shared with `tokens`
-    spent: dict[str, int]  # jti -> prompt + completion tokens recorded, for budgets
+    revoked: Revocations  # shared with `tokens`
+    spent: dict[str, int]  # cid -> prompt + completion tokens recorded, for budgets
+    reserved: dict[str, int] = field(default_factory=dict)  # cid -> output tokens promised to requests in flight
+    streams: dict[str, set[Exchange]] = field(default_factory=dict)  # cid -> its answers still streaming
     cors_origins: frozenset[str] = frozenset()
     rate: RateLimiter = field(default_factory=RateLimiter)
     usage: dict[str, UsageDelta] = field(default_factory=dict)
@@ -2969,18 +3342,31 @@ async def issue_token(state: ServerState, grant: Grant) -> MintedToken:
     keys = state.current_keys
     now = int(time.time())
     minted = new_token(keys, grant, now)
-    await state.registry.call(state.registry.registry.register, minted.jti, grant.sub, keys.kid, now,
-                              minted.expires_at)
-    log.info("minted jti=%s sub=%s kid=%s expires_at=%d", minted.jti, safe_for_log(grant.sub), keys.kid,
-             minted.expires_at)
+    await state.registry.call(state.registry.registry.register, minted, grant.sub, keys.kid, now,
+                              chain_limits(grant))
+    log.info("minted jti=%s cid=%s sub=%s kid=%s expires_at=%d renew_until=%d", minted.jti, minted.cid,
+             safe_for_log(grant.sub), keys.kid, minted.expires_at, minted.renew_until)
     return minted
 
 
-async def revoke_jti(state: ServerState, jti: str, expires_at: int) -> int:
-    """Revoke at once in memory, then durably. Returns revoked_at."""
-    state.revoked[jti] = expires_at
-    revoked_at = await state.registry.call(state.registry.registry.revoke, jti, int(time.time()), expires_at)
-    log.info("revoked jti=%s", safe_label(jti))
+def end_chain_streams(state: ServerState, cids: Sequence[str]) -> None:
+    """Cut the answers and WebSocket sessions still streaming for revoked chains: the upstream connection
+    is reset, so the client sees a truncated answer (SPEC.md: within the revocation delay)."""
+    for cid in cids:
+        for exchange in list(state.streams.get(cid, ())):
+            log.info("ending a stream of revoked chain cid=%s", cid)
+            exchange.revoked = True
+            if exchange.upstream is not None:
+                exchange.upstream.abort()
+
+
+async def revoke_chain(state: ServerState, cid: str, renew_until: int) -> int:
+    """Revoke a whole chain at once in memory, then durably. Returns revoked_at."""
+    state.revoked.chains[cid] = renew_until
+    end_chain_streams(state, [cid])
+    revoked_at = await state.registry.call(state.registry.registry.revoke_chain, cid, renew_until,
+                                           int(time.time()))
+    log.info("revoked cid=%s", safe_label(cid))
     return revoked_at
 
 
@@ -2996,10 +3382,10 @@ async def handle_admin(
         return 201, json_bytes(token_reply(minted)), "application/json"
     if head.path == "/jwt/revoke":
         fields = await read_json_body(reader, head, config, exchange)
-        jti, expires_at = revocation_target(state, fields)
-        revoked_at = await revoke_jti(state, jti, expires_at)
+        cid, renew_until = await revocation_target(state, fields)
+        revoked_at = await revoke_chain(state, cid, renew_until)
         return 200, json_bytes({"status": 200, "message": "JWT revoked",
-                                "data": {"jti": jti, "revoked_at": revoked_at}}), "application/json"
+                                "data": {"cid": cid, "revoked_at": revoked_at}}), "application/json"
     exchange.body_consumed = head.body_kind == "none"
     await flush_usage(state)
     if head.path == "/jwt":
@@ -3008,51 +3394,55 @@ async def handle_admin(
     return 200, state.metrics.render(len(state.connections)).encode("utf-8"), "text/plain; version=0.0.4"
 
 
-def revocation_target(state: ServerState, fields: Mapping[str, Any]) -> tuple[str, int]:
-    """The jti (and expiry, when known) that a revoke request names, by `jti` or by a whole `jwt`.
+async def revocation_target(state: ServerState, fields: Mapping[str, Any]) -> tuple[str, int]:
+    """The chain (cid, renew-until) that a revoke request names by `jti`, `cid` or a whole `jwt`.
 
-    Raises ApiError(400).
+    A token's text proves itself, so it may be revoked here even if this registry never saw it; an id
+    this registry does not know is a 404. Raises ApiError 400 or 404.
     """
-    jti, token = fields.get("jti"), fields.get("jwt")
-    if (jti is None) == (token is None) or set(fields) - {"jti", "jwt"}:
-        raise bad_request("Send {\"jti\": \"...\"} or {\"jwt\": \"...\"}.")
-    fallback_expiry = int(time.time()) + state.config.max_token_ttl_s
-    if jti is not None:
-        if not isinstance(jti, str) or not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", jti):
-            raise bad_request("'jti' is not a token id.")
-        return jti, fallback_expiry
-    if not isinstance(token, str):
-        raise bad_request("'jwt' must be a string.")
-    try:
-        claims = verify_token(token, state.keyring, now=0)  # an expired token may still be revoked
-    except ApiError:
-        raise bad_request("'jwt' is not a valid token of this server.") from None
-    return claims.jti, claims.exp
+    named = [name for name in ("jti", "cid", "jwt") if fields.get(name) is not None]
+    if len(named) != 1 or set(fields) - {"jti", "cid", "jwt"}:
+        raise bad_request('Send one of {"jti": "..."}, {"cid": "..."} or {"jwt": "..."}.')
+    value = fields[named[0]]
+    if named[0] == "jwt":
+        if not isinstance(value, str):
+            raise bad_request("'jwt' must be a string.", param="jwt")
+        try:
+            claims = verify_token(value, state.keyring, time.time(), allow_expired=True)
+        except ApiError:
+            raise bad_request("'jwt' is not a valid token of this server.", param="jwt") from None
+        return claims.cid, claims.rexp
+    if not isinstance(value, str) or not TOKEN_ID_RE.match(value):
+        raise bad_request(f"'{named[0]}' is not a token id.", param=named[0])
+    chain = await state.registry.call(state.registry.registry.chain_of, value)
+    if chain is None:
+        raise ApiError(404, f"No token or chain with {named[0]} {value!r} is known here; nothing was revoked. "
+                            "Send the whole token as {\"jwt\": \"...\"} to revoke one minted elsewhere.",
+                       "token_not_found", param=named[0])
+    return chain
 
 
 async def handle_refresh(state: ServerState, reader: asyncio.StreamReader, head: RequestHead,
                          exchange: Exchange) -> tuple[int, bytes, str]:
-    """POST /jwt/refresh: a new token with the same claims; the presented one is revoked.
+    """POST /jwt/refresh: the next token of the same chain; the presented one is revoked.
 
-    The new token carries on the old one's limits: the rest of its budget, its place in the rate
-    limit, its origins. Otherwise refreshing would be a way around them.
+    The chain keeps its id, renew-until time, limits, usage, budget and place in the rate limit, so
+    refreshing is never a way around them; a refresh counts as a request against `rpm`.
     """
     claims = state.tokens.verify(bearer_token(head), time.time())
     exchange.claims = claims
     await read_json_body(reader, head, state.config, exchange)
-    claims = state.tokens.verify(bearer_token(head), time.time())  # again: a concurrent refresh may have won
+    now = time.time()
+    claims = state.tokens.verify(bearer_token(head), now)  # again: a concurrent refresh may have won
+    if now >= claims.rexp:
+        raise invalid_token("This token can no longer be refreshed: its chain's renew-until time has passed "
+                            "(mint a new one, with a longer renew_ttl if needed).")
     check_origin(claims, head)
-    grant = claims.regrant(int(time.time()), state.config.max_token_ttl_s)
-    budget = claims.permissions.max_tokens_total
-    if budget is not None:
-        left = budget - state.spent.get(claims.jti, 0)
-        if left <= 0:
-            raise budget_spent()
-        grant = dataclasses.replace(grant, permissions=dataclasses.replace(grant.permissions, max_tokens_total=left))
-    state.revoked[claims.jti] = claims.exp  # at once, before any await: one refresh per token wins
-    minted = await issue_token(state, grant)
-    state.rate.inherit(claims.jti, minted.jti)
-    await revoke_jti(state, claims.jti, claims.exp)
+    check_budget(state, claims, reserved_too=False)
+    take_rate(state, claims, now)
+    state.revoked.tokens[claims.jti] = claims.exp  # at once, before any await: one refresh per token wins
+    minted = await issue_token(state, claims.regrant(state.config.max_token_ttl_s))
+    await state.registry.call(state.registry.registry.revoke_token, claims.jti, claims.cid, claims.exp, int(now))
     return 201, json_bytes(token_reply(minted)), "application/json"
 
 
@@ -3113,69 +3503,128 @@ def check_origin(claims: TokenClaims, head: RequestHead) -> None:
             raise ApiError(403, "This token may not be used from this origin.", "origin_not_allowed")
 
 
-def check_permissions(state: ServerState, claims: TokenClaims, head: RequestHead, upstream_path: str,
-                      now: float) -> None:
-    """Enforce a token's paths, origins, rpm and budget before anything is sent upstream.
+# Endpoints whose token usage is not reported in the answer: a budget could not be kept on them.
+UNMETERED_PREFIXES = ("/v1/batches", "/v1/fine_tuning")
 
-    Raises ApiError 403 or 429.
+
+def check_permissions(state: ServerState, claims: TokenClaims, head: RequestHead, upstream_path: str) -> None:
+    """Enforce a token's paths, credential endpoints, origins and budget before the body is read.
+
+    Raises ApiError 403 or 429. The rate limit is taken later (take_rate), once every check has passed.
     """
     permissions = claims.permissions
     if permissions.paths is not None and not path_allowed(permissions.paths, upstream_path):
         raise ApiError(403, f"This token may not call {safe_label(upstream_path)}.", "path_not_allowed")
+    endpoint = credential_endpoint(upstream_path)
+    if endpoint is not None and not credential_endpoint_opened(permissions.paths, endpoint):
+        raise ApiError(403, f"{endpoint} hands out credentials or admin rights outside this token's limits; "
+                            f"it is open only to tokens whose paths name it (for example '{endpoint}*').",
+                       "credential_endpoint")
     check_origin(claims, head)
-    if permissions.max_tokens_total is not None and state.spent.get(claims.jti, 0) >= permissions.max_tokens_total:
+    if permissions.max_tokens_total is not None:
+        if any(pattern_matches(prefix + "*", upstream_path) for prefix in UNMETERED_PREFIXES):
+            raise ApiError(403, f"A token with a budget (max_tokens_total) may not use {safe_label(upstream_path)}:"
+                                " its token usage is not reported in the answer, so it could not be counted.",
+                           "budget_unmetered_endpoint")
+        check_budget(state, claims)
+
+
+def check_budget(state: ServerState, claims: TokenClaims, reserved_too: bool = True) -> None:
+    """429 once a budgeted chain has spent its whole budget, or (`reserved_too`) promised what is left to
+    requests in flight: those may end under their caps, so that 429 may be retried."""
+    budget = claims.permissions.max_tokens_total
+    if budget is None:
+        return
+    if state.spent.get(claims.cid, 0) >= budget:
         raise budget_spent()
-    if permissions.rpm is not None:
-        wait_s = state.rate.acquire(claims.jti, permissions.rpm, now)
+    if reserved_too and budget_left(state, claims) <= 0:
+        raise ApiError(429, "What is left of this token's budget (max_tokens_total) is reserved by its requests "
+                            "in flight; retry when they have finished.", "budget_reserved", "requests",
+                       headers=[("Retry-After", "1")])
+
+
+def budget_left(state: ServerState, claims: TokenClaims) -> int:
+    """What a chain's budget has left for a new request: less what was spent and what is reserved."""
+    budget = claims.permissions.max_tokens_total or 0
+    return budget - state.spent.get(claims.cid, 0) - state.reserved.get(claims.cid, 0)
+
+
+def take_rate(state: ServerState, claims: TokenClaims, now: float) -> None:
+    """Count one request against the chain's `rpm`. Raises ApiError(429) with Retry-After."""
+    rpm = claims.permissions.rpm
+    if rpm is not None:
+        wait_s = state.rate.acquire(claims.cid, rpm, now)
         if wait_s:
-            raise ApiError(429, f"Rate limit of {permissions.rpm} requests per minute reached for this token.",
+            raise ApiError(429, f"Rate limit of {rpm} requests per minute reached for this token.",
                            "rate_limit_exceeded", "requests", headers=[("Retry-After", str(math.ceil(wait_s)))])
+
+
+# SPEC.md, Methods: what the OpenAI API uses; anything else, a lowercase spelling included, is a 501.
+FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """What one listening socket serves: the proxy, the admin endpoints, or both (no --admin-listen)."""
+
+    scheme: str  # "https" or "http": the Origin an admin page served here has
+    proxy: bool = True
+    admin: bool = True
+
+
+def is_admin_path(path: str) -> bool:
+    return path in ADMIN_ROUTES or path == "/admin" or path.startswith("/admin/")
+
+
+def check_admin_request(head: RequestHead, listener: Listener) -> None:
+    """An admin request must come from no browser page but its own: an `Origin` other than this
+    request's own `scheme://Host` is a 403, and a POST must say it is JSON (a cross-site form or a
+    `text/plain` fetch cannot). Raises ApiError 403 or 415."""
+    origin = head.header(b"origin")
+    if origin is not None:
+        host = head.header(b"host") or b""
+        own = listener.scheme.encode("ascii") + b"://" + host.strip().lower()
+        if origin.strip().lower() != own:
+            raise ApiError(403, "Admin endpoints do not answer requests from other origins.", "origin_not_allowed")
+    if head.method == "POST" and media_type(head.header(b"content-type")) != b"application/json":
+        raise ApiError(415, "Admin requests must send 'Content-Type: application/json'.",
+                       "unsupported_media_type")
 
 
 async def handle_request(
     state: ServerState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: RequestHead,
-    exchange: Exchange, peer: str,
+    exchange: Exchange, peer: str, listener: Listener,
 ) -> bool:
     """Route one request and answer it. Returns whether the connection may carry another request."""
-    origin = allowed_cors_origin(state, head)
-    cors = b""
-    if origin is not None:
-        exchange.cors = (("Access-Control-Allow-Origin", origin), ("Access-Control-Expose-Headers",
-                                                                   CORS_EXPOSED_HEADERS), ("Vary", "Origin"))
-        cors = "".join(f"{n}: {v}\r\n" for n, v in exchange.cors).encode("latin-1")
     if state.shutting_down:
         raise ApiError(503, "SOAKP is shutting down.", "shutting_down", headers=[("Retry-After", "1")])
     path = head.path
-    if head.method == "OPTIONS" and head.header(b"access-control-request-method") is not None:
-        exchange.route, exchange.status = "preflight", 204
-        await write_client(writer, preflight_response(state, head, origin))
-        return head.keep_alive and head.body_kind == "none"
-    upstream_path = upstream_path_for(path)
-    if upstream_path is not None:
-        exchange.route = metric_route(upstream_path)
-        now = time.time()
-        websocket = is_websocket_upgrade(head)
-        claims = state.tokens.verify(websocket_token(head) if websocket else bearer_token(head), now)
-        exchange.claims = claims
-        # Usage is spent when an answer is made (POST); fetching a stored one later must not count it again.
-        exchange.metered = head.method == "POST"
-        record_use(state, claims, int(now))
-        check_permissions(state, claims, head, upstream_path, now)
-        if websocket:
-            if head.body_kind != "none":
-                raise bad_request("A WebSocket handshake has no body.")
-            exchange.model = websocket_model(claims, upstream_path, head.query)
-            return await tunnel_websocket(state, exchange, reader, writer, head, upstream_path, claims, cors)
-        if head.body_kind == "length" and head.content_length > state.config.max_body_bytes:
-            raise ApiError(413, f"The request body is over the limit of {state.config.max_body_bytes} bytes.",
-                           "request_too_large")
-        return await forward(state, exchange, reader, writer, head, upstream_path, claims, cors)
+    if is_admin_path(path):
+        # Admin answers never carry CORS headers: no other page may read them.
+        if not listener.admin:
+            raise not_found(path)
+        check_admin_request(head, listener)
+    else:
+        origin = allowed_cors_origin(state, head)
+        cors = b""
+        if origin is not None:
+            exchange.cors = (("Access-Control-Allow-Origin", origin),
+                             ("Access-Control-Expose-Headers", CORS_EXPOSED_HEADERS), ("Vary", "Origin"))
+            cors = "".join(f"{n}: {v}\r\n" for n, v in exchange.cors).encode("latin-1")
+        if head.method == "OPTIONS" and head.header(b"access-control-request-method") is not None and \
+                listener.proxy:
+            exchange.route, exchange.status = "preflight", 204
+            await write_client(writer, preflight_response(state, head, origin))
+            return head.keep_alive and head.body_kind == "none"
+        upstream_path = upstream_path_for(path)
+        if upstream_path is not None and listener.proxy:
+            return await handle_proxied(state, reader, writer, head, exchange, upstream_path, cors)
     exchange.route = path if path in ADMIN_ROUTES or path in ("/healthz", "/jwt/refresh") else "other"
     if path == "/healthz":
         if head.method not in ("GET", "HEAD"):
             raise method_not_allowed("GET, HEAD")
         status, body, content_type = 200, json_bytes({"status": "ok"}), "application/json"
-    elif path == "/jwt/refresh":
+    elif path == "/jwt/refresh" and listener.proxy:
         if head.method != "POST":
             raise method_not_allowed("POST")
         status, body, content_type = await handle_refresh(state, reader, head, exchange)
@@ -3184,8 +3633,7 @@ async def handle_request(
             raise method_not_allowed(ADMIN_ROUTES[path])
         status, body, content_type = await handle_admin(state, reader, head, exchange, peer)
     else:
-        raise ApiError(404, f"Unknown path {safe_for_log(path)!r}: SOAKP forwards /v1/... and /openai/....",
-                       "not_found")
+        raise not_found(path)
     keep_alive = head.keep_alive and (exchange.body_consumed or head.body_kind == "none")
     exchange.status = status
     response = plain_response(status, body, content_type, keep_alive, exchange.cors)
@@ -3194,34 +3642,88 @@ async def handle_request(
     return keep_alive
 
 
+def not_found(path: str) -> ApiError:
+    return ApiError(404, f"Unknown path {safe_for_log(path)!r}: SOAKP forwards /v1/... and /openai/....",
+                    "not_found")
+
+
+async def handle_proxied(
+    state: ServerState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: RequestHead,
+    exchange: Exchange, upstream_path: str, cors: bytes,
+) -> bool:
+    """A /v1/... request: the token, its limits, then forwarding or the WebSocket tunnel."""
+    exchange.route = metric_route(upstream_path)
+    if head.method not in FORWARDED_METHODS:
+        raise ApiError(501, f"The method {safe_for_log(head.method)!r} is not forwarded: SOAKP forwards "
+                            "GET, HEAD, POST, PUT, PATCH, DELETE and OPTIONS.", "method_not_supported")
+    now = time.time()
+    websocket = is_websocket_upgrade(head)
+    claims = state.tokens.verify(websocket_token(head) if websocket else bearer_token(head), now)
+    exchange.claims = claims
+    # Usage is spent when an answer is made (POST); fetching a stored one later must not count it again.
+    exchange.metered = head.method == "POST"
+    record_use(state, claims, int(now))
+    check_permissions(state, claims, head, upstream_path)
+    if websocket:
+        if head.body_kind != "none":
+            raise bad_request("A WebSocket handshake has no body.")
+        if claims.permissions.max_tokens_total is not None:
+            raise ApiError(403, "A token with a budget (max_tokens_total) may not open WebSocket sessions: "
+                                "their token usage is not reported to SOAKP.", "budget_unmetered_endpoint")
+        exchange.model = websocket_model(claims, upstream_path, head.query)
+        take_rate(state, claims, now)
+        return await tunnel_websocket(state, exchange, reader, writer, head, upstream_path, claims, cors)
+    if head.body_kind == "length" and head.content_length > state.config.max_body_bytes:
+        raise ApiError(413, f"The request body is over the limit of {state.config.max_body_bytes} bytes.",
+                       "request_too_large")
+    return await forward(state, exchange, reader, writer, head, upstream_path, claims, cors)
+
+
 def method_not_allowed(allowed: str) -> ApiError:
     return ApiError(405, "Method not allowed.", "method_not_allowed", headers=[("Allow", allowed)])
 
 
-def record_use(state: ServerState, claims: TokenClaims, now: int) -> None:
-    """Count a request against its token, in memory; flush_usage() writes the batch."""
-    delta = state.usage.get(claims.jti)
+def usage_delta(state: ServerState, claims: TokenClaims) -> UsageDelta:
+    delta = state.usage.get(claims.cid)
     if delta is None:
-        delta = state.usage[claims.jti] = UsageDelta(claims.sub, claims.kid, claims.iat, claims.exp)
+        delta = state.usage[claims.cid] = UsageDelta(claims.jti, claims.sub, claims.kid, claims.iat, claims.exp,
+                                                     claims.rexp)
+    return delta
+
+
+def record_use(state: ServerState, claims: TokenClaims, now: int) -> None:
+    """Count a request against its chain, in memory; flush_usage() writes the batch."""
+    delta = usage_delta(state, claims)
     delta.requests += 1
     delta.last_used_at = now
 
 
 def record_outcome(state: ServerState, exchange: Exchange) -> None:
-    """After a proxied request: its tokens and errors against the token."""
+    """After a proxied request: its tokens and errors against the chain, and its budget reservation
+    settled by what it really spent."""
     claims = exchange.claims
     if claims is None:
         return
-    delta = state.usage.get(claims.jti)
-    if delta is None:
-        delta = state.usage[claims.jti] = UsageDelta(claims.sub, claims.kid, claims.iat, claims.exp)
+    delta = usage_delta(state, claims)
     if exchange.status >= 400 or exchange.status == 0 or exchange.error_kind not in (None, "client_gone"):
         delta.errors += 1  # an error status, or an answer the upstream broke off
-    if exchange.usage is not None:
-        prompt, completion = exchange.usage
+    if exchange.reserved:
+        left = state.reserved.get(claims.cid, 0) - exchange.reserved
+        if left > 0:
+            state.reserved[claims.cid] = left
+        else:
+            state.reserved.pop(claims.cid, None)
+        exchange.reserved = 0
+    usage = exchange.usage
+    if usage is None and exchange.estimate is not None and 200 <= exchange.status < 300:
+        usage = exchange.estimate  # the upstream reported nothing: charge what it may have cost at most
+        log.info("no usage reported for a budgeted request of cid=%s: charged an estimate of %d tokens",
+                 claims.cid, sum(usage))
+    if usage is not None:
+        prompt, completion = usage
         delta.prompt_tokens += prompt
         delta.completion_tokens += completion
-        state.spent[claims.jti] = state.spent.get(claims.jti, 0) + prompt + completion
+        state.spent[claims.cid] = state.spent.get(claims.cid, 0) + prompt + completion
 
 
 async def flush_usage(state: ServerState) -> None:
@@ -3230,11 +3732,11 @@ async def flush_usage(state: ServerState) -> None:
         return
     batch, state.usage = state.usage, {}
     try:
-        await state.registry.call(state.registry.registry.add_usage, [d.row(jti) for jti, d in batch.items()])
+        await state.registry.call(state.registry.registry.add_usage, [d.row(cid) for cid, d in batch.items()])
     except sqlite3.Error as exc:
         log.warning("could not record token usage (%s); will retry", exc)
-        for jti, delta in batch.items():  # merge back, so nothing is lost
-            kept = state.usage.setdefault(jti, dataclasses.replace(delta, requests=0, prompt_tokens=0,
+        for cid, delta in batch.items():  # merge back, so nothing is lost
+            kept = state.usage.setdefault(cid, dataclasses.replace(delta, requests=0, prompt_tokens=0,
                                                                    completion_tokens=0, errors=0))
             kept.requests += delta.requests
             kept.prompt_tokens += delta.prompt_tokens
@@ -3255,16 +3757,21 @@ async def keep_registry(state: ServerState) -> None:
             now_version = await state.registry.call(registry.data_version)
             if now_version != version:
                 version = now_version
-                state.revoked.update(await state.registry.call(registry.revoked_jtis, int(time.time())))
+                stored = await state.registry.call(registry.revocations, int(time.time()))
+                new_chains = [cid for cid in stored.chains if cid not in state.revoked.chains]
+                state.revoked.chains.update(stored.chains)
+                state.revoked.tokens.update(stored.tokens)
+                end_chain_streams(state, new_chains)
             await flush_usage(state)
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + REGISTRY_PRUNE_S
                 now = int(time.time())
                 pruned = await state.registry.call(registry.prune, now)
-                for jti in [j for j, exp in state.revoked.items() if exp <= now]:
-                    del state.revoked[jti]
+                state.revoked.forget_before(now)
                 state.rate.prune(time.time())
-                log.info("pruned %d expired tokens from the registry", pruned)
+                if pruned:
+                    log.info("pruned %d token chain%s past their renew-until time from the registry", pruned,
+                             "" if pruned == 1 else "s")
         except sqlite3.Error as exc:
             log.warning("token registry error: %s", exc)
 
@@ -3377,7 +3884,8 @@ def finish_exchange(state: ServerState, exchange: Exchange, peer: str, head: Req
         state.access.add(access_log_line(state, exchange, peer, head, elapsed_s, time.time()))
 
 
-async def handle_connection(state: ServerState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def handle_connection(state: ServerState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            listener: Listener) -> None:
     """Serve one client connection: request after request until either side closes.
 
     The one place that catches everything: an unexpected error is logged and answered with 500 if no
@@ -3417,7 +3925,7 @@ async def handle_connection(state: ServerState, reader: asyncio.StreamReader, wr
                 exchange.bytes_out = await answer_error(reader, writer, exc, keep_alive=False)
                 return
             try:
-                keep_alive = await handle_request(state, reader, writer, head, exchange, peer)
+                keep_alive = await handle_request(state, reader, writer, head, exchange, peer, listener)
             except (ApiError, UpstreamError) as exc:
                 if isinstance(exc, UpstreamError):
                     exchange.error_kind = exc.kind
@@ -3466,10 +3974,10 @@ def build_state(config: Config) -> ServerState:
     now = int(time.time())
     pruned = registry.prune(now)
     if pruned:
-        log.info("pruned %d expired tokens from the registry", pruned)
-    revoked = registry.revoked_jtis(now)
-    spent = {row["jti"]: row["prompt_tokens"] + row["completion_tokens"] for row in registry.list()
-             if row["expires_at"] > now and (row["prompt_tokens"] or row["completion_tokens"])}
+        log.info("pruned %d token chain%s past their renew-until time from the registry", pruned,
+                 "" if pruned == 1 else "s")
+    revoked = registry.revocations(now)
+    spent = registry.spent(now)
     return ServerState(
         config=config,
         keyring=keyring,
@@ -3539,37 +4047,47 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         except (NotImplementedError, RuntimeError):  # not the main thread (tests) or no signals (Windows)
             pass
 
-    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await handle_connection(state, reader, writer)
-
+    scheme = "https" if server_tls else "http"
+    addresses = [((config.listen_host, config.listen_port), Listener(scheme, admin=config.admin_listen is None))]
+    if config.admin_listen is not None:
+        addresses.append((config.admin_listen, Listener(scheme, proxy=False)))
+    servers: list[asyncio.Server] = []
     try:
-        server = await asyncio.start_server(
-            on_connection, config.listen_host, config.listen_port, ssl=server_tls, limit=MAX_HEAD_BYTES,
-            backlog=1024, ssl_handshake_timeout=config.header_timeout_s if server_tls else None,
-        )
+        for (host, port), listener in addresses:
+            servers.append(await asyncio.start_server(
+                functools.partial(handle_connection, state, listener=listener), host, port, ssl=server_tls,
+                limit=MAX_HEAD_BYTES, backlog=1024,
+                ssl_handshake_timeout=config.header_timeout_s if server_tls else None,
+            ))
     except OSError as exc:
+        for server in servers:
+            server.close()
         state.registry.close()
-        raise ConfigError(f"cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror}") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     background = [asyncio.create_task(keep_registry(state))]
     if certs:
         background.append(asyncio.create_task(certs.watch()))
-    scheme = "https" if server_tls else "http"
-    for sock in server.sockets:
-        host, port = sock.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        log.info("soakp %s listening on %s://%s:%d, forwarding to %s://%s%s", __version__, scheme, shown, port,
-                 config.upstream.scheme, config.upstream.host_header, config.upstream.base_path)
+    for server, (_, listener) in zip(servers, addresses, strict=True):
+        for sock in server.sockets:
+            host, port = sock.getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            if listener.proxy:
+                log.info("soakp %s listening on %s://%s:%d, forwarding to %s://%s%s", __version__, scheme, shown,
+                         port, config.upstream.scheme, config.upstream.host_header, config.upstream.base_path)
+            else:
+                log.info("admin endpoints listening on %s://%s:%d", scheme, shown, port)
     if not server_tls and not is_loopback(config.listen_host):
         log.warning("serving plain HTTP on a non-loopback address: tokens cross the network unencrypted; "
                     "give --cert-dir, --domain or --cert/--key")
     if not config.upstream.tls:
         log.warning("the upstream is plain http://: the OpenAI key crosses the network unencrypted")
 
-    async with server:
+    try:
         await stop.wait()
         log.info("shutting down: no new connections, %d requests in flight get up to %.0fs",
                  len(state.busy), config.shutdown_grace_s)
-        server.close()
+        for server in servers:
+            server.close()
         state.shutting_down = True
         # In-flight requests and streams may finish; a new request on an open connection gets 503.
         deadline = time.monotonic() + config.shutdown_grace_s
@@ -3591,6 +4109,9 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
             await flush_usage(state)
         finally:
             state.registry.close()
+    finally:
+        for server in servers:
+            server.close()
     log.info("stopped")
     return 0
 
@@ -3641,11 +4162,12 @@ def run_mint(config: Config, args: argparse.Namespace) -> int:
     minted = new_token(keys, grant, now)
     registry = TokenRegistry(config.db)
     try:
-        registry.register(minted.jti, grant.sub, keys.kid, now, minted.expires_at)
+        registry.register(minted, grant.sub, keys.kid, now, chain_limits(grant))
     finally:
         registry.close()
     expires = datetime.datetime.fromtimestamp(minted.expires_at, datetime.timezone.utc).isoformat()
-    print(f"# jti={minted.jti} sub={grant.sub} kid={keys.kid} expires_at={minted.expires_at} ({expires})")
+    print(f"# jti={minted.jti} cid={minted.cid} sub={grant.sub} kid={keys.kid} expires_at={minted.expires_at} "
+          f"({expires}) renew_until={minted.renew_until}")
     print(minted.token)
     return 0
 
@@ -3655,12 +4177,16 @@ def run_registry_command(config: Config, args: argparse.Namespace) -> int:
     registry = TokenRegistry(config.db)
     try:
         if args.command == "revoke":
-            if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", args.jti):
-                print("soakp: that is not a token id (jti)", file=sys.stderr)
+            if not TOKEN_ID_RE.match(args.jti):
+                print("soakp: that is not a token id (a jti or cid)", file=sys.stderr)
                 return 2
-            now = int(time.time())
-            revoked_at = registry.revoke(args.jti, now, now + config.max_token_ttl_s)
-            print(json.dumps({"jti": args.jti, "revoked_at": revoked_at}))
+            chain = registry.chain_of(args.jti)
+            if chain is None:
+                print(f"soakp: no token or chain {args.jti} in {config.db}; nothing was revoked "
+                      "(is --db / SOAKP_DB the server's database?)", file=sys.stderr)
+                return 1
+            revoked_at = registry.revoke_chain(*chain, int(time.time()))
+            print(json.dumps({"cid": chain[0], "revoked_at": revoked_at}))
         else:
             for row in registry.list():
                 print(json.dumps(row))

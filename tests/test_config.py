@@ -15,8 +15,10 @@ import pytest
 
 import soakp
 
-SECRET = "s" * 32
-OTHER = "o" * 40
+# Master secrets as a user would make them: random enough to pass SOAKP's weak-secret check.
+SECRET = "s3cr3t-Kx9qLm2pVt7wRz4nBy6hJd8fA1"
+OTHER = "other-Qw3eRt5yUi7oPa9sDf1gHj2kLz4xCv6b"
+F32, E32, C32, A32, B32, X32 = (f"{c}-secret-Mq7Lp2Vx9Rt4Wz6Nb8Hd3Jk5G"[:32].ljust(32, "Z") for c in "fecabx")
 BASE_ENV = {"SOAKP_SECRET": SECRET}
 
 
@@ -110,16 +112,16 @@ def option_case(name: str, tmp: Path) -> OptionCase:
         return OptionCase("--listen", "SOAKP_LISTEN", "[::1]:9443", "0.0.0.0:8080",
                           lambda c: (c.listen_host, c.listen_port), ("::1", 9443), ("0.0.0.0", 8080), {}, BASE_ENV)
     if name == "secret":
-        return OptionCase("--secret", "SOAKP_SECRET", "f" * 32, "e" * 32, lambda c: c.secret, "f" * 32, "e" * 32,
+        return OptionCase("--secret", "SOAKP_SECRET", F32, E32, lambda c: c.secret, F32, E32,
                           {}, {})
     if name == "secret-file":
-        (tmp / "flag-secret").write_text("F" * 33 + "\n")
-        (tmp / "env-secret").write_text("E" * 33 + "\n")
+        (tmp / "flag-secret").write_text(F32 + "F\n")
+        (tmp / "env-secret").write_text(E32 + "E\n")
         return OptionCase("--secret-file", "SOAKP_SECRET_FILE", str(tmp / "flag-secret"), str(tmp / "env-secret"),
-                          lambda c: c.secret, "F" * 33, "E" * 33, {}, {})
+                          lambda c: c.secret, F32 + "F", E32 + "E", {}, {})
     if name == "old-secrets":
-        return OptionCase("--old-secrets", "SOAKP_OLD_SECRETS", "c" * 32, f"{'a' * 32},{'b' * 32}",
-                          lambda c: c.old_secrets, ("c" * 32,), ("a" * 32, "b" * 32), {}, BASE_ENV)
+        return OptionCase("--old-secrets", "SOAKP_OLD_SECRETS", C32, f"{A32},{B32}",
+                          lambda c: c.old_secrets, (C32,), (A32, B32), {}, BASE_ENV)
     if name == "admin-user":
         return OptionCase("--admin-user", "SOAKP_ADMIN_USER", "bob", "alice", lambda c: c.admin_user, "bob",
                           "alice", {"SOAKP_ADMIN_PASS": "a-long-password"}, BASE_ENV)
@@ -255,7 +257,7 @@ def test_secret_file_flag_beats_the_secret_variable(tmp_path: Path) -> None:
 
 
 def test_a_32_character_secret_is_enough() -> None:
-    assert load(["--secret", "x" * 32], {}).secret == "x" * 32
+    assert load(["--secret", X32], {}).secret == X32
 
 
 @pytest.mark.parametrize("argv, environ", [
@@ -493,3 +495,18 @@ def test_main_version_prints_soakp_and_the_version(capsys: pytest.CaptureFixture
     out, err = capsys.readouterr()
     assert out.strip() == f"soakp {soakp.__version__}"
     assert err == ""
+
+
+@pytest.mark.parametrize("secret", ["x" * 32, "s" * 64, "ab" * 20, "abcdefgh" * 5, "0123456789abcdef" * 2 + "0"])
+def test_a_weak_master_secret_is_refused_with_a_way_to_make_a_good_one(secret: str) -> None:
+    """Issue 11 item 8: a secret of few distinct characters, or one short pattern repeated, is refused at
+    start however long it is, and the message says how to make a good one (never repeating the secret)."""
+    with pytest.raises(soakp.ConfigError) as info:
+        load(["--secret", secret], {})
+    message = str(info.value)
+    assert "too easy to guess" in message and "secrets.token_urlsafe" in message and secret not in message
+
+
+@pytest.mark.parametrize("secret", ["0f3a9c1e7b2d4a6f8e0c2b4d6f8a1c3e", "correct horse battery staple, 32+ chars long"])
+def test_random_and_passphrase_secrets_are_accepted(secret: str) -> None:
+    assert load(["--secret", secret], {}).secret == secret

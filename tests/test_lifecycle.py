@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import soakp
 
 from conftest import basic_auth
 from fake_upstream import FakeUpstream, RawResponse
@@ -184,14 +185,22 @@ def test_registry_prunes_expired_rows_and_forgets_their_revocations(tmp_path: Pa
     registry = TokenRegistry(str(tmp_path / "prune.db"))
     try:
         now = 1_800_000_000
-        registry.register("expired", "s", "kid", now - 100, now - 1)
-        registry.register("expires-now", "s", "kid", now - 100, now)
-        registry.register("live", "s", "kid", now - 100, now + 100)
-        registry.revoke("expired-revoked", now - 50, now - 10)
-        registry.revoke("live-revoked", now - 50, now + 10)
+        def chain(cid: str, renew_until: int) -> None:
+            minted = soakp.MintedToken("", cid, renew_until, cid, renew_until)
+            registry.register(minted, "s", "kid", now - 100, "{}")
+
+        chain("expired", now - 1)
+        chain("expires-now", now)
+        chain("live", now + 100)
+        registry.revoke_chain("expired-revoked", now - 10, now - 50)
+        registry.revoke_chain("live-revoked", now + 10, now - 50)
+        registry.revoke_token("refreshed-expired", "live", now - 5, now - 50)
+        registry.revoke_token("refreshed-live", "live", now + 5, now - 50)
         assert registry.prune(now) == 3
-        assert sorted(row["jti"] for row in registry.list()) == ["live", "live-revoked"]
-        assert registry.revoked_jtis(now) == {"live-revoked": now + 10}
+        assert sorted(row["cid"] for row in registry.list()) == ["live", "live-revoked"]
+        revocations = registry.revocations(now)
+        assert revocations.chains == {"live-revoked": now + 10}
+        assert revocations.tokens == {"refreshed-live": now + 5}
     finally:
         registry.close()
 
@@ -211,7 +220,7 @@ def test_revoke_by_jti_over_http_refuses_the_next_request_on_the_same_connection
         revoked = admin_call(live, "POST", "/jwt/revoke", {"jti": minted.jti})
         assert revoked.status == 200, revoked.body
         body = revoked.json()
-        assert body["data"]["jti"] == minted.jti
+        assert body["data"]["cid"] == minted.jti  # a new token starts its chain: cid == jti
         assert abs(body["data"]["revoked_at"] - time.time()) < 5
         conn.send(f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {minted.token}\r\n\r\n".encode())
         error = error_of(conn.read_response(), 401)
@@ -225,7 +234,7 @@ def test_revoke_by_jwt_over_http(live: SoakpProcess, fake_upstream: FakeUpstream
     minted = live.mint_data()
     response = admin_call(live, "POST", "/jwt/revoke", {"jwt": minted.token})
     assert response.status == 200, response.body
-    assert response.json()["data"]["jti"] == minted.jti
+    assert response.json()["data"]["cid"] == minted.jti
     assert minted.token.encode() not in response.body
     error_of(live.request("GET", "/v1/models", minted.token), 401)
     error_of(live.request("POST", "/jwt/refresh", minted.token), 401)
@@ -272,6 +281,11 @@ def test_cli_revoke_of_a_token_minted_elsewhere(live: SoakpProcess, fake_upstrea
     jti = token_claims(token)["jti"]
     assert live.request("GET", "/v1/models", token).status == 200
     assert fake_upstream.wait_for_request("/v1/models").header("authorization") == f"Bearer {key}"
+    # This registry learns of the chain when the server records its first use; until then only the whole
+    # token (which proves itself) could revoke it.
+    deadline = time.monotonic() + REVOKE_HONOURED_S
+    while jti not in listed_rows(live) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert run_cli("revoke", jti).returncode == 0
     assert wait_for_status(live, token, 401, REVOKE_HONOURED_S) is not None
     assert listed_rows(live)[jti]["revoked_at"] is not None
@@ -285,7 +299,7 @@ def test_refresh_returns_a_new_token_with_the_same_claims_and_revokes_the_old(
 ) -> None:
     """POST /jwt/refresh with a valid token: 201 in /jwt/generate's shape, a token with every claim
     equal but jti, iat, exp and ek, signed with the current secret; the old token is then 401."""
-    claims = {"sub": "refresh-me", "org": "org-r", "project": "proj-r", "ttl": "30m",
+    claims = {"sub": "refresh-me", "org": "org-r", "project": "proj-r", "ttl": "30m", "renew_ttl": "1h",
               "paths": ["/v1/models", "/v1/chat/*"], "models": ["gpt-4o-mini"], "rpm": 50,
               "origins": ["https://app.example.com"], "max_tokens_total": 100000}
     old = live.mint_data(**claims)
@@ -312,9 +326,11 @@ def test_refresh_returns_a_new_token_with_the_same_claims_and_revokes_the_old(
     first, second = fake_upstream.requests
     assert first.header("authorization") == second.header("authorization") == f"Bearer {old.key}"
     assert second.header("openai-organization") == "org-r"
-    rows = listed_rows(live)
-    assert rows[old.jti]["revoked_at"] is not None
-    assert rows[new_claims["jti"]]["revoked_at"] is None and rows[new_claims["jti"]]["sub"] == "refresh-me"
+    rows = listed_rows(live)  # one row per chain, naming its newest token
+    assert old.jti not in rows
+    chain = rows[new_claims["jti"]]
+    assert chain["cid"] == old.jti == new_claims["cid"]
+    assert chain["revoked_at"] is None and chain["sub"] == "refresh-me"
 
 
 def test_refresh_lifetime_is_capped_by_max_token_ttl(live: SoakpProcess, fake_upstream: FakeUpstream,

@@ -232,7 +232,7 @@ def test_minted_header_is_hs256_with_the_secrets_kid(keys: soakp.SecretKeys) -> 
 
 def test_minted_claims_are_exactly_the_specs_without_org_or_project(keys: soakp.SecretKeys) -> None:
     claims = json.loads(unb64url(mint(keys).split(".")[1]))
-    assert set(claims) == {"iss", "aud", "sub", "iat", "exp", "jti", "ek"}
+    assert set(claims) == {"iss", "aud", "sub", "iat", "exp", "jti", "cid", "rexp", "ek"}
     assert claims["iss"] == "soakp"
     assert claims["aud"] == "openai"
     assert claims["sub"] == "default"
@@ -614,7 +614,7 @@ def test_parse_grant_accepts_printable_ascii_labels(field: str, value: str) -> N
 def test_token_cache_second_verify_returns_the_cached_claims(keys: soakp.SecretKeys) -> None:
     """After the first verify the keyring is emptied: the second verify can only come from the cache."""
     ring = soakp.build_keyring(SECRET)
-    cache = soakp.TokenCache(ring, {})
+    cache = soakp.TokenCache(ring, soakp.Revocations())
     token = mint(keys, ttl=60)
     first = cache.verify(token, NOW)
     ring.clear()
@@ -624,7 +624,7 @@ def test_token_cache_second_verify_returns_the_cached_claims(keys: soakp.SecretK
 
 
 def test_token_cache_refuses_an_expired_cached_token(keys: soakp.SecretKeys) -> None:
-    cache = soakp.TokenCache(soakp.build_keyring(SECRET), {})
+    cache = soakp.TokenCache(soakp.build_keyring(SECRET), soakp.Revocations())
     token = mint(keys, ttl=60)
     cache.verify(token, NOW)
     for now in (NOW + 60, NOW + 61, NOW + 3600):
@@ -637,7 +637,7 @@ def test_token_cache_refuses_an_expired_cached_token(keys: soakp.SecretKeys) -> 
 def test_token_cache_does_not_remember_refusals(keys: soakp.SecretKeys) -> None:
     """A token refused once (unknown kid) verifies once its secret is in the keyring."""
     ring: dict[str, soakp.SecretKeys] = {}
-    cache = soakp.TokenCache(ring, {})
+    cache = soakp.TokenCache(ring, soakp.Revocations())
     token = mint(keys)
     with pytest.raises(soakp.ApiError):
         cache.verify(token, NOW)
@@ -646,7 +646,7 @@ def test_token_cache_does_not_remember_refusals(keys: soakp.SecretKeys) -> None:
 
 
 def test_token_cache_is_bounded(keys: soakp.SecretKeys) -> None:
-    cache = soakp.TokenCache(soakp.build_keyring(SECRET), {}, max_entries=3)
+    cache = soakp.TokenCache(soakp.build_keyring(SECRET), soakp.Revocations(), max_entries=3)
     tokens = [soakp.mint_token(keys, grant(), NOW, f"jti-{i}", NONCE).token for i in range(6)]
     for token in tokens:
         cache.verify(token, NOW)
@@ -656,12 +656,12 @@ def test_token_cache_is_bounded(keys: soakp.SecretKeys) -> None:
 
 
 def test_token_cache_refuses_a_revoked_token_even_when_cached(keys: soakp.SecretKeys) -> None:
-    """The shared `revoked` mapping (jti -> expiry) is consulted on every verify, cached or not."""
-    revoked: dict[str, int] = {}
+    """The shared Revocations (jti -> expiry) are consulted on every verify, cached or not."""
+    revoked = soakp.Revocations()
     cache = soakp.TokenCache(soakp.build_keyring(SECRET), revoked)
     token = mint(keys)
     assert cache.verify(token, NOW).jti == JTI
-    revoked[JTI] = NOW + 3600
+    revoked.tokens[JTI] = NOW + 3600
     with pytest.raises(soakp.ApiError) as info:
         cache.verify(token, NOW)
     assert info.value.status == 401

@@ -356,9 +356,9 @@ UPSTREAM_FRAMINGS = [("chunked", None), ("length", None), ("chunked", 7), ("leng
 def test_budget_stream_asks_for_usage_and_hides_it(
     meter: SoakpProcess, fake_upstream: FakeUpstream, framing: str, piece_bytes: int | None
 ) -> None:
-    """A budgeted token streams chat without asking for usage: the upstream gets the client's body with
-    `"stream_options":{"include_usage":true},` inserted after the opening brace and nothing else changed,
-    answers OpenAI-style (`"usage":null` in each chunk, a `"choices":[]` usage chunk, `[DONE]`), and the
+    """A budgeted token streams chat without asking for usage: the upstream gets the client's request with
+    `"stream_options":{"include_usage":true}` and the output cap SOAKP adds (SPEC.md, Limits: what the
+    budget has left as `max_completion_tokens`) and nothing else changed, answers OpenAI-style (`"usage":null` in each chunk, a `"choices":[]` usage chunk, `[DONE]`), and the
     client receives exactly the stream it would have had without include_usage. The usage counts."""
     sent = Sent()
     fake_upstream.script(CHAT, chat_stream(sent, 9, 4, framing=framing, piece_bytes=piece_bytes))
@@ -367,8 +367,9 @@ def test_budget_stream_asks_for_usage_and_hides_it(
     response = post_json(meter, minted.token, body)
     assert response.status == 200 and response.complete
 
-    upstream_body = fake_upstream.wait_for_request(CHAT).body
-    assert upstream_body == b'{"stream_options":{"include_usage":true},' + body[1:]
+    upstream_body = fake_upstream.wait_for_request(CHAT).json()
+    assert upstream_body == {**json.loads(body), "stream_options": {"include_usage": True},
+                             "max_completion_tokens": 1000}
     assert b'"usage":null' in sent.last and b'"choices":[]' in sent.last
     expected = b"".join(chat_stream_events(MODEL, False, 9, 4))
     assert response.body == expected
@@ -415,13 +416,14 @@ def test_budget_stream_is_not_held_back(meter: SoakpProcess, fake_upstream: Fake
 def test_budget_stream_that_asks_for_usage_is_untouched(
     meter: SoakpProcess, fake_upstream: FakeUpstream, options: dict[str, Any]
 ) -> None:
-    """A budgeted token whose client asked for usage itself: body and stream both pass byte for byte."""
+    """A budgeted token whose client asked for usage itself: the stream passes byte for byte, and the
+    request only gains its output cap."""
     sent = Sent()
     fake_upstream.script(CHAT, chat_stream(sent, 9, 4))
     minted = meter.mint_data(sub=new_sub("asks"), max_tokens_total=1000)
     body = stream_body(stream_options=options)
     response = post_json(meter, minted.token, body)
-    assert fake_upstream.wait_for_request(CHAT).body == body
+    assert fake_upstream.wait_for_request(CHAT).json() == {**json.loads(body), "max_completion_tokens": 1000}
     assert sha256(response.body) == sha256(sent.last)
     assert_usage(token_row(meter, minted.jti), 9, 4)
 
@@ -439,13 +441,14 @@ def test_budget_stream_with_include_usage_false(meter: SoakpProcess, fake_upstre
 
 
 def test_budget_token_other_requests_are_untouched(meter: SoakpProcess, fake_upstream: FakeUpstream) -> None:
-    """A budgeted token's non-streamed chat and its embeddings go upstream byte for byte, and come back so."""
+    """A budgeted token's non-streamed chat gains only its output cap and its embeddings go upstream byte
+    for byte; both answers come back byte for byte."""
     minted = meter.mint_data(sub=new_sub("other"), max_tokens_total=1000)
     sent = Sent()
     fake_upstream.script(CHAT, exact_reply(sent, chat_completion(MODEL, 2, 1)))
     body = stream_body(stream=False)
     response = post_json(meter, minted.token, body)
-    assert fake_upstream.wait_for_request(CHAT).body == body
+    assert fake_upstream.wait_for_request(CHAT).json() == {**json.loads(body), "max_completion_tokens": 1000}
     assert sha256(response.body) == sha256(sent.last)
     embeddings = b'{"model":"e","input":"x","stream":true}'
     assert post_json(meter, minted.token, embeddings, "/v1/embeddings").status == 200
