@@ -1378,8 +1378,7 @@ def parse_request_head(data: bytes) -> RequestHead:
     method = match[1].decode("ascii")
     http_minor = int(match[3])
     if method == "CONNECT":
-        raise ApiError(501, "CONNECT is not supported: SOAKP only forwards to its upstream.",
-                       "method_not_supported")
+        raise ApiError(405, "CONNECT is not supported: SOAKP only forwards to its upstream.", "method_not_allowed")
     headers, framing = split_header_lines(lines[1:])
     for name, _ in headers:
         # A server that folds "_" into "-" (some do, from CGI days) would read a second framing header.

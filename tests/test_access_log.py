@@ -195,9 +195,9 @@ def test_admin_requests_are_logged_without_secrets(server: SoakpProcess) -> None
 
 def test_admin_request_bytes_in_is_counted(server: SoakpProcess) -> None:
     """POST /jwt/revoke with a JSON body: bytes_in is the body's size, as for forwarded requests."""
-    body = json.dumps({"jti": "bytes-in-" + secrets.token_hex(4)}).encode()
-    response = server.request("POST", "/jwt/revoke", headers=[("Authorization", basic_auth(*server.admin))],
-                              body=body)
+    body = json.dumps({"jti": server.mint_data().jti}).encode()
+    response = server.request("POST", "/jwt/revoke", headers=[("Authorization", basic_auth(*server.admin)),
+                                                              ("Content-Type", "application/json")], body=body)
     assert response.status == 200
     line = wait_line(server, lambda line: line["path"] == "/jwt/revoke" and line["status"] == 200)
     assert line["bytes_in"] == len(body)

@@ -47,6 +47,7 @@ class Settings:
     admin_pass: str = field(repr=False)
     openai_key: str = field(repr=False)
     ttl_s: int = 600  # short-lived: a leaked token is worth little, and the page refreshes it
+    renew_ttl_s: int = 8 * 3600  # how long the page may keep refreshing it (its chain's renew-until)
     paths: tuple[str, ...] = ("/v1/chat/completions", "/v1/realtime")  # only what the page calls
     chat_model: str = "gpt-4o-mini"
     realtime_model: str = "gpt-realtime"
@@ -64,6 +65,7 @@ def mint_browser_token(settings: Settings, user: str) -> dict[str, object]:
     grant = {
         "key": settings.openai_key,
         "ttl": settings.ttl_s,
+        "renew_ttl": max(settings.renew_ttl_s, settings.ttl_s),
         "sub": f"browser:{user}",
         "paths": list(settings.paths),
         "models": [settings.chat_model, settings.realtime_model],
