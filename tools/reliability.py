@@ -175,7 +175,24 @@ async def answer(state: UpstreamState, reader: asyncio.StreamReader, writer: asy
         except (ConnectionError, ssl.SSLError):
             return True
 
-    if path == "/v1/chat/completions":
+    if path == "/v1/chat/completions" and b'"max_completion_tokens"' in body:
+        # A budgeted request (SOAKP set its cap): the worst case, an answer that uses its whole cap, slowly,
+        # with the usage OpenAI reports last.
+        request = json.loads(body)
+        usage = {"prompt_tokens": 10, "completion_tokens": request["max_completion_tokens"]}
+        if request.get("stream"):
+            sse_head()
+            for n in range(5):
+                event(b'{"choices":[{"delta":{"content":"%d"}}],"usage":null}' % n)
+                await writer.drain()
+                await asyncio.sleep(0.1)
+            event(json.dumps({"choices": [], "usage": usage}).encode())
+            event(b"[DONE]")
+            writer.write(b"0\r\n\r\n")
+        else:
+            await asyncio.sleep(0.2)
+            send(200, json.dumps({"choices": [], "usage": usage}).encode())
+    elif path == "/v1/chat/completions":
         if b'"stream":true' in body.replace(b" ", b""):
             sse_head()
             for n in range(3):
@@ -1162,6 +1179,81 @@ def resources(harness: Harness, server: Soakp, report: Report) -> None:
         capped.process.stop()
 
 
+def admin_request(harness: Harness, server: Soakp, path: str, fields: dict[str, Any]) -> Any:
+    body = json.dumps(fields).encode()
+    basic = base64.b64encode(f"admin:{harness.admin_pass}".encode()).decode()
+    data = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {basic}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    return collect(server.port, data + body, timeout_s=CLIENT_TIMEOUT_S).responses[0]
+
+
+def chain_spent(harness: Harness, server: Soakp, cid: str) -> int:
+    basic = base64.b64encode(f"admin:{harness.admin_pass}".encode()).decode()
+    outcome = collect(server.port, f"GET /jwt HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {basic}\r\n"
+                      "Connection: close\r\n\r\n".encode(), timeout_s=CLIENT_TIMEOUT_S)
+    rows = [row for row in outcome.responses[0].json()["data"] if row["cid"] == cid]
+    return rows[0]["prompt_tokens"] + rows[0]["completion_tokens"] if rows else 0
+
+
+def token_bounds(harness: Harness, server: Soakp, report: Report) -> None:
+    """Issue 11: a refresh chain ends at its renew-until time; a budget holds against a client that leaves
+    and against concurrent requests."""
+    minted = admin_request(harness, server, "/jwt/generate", {"key": harness.key, "ttl": "2s", "renew_ttl": "3s"})
+    token = minted.json()["data"]["jwt"]
+    started, refused, last_ok = time.time(), None, None
+    while time.time() - started < 8:
+        time.sleep(0.4)
+        outcome = collect(server.port, request_bytes("POST", "/jwt/refresh", token, b"", close=True))
+        if outcome.statuses != [201]:
+            refused = outcome.statuses
+            break
+        token, last_ok = outcome.responses[0].json()["data"]["jwt"], time.time() - started
+    time.sleep(max(0.0, started + 3.5 - time.time()))
+    dead = collect(server.port, request_bytes("GET", "/v1/models", token, close=True)).statuses
+    report.resources.append(Row("refresh every 0.4 s, ttl 2 s, renew_ttl 3 s", "refused from 3 s on, last token dead",
+                                f"refreshed until {last_ok or 0:.1f} s, then {refused}; last token {dead}",
+                                refused == [401] and dead == [401] and (last_ok or 0) < 3.2))
+
+    # A client that reads the first event of a budgeted stream and leaves: the answer is still charged.
+    minted = admin_request(harness, server, "/jwt/generate", {"key": harness.key, "max_tokens_total": 1000})
+    data = minted.json()["data"]
+    sock = socket.create_connection((LOOPBACK, server.port), timeout=10)
+    sock.sendall(request_bytes("POST", "/v1/chat/completions", data["jwt"], STREAM_BODY))
+    received = b""
+    while b"data: " not in received:
+        piece = sock.recv(READ_BYTES)
+        if not piece:
+            break
+        received += piece
+    sock.close()
+    charged, deadline = 0, time.monotonic() + 5
+    while charged == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        charged = chain_spent(harness, server, data["jti"])
+    report.resources.append(Row("budgeted stream, client leaves after the first event", "charged 1,010 tokens",
+                                f"charged {charged}", charged == 1010))
+
+    # 20 concurrent requests on a 1,000-token budget, each asking for up to 150 tokens and answered with its
+    # whole cap: the overshoot is at most the prompts (10 each).
+    minted = admin_request(harness, server, "/jwt/generate", {"key": harness.key, "max_tokens_total": 1000})
+    data = minted.json()["data"]
+    statuses: list[int] = []
+    capped = CHAT_BODY[:-1] + b',"max_completion_tokens":150}'
+    threads = [threading.Thread(target=lambda: statuses.extend(collect(
+        server.port, request_bytes("POST", "/v1/chat/completions", data["jwt"], capped, close=True)).statuses))
+        for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    time.sleep(0.7)
+    spent = chain_spent(harness, server, data["jti"])
+    answered = statuses.count(200)
+    report.resources.append(Row("20 concurrent requests of up to 150 tokens, budget 1,000, each using its cap",
+                                "spent at most 1,000 + 10 per answer", f"spent {spent} over {answered} answers "
+                                f"({statuses.count(429)} refused 429)", 0 < spent <= 1000 + 10 * answered))
+
+
 def descriptors_row(harness: Harness, server: Soakp, at_start: dict[str, int], report: Report, what: str) -> None:
     """Descriptors once everything has drained: the start's, plus at most the idle keep-alive pool."""
     deadline = time.monotonic() + 10
@@ -1356,6 +1448,8 @@ def orchestrate(args: argparse.Namespace) -> int:
             upstream_faults(harness, server, report, 1 if quick else 3)
             progress("resources")
             resources(harness, server, report)
+            progress("token bounds")
+            token_bounds(harness, server, report)
             descriptors_row(harness, server, at_start, report, "hostile input, faults and resources")
             progress(f"{count} streams for {hold_s:.0f} s")
             streams(harness, server, report, count, hold_s, args.interval_ms or (500 if quick else 1000))
