@@ -499,7 +499,9 @@ MAX_TOKEN_CHARS = 8192
 JWT_SHAPE_RE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\Z")
 # Claims that restrict what a token may do (SPEC.md, Tokens).
 PERMISSION_CLAIMS = ("paths", "models", "rpm", "origins", "max_tokens_total")
-GRANT_FIELDS = ("key", "org", "project", "ttl", "renew_ttl", "sub", *PERMISSION_CLAIMS)
+GRANT_FIELDS = ("key", "org", "project", "ttl", "renew_ttl", "sub", "delegate", *PERMISSION_CLAIMS)
+DELEGATE_FIELDS = tuple(name for name in GRANT_FIELDS if name not in ("key", "org", "project"))
+MAX_DELEGATION_DEPTH = 8  # how many generations of child tokens a token may start
 TOKEN_ID_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}\Z")  # a jti or a chain id (cid)
 MAX_FUTURE_IAT_S = 60  # SPEC.md: a token issued further in the future than this is refused
 
@@ -641,6 +643,16 @@ def parse_permissions(fields: Mapping[str, Any]) -> Permissions:
 
 
 @dataclass(frozen=True, slots=True)
+class Ancestor:
+    """A chain a child token descends from, with the limits of it that the child shares: its requests
+    count against the ancestor's `rpm`, its usage against the ancestor's budget."""
+
+    cid: str
+    rpm: int | None = None
+    max_tokens_total: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Grant:
     """What a new token is for: the key it carries and the claims around it. Built by parse_grant()."""
 
@@ -652,6 +664,8 @@ class Grant:
     permissions: Permissions = Permissions()
     renew_ttl_s: int | None = None  # how long the chain may be refreshed, from now; None: not past exp
     chain: tuple[str, int] | None = None  # (cid, rexp) of the chain a refreshed token continues
+    delegate: int = 0  # how many generations of child tokens this one may mint (claim `dlg`)
+    ancestors: tuple[Ancestor, ...] = ()  # a child token's ancestor chains, nearest last
 
 
 def parse_grant(fields: Mapping[str, Any], default_ttl_s: int, max_ttl_s: int) -> Grant:
@@ -691,12 +705,16 @@ def parse_grant(fields: Mapping[str, Any], default_ttl_s: int, max_ttl_s: int) -
         if renew_ttl_s > max_ttl_s:
             raise ApiError(400, f"'renew_ttl' is over the maximum of {max_ttl_s} seconds (--max-token-ttl)",
                            "ttl_too_long", param="renew_ttl")
+    delegate = fields.get("delegate", 0)
+    if isinstance(delegate, bool) or not isinstance(delegate, int) or not 0 <= delegate <= MAX_DELEGATION_DEPTH:
+        raise ApiError(400, f"'delegate' must be a whole number from 0 to {MAX_DELEGATION_DEPTH}", "invalid_field",
+                       param="delegate")
     try:
         permissions = parse_permissions(fields)
     except ValueError as exc:
         raise ApiError(400, str(exc), "invalid_field") from None
     return Grant(key=key, ttl_s=ttl_s, sub=labels["sub"] or "default", org=labels["org"],
-                 project=labels["project"], permissions=permissions, renew_ttl_s=renew_ttl_s)
+                 project=labels["project"], permissions=permissions, renew_ttl_s=renew_ttl_s, delegate=delegate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -734,6 +752,12 @@ def mint_token(keys: SecretKeys, grant: Grant, now: int, jti: str, nonce: bytes)
     if grant.project is not None:
         claims["project"] = grant.project
     claims.update(grant.permissions.as_claims())
+    if grant.delegate:
+        claims["dlg"] = grant.delegate
+    if grant.ancestors:
+        claims["anc"] = [a.cid for a in grant.ancestors]
+        # The ancestors' shared limits travel with the child, so any instance can apply them statelessly.
+        claims["alim"] = [[a.rpm, a.max_tokens_total] for a in grant.ancestors]
     token = jwt.encode(claims, keys.signing_key, algorithm=JWT_ALGORITHM, headers={"kid": keys.kid})
     return MintedToken(token=token, jti=jti, expires_at=claims["exp"], cid=cid, renew_until=rexp)
 
@@ -758,12 +782,125 @@ class TokenClaims:
     permissions: Permissions = Permissions()
     cid: str = ""  # the chain id: usage, budget, rpm and revocation belong to the chain
     rexp: int = 0  # the chain's renew-until time
+    dlg: int = 0  # generations of child tokens it may mint
+    ancestors: tuple[Ancestor, ...] = ()  # nearest last
 
     def regrant(self, max_ttl_s: int) -> Grant:
         """The grant for a refreshed token: the same claims and chain, the same lifetime (capped by
         max_ttl_s); mint_token() keeps it within the chain's renew-until time."""
         return Grant(key=self.key, ttl_s=max(1, min(self.exp - self.iat, max_ttl_s)), sub=self.sub, org=self.org,
-                     project=self.project, permissions=self.permissions, chain=(self.cid, self.rexp))
+                     project=self.project, permissions=self.permissions, chain=(self.cid, self.rexp),
+                     delegate=self.dlg, ancestors=self.ancestors)
+
+    @property
+    def budgets(self) -> list[tuple[str, int]]:
+        """(chain id, max_tokens_total) of its own chain and each ancestor that has a budget."""
+        own = [(self.cid, self.permissions.max_tokens_total)] if self.permissions.max_tokens_total else []
+        return own + [(a.cid, a.max_tokens_total) for a in self.ancestors if a.max_tokens_total is not None]
+
+    @property
+    def rates(self) -> list[tuple[str, int]]:
+        """(chain id, rpm) of its own chain and each ancestor that has a rate limit."""
+        own = [(self.cid, self.permissions.rpm)] if self.permissions.rpm else []
+        return own + [(a.cid, a.rpm) for a in self.ancestors if a.rpm is not None]
+
+    @property
+    def chains(self) -> tuple[str, ...]:
+        """Its own chain and every ancestor's: what its usage, rate and revocation count against."""
+        return (self.cid, *(a.cid for a in self.ancestors))
+
+    def as_ancestor(self) -> Ancestor:
+        return Ancestor(self.cid, self.permissions.rpm, self.permissions.max_tokens_total)
+
+
+def pattern_covered(child: str, parents: Sequence[str]) -> bool:
+    """Whether every path a child's `paths` entry matches is matched by one of the parent's entries."""
+    if not child.endswith("*"):
+        return path_allowed(parents, child)
+    stem = child[:-1]
+    for parent in parents:
+        if not parent.endswith("*"):
+            continue
+        base = parent[:-1]
+        if base.endswith("/") and stem.startswith(base) or stem == base or stem.startswith(base + "/"):
+            return True
+    return False
+
+
+def widened(field_name: str, why: str) -> ApiError:
+    return ApiError(400, f"'{field_name}' would widen the parent token's limit: {why}.", "limit_widened",
+                    param=field_name)
+
+
+def delegate_grant(parent: TokenClaims, fields: Mapping[str, Any], default_ttl_s: int, max_ttl_s: int,
+                   now: int, budget_left: int | None) -> Grant:
+    """The grant of a child token that `parent` asks for (POST /jwt/delegate), every limit within the
+    parent's: an omitted limit is inherited, a wider one is a 400 naming the field.
+
+    `budget_left` is what the parent's chain has left of its budget (None without one). Pure; raises
+    ApiError 400 or 403.
+    """
+    if parent.dlg < 1:
+        raise ApiError(403, "This token may not mint child tokens (it was minted with delegate 0).",
+                       "delegation_not_allowed")
+    for name in ("key", "org", "project"):
+        if name in fields:
+            raise ApiError(400, f"'{name}' is inherited from the parent token and cannot be given.",
+                           "invalid_field", param=name)
+    unknown = sorted(set(fields) - set(DELEGATE_FIELDS))
+    if unknown:
+        raise ApiError(400, f"unknown field {safe_label(unknown[0])!r}", "invalid_field", param=unknown[0])
+    left_s = parent.exp - now
+    ttl = fields.get("ttl")
+    asked = parse_grant({**fields, "key": parent.key, "ttl": ttl if ttl is not None else max(1, min(
+        default_ttl_s, left_s)), "renew_ttl": None}, default_ttl_s, max_ttl_s)
+    if now + asked.ttl_s > parent.exp:
+        raise widened("ttl", f"the child would outlive its parent token, which expires in {max(0, left_s)} s")
+    renew = fields.get("renew_ttl")
+    renew_ttl_s = parent.rexp - now
+    if renew is not None:
+        renew_ttl_s = parse_grant({"key": parent.key, "ttl": asked.ttl_s, "renew_ttl": renew}, default_ttl_s,
+                                  max_ttl_s).renew_ttl_s or 0
+        if now + renew_ttl_s > parent.rexp:
+            raise widened("renew_ttl", "the child's chain would outlive its parent's renew-until time")
+    if asked.delegate > parent.dlg - 1:
+        raise widened("delegate", f"a child may delegate at most {parent.dlg - 1} more generations")
+    mine, wanted = parent.permissions, asked.permissions
+    paths, models, origins = mine.paths, mine.models, mine.origins
+    if "paths" in fields and wanted.paths is not None:
+        if mine.paths is not None and not all(pattern_covered(p, mine.paths) for p in wanted.paths):
+            raise widened("paths", "each entry must be covered by one of the parent's")
+        paths = wanted.paths
+    if "models" in fields and wanted.models is not None:
+        if mine.models is not None and not set(wanted.models) <= set(mine.models):
+            raise widened("models", "they must be a subset of the parent's")
+        models = wanted.models
+    if "origins" in fields and wanted.origins is not None:
+        if mine.origins is not None and not set(wanted.origins) <= set(mine.origins):
+            raise widened("origins", "they must be a subset of the parent's")
+        origins = wanted.origins
+    rpm = mine.rpm
+    if "rpm" in fields and wanted.rpm is not None:
+        if mine.rpm is not None and wanted.rpm > mine.rpm:
+            raise widened("rpm", f"the parent allows {mine.rpm} requests per minute")
+        rpm = wanted.rpm
+    budget = budget_left
+    if "max_tokens_total" in fields and wanted.max_tokens_total is not None:
+        if budget_left is not None and wanted.max_tokens_total > budget_left:
+            raise widened("max_tokens_total", f"the parent has {max(0, budget_left)} tokens left")
+        budget = wanted.max_tokens_total
+    if budget is not None and budget < 1:
+        raise ApiError(429, "The parent token has used its whole token budget (max_tokens_total).",
+                       "insufficient_quota", "insufficient_quota", headers=[("x-should-retry", "false")])
+    sub = f"{parent.sub}/{asked.sub}"
+    if not LABEL_RE.match(sub):
+        raise ApiError(400, "'sub': the parent's sub + '/' + this one must be at most 256 printable characters",
+                       "invalid_field", param="sub")
+    return Grant(key=parent.key, ttl_s=asked.ttl_s, sub=sub, org=parent.org, project=parent.project,
+                 permissions=Permissions(paths=paths, models=models, rpm=rpm, origins=origins,
+                                         max_tokens_total=budget),
+                 renew_ttl_s=max(renew_ttl_s, asked.ttl_s), delegate=asked.delegate,
+                 ancestors=(*parent.ancestors, parent.as_ancestor()))
 
 
 def invalid_token(message: str) -> ApiError:
@@ -828,8 +965,32 @@ def verify_token(token: str, keyring: Mapping[str, SecretKeys], now: float,
         key = open_key(ek, jti, keys.sealing_key)
     except ValueError:
         raise invalid_token("The token's sealed key does not open.") from None
+    try:
+        dlg, ancestors = parse_lineage(claims)
+    except ValueError:
+        raise invalid_token("The token's delegation claims are invalid.") from None
     return TokenClaims(jti=jti, kid=keys.kid, sub=sub, iat=iat, exp=exp, key=key, org=org, project=project,
-                       permissions=permissions, cid=cid, rexp=rexp)
+                       permissions=permissions, cid=cid, rexp=rexp, dlg=dlg, ancestors=ancestors)
+
+
+def parse_lineage(claims: Mapping[str, Any]) -> tuple[int, tuple[Ancestor, ...]]:
+    """`dlg`, and `anc` with the ancestors' limits (`alim`), from a token's payload. Raises ValueError."""
+    dlg = claims.get("dlg", 0)
+    if isinstance(dlg, bool) or not isinstance(dlg, int) or not 0 <= dlg <= MAX_DELEGATION_DEPTH:
+        raise ValueError("dlg")
+    anc, alim = claims.get("anc", []), claims.get("alim", [])
+    if not isinstance(anc, list) or not isinstance(alim, list) or len(anc) != len(alim) \
+            or len(anc) > MAX_DELEGATION_DEPTH:
+        raise ValueError("anc")
+    ancestors = []
+    for cid, limits in zip(anc, alim, strict=True):
+        if not isinstance(cid, str) or not TOKEN_ID_RE.match(cid) or not isinstance(limits, list) \
+                or len(limits) != 2:
+            raise ValueError("anc")
+        rpm, budget = limits
+        ancestors.append(Ancestor(cid, None if rpm is None else parse_int_claim("rpm", rpm, MAX_RPM),
+                                  None if budget is None else parse_int_claim("budget", budget, MAX_TOKENS_BUDGET)))
+    return dlg, tuple(ancestors)
 
 
 @dataclass(slots=True)
@@ -844,7 +1005,12 @@ class Revocations:
     tokens: dict[str, int] = field(default_factory=dict)  # jti -> the token's expiry
 
     def revoked(self, claims: TokenClaims) -> bool:
-        return claims.cid in self.chains or claims.jti in self.tokens
+        return claims.jti in self.tokens or self.chain_revoked(claims)
+
+    def chain_revoked(self, claims: TokenClaims) -> bool:
+        """Its chain or any ancestor's is revoked: revoking a parent revokes every child."""
+        chains = self.chains
+        return claims.cid in chains or any(a.cid in chains for a in claims.ancestors)
 
     def forget_before(self, now: int) -> None:
         for table in (self.chains, self.tokens):
@@ -934,6 +1100,21 @@ class RateLimiter:
         self.next_free[key] = tat + interval
         return 0.0
 
+    def acquire_all(self, limits: Sequence[tuple[str, int]], now: float) -> float:
+        """Take one request from every (key, per_minute) at once, or from none: returns 0 when all allow
+        it, else the longest wait."""
+        waits = []
+        for key, per_minute in limits:
+            interval = 60.0 / per_minute
+            tat = max(self.next_free.get(key, now), now)
+            waits.append(tat - now - (60.0 - interval))
+        worst = max(waits, default=0.0)
+        if worst > 1e-9:
+            return worst
+        for key, per_minute in limits:
+            self.next_free[key] = max(self.next_free.get(key, now), now) + 60.0 / per_minute
+        return 0.0
+
     def prune(self, now: float) -> None:
         self.next_free = {k: t for k, t in self.next_free.items() if t > now}
 
@@ -992,7 +1173,7 @@ MIGRATE_TO_CHAINS_SQL = (
 CHAIN_COLUMNS = ("cid", "jti", "sub", "created_at", "expires_at", "renew_until", "revoked_at", "last_used_at",
                  "requests", "prompt_tokens", "completion_tokens", "errors", "limits", "parent")
 LIST_CHAINS_SQL = f"SELECT {', '.join(CHAIN_COLUMNS)} FROM chains ORDER BY created_at, cid"
-LIMIT_FIELDS = (*PERMISSION_CLAIMS, "org", "project")
+LIMIT_FIELDS = (*PERMISSION_CLAIMS, "org", "project", "delegate")
 # Usage from a batch is added to the chain's row, which is created when the chain was minted elsewhere.
 ADD_USAGE_SQL = """
 INSERT INTO chains (cid, jti, sub, kid, created_at, expires_at, renew_until, last_used_at, requests,
@@ -1006,8 +1187,8 @@ ON CONFLICT (cid) DO UPDATE SET
     errors = errors + excluded.errors
 """
 REGISTER_CHAIN_SQL = """
-INSERT INTO chains (cid, jti, sub, kid, created_at, expires_at, renew_until, limits)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO chains (cid, jti, sub, kid, created_at, expires_at, renew_until, limits, parent)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (cid) DO UPDATE SET
     jti = excluded.jti,
     expires_at = MAX(expires_at, excluded.expires_at),
@@ -1019,10 +1200,10 @@ ON CONFLICT (cid) DO UPDATE SET
 class UsageDelta:
     """A chain's usage since the last flush; a few counters kept in memory on the hot path."""
 
-    jti: str
-    sub: str
-    kid: str
-    created_at: int
+    jti: str | None  # None for an ancestor charged with a child's usage: its own row says who it is
+    sub: str | None
+    kid: str | None
+    created_at: int | None
     expires_at: int
     renew_until: int
     last_used_at: int = 0
@@ -1038,7 +1219,8 @@ class UsageDelta:
 
 def chain_limits(grant: Grant) -> str:
     """A chain's limits as the registry stores them: JSON of the limit claims it has."""
-    claims = {**grant.permissions.as_claims(), "org": grant.org, "project": grant.project}
+    claims = {**grant.permissions.as_claims(), "org": grant.org, "project": grant.project,
+              "delegate": grant.delegate or None}
     return json.dumps({name: claims[name] for name in LIMIT_FIELDS if claims.get(name) is not None},
                       separators=(",", ":"), sort_keys=True)
 
@@ -1087,12 +1269,13 @@ class TokenRegistry:
                 self.db.execute(statement)
             self.db.execute(f"PRAGMA user_version = {REGISTRY_VERSION}")
 
-    def register(self, minted: MintedToken, sub: str, kid: str, created_at: int, limits: str) -> None:
+    def register(self, minted: MintedToken, sub: str, kid: str, created_at: int, limits: str,
+                 parent: str | None = None) -> None:
         """Record a new token: its chain's row (created, or moved on to this token) and its jti."""
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute(REGISTER_CHAIN_SQL, (minted.cid, minted.jti, sub, kid, created_at, minted.expires_at,
-                                                 minted.renew_until, limits))
+                                                 minted.renew_until, limits, parent))
             self.db.execute("INSERT OR IGNORE INTO tokens (jti, cid, sub, kid, created_at, expires_at) "
                             "VALUES (?, ?, ?, ?, ?, ?)",
                             (minted.jti, minted.cid, sub, kid, created_at, minted.expires_at))
@@ -2311,7 +2494,7 @@ async def read_body_ahead(
     if head.expect_continue:
         await write_client(writer, b"HTTP/1.1 100 Continue\r\n\r\n")
     models = claims.permissions.models
-    budgeted = claims.permissions.max_tokens_total is not None and head.method == "POST"
+    budgeted = bool(claims.budgets) and head.method == "POST"
     meter_stream = budgeted and upstream_path in CAPPED_ENDPOINTS
     content_type = head.header(b"content-type") if models is not None or meter_stream else None
     if models is not None and len(head.index.get(b"content-type", ())) > 1:
@@ -2368,7 +2551,8 @@ async def budget_body(state: ServerState, exchange: Exchange, claims: TokenClaim
     plan = plan_budget(document, upstream_path, left)
     exchange.reserved = plan.reserved
     if plan.reserved:
-        state.reserved[claims.cid] = state.reserved.get(claims.cid, 0) + plan.reserved
+        for cid, _ in claims.budgets:
+            state.reserved[cid] = state.reserved.get(cid, 0) + plan.reserved
     exchange.estimate = (max(1, len(data)), plan.reserved)
     exchange.strip_usage_event = plan.strip_usage_event
     if plan.body is None:
@@ -2623,8 +2807,7 @@ async def forward(
             exchange.bytes_out = len(client_head) + len(data)
         else:
             state.metrics.streams_open += 1
-            chain_streams = state.streams.setdefault(claims.cid, set())
-            chain_streams.add(exchange)
+            watch_stream(state, claims, exchange)
             client = ClientWriter(writer, exchange)
             try:
                 # The head goes out at once, unless the first body bytes came with it (an SSE stream's first
@@ -2665,9 +2848,7 @@ async def forward(
                 client.check_gone()
             finally:
                 state.metrics.streams_open -= 1
-                chain_streams.discard(exchange)
-                if not chain_streams:
-                    state.streams.pop(claims.cid, None)
+                unwatch_stream(state, claims, exchange)
     except BaseException:
         conn.abort()
         exchange.upstream = None
@@ -2716,6 +2897,21 @@ class ClientWriter:
     def check_gone(self) -> None:
         if self.gone is not None:
             raise self.gone
+
+
+def watch_stream(state: ServerState, claims: TokenClaims, exchange: Exchange) -> None:
+    """Register a streaming answer under its chain and every ancestor's, so revoking any of them ends it."""
+    for cid in claims.chains:
+        state.streams.setdefault(cid, set()).add(exchange)
+
+
+def unwatch_stream(state: ServerState, claims: TokenClaims, exchange: Exchange) -> None:
+    for cid in claims.chains:
+        streams = state.streams.get(cid)
+        if streams is not None:
+            streams.discard(exchange)
+            if not streams:
+                del state.streams[cid]
 
 
 async def send_rest_of_body(conn: UpstreamConnection, body: RequestBody, chunked: bool, watchdog: Watchdog) -> int:
@@ -2863,8 +3059,7 @@ async def tunnel_websocket(
         exchange.bytes_out = len(switching)
         await write_client(writer, switching)
         state.metrics.streams_open += 1
-        chain_streams = state.streams.setdefault(claims.cid, set())
-        chain_streams.add(exchange)
+        watch_stream(state, claims, exchange)
         try:
             activity, sent_up, sent_down = [time.monotonic()], [0], [0]
             tasks = {asyncio.create_task(pipe(reader, conn.writer, activity, sent_up)),
@@ -2877,7 +3072,7 @@ async def tunnel_websocket(
                     if done or now - activity[0] > config.read_timeout_s or now > deadline:
                         break
                     # A session lives no longer than its token: revoked or expired ends it.
-                    if claims.cid in state.revoked.chains or claims.exp <= time.time():
+                    if state.revoked.chain_revoked(claims) or claims.exp <= time.time():
                         log.info("closing a WebSocket session: its token jti=%s was revoked or expired", claims.jti)
                         break
             finally:
@@ -2887,9 +3082,7 @@ async def tunnel_websocket(
                 exchange.bytes_in, exchange.bytes_out = sent_up[0], exchange.bytes_out + sent_down[0]
         finally:
             state.metrics.streams_open -= 1
-            chain_streams.discard(exchange)
-            if not chain_streams:
-                state.streams.pop(claims.cid, None)
+            unwatch_stream(state, claims, exchange)
         return False
     finally:
         conn.abort()
@@ -3341,8 +3534,9 @@ async def issue_token(state: ServerState, grant: Grant) -> MintedToken:
     keys = state.current_keys
     now = int(time.time())
     minted = new_token(keys, grant, now)
+    parent = grant.ancestors[-1].cid if grant.ancestors else None
     await state.registry.call(state.registry.registry.register, minted, grant.sub, keys.kid, now,
-                              chain_limits(grant))
+                              chain_limits(grant), parent)
     log.info("minted jti=%s cid=%s sub=%s kid=%s expires_at=%d renew_until=%d", minted.jti, minted.cid,
              safe_for_log(grant.sub), keys.kid, minted.expires_at, minted.renew_until)
     return minted
@@ -3445,6 +3639,25 @@ async def handle_refresh(state: ServerState, reader: asyncio.StreamReader, head:
     return 201, json_bytes(token_reply(minted)), "application/json"
 
 
+async def handle_delegate(state: ServerState, reader: asyncio.StreamReader, head: RequestHead,
+                          exchange: Exchange) -> tuple[int, bytes, str]:
+    """POST /jwt/delegate: a child token for the presented one, every limit within its own (SPEC.md,
+    Delegation). The child carries the parent's key, sealed again for the child's jti; the holder of the
+    parent never sees it. Minting counts as a request against the parent's `rpm`."""
+    parent = state.tokens.verify(bearer_token(head), time.time())
+    exchange.claims = parent
+    fields = await read_json_body(reader, head, state.config, exchange)
+    now = time.time()
+    parent = state.tokens.verify(bearer_token(head), now)
+    check_origin(parent, head)
+    check_budget(state, parent, reserved_too=False)
+    left = budget_left(state, parent, reserved_too=False) if parent.budgets else None
+    grant = delegate_grant(parent, fields, state.config.token_ttl_s, state.config.max_token_ttl_s, int(now), left)
+    take_rate(state, parent, now)
+    minted = await issue_token(state, grant)
+    return 201, json_bytes(token_reply(minted)), "application/json"
+
+
 def upstream_path_for(path: str) -> str | None:
     """The /v1/... path a proxied request goes to, or None when the path is not proxied."""
     if path.startswith("/v1/"):
@@ -3520,7 +3733,7 @@ def check_permissions(state: ServerState, claims: TokenClaims, head: RequestHead
                             f"it is open only to tokens whose paths name it (for example '{endpoint}*').",
                        "credential_endpoint")
     check_origin(claims, head)
-    if permissions.max_tokens_total is not None:
+    if claims.budgets:
         if any(pattern_matches(prefix + "*", upstream_path) for prefix in UNMETERED_PREFIXES):
             raise ApiError(403, f"A token with a budget (max_tokens_total) may not use {safe_label(upstream_path)}:"
                                 " its token usage is not reported in the answer, so it could not be counted.",
@@ -3529,12 +3742,13 @@ def check_permissions(state: ServerState, claims: TokenClaims, head: RequestHead
 
 
 def check_budget(state: ServerState, claims: TokenClaims, reserved_too: bool = True) -> None:
-    """429 once a budgeted chain has spent its whole budget, or (`reserved_too`) promised what is left to
-    requests in flight: those may end under their caps, so that 429 may be retried."""
-    budget = claims.permissions.max_tokens_total
-    if budget is None:
+    """429 once a budgeted chain (its own or an ancestor's) has spent its whole budget, or (`reserved_too`)
+    promised what is left to requests in flight: those may end under their caps, so that 429 may be
+    retried."""
+    budgets = claims.budgets
+    if not budgets:
         return
-    if state.spent.get(claims.cid, 0) >= budget:
+    if any(state.spent.get(cid, 0) >= budget for cid, budget in budgets):
         raise budget_spent()
     if reserved_too and budget_left(state, claims) <= 0:
         raise ApiError(429, "What is left of this token's budget (max_tokens_total) is reserved by its requests "
@@ -3542,19 +3756,23 @@ def check_budget(state: ServerState, claims: TokenClaims, reserved_too: bool = T
                        headers=[("Retry-After", "1")])
 
 
-def budget_left(state: ServerState, claims: TokenClaims) -> int:
-    """What a chain's budget has left for a new request: less what was spent and what is reserved."""
-    budget = claims.permissions.max_tokens_total or 0
-    return budget - state.spent.get(claims.cid, 0) - state.reserved.get(claims.cid, 0)
+def budget_left(state: ServerState, claims: TokenClaims, reserved_too: bool = True) -> int:
+    """What a budgeted token may still spend: the least any of its chains' budgets has left, less what
+    was spent and (`reserved_too`) what is reserved by requests in flight."""
+    return min((budget - state.spent.get(cid, 0) - (state.reserved.get(cid, 0) if reserved_too else 0)
+                for cid, budget in claims.budgets), default=0)
 
 
 def take_rate(state: ServerState, claims: TokenClaims, now: float) -> None:
-    """Count one request against the chain's `rpm`. Raises ApiError(429) with Retry-After."""
-    rpm = claims.permissions.rpm
-    if rpm is not None:
-        wait_s = state.rate.acquire(claims.cid, rpm, now)
+    """Count one request against the `rpm` of its chain and of each ancestor. Raises ApiError(429) with
+    Retry-After."""
+    rates = claims.rates
+    if rates:
+        wait_s = state.rate.acquire_all(rates, now)
         if wait_s:
-            raise ApiError(429, f"Rate limit of {rpm} requests per minute reached for this token.",
+            rpm = min(per_minute for _, per_minute in rates)
+            raise ApiError(429, f"Rate limit of {rpm} requests per minute reached for this token"
+                                f"{' or a token it descends from' if claims.ancestors else ''}.",
                            "rate_limit_exceeded", "requests", headers=[("Retry-After", str(math.ceil(wait_s)))])
 
 
@@ -3618,7 +3836,8 @@ async def handle_request(
         upstream_path = upstream_path_for(path)
         if upstream_path is not None and listener.proxy:
             return await handle_proxied(state, reader, writer, head, exchange, upstream_path, cors)
-    exchange.route = path if path in ADMIN_ROUTES or path in ("/healthz", "/jwt/refresh") else "other"
+    exchange.route = path if path in ADMIN_ROUTES or path in ("/healthz", "/jwt/refresh", "/jwt/delegate") \
+        else "other"
     if path == "/healthz":
         if head.method not in ("GET", "HEAD"):
             raise method_not_allowed("GET, HEAD")
@@ -3627,6 +3846,10 @@ async def handle_request(
         if head.method != "POST":
             raise method_not_allowed("POST")
         status, body, content_type = await handle_refresh(state, reader, head, exchange)
+    elif path == "/jwt/delegate" and listener.proxy:
+        if head.method != "POST":
+            raise method_not_allowed("POST")
+        status, body, content_type = await handle_delegate(state, reader, head, exchange)
     elif path in ADMIN_ROUTES:
         if head.method != ADMIN_ROUTES[path]:
             raise method_not_allowed(ADMIN_ROUTES[path])
@@ -3666,7 +3889,7 @@ async def handle_proxied(
     if websocket:
         if head.body_kind != "none":
             raise bad_request("A WebSocket handshake has no body.")
-        if claims.permissions.max_tokens_total is not None:
+        if claims.budgets:
             raise ApiError(403, "A token with a budget (max_tokens_total) may not open WebSocket sessions: "
                                 "their token usage is not reported to SOAKP.", "budget_unmetered_endpoint")
         exchange.model = websocket_model(claims, upstream_path, head.query)
@@ -3707,11 +3930,12 @@ def record_outcome(state: ServerState, exchange: Exchange) -> None:
     if exchange.status >= 400 or exchange.status == 0 or exchange.error_kind not in (None, "client_gone"):
         delta.errors += 1  # an error status, or an answer the upstream broke off
     if exchange.reserved:
-        left = state.reserved.get(claims.cid, 0) - exchange.reserved
-        if left > 0:
-            state.reserved[claims.cid] = left
-        else:
-            state.reserved.pop(claims.cid, None)
+        for cid, _ in claims.budgets:
+            left = state.reserved.get(cid, 0) - exchange.reserved
+            if left > 0:
+                state.reserved[cid] = left
+            else:
+                state.reserved.pop(cid, None)
         exchange.reserved = 0
     usage = exchange.usage
     if usage is None and exchange.estimate is not None and 200 <= exchange.status < 300:
@@ -3720,9 +3944,16 @@ def record_outcome(state: ServerState, exchange: Exchange) -> None:
                  claims.cid, sum(usage))
     if usage is not None:
         prompt, completion = usage
+        for ancestor in claims.ancestors:  # a child's usage shows in, and is charged to, every ancestor
+            upper = state.usage.get(ancestor.cid)
+            if upper is None:
+                upper = state.usage[ancestor.cid] = UsageDelta(None, None, None, None, claims.exp, claims.rexp)
+            upper.prompt_tokens += prompt
+            upper.completion_tokens += completion
+        for cid in claims.chains:
+            state.spent[cid] = state.spent.get(cid, 0) + prompt + completion
         delta.prompt_tokens += prompt
         delta.completion_tokens += completion
-        state.spent[claims.cid] = state.spent.get(claims.cid, 0) + prompt + completion
 
 
 async def flush_usage(state: ServerState) -> None:
