@@ -340,6 +340,37 @@ class SoakpLauncher:
             process.stop()
 
 
+# Helpers for tests #########################################################################################
+
+
+def token_claims(token: str) -> dict[str, Any]:
+    """A token's payload, read without checking it."""
+    part = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+
+
+def error_of(response: RawResponse, status: int) -> dict[str, Any]:
+    """Assert `status` with OpenAI's error shape; return the error object."""
+    assert response.status == status, f"expected {status}, got {response.status}: {response.body[:300]!r}"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def admin_call(server: SoakpProcess, method: str, path: str, payload: Any = None,
+               credentials: tuple[str, str] | None = None,
+               headers: list[tuple[str, str]] | None = None) -> RawResponse:
+    """An admin request with HTTP Basic (the server's own credentials unless others are given); a payload
+    goes as JSON unless `headers` name another Content-Type."""
+    sent = [("Authorization", basic_auth(*(credentials or server.admin))), *(headers or [])]
+    body = None
+    if payload is not None:
+        if not any(name.lower() == "content-type" for name, _ in sent):
+            sent.append(("Content-Type", "application/json"))
+        body = json.dumps(payload).encode()
+    return server.request(method, path, headers=sent, body=body)
+
+
 # Fixtures ###################################################################################################
 
 

@@ -7,7 +7,6 @@ running SOAKP: the key, the hierarchy (rate, budget, revocation) and the refusal
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import Callable
@@ -18,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import soakp
-from conftest import basic_auth
+from conftest import basic_auth, error_of
+from conftest import token_claims as claims_of
 from usage_upstream import chat_completion, compact
 
 if TYPE_CHECKING:
@@ -29,18 +29,6 @@ CHAT = "/v1/chat/completions"
 MODEL = "gpt-fake-1"
 JSON = [("Content-Type", "application/json")]
 NOW = 1_800_000_000
-
-
-def claims_of(token: str) -> dict[str, Any]:
-    part = token.split(".")[1]
-    return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
-
-
-def error_of(response: RawResponse, status: int) -> dict[str, Any]:
-    assert response.status == status, f"expected {status}, got {response.status}: {response.body[:300]!r}"
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    return error
 
 
 def delegate(server: SoakpProcess, token: str, registry: SecretsRegistry, **fields: Any) -> RawResponse:

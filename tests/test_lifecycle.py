@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import soakp
 
-from conftest import basic_auth
-from fake_upstream import FakeUpstream, RawResponse
+from conftest import admin_call, basic_auth, error_of, token_claims
+from fake_upstream import FakeUpstream
 from soakp import (
     ApiError,
     RequestHead,
@@ -51,29 +51,6 @@ def b64url_json(part: str) -> dict[str, Any]:
 
 def token_header(token: str) -> dict[str, Any]:
     return b64url_json(token.split(".")[0])
-
-
-def token_claims(token: str) -> dict[str, Any]:
-    return b64url_json(token.split(".")[1])
-
-
-def error_of(response: RawResponse, status: int) -> dict[str, Any]:
-    """Assert `status` with OpenAI's error shape; return the error object."""
-    assert response.status == status, f"expected {status}, got {response.status}: {response.body[:300]!r}"
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    return error
-
-
-def admin_call(server: SoakpProcess, method: str, path: str, payload: Any = None,
-               credentials: tuple[str, str] | None = None) -> RawResponse:
-    """An admin request with HTTP Basic (the server's own credentials unless others are given)."""
-    headers = [("Authorization", basic_auth(*(credentials or server.admin)))]
-    body = None
-    if payload is not None:
-        headers.append(("Content-Type", "application/json"))
-        body = json.dumps(payload).encode()
-    return server.request(method, path, headers=headers, body=body)
 
 
 def listed_rows(server: SoakpProcess) -> dict[str, dict[str, Any]]:

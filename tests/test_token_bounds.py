@@ -7,7 +7,6 @@ fake upstream and, where it matters, raw sockets.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import socket
@@ -22,13 +21,14 @@ import jwt
 import pytest
 
 import soakp
-from conftest import basic_auth
+from conftest import admin_call, basic_auth, error_of
+from conftest import token_claims as claims_of
 from fake_upstream import Gate, RecordedRequest, Responder, build_request
 from usage_upstream import Sent, chat_completion, chat_stream, compact
 
 if TYPE_CHECKING:
     from conftest import SecretsRegistry, SoakpProcess
-    from fake_upstream import FakeUpstream, RawResponse
+    from fake_upstream import FakeUpstream
 
 CHAT = "/v1/chat/completions"
 MODEL = "gpt-fake-1"
@@ -36,29 +36,6 @@ JSON = [("Content-Type", "application/json")]
 
 
 # Helpers ####################################################################################################
-
-
-def claims_of(token: str) -> dict[str, Any]:
-    part = token.split(".")[1]
-    return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
-
-
-def error_of(response: RawResponse, status: int) -> dict[str, Any]:
-    assert response.status == status, f"expected {status}, got {response.status}: {response.body[:300]!r}"
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    return error
-
-
-def admin_call(server: SoakpProcess, method: str, path: str, payload: Any = None,
-               headers: list[tuple[str, str]] | None = None) -> RawResponse:
-    sent = [("Authorization", basic_auth(*server.admin)), *(headers or [])]
-    body = None
-    if payload is not None:
-        if not any(name.lower() == "content-type" for name, _ in sent):
-            sent.append(("Content-Type", "application/json"))
-        body = json.dumps(payload).encode()
-    return server.request(method, path, headers=sent, body=body)
 
 
 def chains(server: SoakpProcess) -> dict[str, dict[str, Any]]:

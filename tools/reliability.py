@@ -1125,20 +1125,24 @@ def upstream_faults(harness: Harness, server: Soakp, report: Report, connect_tim
         report.faults.extend(tls_rows[name] for name, *_ in targets if name in tls_rows)
 
 
+def leave_after_first_event(server: Soakp, request: bytes) -> None:
+    """Send a streamed request, read until its first SSE event, and hang up."""
+    with socket.create_connection((LOOPBACK, server.port), timeout=10) as sock:
+        sock.sendall(request)
+        sock.settimeout(10)
+        received = b""
+        while b"data: " not in received:
+            piece = sock.recv(READ_BYTES)
+            if not piece:
+                break
+            received += piece
+
+
 def resources(harness: Harness, server: Soakp, report: Report) -> None:
     token = harness.token
     # A client that leaves mid-stream: the upstream must see its connection closed within 2 s.
     before = len(harness.control("/stats")["hold_closed"])
-    sock = socket.create_connection((LOOPBACK, server.port), timeout=10)
-    sock.sendall(request_bytes("POST", "/v1/rel/hold?interval_ms=5000", token, b"{}"))
-    sock.settimeout(10)
-    received = b""
-    while b"data: " not in received:
-        piece = sock.recv(READ_BYTES)
-        if not piece:
-            break
-        received += piece
-    sock.close()
+    leave_after_first_event(server, request_bytes("POST", "/v1/rel/hold?interval_ms=5000", token, b"{}"))
     left = time.monotonic()
     noticed = None
     while time.monotonic() - left < 10:
@@ -1217,15 +1221,7 @@ def token_bounds(harness: Harness, server: Soakp, report: Report) -> None:
     # A client that reads the first event of a budgeted stream and leaves: the answer is still charged.
     minted = admin_request(harness, server, "/jwt/generate", {"key": harness.key, "max_tokens_total": 1000})
     data = minted.json()["data"]
-    sock = socket.create_connection((LOOPBACK, server.port), timeout=10)
-    sock.sendall(request_bytes("POST", "/v1/chat/completions", data["jwt"], STREAM_BODY))
-    received = b""
-    while b"data: " not in received:
-        piece = sock.recv(READ_BYTES)
-        if not piece:
-            break
-        received += piece
-    sock.close()
+    leave_after_first_event(server, request_bytes("POST", "/v1/chat/completions", data["jwt"], STREAM_BODY))
     charged, deadline = 0, time.monotonic() + 5
     while charged == 0 and time.monotonic() < deadline:
         time.sleep(0.2)
