@@ -413,12 +413,12 @@ def test_admin_endpoints_refuse_cross_site_requests(soakp: Callable[..., SoakpPr
     carry CORS headers, even for an origin --cors-origins lists."""
     server = soakp(cors_origins="https://evil.example")
     key = secrets_registry.new_key()
-    evil = admin_call(server, "POST", "/jwt/generate", {"key": key}, [("Origin", "https://evil.example")])
+    evil = admin_call(server, "POST", "/jwt/generate", {"key": key}, headers=[("Origin", "https://evil.example")])
     assert error_of(evil, 403)["code"] == "origin_not_allowed"
     assert evil.header("access-control-allow-origin") is None
-    plain = admin_call(server, "POST", "/jwt/generate", {"key": key}, [("Content-Type", "text/plain")])
+    plain = admin_call(server, "POST", "/jwt/generate", {"key": key}, headers=[("Content-Type", "text/plain")])
     assert error_of(plain, 415)["code"] == "unsupported_media_type"
-    revoke = admin_call(server, "POST", "/jwt/revoke", {"cid": "x"}, [("Content-Type", "text/plain;charset=UTF-8")])
+    revoke = admin_call(server, "POST", "/jwt/revoke", {"cid": "x"}, headers=[("Content-Type", "text/plain;charset=UTF-8")])
     error_of(revoke, 415)
     listed = admin_call(server, "GET", "/jwt", headers=[("Origin", "https://evil.example")])
     assert listed.status == 403 and listed.header("access-control-allow-origin") is None
