@@ -3636,14 +3636,15 @@ CONSOLE_HTML = r"""<!doctype html>
 <a class="skip" href="#chains-title">Skip to the token chains</a>
 <header class="topbar">
   <h1>SOAKP <span>console</span></h1>
-  <p id="status" class="status" role="status" aria-live="polite">Loading…</p>
+  <p id="live-status" class="live-status" role="status" aria-live="polite">Loading…</p>
 </header>
 <main>
   <section class="live" aria-labelledby="live-title">
     <h2 id="live-title" class="visually-hidden">Live figures</h2>
     <dl class="figures">
       <div class="figure"><dt>Requests/s</dt><dd id="fig-rps">–</dd>
-        <dd class="figure-note" id="fig-rps-note">proxied requests</dd></div>
+        <dd class="figure-note">proxied, last 5 s</dd>
+        <dd class="figure-spark" id="fig-spark"></dd></div>
       <div class="figure"><dt>Error rate</dt><dd id="fig-errors">–</dd>
         <dd class="figure-note" id="fig-errors-note">last minute</dd></div>
       <div class="figure"><dt>Open streams</dt><dd id="fig-streams">–</dd>
@@ -3693,7 +3694,7 @@ CONSOLE_HTML = r"""<!doctype html>
       token; this page keeps no copy. Empty fields are left out: no limit, or the server's
       default.</p>
     <div class="fields">
-      <label class="wide">OpenAI key <span class="required">required</span>
+      <label class="wide"><span>OpenAI key <span class="required">(required)</span></span>
         <input name="key" type="password" required autocomplete="off" spellcheck="false"></label>
       <label>Label (sub)
         <input name="sub" autocomplete="off" placeholder="default"></label>
@@ -3798,11 +3799,11 @@ button, input, select, textarea { font: inherit; color: inherit; }
   gap: .25rem 1rem; padding: .8rem 1.5rem; background: var(--bar); color: var(--bar-text); }
 .topbar h1 { font-size: 1.25rem; letter-spacing: .02em; }
 .topbar h1 span { font-weight: 400; opacity: .7; }
-.status { margin: 0; font-size: .9rem; opacity: .85; }
-.status::before { content: ""; display: inline-block; width: .55rem; height: .55rem;
+.live-status { margin: 0; font-size: .9rem; opacity: .85; }
+.live-status::before { content: ""; display: inline-block; width: .55rem; height: .55rem;
   border-radius: 50%; background: #3ccf7d; margin-right: .45rem; vertical-align: .05rem; }
-.status.error { opacity: 1; color: #ffb4ab; }
-.status.error::before { background: #ff6b5e; }
+.live-status.error { opacity: 1; color: #ffb4ab; }
+.live-status.error::before { background: #ff6b5e; }
 
 main { padding: 1.25rem 1.5rem 2rem; max-width: 100rem; margin: 0 auto; }
 section + section { margin-top: 1.25rem; }
@@ -3816,7 +3817,8 @@ section + section { margin-top: 1.25rem; }
 .figure dd { margin: 0; font-size: 1.7rem; font-weight: 600; font-variant-numeric: tabular-nums; }
 .figure dd.figure-note { font-size: .8rem; font-weight: 400; color: var(--muted);
   min-height: 1.2rem; }
-.spark { display: block; width: 100%; height: 1.5rem; }
+.figure dd.figure-spark { height: 1.5rem; margin-top: .2rem; }
+.spark { display: block; width: 100%; height: 100%; overflow: visible; }
 .spark polyline { fill: none; stroke: var(--accent); stroke-width: 1.5;
   vector-effect: non-scaling-stroke; }
 
@@ -3855,21 +3857,21 @@ tbody tr:hover { background: color-mix(in srgb, var(--chip) 60%, transparent); }
 th .sort { all: unset; cursor: pointer; display: inline-flex; gap: .25rem; align-items: center; }
 th .sort:focus-visible { outline: 3px solid var(--focus); }
 th .arrow { font-size: .7rem; min-width: .7rem; }
-td time, td.sub { display: flex; flex-direction: column; }
-td time small, td .budget small, td .id, td small.errors { color: var(--muted); font-size: .78rem; }
+td time, .token { display: flex; flex-direction: column; }
+td time small, .budget-bar small, .id, td small.errors { color: var(--muted); font-size: .78rem; }
 td small.errors { display: block; color: var(--danger); }
 td time span { white-space: nowrap; }
-td.sub { min-width: 10rem; max-width: 18rem; }
+td.c-sub { min-width: 10rem; max-width: 18rem; }
 .who { font-weight: 600; overflow-wrap: anywhere; }
 .id { font-family: ui-monospace, Menlo, Consolas, monospace; white-space: nowrap; }
 td.num { font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.limits { min-width: 11rem; max-width: 22rem; }
+td.c-limits { min-width: 11rem; max-width: 22rem; }
 .chips { list-style: none; margin: 0; padding: 0; display: flex; flex-wrap: wrap; gap: .25rem; }
 .chip { background: var(--chip); border-radius: .3rem; padding: .05rem .4rem; font-size: .8rem;
   overflow-wrap: anywhere; }
 .chip b { font-weight: 600; color: var(--muted); }
-.budget { display: flex; flex-direction: column; gap: .15rem; min-width: 7rem; }
-.budget meter { width: 100%; height: .7rem; }
+.budget-bar { display: flex; flex-direction: column; gap: .15rem; min-width: 7rem; }
+.budget-bar meter { width: 100%; height: .7rem; }
 .badge { display: inline-block; border-radius: 1rem; padding: .05rem .6rem; font-size: .78rem;
   font-weight: 600; text-transform: capitalize; }
 .badge.active { background: var(--ok-bg); color: var(--ok); }
@@ -3887,6 +3889,7 @@ dialog::backdrop { background: rgb(10 14 18 / .55); }
   font-weight: 600; }
 .fields .wide { grid-column: 1 / -1; }
 .fields small { font-weight: 400; color: var(--muted); }
+.fields input, .fields textarea { font-weight: 400; }
 .required { font-weight: 400; color: var(--muted); font-size: .75rem; }
 .mint textarea { resize: vertical; font-family: ui-monospace, Menlo, Consolas, monospace; }
 #token-value { word-break: break-all; font-size: .8rem; }
@@ -3909,18 +3912,21 @@ dialog::backdrop { background: rgb(10 14 18 / .55); }
   .count { margin: 0; flex-basis: 100%; }
   thead { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
   table, tbody, tr, td { display: block; }
-  tr { display: grid; grid-template-columns: 1fr 1fr; gap: .45rem .75rem; padding: .8rem 0;
-    border-bottom: 1px solid var(--line); }
+  tr { display: grid; grid-template-columns: repeat(3, minmax(0, 1fr)); gap: .5rem .6rem;
+    padding: .8rem 0; border-bottom: 1px solid var(--line); }
   tbody tr:hover { background: none; }
   td { border: 0; padding: 0; max-width: none; min-width: 0; }
-  td.sub, td.limits, td.budget { grid-column: 1 / -1; max-width: none; }
+  td.c-sub, td.c-limits { grid-column: 1 / -1; max-width: none; }
+  td.c-sub { grid-column: 1 / 3; }
+  td.c-status { grid-column: 3; grid-row: 1; justify-self: end; }
+  td.c-budget { grid-column: 1 / 3; }
   td.num { text-align: left; }
   td::before { content: attr(data-label); display: block; font-size: .72rem; color: var(--muted);
     text-transform: uppercase; letter-spacing: .04em; }
-  td.sub::before, td.actions::before { content: none; }
-  td.status { align-self: end; }
-  td.actions { align-self: end; justify-self: end; }
-  td.actions:empty { display: none; }
+  td.c-sub::before, td.c-actions::before { content: none; }
+  td.c-status::before { content: none; }
+  td.c-actions { align-self: end; justify-self: end; }
+  td.c-actions:empty { display: none; }
   .fields { grid-template-columns: 1fr; }
   dialog { width: calc(100vw - 1rem); }
 }
@@ -4112,7 +4118,7 @@ function showFigures() {
     if (rates.length > SPARK_POINTS) rates.shift();
     const rps = rates[rates.length - 1];
     $("fig-rps").replaceChildren(rps >= 10 ? Math.round(rps).toString() : rps.toFixed(1));
-    $("fig-rps-note").replaceChildren(sparkline(rates));
+    $("fig-spark").replaceChildren(rates.length > 2 ? sparkline(rates) : "");
   } else {
     $("fig-rps").replaceChildren("…");
   }
@@ -4170,7 +4176,7 @@ const COLUMNS = [
   ["limits", "Limits"],
   ["created", "Created", (r) => r.created_at],
   ["expires", "Expires", (r) => r.expires_at],
-  ["renew", "Renewable until", renewUntil],
+  ["renew", "Renew until", renewUntil],
   ["used", "Last used", (r) => r.last_used_at ?? -1],
   ["requests", "Requests", (r) => r.requests ?? 0, true],
   ["prompt", "Prompt tokens", (r) => r.prompt_tokens ?? 0, true],
@@ -4193,13 +4199,20 @@ function relative(ts, now) {
 
 const dateFormat = new Intl.DateTimeFormat(undefined, {
   year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit",
+  hourCycle: "h23",
+});
+
+const shortDate = new Intl.DateTimeFormat(undefined, {
+  month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", hourCycle: "h23",
 });
 
 function when(ts, now) {
   if (ts === null || ts === undefined) return el("span", { class: "muted" }, "never");
   const date = new Date(ts * 1000);
+  const sameYear = date.getFullYear() === new Date(now * 1000).getFullYear();
   return el("time", { datetime: date.toISOString(), title: date.toString() },
-    el("span", {}, relative(ts, now)), el("small", {}, dateFormat.format(date)));
+    el("span", {}, relative(ts, now)),
+    el("small", {}, (sameYear ? shortDate : dateFormat).format(date)));
 }
 
 function limitChips(row) {
@@ -4227,7 +4240,7 @@ function budget(row) {
   if (!row.max_tokens_total) return el("span", { class: "muted" }, "–");
   const total = row.max_tokens_total;
   const spent = Math.min(used(row), total);
-  return el("div", { class: "budget" },
+  return el("div", { class: "budget-bar" },
     el("meter", { min: 0, max: total, low: total * 0.7, high: total * 0.9, optimum: 0, value: spent,
       "aria-label": `${numbers.format(spent)} of ${numbers.format(total)} tokens used` }),
     el("small", {}, `${numbers.format(spent)} / ${numbers.format(total)}`));
@@ -4242,7 +4255,7 @@ function tokenCell(row) {
   }
   if (row.parent) facts.push(el("span", { class: "id", title: `parent chain ${row.parent}` },
     `child of ${row.parent.slice(0, 10)}…`));
-  return [el("span", { class: "who" }, row.sub), ...facts];
+  return el("div", { class: "token" }, el("span", { class: "who" }, row.sub), ...facts);
 }
 
 function cell(key, row, now) {
@@ -4262,7 +4275,7 @@ function cell(key, row, now) {
       const s = status(row, now);
       return el("span", { class: `badge ${s}` }, s);
     }
-    default: return row.revoked_at ? null : el("button", {
+    default: return status(row, now) !== "active" ? null : el("button", {
       type: "button", class: "danger small", dataset: { action: "revoke", id: rowId(row) },
       "aria-label": `Revoke ${row.sub}`, onclick: () => askRevoke(row),
     }, "Revoke");
@@ -4302,16 +4315,15 @@ function renderChains() {
   const text = $("filter-text").value.trim().toLowerCase();
   const wanted = $("filter-status").value;
   const sortValue = columnOf(sortKey)[2];
-  const shown = chains.filter((row) => matches(row, text, wanted, now)).sort((a, b) => {
-    const x = sortValue(a);
-    const y = sortValue(b);
-    return (x < y ? -1 : x > y ? 1 : 0) * (sortAscending ? 1 : -1);
-  });
+  const order = (x, y) => (x < y ? -1 : x > y ? 1 : 0);
+  const shown = chains.filter((row) => matches(row, text, wanted, now)).sort((a, b) =>
+    (order(sortValue(a), sortValue(b)) || order(a.created_at, b.created_at) ||
+     order(rowId(a), rowId(b))) * (sortAscending ? 1 : -1));
   // Keep keyboard focus on the same control across a re-render.
   const focused = document.activeElement?.dataset?.id;
   const rows = shown.map((row) => el("tr", { dataset: { id: rowId(row) } },
     COLUMNS.map(([key, label, , numeric]) => el("td", {
-      class: [key, numeric ? "num" : ""].join(" ").trim(), "data-label": label,
+      class: numeric ? `c-${key} num` : `c-${key}`, "data-label": label, dataset: { col: key },
     }, cell(key, row, now)))));
   $("chains-body").replaceChildren(...rows);
   if (focused) $("chains-body").querySelector(`button[data-id="${CSS.escape(focused)}"]`)?.focus();
@@ -4322,12 +4334,12 @@ function renderChains() {
 }
 
 function setSort(key, ascending) {
+  const fromHeading = document.activeElement?.classList.contains("sort");
   sortKey = key;
   sortAscending = ascending;
   renderHead();
   renderChains();
-  const button = $("chains-head").querySelector(`button[data-sort="${key}"]`);
-  if (button && document.activeElement?.classList.contains("sort")) button.focus();
+  if (fromHeading) $("chains-head").querySelector(`button[data-sort="${key}"]`).focus();
 }
 
 async function pollChains() {
@@ -4439,7 +4451,7 @@ let statusTimer = null;
 
 // A message in the top bar; a success gives way to the "updated" time after a few seconds.
 function say(text, isError = false) {
-  const node = $("status");
+  const node = $("live-status");
   node.replaceChildren(text);
   node.classList.toggle("error", isError);
   clearTimeout(statusTimer);
@@ -4452,7 +4464,9 @@ function say(text, isError = false) {
 let updatedAt = null;
 
 function showUpdated() {
-  if (updatedAt) $("status").replaceChildren(`Live · updated ${updatedAt.toLocaleTimeString()}`);
+  if (updatedAt) {
+    $("live-status").replaceChildren(`Live · updated ${updatedAt.toLocaleTimeString()}`);
+  }
 }
 
 let refreshing = null;
@@ -4464,7 +4478,7 @@ async function refresh() {
       await Promise.all([pollChains(), pollMetrics()]);
       updatedAt = new Date();
       if (!statusTimer) {
-        $("status").classList.remove("error");
+        $("live-status").classList.remove("error");
         showUpdated();
       }
     } catch (error) {
@@ -4497,8 +4511,12 @@ function wire() {
   $("mint-dialog").addEventListener("close", () => $("mint-form").reset());
   $("mint-form").addEventListener("submit", mint);
   $("token-copy").addEventListener("click", copyToken);
-  $("token-done").addEventListener("click", () => $("token-dialog").close());
-  $("token-dialog").addEventListener("close", () => { $("token-value").value = ""; });
+  const forgetToken = () => { $("token-value").value = ""; };
+  $("token-done").addEventListener("click", () => {
+    forgetToken();
+    $("token-dialog").close();
+  });
+  $("token-dialog").addEventListener("close", forgetToken); // Escape closes it too
   $("revoke-cancel").addEventListener("click", () => $("revoke-dialog").close());
   $("revoke-confirm").addEventListener("click", confirmRevoke);
   renderHead();
