@@ -182,7 +182,9 @@ export class SoakpSession {
       return response;
     }
     const sent = new Headers(init.headers).get("Authorization");
-    const token = sent === `Bearer ${this.current}` ? await this.renew("backend") : await this.token();
+    // The token it was sent with may have been replaced meanwhile: then the current one will do.
+    const stale = sent === `Bearer ${this.current}`;
+    const token = stale ? await this.renew("backend") : await this.token();
     const headers = new Headers(init.headers);
     headers.set("Authorization", `Bearer ${token}`);
     return this.fetchImpl(input, { ...init, headers });

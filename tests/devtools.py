@@ -1,5 +1,5 @@
-"""Headless Chromium driven over the DevTools protocol, for the browser tests of the console and of the
-companion module (tests/test_console.py, tests/test_client_module.py).
+"""Headless Chromium driven over the DevTools protocol, for the browser tests of the console
+(tests/test_console.py).
 
 The approach of tests/test_browser_demo.py (Debian's /usr/bin/chromium with the flags that work in a
 container, DevToolsActivePort, a `websockets` client), plus what those tests need beyond evaluating
@@ -39,6 +39,9 @@ START_TIMEOUT_S = 15.0
 CALL_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
 POLL_S = 0.05
+CONSOLE_PROBLEMS = ("error", "warning", "assert")
+# Resolves after the next frame has been drawn: a screenshot then shows the new viewport's layout.
+NEXT_FRAME = "new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))"
 
 
 @dataclass(frozen=True)
@@ -139,8 +142,9 @@ class DevTools:
 
         def auth(params: dict[str, Any]) -> None:
             prompted.append(params["request"]["url"])
-            self.send("Fetch.continueWithAuth", requestId=params["requestId"], authChallengeResponse={
-                "response": "ProvideCredentials", "username": user, "password": password})
+            answer = {"response": "ProvideCredentials", "username": user, "password": password}
+            self.send("Fetch.continueWithAuth", requestId=params["requestId"],
+                      authChallengeResponse=answer)
 
         self.handlers["Fetch.requestPaused"] = paused
         self.handlers["Fetch.authRequired"] = auth
@@ -155,7 +159,7 @@ class DevTools:
             events = list(self.events)
         for event in events:
             method, params = event["method"], event.get("params", {})
-            if method == "Runtime.consoleAPICalled" and params["type"] in ("error", "warning", "assert"):
+            if method == "Runtime.consoleAPICalled" and params["type"] in CONSOLE_PROBLEMS:
                 found.append(f"console.{params['type']}: " + " ".join(
                     str(arg.get("value", arg.get("description", ""))) for arg in params["args"]))
             elif method == "Runtime.exceptionThrown":
@@ -164,15 +168,15 @@ class DevTools:
                                                  or details.get("text")))
             elif method == "Log.entryAdded" and params["entry"]["level"] in ("error", "warning"):
                 entry = params["entry"]
-                found.append(f"log {entry['source']}/{entry['level']}: {entry['text']} {entry.get('url', '')}")
+                found.append(f"log {entry['source']}/{entry['level']}: {entry['text']} "
+                             f"{entry.get('url', '')}")
         return found
 
     def screenshot(self, path: Path, viewport: Viewport, full_page: bool = True) -> Path:
         """A PNG of the page at `viewport` (the whole page when `full_page`), written to `path`."""
-        self.call("Emulation.setDeviceMetricsOverride", width=viewport.width, height=viewport.height,
-                  deviceScaleFactor=viewport.scale, mobile=viewport.mobile)
-        self.evaluate("new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))",
-                      await_promise=True)
+        self.call("Emulation.setDeviceMetricsOverride", width=viewport.width,
+                  height=viewport.height, deviceScaleFactor=viewport.scale, mobile=viewport.mobile)
+        self.evaluate(NEXT_FRAME, await_promise=True)
         shot = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=full_page)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(shot["data"]))
@@ -187,22 +191,26 @@ def chromium(*extra_flags: str) -> Iterator[DevTools]:
     """
     binary = shutil.which("chromium")
     if binary is None:
-        pytest.fail("chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
+        pytest.fail("chromium is not installed (Debian: apt-get install chromium; "
+                    ".ci/run installs it)")
     profile = Path(tempfile.mkdtemp(prefix="soakp-chromium-"))
     stderr_path = profile.parent / f"{profile.name}.log"
     with open(stderr_path, "wb") as stderr:
-        browser = subprocess.Popen([binary, *CHROMIUM_FLAGS, *extra_flags, f"--user-data-dir={profile}",
-                                    "about:blank"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        command = [binary, *CHROMIUM_FLAGS, *extra_flags, f"--user-data-dir={profile}",
+                   "about:blank"]
+        browser = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                    stderr=stderr)
     try:
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + START_TIMEOUT_S
         while not (port_file.is_file() and port_file.read_text().count("\n") >= 1):
             if browser.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"chromium did not open its DevTools port: {stderr_path.read_text()[-2000:]}")
+                pytest.fail("chromium did not open its DevTools port: "
+                            f"{stderr_path.read_text()[-2000:]}")
             time.sleep(POLL_S)
         port = int(port_file.read_text().split("\n")[0])
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=CALL_TIMEOUT_S) as response:
+        targets_url = f"http://127.0.0.1:{port}/json/list"
+        with urllib.request.urlopen(targets_url, timeout=CALL_TIMEOUT_S) as response:
             target = next(t for t in json.load(response) if t["type"] == "page")
         with connect(target["webSocketDebuggerUrl"], proxy=None, max_size=None, ping_interval=None,
                      open_timeout=CALL_TIMEOUT_S, close_timeout=2) as ws:

@@ -1,8 +1,9 @@
 """client/soakp-client.mjs, the companion module for browser apps, under Node's test runner.
 
-This starts SOAKP and the fake upstream (with its Realtime route), runs tests/node/soakp_client.test.mjs
-with `node --test` against them, and then checks from the upstream's side what the module did: every
-request carried the OpenAI key, never a token, and the WebSocket offered the key in place of the token.
+This starts SOAKP and the fake upstream (with its Realtime route), runs
+tests/node/soakp_client.test.mjs with `node --test` against them, and then checks from the
+upstream's side what the module did: every request carried the OpenAI key, never a token, and the
+WebSocket offered the key in place of the token.
 The module in a browser is tested through examples/browser/ (tests/test_browser_demo.py).
 
 Needs node (20 or newer) and the `openai` npm package, which examples/browser/demo.py installs into
@@ -53,19 +54,24 @@ def test_companion_module_under_node(
     realtime = FakeRealtime().install(fake_upstream)
     soakp_process = soakp_launcher.start()
     key = secrets_registry.new_key()
-    env = {**os.environ, "TEST_SOAKP_URL": soakp_process.url, "TEST_SOAKP_ADMIN": ":".join(soakp_process.admin),
-           "TEST_OPENAI_KEY": key, "TEST_OPENAI_SDK": str(openai_sdk())}
+    env = {**os.environ, "TEST_SOAKP_URL": soakp_process.url,
+           "TEST_SOAKP_ADMIN": ":".join(soakp_process.admin), "TEST_OPENAI_KEY": key,
+           "TEST_OPENAI_SDK": str(openai_sdk())}
+    # Node 20 has a global WebSocket only with --experimental-websocket (22 has it without).
+    command = [node, "--experimental-websocket", "--test", "--test-reporter=tap", str(NODE_TESTS)]
     try:
-        result = subprocess.run([node, "--experimental-websocket", "--test", "--test-reporter=tap", str(NODE_TESTS)],
-                                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                timeout=NODE_TIMEOUT_S)
+        result = subprocess.run(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=NODE_TIMEOUT_S)
     finally:
         soakp_process.stop()
     report = result.stdout + result.stderr
     assert result.returncode == 0, report[-6000:]
-    counts = dict(re.findall(r"^# (tests|pass|fail|skipped|todo|cancelled) (\d+)$", result.stdout, re.MULTILINE))
-    assert counts == {"tests": str(NODE_TESTS_EXPECTED), "pass": str(NODE_TESTS_EXPECTED), "fail": "0",
-                      "skipped": "0", "todo": "0", "cancelled": "0"}, report[-6000:]
+    summary = re.findall(r"^# (tests|pass|fail|skipped|todo|cancelled) (\d+)$", result.stdout,
+                         re.MULTILINE)
+    expected = NODE_TESTS_EXPECTED
+    assert {name: int(n) for name, n in summary} == {
+        "tests": expected, "pass": expected, "fail": 0, "skipped": 0, "todo": 0, "cancelled": 0,
+    }, report[-6000:]
 
     # What reached the upstream: the key, never a token, on every request and on the WebSocket.
     chats = [r for r in fake_upstream.requests if r.target == "/v1/chat/completions"]

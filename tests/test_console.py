@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import openai
 import pytest
+from conftest import basic_auth
 from devtools import DESKTOP, PHONE, DevTools, chromium
 from fake_upstream import FakeUpstream, json_reply
 
@@ -33,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "build" / "test-artifacts"
 DOCS_SCREENSHOT = ROOT / "docs" / "console.png"
 LIVE_S = 12.0  # the page polls every 5 s: two polls and some slack
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+       "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 XSS_SUB = '<img src=x onerror="window.__pwned=1">'
 
 # Every CSP violation the page meets, recorded from before its first script runs. DevTools' own
@@ -49,7 +50,8 @@ ROW_FACTS = """((sub) => {
   const row = [...document.querySelectorAll("#chains-body tr")]
     .find((tr) => tr.querySelector(".who")?.textContent === sub);
   if (!row) return null;
-  const facts = Object.fromEntries([...row.cells].map((td) => [td.dataset.col, td.textContent.trim()]));
+  const facts = Object.fromEntries(
+    [...row.cells].map((td) => [td.dataset.col, td.textContent.trim()]));
   facts.id = row.dataset.id;
   facts.meter = row.querySelector("meter")?.value ?? null;
   facts.chips = [...row.querySelectorAll(".chip")].map((chip) => chip.textContent);
@@ -57,7 +59,7 @@ ROW_FACTS = """((sub) => {
 })"""
 
 
-# Helpers ####################################################################################################
+# Helpers ##########################################################################################
 
 
 def open_console(page: DevTools, soakp_process: SoakpProcess) -> list[str]:
@@ -79,10 +81,11 @@ def row_facts(page: DevTools, sub: str) -> dict[str, Any] | None:
     return page.evaluate(f"{ROW_FACTS}({json.dumps(sub)})")
 
 
-def wait_for_row(page: DevTools, sub: str, condition: str = "true", timeout_s: float = LIVE_S) -> dict[str, Any]:
+def wait_for_row(page: DevTools, sub: str, condition: str = "true",
+                 timeout_s: float = LIVE_S) -> dict[str, Any]:
     """Wait until the row of `sub` exists and `condition` (JavaScript over `facts`) holds."""
-    page.wait_for(f"(() => {{ const facts = {ROW_FACTS}({json.dumps(sub)}); return facts && ({condition}); }})()",
-                  timeout_s)
+    page.wait_for(f"(() => {{ const facts = {ROW_FACTS}({json.dumps(sub)}); "
+                  f"return facts && ({condition}); }})()", timeout_s)
     facts = row_facts(page, sub)
     assert facts is not None
     return facts
@@ -95,21 +98,26 @@ def click(page: DevTools, selector: str) -> None:
 def fill_mint_form(page: DevTools, fields: dict[str, str]) -> None:
     page.evaluate(f"""(() => {{
       const form = document.getElementById("mint-form");
-      for (const [name, value] of Object.entries({json.dumps(fields)})) form.elements[name].value = value;
+      for (const [name, value] of Object.entries({json.dumps(fields)})) {{
+        form.elements[name].value = value;
+      }}
     }})()""")
 
 
 def press(page: DevTools, key: str, code: int, text: str = "") -> None:
     """One key press, as the keyboard sends it."""
     for kind in ("keyDown", "keyUp"):
-        page.call("Input.dispatchKeyEvent", type=kind, key=key, code=key, windowsVirtualKeyCode=code,
-                  nativeVirtualKeyCode=code, **({"text": text} if text and kind == "keyDown" else {}))
+        typed = {"text": text} if text and kind == "keyDown" else {}
+        page.call("Input.dispatchKeyEvent", type=kind, key=key, code=key,
+                  windowsVirtualKeyCode=code, nativeVirtualKeyCode=code, **typed)
+
+
+def login(soakp_process: SoakpProcess) -> list[tuple[str, str]]:
+    return [("Authorization", basic_auth(*soakp_process.admin))]
 
 
 def admin_rows(soakp_process: SoakpProcess) -> list[dict[str, Any]]:
-    from conftest import basic_auth
-
-    response = soakp_process.request("GET", "/jwt", headers=[("Authorization", basic_auth(*soakp_process.admin))])
+    response = soakp_process.request("GET", "/jwt", headers=login(soakp_process))
     assert response.status == 200
     return response.json()["data"]
 
@@ -119,7 +127,7 @@ def chat(soakp_process: SoakpProcess, token: str) -> Any:
         model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
 
 
-# Fixtures ###################################################################################################
+# Fixtures #########################################################################################
 
 
 @pytest.fixture(scope="module")
@@ -135,49 +143,54 @@ def page() -> Iterator[DevTools]:
         yield devtools
 
 
-# The page over HTTP #########################################################################################
+# The page over HTTP ###############################################################################
 
 
-def test_console_is_behind_the_admin_login_and_sent_with_a_strict_policy(console_soakp: SoakpProcess) -> None:
-    from conftest import basic_auth
-
-    login = [("Authorization", basic_auth(*console_soakp.admin))]
-    wrong = console_soakp.request("GET", "/admin", headers=[("Authorization", basic_auth("admin", "wrong"))])
+def test_console_is_behind_the_admin_login_and_sent_with_a_strict_policy(
+    console_soakp: SoakpProcess,
+) -> None:
+    wrong = console_soakp.request("GET", "/admin",
+                                  headers=[("Authorization", basic_auth("admin", "wrong"))])
     assert wrong.status == 401 and wrong.header("www-authenticate").startswith("Basic realm=")
     for path, (content_type, body) in soakp.CONSOLE_ASSETS.items():
-        refused = console_soakp.request("GET", path)  # a failed login each: the next success forgets it
-        assert refused.status == 401 and refused.header("www-authenticate").startswith("Basic realm=")
+        refused = console_soakp.request("GET", path)  # a failed login: the next success forgets it
+        assert refused.status == 401 and refused.header("www-authenticate").startswith("Basic ")
         assert refused.body.startswith(b'{"error":')
-        response = console_soakp.request("GET", path, headers=login)
-        assert (response.status, response.header("content-type"), response.body) == (200, content_type, body)
+        response = console_soakp.request("GET", path, headers=login(console_soakp))
+        assert response.status == 200 and response.body == body
+        assert response.header("content-type") == content_type
         assert response.header("content-security-policy") == CSP
         assert response.header("x-content-type-options") == "nosniff"
         assert response.header("cache-control") == "no-store"
         assert response.header("referrer-policy") == "no-referrer"
-        assert console_soakp.request("POST", path, headers=login).status == 405
+        assert console_soakp.request("POST", path, headers=login(console_soakp)).status == 405
     # A minted token must not sit in a cache either: every admin answer carries the same headers.
-    listed = console_soakp.request("GET", "/jwt", headers=login)
-    assert listed.header("cache-control") == "no-store" and listed.header("content-security-policy") == CSP
+    listed = console_soakp.request("GET", "/jwt", headers=login(console_soakp))
+    assert listed.header("cache-control") == "no-store"
+    assert listed.header("content-security-policy") == CSP
 
 
 def test_console_page_loads_nothing_from_elsewhere_and_writes_no_markup() -> None:
-    """The page's references are its own assets; the script reaches the admin endpoints and nothing else,
-    and has no way to turn data into markup or to keep anything in the browser's storage."""
+    """The page's references are its own assets; the script reaches the admin endpoints and
+    nothing else, and has no way to turn data into markup or to keep anything in the browser."""
     references = re.findall(r'(?:src|href)="([^"]*)"', soakp.CONSOLE_HTML)
-    assert sorted(references) == ["#chains-title", "/admin/console.css", "/admin/console.js", "/admin/icon.svg"]
+    assert sorted(references) == ["#chains-title", "/admin/console.css", "/admin/console.js",
+                                  "/admin/icon.svg"]
     script = soakp.CONSOLE_JS
     assert script.count("fetch(") == 1  # in api(), the one way out
-    assert set(re.findall(r'api\("([^"]+)"', script)) == {"/jwt", "/metrics", "/jwt/generate", "/jwt/revoke"}
-    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "Function(",
-                 "localStorage", "sessionStorage", "indexedDB", "document.cookie"):
+    assert set(re.findall(r'api\("([^"]+)"', script)) == {"/jwt", "/metrics", "/jwt/generate",
+                                                          "/jwt/revoke"}
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
+                 "Function(", "localStorage", "sessionStorage", "indexedDB", "document.cookie"):
         assert sink not in script, sink
 
 
-# The page in a browser ######################################################################################
+# The page in a browser ############################################################################
 
 
 def test_console_mints_lists_meters_and_revokes_a_token(
-    console_soakp: SoakpProcess, page: DevTools, fake_upstream: FakeUpstream, secrets_registry: SecretsRegistry,
+    console_soakp: SoakpProcess, page: DevTools, fake_upstream: FakeUpstream,
+    secrets_registry: SecretsRegistry,
 ) -> None:
     prompted = open_console(page, console_soakp)
     key = secrets_registry.new_key()
@@ -192,7 +205,8 @@ def test_console_mints_lists_meters_and_revokes_a_token(
     page.wait_for("document.getElementById('token-dialog').open")
     token = secrets_registry.add(page.evaluate("document.getElementById('token-value').value"))
     assert token.count(".") == 2
-    assert page.evaluate("document.getElementById('mint-form').elements.key.value") == ""  # the key is gone
+    # The key left the page with the form.
+    assert page.evaluate("document.getElementById('mint-form').elements.key.value") == ""
     click(page, "#token-copy")
     page.wait_for("document.getElementById('token-copy').textContent === 'Copied ✓'")
     click(page, "#token-done")
@@ -212,7 +226,7 @@ def test_console_mints_lists_meters_and_revokes_a_token(
     else:
         assert (facts["chips"], facts["limits"]) == ([], "–")
 
-    # 3. Use it through SOAKP; the usage the upstream reported, and the live figures, appear unasked.
+    # 3. Use it through SOAKP: the usage the upstream reported and the live figures appear unasked.
     reply = chat(console_soakp, token)
     assert reply.usage.prompt_tokens == 9 and reply.usage.completion_tokens == 3
     (forwarded,) = fake_upstream.requests
@@ -234,7 +248,7 @@ def test_console_mints_lists_meters_and_revokes_a_token(
     click(page, revoke_button)
     assert page.evaluate("document.getElementById('revoke-dialog').open")
     assert XSS_SUB in page.evaluate("document.getElementById('revoke-text').textContent")
-    assert page.evaluate("document.activeElement.id") == "revoke-cancel"  # the safe choice has the focus
+    assert page.evaluate("document.activeElement.id") == "revoke-cancel"  # the safe choice
     click(page, "#revoke-cancel")
     assert row_facts(page, XSS_SUB)["status"] == "active"
     assert chat(console_soakp, token).usage.total_tokens == 12
@@ -245,7 +259,8 @@ def test_console_mints_lists_meters_and_revokes_a_token(
     with pytest.raises(openai.AuthenticationError):
         chat(console_soakp, token)
     assert len(fake_upstream.requests) == 2
-    assert [r["revoked_at"] is not None for r in admin_rows(console_soakp) if r["sub"] == XSS_SUB] == [True]
+    (row,) = [r for r in admin_rows(console_soakp) if r["sub"] == XSS_SUB]
+    assert row["revoked_at"] is not None
 
     # One login prompt, for the page: /jwt and /metrics got the same login without asking again.
     assert prompted == [console_soakp.url + "/admin"]
@@ -299,7 +314,8 @@ def test_console_works_from_the_keyboard(console_soakp: SoakpProcess, page: DevT
     # A column heading is a button: Enter on it sorts.
     page.evaluate("document.querySelector('button[data-sort=requests]').focus()")
     press(page, "Enter", 13, "\r")
-    assert page.evaluate("document.querySelector('th[aria-sort]').textContent").startswith("Requests")
+    sorted_by = page.evaluate("document.querySelector('th[aria-sort]').textContent")
+    assert sorted_by.startswith("Requests")
     assert page.evaluate("document.activeElement.dataset.sort") == "requests"
     assert_no_problems(page)
 
@@ -317,12 +333,13 @@ def test_a_csp_violation_would_be_seen(console_soakp: SoakpProcess, page: DevToo
     assert any("Content Security Policy" in problem for problem in page.problems())
 
 
-# Screenshots ################################################################################################
+# Screenshots ######################################################################################
 
 
 def usage_reply(prompt: int, completion: int) -> Any:
     return json_reply({
-        "id": "chatcmpl-shot", "object": "chat.completion", "created": int(time.time()), "model": "gpt-4o-mini",
+        "id": "chatcmpl-shot", "object": "chat.completion", "created": int(time.time()),
+        "model": "gpt-4o-mini",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok", "refusal": None},
                      "logprobs": None, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
@@ -333,24 +350,24 @@ def usage_reply(prompt: int, completion: int) -> Any:
 def test_console_screenshots_at_desktop_and_phone_width(
     soakp: Any, page: DevTools, fake_upstream: FakeUpstream,
 ) -> None:
-    """A console with a few chains in different states, at 1440 px and at a phone's 390 px: written to
-    build/test-artifacts/ and docs/console.png. At phone width nothing scrolls sideways."""
+    """A console with a few chains in different states, at 1440 px and at a phone's 390 px:
+    written to build/test-artifacts/ and docs/console.png. At phone width nothing scrolls
+    sideways."""
     process = soakp()
     chats = ["/v1/chat/completions"]
-    ios = process.mint_data(sub="mobile-app/ios", paths=[*chats, "/v1/responses*"], models=["gpt-4o-mini"],
-                            rpm=60, max_tokens_total=200_000, ttl="30d")
-    web = process.mint_data(sub="web-checkout", paths=chats, origins=["https://shop.example"], rpm=20,
-                            max_tokens_total=50_000, ttl="12h")
-    evals = process.mint_data(sub="nightly-evals", paths=["/v1/*"], max_tokens_total=1_000_000, ttl="7d")
+    ios = process.mint_data(sub="mobile-app/ios", paths=[*chats, "/v1/responses*"],
+                            models=["gpt-4o-mini"], rpm=60, max_tokens_total=200_000, ttl="30d")
+    web = process.mint_data(sub="web-checkout", paths=chats, origins=["https://shop.example"],
+                            rpm=20, max_tokens_total=50_000, ttl="12h")
+    evals = process.mint_data(sub="nightly-evals", paths=["/v1/*"], max_tokens_total=1_000_000,
+                              ttl="7d")
     process.mint_data(sub="ci-smoke", ttl=1)
     leaked = process.mint_data(sub="laptop (lost)", ttl="90d")
-    from conftest import basic_auth
-
-    revoked = process.request("POST", "/jwt/revoke", body=json.dumps({"jti": leaked.jti}).encode(), headers=[
-        ("Authorization", basic_auth(*process.admin)), ("Content-Type", "application/json")])
+    revoked = process.request("POST", "/jwt/revoke", body=json.dumps({"jti": leaked.jti}).encode(),
+                              headers=[*login(process), ("Content-Type", "application/json")])
     assert revoked.status == 200
     open_console(page, process)
-    # Traffic while the page watches, over two of its polls, so that the live figures have something.
+    # Traffic while the page watches, over two of its polls, so the live figures have something.
     for minted, (prompt, completion), times in ((ios, (1800, 950), 6), (web, (14_000, 22_500), 1),
                                                 (evals, (120_000, 64_000), 2)):
         for _ in range(times):
@@ -362,7 +379,8 @@ def test_console_screenshots_at_desktop_and_phone_width(
     wait_for_row(page, "nightly-evals", "facts.requests === '2'")
     wait_for_row(page, "ci-smoke", "facts.status === 'expired'")
     page.wait_for("document.getElementById('fig-ttfb').textContent.endsWith(' ms')", LIVE_S)
-    page.wait_for("!!document.querySelector('#fig-spark svg')", 2 * LIVE_S)  # three polls since the page opened
+    # The sparkline appears with the third poll since the page opened.
+    page.wait_for("!!document.querySelector('#fig-spark svg')", 2 * LIVE_S)
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     desktop = page.screenshot(ARTIFACTS / "console-desktop.png", DESKTOP, full_page=False)

@@ -79,7 +79,9 @@ test("refreshes at SOAKP before the token expires, and the SDK uses the fresh to
     assert.ok(session.expiresAt > 0 && session.lastError === null);
     assert.equal(await chat(session, "after"), "echo: after");
     // The token it replaced no longer works: SOAKP revoked it when it handed out the new one.
-    const stale = await fetch(`${SOAKP}/v1/models`, { headers: { Authorization: `Bearer ${first}` } });
+    const stale = await fetch(`${SOAKP}/v1/models`, {
+      headers: { Authorization: `Bearer ${first}` },
+    });
     assert.equal(stale.status, 401);
     assert.deepEqual(calls.seen, [["/v1/chat/completions", 200], ["/jwt/refresh", 201],
       ["/v1/chat/completions", 200]]);
@@ -108,7 +110,7 @@ test("on a 401 for an expired token, gets a new token and retries once", async (
   t.mock.method(Date, "now", () => frozen);
   await sleep(2100);
   assert.equal(await chat(session, "retried"), "echo: retried");
-  assert.equal(minted.length, 2, "an expired token cannot be refreshed: the backend gave a new one");
+  assert.equal(minted.length, 2, "an expired token cannot be refreshed: a new one came instead");
   assert.deepEqual(calls.seen, [["/v1/chat/completions", 401], ["/v1/chat/completions", 200]]);
 });
 
