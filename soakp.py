@@ -3860,7 +3860,7 @@ th .arrow { font-size: .7rem; min-width: .7rem; }
 td time, .token { display: flex; flex-direction: column; }
 td time small, .budget-bar small, .id, td small.errors { color: var(--muted); font-size: .78rem; }
 td small.errors { display: block; color: var(--danger); }
-td time span { white-space: nowrap; }
+td time span, td time small { white-space: nowrap; }
 td.c-sub { min-width: 10rem; max-width: 18rem; }
 .who { font-weight: 600; overflow-wrap: anywhere; }
 .id { font-family: ui-monospace, Menlo, Consolas, monospace; white-space: nowrap; }
@@ -4099,9 +4099,8 @@ function sparkline(values) {
   svg.setAttribute("aria-hidden", "true");
   svg.setAttribute("class", "spark");
   const top = Math.max(...values, 0.001);
-  const step = 100 / (SPARK_POINTS - 1);
-  const offset = SPARK_POINTS - values.length;
-  const points = values.map((v, i) => `${((offset + i) * step).toFixed(1)},${(22 - (20 * v) / top)
+  const step = 100 / Math.max(1, values.length - 1);
+  const points = values.map((v, i) => `${(i * step).toFixed(1)},${(22 - (20 * v) / top)
     .toFixed(1)}`);
   const line = document.createElementNS(ns, "polyline");
   line.setAttribute("points", points.join(" "));
