@@ -7,7 +7,7 @@ Read top to bottom, in the order a request flows; search "# 4." to jump to a sec
                                                                    ChunkedDecoder, MultipartModelScanner
  5 Forwarding     Watchdog, UpstreamPool, UsageMeter, forward(), tunnel_websocket()
  6 TLS            server_ssl_context(), CertReloader, write_selfsigned()
- 7 Server         ServerState, handle_connection(), error_response(), serve()
+ 7 Server         ServerState, handle_connection(), error_response(), serve(), the /admin console
  8 CLI            main()
 """
 
@@ -3768,7 +3768,7 @@ CONSOLE_CSS = r""":root {
   --bg: #f4f5f7; --panel: #fff; --text: #1b1f24; --muted: #5d6670; --line: #dde1e6;
   --accent: #0b6e69; --accent-text: #fff; --danger: #b42318; --chip: #eef1f4;
   --ok-bg: #dcf4e6; --ok: #116b3a; --off-bg: #eceef1; --off: #4f5863; --bad-bg: #fde4e1;
-  --bar: #14191f; --bar-text: #f2f4f6; --focus: #2f6fed;
+  --bar: #14191f; --bar-text: #f2f4f6; --focus: #2f6fed; --on-danger: #fff;
   font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
 }
 @media (prefers-color-scheme: dark) {
@@ -3776,7 +3776,7 @@ CONSOLE_CSS = r""":root {
     --bg: #111418; --panel: #1a1f25; --text: #e6e9ed; --muted: #9aa4ae; --line: #2c333b;
     --accent: #3fb8ae; --accent-text: #06201e; --danger: #f0776c; --chip: #242b33;
     --ok-bg: #17382a; --ok: #7fdca8; --off-bg: #262c33; --off: #aab3bc; --bad-bg: #432020;
-    --bar: #0b0e11; --focus: #7aa5ff;
+    --bar: #0b0e11; --focus: #7aa5ff; --on-danger: #2a0a08;
   }
 }
 * { box-sizing: border-box; }
@@ -3844,7 +3844,7 @@ button.primary { background: var(--accent); border-color: var(--accent); color: 
   font-weight: 600; }
 button.danger { color: var(--danger); border-color: currentColor; background: transparent; }
 button.small { padding: .2rem .6rem; font-size: .85rem; }
-#revoke-confirm { background: var(--danger); color: #fff; border-color: var(--danger);
+#revoke-confirm { background: var(--danger); color: var(--on-danger); border-color: var(--danger);
   font-weight: 600; }
 
 .table-wrap { overflow-x: auto; }
@@ -3941,6 +3941,7 @@ CONSOLE_JS = r"""// SOAKP's operator console.
 const POLL_MS = 5000;
 const WINDOW_S = 60; // error rate, time to first byte and new upstream errors: over the last minute
 const SPARK_POINTS = 24;
+const MAX_ROWS = 500; // rebuilt every poll: more would make a busy server's page sluggish
 const $ = (id) => document.getElementById(id);
 const numbers = new Intl.NumberFormat();
 
@@ -4320,7 +4321,7 @@ function renderChains() {
      order(rowId(a), rowId(b))) * (sortAscending ? 1 : -1));
   // Keep keyboard focus on the same control across a re-render.
   const focused = document.activeElement?.dataset?.id;
-  const rows = shown.map((row) => el("tr", { dataset: { id: rowId(row) } },
+  const rows = shown.slice(0, MAX_ROWS).map((row) => el("tr", { dataset: { id: rowId(row) } },
     COLUMNS.map(([key, label, , numeric]) => el("td", {
       class: numeric ? `c-${key} num` : `c-${key}`, "data-label": label, dataset: { col: key },
     }, cell(key, row, now)))));
@@ -4328,8 +4329,12 @@ function renderChains() {
   if (focused) $("chains-body").querySelector(`button[data-id="${CSS.escape(focused)}"]`)?.focus();
   $("empty").hidden = shown.length > 0;
   const total = chains.length;
-  $("count").replaceChildren(shown.length === total ? `${numbers.format(total)} chains` :
-    `${numbers.format(shown.length)} of ${numbers.format(total)} chains`);
+  let count = shown.length === total ? `${numbers.format(total)} chains` :
+    `${numbers.format(shown.length)} of ${numbers.format(total)} chains`;
+  if (shown.length > MAX_ROWS) {
+    count += `, the first ${numbers.format(MAX_ROWS)} shown: filter for the others`;
+  }
+  $("count").replaceChildren(count);
 }
 
 function setSort(key, ascending) {
