@@ -67,13 +67,14 @@ async function chat(session, text) {
 }
 
 test("refreshes at SOAKP before the token expires, and the SDK uses the fresh token", async () => {
-  const { getToken, minted } = backend([3]);
+  const { getToken, minted } = backend([6]);
   const calls = recordingFetch();
   const session = await SoakpSession.start({ url: SOAKP, getToken, fetch: calls.fetch });
   try {
     const first = session.current;
     assert.equal(await chat(session, "before"), "echo: before");
-    await waitFor(() => session.refreshes === 1, 4000, "a refresh at 80% of 3 s less 1 s");
+    // Due at 80% of (6 s less 1 s): 4 s after it came, at least 1 s before it expires.
+    await waitFor(() => session.refreshes === 1, 8000, "a refresh at 4 s");
     assert.notEqual(session.current, first);
     assert.equal(minted.length, 1, "the backend was asked once: SOAKP did the refresh");
     assert.ok(session.expiresAt > 0 && session.lastError === null);
@@ -91,10 +92,10 @@ test("refreshes at SOAKP before the token expires, and the SDK uses the fresh to
 });
 
 test("a page whose timers did not run refreshes when it next asks for the token", async (t) => {
-  const { getToken } = backend([4]);
+  const { getToken } = backend([6]);
   const session = await SoakpSession.start({ url: SOAKP, getToken, autoRefresh: false });
   const first = session.current;
-  await sleep(2500); // past the refresh time (80% of 4 s less 1 s), at least 0.5 s before expiry
+  await sleep(4200); // past the refresh time (4 s), at least 0.8 s before it expires
   assert.equal(await chat(session, "late"), "echo: late");
   assert.notEqual(session.current, first);
   assert.equal(session.refreshes, 1);
