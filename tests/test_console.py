@@ -74,6 +74,21 @@ def open_console(page: DevTools, soakp_process: SoakpProcess) -> list[str]:
     return prompted
 
 
+def requests_sent(page: DevTools) -> list[dict[str, Any]]:
+    """What the page sent, as Chromium's network stack put it on the wire (Network domain): method,
+    URL, headers and body of each request."""
+    with page.lock:
+        events = list(page.events)
+    sent = {e["params"]["requestId"]: dict(e["params"]["request"]) for e in events
+            if e["method"] == "Network.requestWillBeSent"}
+    for event in events:
+        if event["method"] == "Network.requestWillBeSentExtraInfo":
+            request = sent.get(event["params"]["requestId"])
+            if request is not None:
+                request["headers"] = event["params"]["headers"]  # with Origin, Authorization, ...
+    return list(sent.values())
+
+
 def assert_no_problems(page: DevTools) -> None:
     assert page.evaluate("window.__violations") == []
     assert page.problems() == []
@@ -194,6 +209,7 @@ def test_console_mints_lists_meters_and_revokes_a_token(
     console_soakp: SoakpProcess, page: DevTools, fake_upstream: FakeUpstream,
     secrets_registry: SecretsRegistry,
 ) -> None:
+    page.call("Network.enable")
     prompted = open_console(page, console_soakp)
     key = secrets_registry.new_key()
 
@@ -266,6 +282,21 @@ def test_console_mints_lists_meters_and_revokes_a_token(
 
     # One login prompt, for the page: /jwt and /metrics got the same login without asking again.
     assert prompted == [console_soakp.url + "/admin"]
+    # The page talked to the admin endpoints only, and sent the key to /jwt/generate only. Its POSTs
+    # are JSON and carry its own origin; no request names the page it came from.
+    sent = requests_sent(page)
+    admin_paths = {*soakp.CONSOLE_ASSETS, "/jwt", "/metrics", "/jwt/generate", "/jwt/revoke"}
+    assert {r["url"].removeprefix(console_soakp.url) for r in sent} == admin_paths
+    assert [r["url"] for r in sent if key in r.get("postData", "")] == [
+        console_soakp.url + "/jwt/generate"]
+    posts = [r for r in sent if r["method"] == "POST"]
+    assert len(posts) == 2
+    for post in posts:
+        headers = {name.lower(): value for name, value in post["headers"].items()}
+        assert headers["content-type"] == "application/json"
+        assert headers["origin"] == console_soakp.url
+        assert headers["authorization"].startswith("Basic ")
+    assert not any("referer" in {n.lower() for n in r["headers"]} for r in sent)
     assert_no_problems(page)
 
 
