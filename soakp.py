@@ -7,7 +7,7 @@ Read top to bottom, in the order a request flows; search "# 4." to jump to a sec
                                                                    ChunkedDecoder, MultipartModelScanner
  5 Forwarding     Watchdog, UpstreamPool, UsageMeter, forward(), tunnel_websocket()
  6 TLS            server_ssl_context(), CertReloader, write_selfsigned()
- 7 Server         ServerState, handle_connection(), error_response(), serve()
+ 7 Server         ServerState, handle_connection(), error_response(), serve(), the /admin console
  8 CLI            main()
 """
 
@@ -3569,6 +3569,10 @@ async def handle_admin(
     """The admin endpoints, behind HTTP Basic. Returns (status, body, content type)."""
     check_admin(state, head, peer, time.monotonic())
     config = state.config
+    if head.path in CONSOLE_ASSETS:
+        exchange.body_consumed = head.body_kind == "none"
+        content_type, asset = CONSOLE_ASSETS[head.path]
+        return 200, asset, content_type
     if head.path in ("/jwt/generate", "/get-jwt"):
         fields = await read_json_body(reader, head, config, exchange)
         minted = await issue_token(state, parse_grant(fields, config.token_ttl_s, config.max_token_ttl_s))
@@ -3672,7 +3676,21 @@ def metric_route(upstream_path: str) -> str:
     return "/v1/" + resource if resource in METRIC_RESOURCES else "/v1/other"
 
 
-ADMIN_ROUTES = {"/jwt/generate": "POST", "/get-jwt": "POST", "/jwt/revoke": "POST", "/jwt": "GET", "/metrics": "GET"}
+ADMIN_ROUTES = {"/jwt/generate": "POST", "/get-jwt": "POST", "/jwt/revoke": "POST", "/jwt": "GET",
+                "/metrics": "GET",
+                # the console's page and assets, CONSOLE_ASSETS
+                "/admin": "GET", "/admin/console.js": "GET", "/admin/console.css": "GET",
+                "/admin/icon.svg": "GET"}
+# On every admin answer: the console's page may run only its own script and style and talk only to
+# its own origin (the admin endpoints), nothing may frame it, and neither it nor a token is cached.
+ADMIN_RESPONSE_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; "
+                                "connect-src 'self'; img-src 'self'; base-uri 'none'; "
+                                "form-action 'none'; frame-ancestors 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+    ("Referrer-Policy", "no-referrer"),
+)
 
 
 def allowed_cors_origin(state: ServerState, head: RequestHead) -> str | None:
@@ -3858,7 +3876,10 @@ async def handle_request(
         raise not_found(path)
     keep_alive = head.keep_alive and (exchange.body_consumed or head.body_kind == "none")
     exchange.status = status
-    response = plain_response(status, body, content_type, keep_alive, exchange.cors)
+    extra_headers = exchange.cors
+    if path in ADMIN_ROUTES:
+        extra_headers = (*exchange.cors, *ADMIN_RESPONSE_HEADERS)
+    response = plain_response(status, body, content_type, keep_alive, extra_headers)
     await write_client(writer, response[:len(response) - len(body)] if head.method == "HEAD" else response)
     exchange.bytes_out = len(response)
     return keep_alive
@@ -4344,6 +4365,938 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
             server.close()
     log.info("stopped")
     return 0
+
+
+# The operator console at /admin: one page, its script, style and icon, served by handle_admin()
+# behind the admin login, with ADMIN_RESPONSE_HEADERS. Plain HTML, CSS and JavaScript: no build
+# step, no external asset, nothing but this file to ship. The script uses the admin endpoints only
+# and turns server data into text nodes, never markup: a token's sub is whatever its minter chose.
+# (Each constant is a raw string so the JavaScript's backslashes stay as written.)
+
+CONSOLE_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>SOAKP console</title>
+<link rel="icon" href="/admin/icon.svg" type="image/svg+xml">
+<link rel="stylesheet" href="/admin/console.css">
+<script type="module" src="/admin/console.js"></script>
+</head>
+<body>
+<a class="skip" href="#chains-title">Skip to the token chains</a>
+<header class="topbar">
+  <h1>SOAKP <span>console</span></h1>
+  <p id="live-status" class="live-status" role="status" aria-live="polite">Loading…</p>
+</header>
+<main>
+  <section class="live" aria-labelledby="live-title">
+    <h2 id="live-title" class="visually-hidden">Live figures</h2>
+    <dl class="figures">
+      <div class="figure"><dt>Requests/s</dt><dd id="fig-rps">–</dd>
+        <dd class="figure-note">proxied, last 5 s</dd>
+        <dd class="figure-spark" id="fig-spark"></dd></div>
+      <div class="figure"><dt>Error rate</dt><dd id="fig-errors">–</dd>
+        <dd class="figure-note" id="fig-errors-note">last minute</dd></div>
+      <div class="figure"><dt>Open streams</dt><dd id="fig-streams">–</dd>
+        <dd class="figure-note">responses streaming now</dd></div>
+      <div class="figure"><dt>Upstream errors</dt><dd id="fig-upstream">–</dd>
+        <dd class="figure-note" id="fig-upstream-note">since start</dd></div>
+      <div class="figure"><dt>Time to first byte</dt><dd id="fig-ttfb">–</dd>
+        <dd class="figure-note" id="fig-ttfb-note">median, last minute</dd></div>
+    </dl>
+  </section>
+
+  <section class="chains" aria-labelledby="chains-title">
+    <div class="section-head">
+      <h2 id="chains-title" tabindex="-1">Token chains</h2>
+      <button type="button" id="mint-open" class="primary">Mint a token</button>
+    </div>
+    <form id="filters" class="filters" role="search">
+      <label>Filter
+        <input id="filter-text" type="search" placeholder="sub, id, path, model, origin"
+               autocomplete="off" spellcheck="false"></label>
+      <label>Status
+        <select id="filter-status">
+          <option value="all">All</option>
+          <option value="active">Active</option>
+          <option value="expired">Expired</option>
+          <option value="revoked">Revoked</option>
+        </select></label>
+      <label>Sort by
+        <select id="sort-key"></select></label>
+      <button type="button" id="sort-dir" aria-label="Sort direction">↓ newest first</button>
+      <p id="count" class="count" aria-live="polite"></p>
+    </form>
+    <div class="table-wrap">
+      <table id="chains">
+        <thead><tr id="chains-head"></tr></thead>
+        <tbody id="chains-body"></tbody>
+      </table>
+    </div>
+    <p id="empty" class="empty" hidden>No token chain matches.</p>
+  </section>
+</main>
+
+<dialog id="mint-dialog" aria-labelledby="mint-title">
+  <form id="mint-form" class="mint" novalidate>
+    <h2 id="mint-title">Mint a token</h2>
+    <p class="hint">The key goes to SOAKP's <code>/jwt/generate</code> only and is sealed into the
+      token; this page keeps no copy. Empty fields are left out: no limit, or the server's
+      default.</p>
+    <div class="fields">
+      <label class="wide"><span>OpenAI key <span class="required">(required)</span></span>
+        <input name="key" type="password" required autocomplete="off" spellcheck="false"></label>
+      <label>Label (sub)
+        <input name="sub" autocomplete="off" placeholder="default"></label>
+      <label>Lifetime (ttl)
+        <input name="ttl" autocomplete="off" placeholder="server default, e.g. 12h"></label>
+      <label>Renewable until (renew_ttl)
+        <input name="renew_ttl" autocomplete="off" placeholder="e.g. 30d"></label>
+      <label>Delegation depth (delegate)
+        <input name="delegate" inputmode="numeric" autocomplete="off" placeholder="0"></label>
+      <label class="wide">Paths
+        <textarea name="paths" rows="2" spellcheck="false"
+                  placeholder="/v1/chat/completions&#10;/v1/responses*"></textarea>
+        <small>One per line or comma-separated; a <code>*</code> at the end matches everything
+          below.</small></label>
+      <label>Models
+        <input name="models" autocomplete="off" spellcheck="false"
+               placeholder="gpt-4o-mini, …"></label>
+      <label>Origins
+        <input name="origins" autocomplete="off" spellcheck="false"
+               placeholder="https://app.example"></label>
+      <label>Requests per minute (rpm)
+        <input name="rpm" inputmode="numeric" autocomplete="off"></label>
+      <label>Token budget (max_tokens_total)
+        <input name="max_tokens_total" inputmode="numeric" autocomplete="off"></label>
+      <label>Organization (org)
+        <input name="org" autocomplete="off" spellcheck="false"></label>
+      <label>Project
+        <input name="project" autocomplete="off" spellcheck="false"></label>
+    </div>
+    <p id="mint-error" class="error" role="alert"></p>
+    <div class="actions">
+      <button type="button" id="mint-cancel">Cancel</button>
+      <button type="submit" id="mint-submit" class="primary">Mint</button>
+    </div>
+  </form>
+</dialog>
+
+<dialog id="token-dialog" aria-labelledby="token-title">
+  <div class="mint">
+    <h2 id="token-title">Your new token</h2>
+    <p class="hint">Copy it now: it is shown this once, and neither this page nor SOAKP keeps
+      it.</p>
+    <textarea id="token-value" rows="5" readonly spellcheck="false" aria-label="Token"></textarea>
+    <p id="token-facts" class="hint"></p>
+    <div class="actions">
+      <button type="button" id="token-copy" class="primary">Copy</button>
+      <button type="button" id="token-done">Done</button>
+    </div>
+  </div>
+</dialog>
+
+<dialog id="revoke-dialog" aria-labelledby="revoke-title">
+  <div class="mint">
+    <h2 id="revoke-title">Revoke this chain?</h2>
+    <p id="revoke-text"></p>
+    <p class="hint">Every token of the chain stops working within seconds. This cannot be
+      undone.</p>
+    <p id="revoke-error" class="error" role="alert"></p>
+    <div class="actions">
+      <button type="button" id="revoke-cancel">Cancel</button>
+      <button type="button" id="revoke-confirm" class="danger">Revoke</button>
+    </div>
+  </div>
+</dialog>
+</body>
+</html>
+"""
+
+CONSOLE_CSS = r""":root {
+  color-scheme: light dark;
+  --bg: #f4f5f7; --panel: #fff; --text: #1b1f24; --muted: #5d6670; --line: #dde1e6;
+  --accent: #0b6e69; --accent-text: #fff; --danger: #b42318; --chip: #eef1f4;
+  --ok-bg: #dcf4e6; --ok: #116b3a; --off-bg: #eceef1; --off: #4f5863; --bad-bg: #fde4e1;
+  --bar: #14191f; --bar-text: #f2f4f6; --focus: #2f6fed; --on-danger: #fff;
+  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #111418; --panel: #1a1f25; --text: #e6e9ed; --muted: #9aa4ae; --line: #2c333b;
+    --accent: #3fb8ae; --accent-text: #06201e; --danger: #f0776c; --chip: #242b33;
+    --ok-bg: #17382a; --ok: #7fdca8; --off-bg: #262c33; --off: #aab3bc; --bad-bg: #432020;
+    --bar: #0b0e11; --focus: #7aa5ff; --on-danger: #2a0a08;
+  }
+}
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--text); }
+h1, h2 { margin: 0; line-height: 1.2; }
+h2 { font-size: 1.15rem; }
+code { font: .85em ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; }
+button, input, select, textarea { font: inherit; color: inherit; }
+:focus-visible { outline: 3px solid var(--focus); outline-offset: 2px; }
+.visually-hidden {
+  position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%);
+  white-space: nowrap;
+}
+.skip { position: absolute; left: .5rem; top: -3rem; background: var(--panel); padding: .4rem .7rem;
+  z-index: 2; }
+.skip:focus { top: .5rem; }
+.muted { color: var(--muted); }
+
+.topbar { display: flex; flex-wrap: wrap; align-items: baseline; justify-content: space-between;
+  gap: .25rem 1rem; padding: .8rem 1.5rem; background: var(--bar); color: var(--bar-text); }
+.topbar h1 { font-size: 1.25rem; letter-spacing: .02em; }
+.topbar h1 span { font-weight: 400; opacity: .7; }
+.live-status { margin: 0; font-size: .9rem; opacity: .85; }
+.live-status::before { content: ""; display: inline-block; width: .55rem; height: .55rem;
+  border-radius: 50%; background: #3ccf7d; margin-right: .45rem; vertical-align: .05rem; }
+.live-status.error { opacity: 1; color: #ffb4ab; }
+.live-status.error::before { background: #ff6b5e; }
+
+main { padding: 1.25rem 1.5rem 2rem; max-width: 100rem; margin: 0 auto; }
+section + section { margin-top: 1.25rem; }
+
+.figures { display: grid; grid-template-columns: repeat(5, minmax(0, 1fr)); gap: .75rem;
+  margin: 0; }
+.figure { background: var(--panel); border: 1px solid var(--line); border-radius: .6rem;
+  padding: .7rem .9rem; min-width: 0; }
+.figure dt { font-size: .8rem; color: var(--muted); text-transform: uppercase;
+  letter-spacing: .04em; }
+.figure dd { margin: 0; font-size: 1.7rem; font-weight: 600; font-variant-numeric: tabular-nums; }
+.figure dd.figure-note { font-size: .8rem; font-weight: 400; color: var(--muted);
+  min-height: 1.2rem; }
+.figure dd.figure-spark { height: 1.5rem; margin-top: .2rem; }
+.spark { display: block; width: 100%; height: 100%; overflow: visible; }
+.spark polyline { fill: none; stroke: var(--accent); stroke-width: 1.5;
+  vector-effect: non-scaling-stroke; }
+
+.chains { background: var(--panel); border: 1px solid var(--line); border-radius: .6rem;
+  padding: 1rem 1rem .5rem; }
+.section-head { display: flex; justify-content: space-between; align-items: center; gap: 1rem; }
+.filters { display: flex; flex-wrap: wrap; align-items: end; gap: .6rem 1rem;
+  margin: .9rem 0 .6rem; }
+.filters label { display: flex; flex-direction: column; font-size: .8rem; color: var(--muted);
+  gap: .2rem; }
+.filters input { width: 17rem; max-width: 100%; }
+.filters input, .filters select, .mint input, .mint textarea {
+  background: var(--bg); border: 1px solid var(--line); border-radius: .4rem; padding: .4rem .55rem;
+  color: var(--text); font-size: .95rem; }
+.filters select { padding: .4rem .4rem; }
+.count { margin: 0 0 0 auto; color: var(--muted); font-size: .85rem; align-self: center; }
+
+button { border: 1px solid var(--line); background: var(--panel); border-radius: .4rem;
+  padding: .4rem .9rem; cursor: pointer; }
+button:hover { border-color: var(--muted); }
+button:disabled { opacity: .55; cursor: progress; }
+button.primary { background: var(--accent); border-color: var(--accent); color: var(--accent-text);
+  font-weight: 600; }
+button.danger { color: var(--danger); border-color: currentColor; background: transparent; }
+button.small { padding: .2rem .6rem; font-size: .85rem; }
+#revoke-confirm { background: var(--danger); color: var(--on-danger); border-color: var(--danger);
+  font-weight: 600; }
+
+.table-wrap { overflow-x: auto; }
+table { width: 100%; border-collapse: collapse; font-size: .9rem; }
+th { text-align: left; font-size: .78rem; color: var(--muted); font-weight: 600;
+  border-bottom: 2px solid var(--line); padding: .35rem .5rem; white-space: nowrap; }
+th.num, td.num { text-align: right; }
+td { border-bottom: 1px solid var(--line); padding: .55rem .5rem; vertical-align: top; }
+tbody tr:hover { background: color-mix(in srgb, var(--chip) 60%, transparent); }
+th .sort { all: unset; cursor: pointer; display: inline-flex; gap: .25rem; align-items: center; }
+th .sort:focus-visible { outline: 3px solid var(--focus); }
+th .arrow { font-size: .7rem; min-width: .7rem; }
+td time, .token { display: flex; flex-direction: column; }
+td time small, .budget-bar small, .id, td small.errors { color: var(--muted); font-size: .78rem; }
+td small.errors { display: block; color: var(--danger); }
+td time span, td time small { white-space: nowrap; }
+td.c-sub { min-width: 10rem; max-width: 18rem; }
+.who { font-weight: 600; overflow-wrap: anywhere; }
+.id { font-family: ui-monospace, Menlo, Consolas, monospace; white-space: nowrap; }
+td.num { font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.c-limits { min-width: 11rem; max-width: 22rem; }
+.chips { list-style: none; margin: 0; padding: 0; display: flex; flex-wrap: wrap; gap: .25rem; }
+.chip { background: var(--chip); border-radius: .3rem; padding: .05rem .4rem; font-size: .8rem;
+  overflow-wrap: anywhere; }
+.chip b { font-weight: 600; color: var(--muted); }
+.budget-bar { display: flex; flex-direction: column; gap: .15rem; min-width: 7rem; }
+.budget-bar meter { width: 100%; height: .7rem; }
+.badge { display: inline-block; border-radius: 1rem; padding: .05rem .6rem; font-size: .78rem;
+  font-weight: 600; text-transform: capitalize; }
+.badge.active { background: var(--ok-bg); color: var(--ok); }
+.badge.expired { background: var(--off-bg); color: var(--off); }
+.badge.revoked { background: var(--bad-bg); color: var(--danger); }
+.empty { color: var(--muted); padding: 1rem .5rem; margin: 0; }
+
+dialog { border: 1px solid var(--line); border-radius: .7rem; padding: 0; background: var(--panel);
+  color: var(--text); width: min(44rem, calc(100vw - 1.5rem)); max-height: calc(100vh - 1.5rem); }
+dialog::backdrop { background: rgb(10 14 18 / .55); }
+.mint { padding: 1.2rem 1.3rem; display: flex; flex-direction: column; gap: .7rem; }
+.hint { margin: 0; color: var(--muted); font-size: .87rem; }
+.fields { display: grid; grid-template-columns: 1fr 1fr; gap: .7rem 1rem; }
+.fields label { display: flex; flex-direction: column; gap: .25rem; font-size: .85rem;
+  font-weight: 600; }
+.fields .wide { grid-column: 1 / -1; }
+.fields small { font-weight: 400; color: var(--muted); }
+.fields input, .fields textarea { font-weight: 400; }
+.required { font-weight: 400; color: var(--muted); font-size: .75rem; }
+.mint textarea { resize: vertical; font-family: ui-monospace, Menlo, Consolas, monospace; }
+#token-value { word-break: break-all; font-size: .8rem; }
+.error { color: var(--danger); margin: 0; min-height: 1em; }
+.error:empty { display: none; }
+.actions { display: flex; justify-content: flex-end; gap: .6rem; }
+
+@media (max-width: 1100px) {
+  .figures { grid-template-columns: repeat(3, minmax(0, 1fr)); }
+}
+@media (max-width: 760px) {
+  .topbar { padding: .7rem 1rem; }
+  main { padding: 1rem .75rem 2rem; }
+  .figures { grid-template-columns: repeat(2, minmax(0, 1fr)); gap: .5rem; }
+  .figure dd { font-size: 1.35rem; }
+  .figure:last-child { grid-column: 1 / -1; }
+  .chains { padding: .8rem .75rem .25rem; }
+  .filters label { flex: 1 1 8rem; }
+  .filters input { width: 100%; }
+  .count { margin: 0; flex-basis: 100%; }
+  thead { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
+  table, tbody, tr, td { display: block; }
+  tr { display: grid; grid-template-columns: repeat(3, minmax(0, 1fr)); gap: .5rem .6rem;
+    padding: .8rem 0; border-bottom: 1px solid var(--line); }
+  tbody tr:hover { background: none; }
+  td { border: 0; padding: 0; max-width: none; min-width: 0; }
+  td.c-sub, td.c-limits { grid-column: 1 / -1; max-width: none; }
+  td.c-sub { grid-column: 1 / 3; }
+  td.c-status { grid-column: 3; grid-row: 1; justify-self: end; }
+  td.c-budget { grid-column: 1 / 3; }
+  td.num { text-align: left; }
+  td::before { content: attr(data-label); display: block; font-size: .72rem; color: var(--muted);
+    text-transform: uppercase; letter-spacing: .04em; }
+  td.c-sub::before, td.c-actions::before { content: none; }
+  td.c-status::before { content: none; }
+  td.c-actions { align-self: end; justify-self: end; }
+  td.c-actions:empty { display: none; }
+  .fields { grid-template-columns: 1fr; }
+  dialog { width: calc(100vw - 1rem); }
+}
+"""
+
+CONSOLE_JS = r"""// SOAKP's operator console.
+// It talks to the admin endpoints and nothing else: GET /jwt, GET /metrics, POST /jwt/generate and
+// POST /jwt/revoke, same origin, with the Basic login the browser already has.
+// Everything the server sends is data, and some of it (a token's sub, paths, origins) is chosen by
+// whoever asked for the token: it only ever becomes text nodes, never markup.
+
+const POLL_MS = 5000;
+const WINDOW_S = 60; // error rate, time to first byte and new upstream errors: over the last minute
+const SPARK_POINTS = 24;
+const MAX_ROWS = 500; // rebuilt every poll: more would make a busy server's page sluggish
+const $ = (id) => document.getElementById(id);
+const numbers = new Intl.NumberFormat();
+
+// DOM built from values: strings become text nodes; attribute names are always written here.
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(props)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name === "class") node.className = value;
+    else if (name === "dataset") Object.assign(node.dataset, value);
+    else if (name === "onclick") node.addEventListener("click", value);
+    else node.setAttribute(name, value === true ? "" : String(value));
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined && child !== false) node.append(child);
+  }
+  return node;
+}
+
+// Talking to SOAKP --------------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+async function api(path, body) {
+  const init = body === undefined ? { cache: "no-store" } : {
+    method: "POST",
+    cache: "no-store",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  };
+  let response;
+  try {
+    response = await fetch(path, init);
+  } catch {
+    throw new ApiError(0, "SOAKP cannot be reached.");
+  }
+  const text = await response.text();
+  if (!response.ok) {
+    let message = `${response.status} ${response.statusText}`.trim();
+    try {
+      message = JSON.parse(text).error.message || message;
+    } catch {
+      // not SOAKP's JSON error shape: keep the status line
+    }
+    if (response.status === 401) {
+      message = "Your admin login was refused: reload the page to log in.";
+    }
+    throw new ApiError(response.status, message);
+  }
+  return text;
+}
+
+// Metrics: Prometheus text in, the five live figures out ------------------------------------------
+
+function parseLabels(text) {
+  const labels = {};
+  let i = 0;
+  while (i < text.length) {
+    const eq = text.indexOf("=", i);
+    if (eq < 0 || text[eq + 1] !== '"') break;
+    const name = text.slice(i, eq).trim();
+    let value = "";
+    let j = eq + 2;
+    for (; j < text.length && text[j] !== '"'; j++) {
+      if (text[j] === "\\" && j + 1 < text.length) {
+        j++;
+        value += text[j] === "n" ? "\n" : text[j];
+      } else {
+        value += text[j];
+      }
+    }
+    labels[name] = value;
+    i = text.indexOf(",", j) < 0 ? text.length : text.indexOf(",", j) + 1;
+  }
+  return labels;
+}
+
+function parseMetrics(text) {
+  const samples = [];
+  for (const line of text.split("\n")) {
+    if (!line || line.startsWith("#")) continue;
+    const space = line.lastIndexOf(" ");
+    const brace = line.indexOf("{");
+    const hasLabels = brace >= 0 && brace < space;
+    const name = hasLabels ? line.slice(0, brace) : line.slice(0, space);
+    const labels = hasLabels ? parseLabels(line.slice(brace + 1, line.lastIndexOf("}"))) : {};
+    samples.push({ name, labels, value: Number(line.slice(space + 1)) });
+  }
+  return samples;
+}
+
+// One reading of the counters that matter, summed over the proxied routes (/v1/...): the console's
+// own polling of /jwt and /metrics is not traffic.
+function reading(samples, at) {
+  const r = { at, total: 0, client: 0, server: 0, streams: 0, upstream: 0, ttfb: new Map() };
+  for (const { name, labels, value } of samples) {
+    const proxied = (labels.route || "").startsWith("/v1/");
+    if (name === "soakp_requests_total" && proxied) {
+      r.total += value;
+      if (labels.status === "4xx") r.client += value;
+      else if (labels.status === "5xx" || labels.status === "none") r.server += value;
+    } else if (name === "soakp_open_streams") {
+      r.streams = value;
+    } else if (name === "soakp_upstream_errors_total") {
+      r.upstream += value;
+    } else if (name === "soakp_time_to_first_byte_seconds_bucket" && proxied) {
+      const le = labels.le === "+Inf" ? Infinity : Number(labels.le);
+      r.ttfb.set(le, (r.ttfb.get(le) || 0) + value);
+    }
+  }
+  return r;
+}
+
+// Prometheus' histogram_quantile over the difference of two readings of cumulative buckets.
+function quantile(q, newer, older) {
+  const bounds = [...newer.ttfb.keys()].sort((a, b) => a - b);
+  const counts = bounds.map((le) => newer.ttfb.get(le) - (older.ttfb.get(le) || 0));
+  const total = counts[counts.length - 1] || 0;
+  if (total <= 0) return null;
+  const rank = q * total;
+  for (let i = 0; i < bounds.length; i++) {
+    if (counts[i] >= rank) {
+      const lower = i === 0 ? 0 : bounds[i - 1];
+      if (bounds[i] === Infinity) return lower;
+      const below = i === 0 ? 0 : counts[i - 1];
+      const inBucket = counts[i] - below;
+      return inBucket > 0 ? lower + (bounds[i] - lower) * ((rank - below) / inBucket) : bounds[i];
+    }
+  }
+  return null;
+}
+
+const history = [];
+const rates = [];
+
+function formatSeconds(s) {
+  if (s === null) return "–";
+  return s < 1 ? `${Math.round(s * 1000)} ms` : `${s.toFixed(s < 10 ? 2 : 1)} s`;
+}
+
+function percent(part, whole) {
+  const value = (100 * part) / whole;
+  return `${value < 10 && value > 0 ? value.toFixed(1) : Math.round(value)} %`;
+}
+
+function sparkline(values) {
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("viewBox", "0 0 100 24");
+  svg.setAttribute("preserveAspectRatio", "none");
+  svg.setAttribute("aria-hidden", "true");
+  svg.setAttribute("class", "spark");
+  const top = Math.max(...values, 0.001);
+  const step = 100 / Math.max(1, values.length - 1);
+  const points = values.map((v, i) => `${(i * step).toFixed(1)},${(22 - (20 * v) / top)
+    .toFixed(1)}`);
+  const line = document.createElementNS(ns, "polyline");
+  line.setAttribute("points", points.join(" "));
+  svg.append(line);
+  return svg;
+}
+
+function showFigures() {
+  const newest = history[history.length - 1];
+  const previous = history[history.length - 2];
+  const oldest = history.find((r) => newest.at - r.at <= WINDOW_S * 1000 + POLL_MS / 2) || newest;
+  if (previous) {
+    rates.push(Math.max(0, (newest.total - previous.total) / ((newest.at - previous.at) / 1000)));
+    if (rates.length > SPARK_POINTS) rates.shift();
+    const rps = rates[rates.length - 1];
+    $("fig-rps").replaceChildren(rps >= 10 ? Math.round(rps).toString() : rps.toFixed(1));
+    $("fig-spark").replaceChildren(rates.length > 2 ? sparkline(rates) : "");
+  } else {
+    $("fig-rps").replaceChildren("…");
+  }
+  const requests = newest.total - oldest.total;
+  const client = newest.client - oldest.client;
+  const server = newest.server - oldest.server;
+  $("fig-errors").replaceChildren(requests > 0 ? percent(client + server, requests) : "–");
+  $("fig-errors-note").replaceChildren(requests > 0 ?
+    `4xx ${numbers.format(client)} · 5xx ${numbers.format(server)} of ` +
+    `${numbers.format(requests)}` :
+    "no requests in the last minute");
+  $("fig-streams").replaceChildren(numbers.format(newest.streams));
+  $("fig-upstream").replaceChildren(numbers.format(newest.upstream));
+  $("fig-upstream-note").replaceChildren(`+${numbers.format(newest.upstream - oldest.upstream)} ` +
+    "in the last minute");
+  const median = quantile(0.5, newest, oldest);
+  $("fig-ttfb").replaceChildren(formatSeconds(median));
+  $("fig-ttfb-note").replaceChildren(median === null ? "no requests in the last minute" :
+    `median · p95 ${formatSeconds(quantile(0.95, newest, oldest))}`);
+}
+
+async function pollMetrics() {
+  const now = Date.now();
+  const latest = reading(parseMetrics(await api("/metrics")), now);
+  if (history.length && latest.total < history[history.length - 1].total) {
+    history.length = 0; // the server restarted: its counters began again
+    rates.length = 0;
+  }
+  history.push(latest);
+  while (history.length > 2 && now - history[1].at > WINDOW_S * 1000 + POLL_MS) history.shift();
+  showFigures();
+}
+
+// Token chains ------------------------------------------------------------------------------------
+
+let chains = [];
+let sortKey = "created";
+let sortAscending = false;
+
+const rowId = (row) => row.cid ?? row.jti;
+// A token from before chains is a chain of one: it can be renewed until it expires.
+const renewUntil = (row) => row.renew_until ?? row.expires_at;
+const used = (row) => (row.prompt_tokens ?? 0) + (row.completion_tokens ?? 0);
+
+function status(row, now) {
+  if (row.revoked_at) return "revoked";
+  return row.expires_at <= now ? "expired" : "active";
+}
+
+const STATUS_ORDER = { active: 0, expired: 1, revoked: 2 };
+
+// [key, heading, sort value (none: not sortable), numeric]
+const COLUMNS = [
+  ["sub", "Token", (r) => r.sub.toLowerCase()],
+  ["limits", "Limits"],
+  ["created", "Created", (r) => r.created_at],
+  ["expires", "Expires", (r) => r.expires_at],
+  ["renew", "Renew until", renewUntil],
+  ["used", "Last used", (r) => r.last_used_at ?? -1],
+  ["requests", "Requests", (r) => r.requests ?? 0, true],
+  ["prompt", "Prompt tokens", (r) => r.prompt_tokens ?? 0, true],
+  ["completion", "Completion tokens", (r) => r.completion_tokens ?? 0, true],
+  ["budget", "Budget", (r) => (r.max_tokens_total ? used(r) / r.max_tokens_total : -1)],
+  ["status", "Status", (r) => STATUS_ORDER[status(r, Date.now() / 1000)]],
+  ["actions", "Actions"],
+];
+const SORTABLE = COLUMNS.filter((c) => c[2]);
+const columnOf = (key) => COLUMNS.find((c) => c[0] === key);
+
+function relative(ts, now) {
+  const delta = ts - now;
+  const s = Math.abs(delta);
+  if (s < 10) return "just now";
+  const text = s < 90 ? `${Math.round(s)} s` : s < 5400 ? `${Math.round(s / 60)} min` :
+    s < 172800 ? `${Math.round(s / 3600)} h` : `${Math.round(s / 86400)} d`;
+  return delta > 0 ? `in ${text}` : `${text} ago`;
+}
+
+const dateFormat = new Intl.DateTimeFormat(undefined, {
+  year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit",
+  hourCycle: "h23",
+});
+
+const shortDate = new Intl.DateTimeFormat(undefined, {
+  month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", hourCycle: "h23",
+});
+
+function when(ts, now) {
+  if (ts === null || ts === undefined) return el("span", { class: "muted" }, "never");
+  const date = new Date(ts * 1000);
+  const sameYear = date.getFullYear() === new Date(now * 1000).getFullYear();
+  return el("time", { datetime: date.toISOString(), title: date.toString() },
+    el("span", {}, relative(ts, now)),
+    el("small", {}, (sameYear ? shortDate : dateFormat).format(date)));
+}
+
+function limitChips(row) {
+  const chips = [];
+  const list = (label, values) => {
+    if (Array.isArray(values) && values.length) {
+      chips.push(el("li", { class: "chip" }, el("b", {}, label), " ", values.join(", ")));
+    }
+  };
+  list("paths", row.paths);
+  list("models", row.models);
+  list("origins", row.origins);
+  const one = (label, value) => {
+    if (value) chips.push(el("li", { class: "chip" }, el("b", {}, label), " ", value));
+  };
+  one("rpm", row.rpm && numbers.format(row.rpm));
+  one("org", row.org);
+  one("project", row.project);
+  // Rows without limit fields come from a server that does not list them: say so, not "none".
+  if (!chips.length) return el("span", { class: "muted" }, row.paths === undefined ? "–" : "none");
+  return el("ul", { class: "chips" }, chips);
+}
+
+function budget(row) {
+  if (!row.max_tokens_total) return el("span", { class: "muted" }, "–");
+  const total = row.max_tokens_total;
+  const spent = Math.min(used(row), total);
+  return el("div", { class: "budget-bar" },
+    el("meter", { min: 0, max: total, low: total * 0.7, high: total * 0.9, optimum: 0, value: spent,
+      "aria-label": `${numbers.format(spent)} of ${numbers.format(total)} tokens used` }),
+    el("small", {}, `${numbers.format(spent)} / ${numbers.format(total)}`));
+}
+
+function tokenCell(row) {
+  const id = rowId(row);
+  const facts = [el("span", { class: "id", title: `chain ${id}` }, `chain ${id.slice(0, 10)}…`)];
+  if (row.jti && row.jti !== id) {
+    facts.push(el("span", { class: "id", title: `newest token ${row.jti}` },
+      `token ${row.jti.slice(0, 10)}…`));
+  }
+  if (row.parent) facts.push(el("span", { class: "id", title: `parent chain ${row.parent}` },
+    `child of ${row.parent.slice(0, 10)}…`));
+  return el("div", { class: "token" }, el("span", { class: "who" }, row.sub), ...facts);
+}
+
+function cell(key, row, now) {
+  switch (key) {
+    case "sub": return tokenCell(row);
+    case "limits": return limitChips(row);
+    case "created": return when(row.created_at, now);
+    case "expires": return when(row.expires_at, now);
+    case "renew": return when(renewUntil(row), now);
+    case "used": return when(row.last_used_at, now);
+    case "requests": return [numbers.format(row.requests ?? 0), row.errors ?
+      el("small", { class: "errors" }, `${numbers.format(row.errors)} failed`) : null];
+    case "prompt": return numbers.format(row.prompt_tokens ?? 0);
+    case "completion": return numbers.format(row.completion_tokens ?? 0);
+    case "budget": return budget(row);
+    case "status": {
+      const s = status(row, now);
+      return el("span", { class: `badge ${s}` }, s);
+    }
+    default: return status(row, now) !== "active" ? null : el("button", {
+      type: "button", class: "danger small", dataset: { action: "revoke", id: rowId(row) },
+      "aria-label": `Revoke ${row.sub}`, onclick: () => askRevoke(row),
+    }, "Revoke");
+  }
+}
+
+function matches(row, text, wanted, now) {
+  if (wanted !== "all" && status(row, now) !== wanted) return false;
+  if (!text) return true;
+  const haystack = [row.sub, row.jti, row.cid, row.parent, row.org, row.project,
+    ...(row.paths || []), ...(row.models || []), ...(row.origins || [])];
+  return haystack.some((value) => typeof value === "string" && value.toLowerCase().includes(text));
+}
+
+function renderHead() {
+  const cells = COLUMNS.map(([key, label, sortValue, numeric]) => {
+    const current = key === sortKey;
+    const th = el("th", { scope: "col", class: numeric ? "num" : null,
+      "aria-sort": current ? (sortAscending ? "ascending" : "descending") : null });
+    if (key === "actions") th.append(el("span", { class: "visually-hidden" }, label));
+    else if (!sortValue) th.append(label);
+    else {
+      th.append(el("button", { type: "button", class: "sort", dataset: { sort: key },
+        onclick: () => setSort(key, current ? !sortAscending : key === "sub") },
+      label, el("span", { class: "arrow", "aria-hidden": "true" },
+        current ? (sortAscending ? "▲" : "▼") : "")));
+    }
+    return th;
+  });
+  $("chains-head").replaceChildren(...cells);
+  $("sort-key").value = sortKey;
+  $("sort-dir").replaceChildren(sortAscending ? "↑ ascending" : "↓ descending");
+}
+
+function renderChains() {
+  const now = Date.now() / 1000;
+  const text = $("filter-text").value.trim().toLowerCase();
+  const wanted = $("filter-status").value;
+  const sortValue = columnOf(sortKey)[2];
+  const order = (x, y) => (x < y ? -1 : x > y ? 1 : 0);
+  const shown = chains.filter((row) => matches(row, text, wanted, now)).sort((a, b) =>
+    (order(sortValue(a), sortValue(b)) || order(a.created_at, b.created_at) ||
+     order(rowId(a), rowId(b))) * (sortAscending ? 1 : -1));
+  // Keep keyboard focus on the same control across a re-render.
+  const focused = document.activeElement?.dataset?.id;
+  const rows = shown.slice(0, MAX_ROWS).map((row) => el("tr", { dataset: { id: rowId(row) } },
+    COLUMNS.map(([key, label, , numeric]) => el("td", {
+      class: numeric ? `c-${key} num` : `c-${key}`, "data-label": label, dataset: { col: key },
+    }, cell(key, row, now)))));
+  $("chains-body").replaceChildren(...rows);
+  if (focused) $("chains-body").querySelector(`button[data-id="${CSS.escape(focused)}"]`)?.focus();
+  $("empty").hidden = shown.length > 0;
+  const total = chains.length;
+  let count = shown.length === total ? `${numbers.format(total)} chains` :
+    `${numbers.format(shown.length)} of ${numbers.format(total)} chains`;
+  if (shown.length > MAX_ROWS) {
+    count += `, the first ${numbers.format(MAX_ROWS)} shown: filter for the others`;
+  }
+  $("count").replaceChildren(count);
+}
+
+function setSort(key, ascending) {
+  const fromHeading = document.activeElement?.classList.contains("sort");
+  sortKey = key;
+  sortAscending = ascending;
+  renderHead();
+  renderChains();
+  if (fromHeading) $("chains-head").querySelector(`button[data-sort="${key}"]`).focus();
+}
+
+async function pollChains() {
+  chains = JSON.parse(await api("/jwt")).data;
+  renderChains();
+}
+
+// Revoking ----------------------------------------------------------------------------------------
+
+let revoking = null;
+
+function askRevoke(row) {
+  revoking = row;
+  $("revoke-text").replaceChildren("Revoke the chain of ", el("strong", {}, row.sub), " (",
+    el("code", {}, rowId(row)), ")?");
+  $("revoke-error").replaceChildren();
+  $("revoke-dialog").showModal();
+  $("revoke-cancel").focus();
+}
+
+async function confirmRevoke() {
+  const row = revoking;
+  const button = $("revoke-confirm");
+  button.disabled = true;
+  try {
+    await api("/jwt/revoke", { jti: row.jti }); // a jti names its chain, before chains and after
+    $("revoke-dialog").close();
+    say(`Revoked the chain of ${row.sub}.`);
+    await refresh();
+  } catch (error) {
+    $("revoke-error").replaceChildren(error.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// Minting -----------------------------------------------------------------------------------------
+
+const LISTS = ["paths", "models", "origins"];
+const WHOLE_NUMBERS = ["rpm", "max_tokens_total", "delegate"];
+const DURATIONS = ["ttl", "renew_ttl"];
+
+// The form's filled-in fields as a /jwt/generate body. Empty fields are left out: a server that
+// does not know a field (renew_ttl and delegate are newer) refuses it, even empty.
+function grantFrom(form) {
+  const grant = {};
+  for (const [name, raw] of new FormData(form)) {
+    const value = raw.trim();
+    if (!value) continue;
+    if (LISTS.includes(name)) grant[name] = value.split(/[\s,]+/).filter(Boolean);
+    else if (WHOLE_NUMBERS.includes(name)) {
+      if (!/^\d{1,15}$/.test(value)) throw new Error(`${name} must be a whole number.`);
+      grant[name] = Number(value);
+    } else if (DURATIONS.includes(name)) {
+      grant[name] = /^\d{1,15}$/.test(value) ? Number(value) : value;
+    } else grant[name] = value;
+  }
+  return grant;
+}
+
+async function mint(event) {
+  event.preventDefault();
+  const form = $("mint-form");
+  const button = $("mint-submit");
+  $("mint-error").replaceChildren();
+  if (!form.elements.key.value.trim()) {
+    $("mint-error").replaceChildren("The OpenAI key is required.");
+    form.elements.key.focus();
+    return;
+  }
+  button.disabled = true;
+  try {
+    const { data } = JSON.parse(await api("/jwt/generate", grantFrom(form)));
+    form.reset(); // the key leaves the page with the form
+    $("mint-dialog").close();
+    showToken(data);
+    await refresh();
+  } catch (error) {
+    $("mint-error").replaceChildren(error.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function showToken(data) {
+  $("token-value").value = data.jwt;
+  $("token-facts").replaceChildren(`Token ${data.jti}, expires ${dateFormat.format(
+    new Date(data.expires_at * 1000))}.`);
+  $("token-copy").replaceChildren("Copy");
+  $("token-dialog").showModal();
+  $("token-value").select();
+  $("token-copy").focus();
+}
+
+async function copyToken() {
+  const field = $("token-value");
+  try {
+    await navigator.clipboard.writeText(field.value);
+  } catch {
+    field.select();
+    document.execCommand("copy"); // older browsers, or a page without clipboard permission
+  }
+  $("token-copy").replaceChildren("Copied ✓");
+}
+
+// Wiring ------------------------------------------------------------------------------------------
+
+let statusTimer = null;
+
+// A message in the top bar; a success gives way to the "updated" time after a few seconds.
+function say(text, isError = false) {
+  const node = $("live-status");
+  node.replaceChildren(text);
+  node.classList.toggle("error", isError);
+  clearTimeout(statusTimer);
+  statusTimer = isError ? null : setTimeout(() => {
+    statusTimer = null;
+    showUpdated();
+  }, 4000);
+}
+
+let updatedAt = null;
+
+function showUpdated() {
+  if (updatedAt) {
+    $("live-status").replaceChildren(`Live · updated ${updatedAt.toLocaleTimeString()}`);
+  }
+}
+
+let refreshing = null;
+
+async function refresh() {
+  if (refreshing) return refreshing;
+  refreshing = (async () => {
+    try {
+      await Promise.all([pollChains(), pollMetrics()]);
+      updatedAt = new Date();
+      if (!statusTimer) {
+        $("live-status").classList.remove("error");
+        showUpdated();
+      }
+    } catch (error) {
+      say(error.message, true);
+    } finally {
+      refreshing = null;
+    }
+  })();
+  return refreshing;
+}
+
+function wire() {
+  for (const [key, label] of SORTABLE) $("sort-key").append(el("option", { value: key }, label));
+  $("sort-key").addEventListener("change", (e) => {
+    setSort(e.target.value, e.target.value === "sub");
+  });
+  $("sort-dir").addEventListener("click", () => setSort(sortKey, !sortAscending));
+  $("filter-text").addEventListener("input", renderChains);
+  $("filter-status").addEventListener("change", renderChains);
+  $("filters").addEventListener("submit", (e) => e.preventDefault());
+  $("mint-open").addEventListener("click", () => {
+    $("mint-error").replaceChildren();
+    $("mint-dialog").showModal();
+    $("mint-form").elements.key.focus();
+  });
+  $("mint-cancel").addEventListener("click", () => {
+    $("mint-form").reset();
+    $("mint-dialog").close();
+  });
+  $("mint-dialog").addEventListener("close", () => $("mint-form").reset());
+  $("mint-form").addEventListener("submit", mint);
+  $("token-copy").addEventListener("click", copyToken);
+  const forgetToken = () => { $("token-value").value = ""; };
+  $("token-done").addEventListener("click", () => {
+    forgetToken();
+    $("token-dialog").close();
+  });
+  $("token-dialog").addEventListener("close", forgetToken); // Escape closes it too
+  $("revoke-cancel").addEventListener("click", () => $("revoke-dialog").close());
+  $("revoke-confirm").addEventListener("click", confirmRevoke);
+  renderHead();
+  refresh();
+  setInterval(() => { if (!document.hidden) refresh(); }, POLL_MS);
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) refresh(); });
+}
+
+window.soakpConsole = { refresh }; // for tests and the curious: refresh now instead of in 5 s
+wire();
+"""
+
+CONSOLE_ICON = r"""<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">
+<rect width="32" height="32" rx="7" fill="#0b6e69"/>
+<circle cx="11" cy="16" r="5" fill="none" stroke="#fff" stroke-width="3"/>
+<path d="M16 16h11M23 16v5M27 16v4" fill="none" stroke="#fff" stroke-width="3"/>
+</svg>
+"""
+
+CONSOLE_ASSETS = {
+    "/admin": ("text/html; charset=utf-8", CONSOLE_HTML.encode("utf-8")),
+    "/admin/console.css": ("text/css; charset=utf-8", CONSOLE_CSS.encode("utf-8")),
+    "/admin/console.js": ("text/javascript; charset=utf-8", CONSOLE_JS.encode("utf-8")),
+    "/admin/icon.svg": ("image/svg+xml", CONSOLE_ICON.encode("utf-8")),
+}
 
 
 # 8. CLI: argv in, an exit code out.

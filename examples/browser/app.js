@@ -1,5 +1,8 @@
-// The browser side of the SOAKP story. No build step: the official `openai` SDK is an ES module that our
-// own backend serves (make demo vendors it with `npm install openai`).
+// The browser side of the SOAKP story. No build step: the official `openai` SDK is an ES module
+// that our own backend serves (make demo vendors it with `npm install openai`), and so is
+// soakp-client.mjs, the repository's client/ module that keeps the page's SOAKP token fresh.
+import { SoakpSession } from "/soakp-client.mjs";
+
 const $ = (id) => document.getElementById(id);
 
 // What happened, for people (the page) and for the headless test (window.demo.state).
@@ -20,58 +23,37 @@ try {
 }
 
 // 1. The token ---------------------------------------------------------------------------------------------
-// Our backend mints it: short-lived, usable only from this origin, for this page's endpoints and models.
-// Before it expires, SOAKP swaps it for a fresh one: POST /jwt/refresh with the token as Bearer.
+// Our backend mints it: short-lived, usable only from this origin, for this page's endpoints and
+// models. soakp-client.mjs refreshes it at SOAKP before it expires, and asks our backend for a new
+// one when SOAKP will not refresh it (revoked, or expired while the laptop slept).
+
+// What the backend said last: {token, expires_at, soakp_url, chat_model, realtime_model}.
+let given = null;
 
 async function tokenFromBackend() {
   const response = await fetch("/api/soakp-token", { method: "POST" });
   if (!response.ok) throw new Error(`the backend gave no token (${response.status})`);
-  return response.json(); // {token, expires_at, soakp_url, chat_model, realtime_model}
+  given = await response.json();
+  return given;
 }
 
-let session = await tokenFromBackend();
-
-async function refreshAtSoakp() {
-  const response = await fetch(`${session.soakp_url}/jwt/refresh`, {
-    method: "POST",
-    headers: { Authorization: `Bearer ${session.token}` },
-  });
-  if (!response.ok) throw new Error(`SOAKP refused the refresh (${response.status})`);
-  const { data } = await response.json();
-  return { ...session, token: data.jwt, expires_at: data.expires_at };
-}
-
-function scheduleRefresh() {
-  const leftMs = session.expires_at * 1000 - Date.now();
-  setTimeout(async () => {
-    try {
-      session = await refreshAtSoakp();
-      state.refreshes += 1;
-    } catch (error) {
-      // Revoked, or expired while the laptop slept: get a new one from our backend instead.
-      state.tokenError = String(error);
-      try {
-        session = await tokenFromBackend();
-      } catch (again) {
-        state.tokenError = String(again);
-      }
-    }
-    showToken();
-    scheduleRefresh();
-  }, Math.max(1000, leftMs * 0.8)); // at 80% of its remaining lifetime
-}
-
-function showToken() {
-  const until = new Date(session.expires_at * 1000).toLocaleTimeString();
+function showToken(session) {
+  state.refreshes = session.refreshes;
+  state.tokenError = session.lastError ? String(session.lastError) : null;
+  const until = new Date(session.expiresAt * 1000).toLocaleTimeString();
   $("token-status").textContent = `Token valid until ${until}; refreshed ${state.refreshes} times.` +
     (state.tokenError ? ` Last problem: ${state.tokenError}` : "");
 }
 
+// SOAKP's URL comes from the backend too (given.soakp_url).
+const soakp = await SoakpSession.start({ getToken: tokenFromBackend, onToken: showToken });
+
 // 2. A streamed chat completion with the official SDK ------------------------------------------------------
 
+// baseURL, apiKey (asked before every request, so always the current token) and fetch (which
+// retries once when SOAKP says the token expired) from the session; the SDK's API stays its own.
 const client = new OpenAI({
-  baseURL: `${session.soakp_url}/v1`,
-  apiKey: async () => session.token, // asked before every request, so it is always the current token
+  ...soakp.openaiOptions(),
   dangerouslyAllowBrowser: true, // safe here: the page holds a SOAKP token, not the OpenAI key
 });
 
@@ -82,7 +64,7 @@ async function chat(text) {
   $("chat-status").textContent = "streaming…";
   try {
     const stream = await client.chat.completions.create({
-      model: session.chat_model,
+      model: given.chat_model,
       stream: true,
       messages: [{ role: "user", content: text }],
     });
@@ -104,16 +86,16 @@ async function chat(text) {
 }
 
 // 3. The Realtime API over a WebSocket ---------------------------------------------------------------------
-// A browser cannot set Authorization on a WebSocket, so the token travels as a subprotocol; SOAKP swaps it
-// for the key. SOAKP's answer names "realtime", never the protocol that carries the token.
+// A browser cannot set Authorization on a WebSocket, so soakp.realtime() passes the token as a
+// subprotocol; SOAKP swaps it for the key. SOAKP's answer names "realtime", never the protocol that
+// carries the token.
 
-function realtime(text) {
+async function realtime(text) {
   const log = (line) => { $("realtime-log").textContent += line + "\n"; };
   Object.assign(state.realtime, { protocol: null, echo: null, closeCode: null, error: null });
   $("realtime-log").textContent = "";
+  const ws = await soakp.realtime(given.realtime_model);
   return new Promise((resolve) => {
-    const url = `${session.soakp_url.replace(/^http/, "ws")}/v1/realtime?model=${encodeURIComponent(session.realtime_model)}`;
-    const ws = new WebSocket(url, ["realtime", `openai-insecure-api-key.${session.token}`]);
     ws.onopen = () => {
       state.realtime.protocol = ws.protocol;
       log(`connected (subprotocol "${ws.protocol}")`);
@@ -148,8 +130,6 @@ function realtime(text) {
 // Wire up the page, and run both once so there is something to see. ---------------------------------------
 
 Object.assign(window.demo, { chat, realtime });
-showToken();
-scheduleRefresh();
 $("chat-form").addEventListener("submit", (event) => { event.preventDefault(); chat($("chat-input").value); });
 $("realtime-form").addEventListener("submit", (event) => {
   event.preventDefault();

@@ -4,7 +4,8 @@ It holds what the browser must never see, the OpenAI key and SOAKP's admin crede
 page a short-lived SOAKP token bound to the page's origin and to the endpoints and models the page
 uses. It serves the page too, so the token travels from the page's own origin.
 
-    GET  /                   index.html, app.js, style.css and the vendored `openai` SDK under /vendor/openai/
+    GET  /                   index.html, app.js, style.css, soakp-client.mjs (from ../../client/)
+                             and the vendored `openai` SDK under /vendor/openai/
     POST /api/soakp-token    {"token", "expires_at", "soakp_url", "chat_model", "realtime_model"}
 
 Run it next to a SOAKP (the settings come from flags and the environment):
@@ -30,8 +31,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STATIC_FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript"),
-                "/style.css": ("style.css", "text/css")}
+CLIENT_MODULE = HERE.parents[1] / "client" / "soakp-client.mjs"  # the companion module
+STATIC_FILES = {
+    "/": (HERE / "index.html", "text/html; charset=utf-8"),
+    "/app.js": (HERE / "app.js", "text/javascript"),
+    "/style.css": (HERE / "style.css", "text/css"),
+    "/soakp-client.mjs": (CLIENT_MODULE, "text/javascript"),
+}
 VENDOR_PREFIX = "/vendor/openai/"
 DEFAULT_SDK_DIR = HERE / ".cache" / "node_modules" / "openai"
 MIME_TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".json": "application/json",
@@ -96,8 +102,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = self.path.split("?", 1)[0]
         if path in STATIC_FILES:
-            name, content_type = STATIC_FILES[path]
-            self.send_file(HERE / name, content_type)
+            file, content_type = STATIC_FILES[path]
+            self.send_file(file, content_type)
         elif path.startswith(VENDOR_PREFIX):
             self.send_vendored(path[len(VENDOR_PREFIX):])
         else:

@@ -189,8 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, RuntimeError) as exc:
             print(f"demo: {exc}", file=sys.stderr)
             return 1
+        # The admin login is the demo's own, made up at start: the console is for looking around.
         print(f"\n  fake OpenAI  {demo.fake.url}"
               f"\n  SOAKP        {demo.soakp_url}  (--cors-origins {demo.page_url[:-1]})"
+              f"\n  console      {demo.soakp_url}/admin  (user {demo.admin[0]}, "
+              f"password {demo.admin[1]})"
               f"\n\n  Open {demo.page_url} in your browser. Ctrl-C stops everything.\n", flush=True)
         try:
             while demo.soakp.popen.poll() is None:
