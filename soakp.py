@@ -1386,6 +1386,7 @@ STATUS_LINE_RE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: ([\t \x21-\x7e\
 CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})((?:[ \t]*;[ \t]*" + TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + TOKEN
                            + rb'|"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"))?)*)\Z')
 HOST_RE = re.compile(rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=%]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?\Z")
+CONSOLE_PATH = "/admin/"  # SPEC.md names the console with its slash: the one path that may end in one
 BAD_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})|%2[fFeE]|%5[cC]|%00")
 # RFC 9110 §7.6.1: these describe one connection and never cross a proxy (nor does any Proxy-* header).
 HOP_BY_HOP = frozenset({
@@ -1510,7 +1511,7 @@ def check_canonical_path(path: str) -> None:
     """
     if not path.startswith("/") or "\\" in path or BAD_PERCENT_RE.search(path):
         raise bad_request("The request path is not canonical.")
-    if path != "/":
+    if path not in ("/", CONSOLE_PATH):
         for segment in path[1:].split("/"):
             if segment in ("", ".", ".."):
                 raise bad_request("The request path is not canonical.")
@@ -3476,7 +3477,12 @@ def check_admin(state: ServerState, head: RequestHead, peer: str, now: float) ->
     if locked_until > now:
         raise ApiError(429, "Too many failed admin logins from this address; try again later.",
                        "rate_limit_exceeded", headers=[("Retry-After", str(math.ceil(locked_until - now)))])
-    value = head.header(b"authorization") or b""
+    value = head.header(b"authorization")
+    if value is None:
+        # Asking without credentials is how a browser learns it must log in (the console's page does it
+        # for each endpoint it calls): not a guess, so it does not count towards the lockout.
+        raise ApiError(401, "Admin login required: send HTTP Basic credentials (--admin-user / --admin-pass).",
+                       "invalid_admin_credentials", headers=[("WWW-Authenticate", 'Basic realm="soakp"')])
     scheme, _, encoded = value.partition(b" ")
     try:
         user, sep, password = base64.b64decode(encoded.strip(), validate=True).partition(b":")
@@ -3679,7 +3685,7 @@ def metric_route(upstream_path: str) -> str:
 ADMIN_ROUTES = {"/jwt/generate": "POST", "/get-jwt": "POST", "/jwt/revoke": "POST", "/jwt": "GET",
                 "/metrics": "GET",
                 # the console's page and assets, CONSOLE_ASSETS
-                "/admin": "GET", "/admin/console.js": "GET", "/admin/console.css": "GET",
+                "/admin": "GET", CONSOLE_PATH: "GET", "/admin/console.js": "GET", "/admin/console.css": "GET",
                 "/admin/icon.svg": "GET"}
 # On every admin answer: the console's page may run only its own script and style and talk only to
 # its own origin (the admin endpoints), nothing may frame it, and neither it nor a token is cached.
@@ -3821,7 +3827,8 @@ def check_admin_request(head: RequestHead, listener: Listener) -> None:
         own = listener.scheme.encode("ascii") + b"://" + host.strip().lower()
         if origin.strip().lower() != own:
             raise ApiError(403, "Admin endpoints do not answer requests from other origins.", "origin_not_allowed")
-    if head.method == "POST" and media_type(head.header(b"content-type")) != b"application/json":
+    if head.method == "POST" and ADMIN_ROUTES.get(head.path) == "POST" \
+            and media_type(head.header(b"content-type")) != b"application/json":
         raise ApiError(415, "Admin requests must send 'Content-Type: application/json'.",
                        "unsupported_media_type")
 
@@ -5293,6 +5300,7 @@ CONSOLE_ICON = r"""<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">
 
 CONSOLE_ASSETS = {
     "/admin": ("text/html; charset=utf-8", CONSOLE_HTML.encode("utf-8")),
+    CONSOLE_PATH: ("text/html; charset=utf-8", CONSOLE_HTML.encode("utf-8")),
     "/admin/console.css": ("text/css; charset=utf-8", CONSOLE_CSS.encode("utf-8")),
     "/admin/console.js": ("text/javascript; charset=utf-8", CONSOLE_JS.encode("utf-8")),
     "/admin/icon.svg": ("image/svg+xml", CONSOLE_ICON.encode("utf-8")),

@@ -629,3 +629,23 @@ def test_model_refused_requests_do_not_use_the_rpm_allowance(proxy: SoakpProcess
     assert proxy.request("POST", CHAT, token, JSON, chat_body()).status == 200
     error_of(proxy.request("POST", CHAT, token, JSON, chat_body()), 429)
 
+
+
+def test_the_console_answers_at_admin_slash_as_spec_names_it(proxy: SoakpProcess, fake_upstream: FakeUpstream) -> None:
+    """SPEC.md lists `/admin/`; the console's page is served there and at `/admin`, behind the login."""
+    for path in ("/admin/", "/admin"):
+        page = admin_call(proxy, "GET", path)
+        assert page.status == 200 and page.header("content-type").startswith("text/html"), path
+        assert "script-src 'self'" in page.header("content-security-policy")
+        assert proxy.request("GET", path).status == 401
+    assert proxy.request("GET", "/v1/models/").status == 400  # no other path may end in a slash
+
+
+def test_requests_without_credentials_do_not_lock_the_admin_out(soakp: Callable[..., SoakpProcess],
+                                                                 fake_upstream: FakeUpstream) -> None:
+    """A browser asks without credentials first, once per endpoint: that is no failed login."""
+    server = soakp()
+    for _ in range(8):
+        response = server.request("GET", "/jwt")
+        assert response.status == 401 and response.header("www-authenticate") is not None
+    assert admin_call(server, "GET", "/jwt").status == 200
