@@ -2416,11 +2416,17 @@ async def read_body_ahead(
     exchange.model = found[1].decode("latin-1") if found else None
     if models is not None:
         if multipart:
-            for model in MultipartModelScanner(multipart_boundary(content_type)).feed(data):
-                check_model(models, model)
-                exchange.model = model
+            scanner = MultipartModelScanner(multipart_boundary(content_type))
+            check_multipart_models(exchange, models, scanner, scanner.feed(data))
+            scanner.finish()
         else:
-            check_model(models, json_model(data))
+            nested = upstream_path in SESSION_MODEL_PATHS
+            if len(data) > JSON_OFF_LOOP_BYTES:  # JsonWalk keeps each step short, so the loop runs between
+                named = await asyncio.to_thread(json_models, data, nested)
+            else:
+                named = json_models(data, nested)
+            for model in named:
+                check_model(models, model)
     if meter_stream and not multipart:
         asking = request_stream_usage(data)
         if asking is not None:
@@ -2429,9 +2435,27 @@ async def read_body_ahead(
     return RequestBody(data)
 
 
+def check_multipart_models(exchange: Exchange, allowed: Sequence[str], scanner: MultipartModelScanner,
+                           found: Sequence[str]) -> None:
+    """Check the model values a scanner just reported; a second `model` field is a 400 even when allowed.
+
+    Raises ApiError 403 (a model outside the list) or 400.
+    """
+    for model in found:
+        check_model(allowed, model)
+        exchange.model = model
+    if scanner.model_fields > 1:
+        raise multipart_refused("a body may have at most one model field")
+
+
 async def read_multipart_ahead(exchange: Exchange, pieces: AsyncIterator[bytes], boundary: bytes,
                                models: Sequence[str]) -> RequestBody:
-    """Read a multipart body up to its `model` field and check it; watch the rest as it streams."""
+    """Read a multipart body up to its `model` field and check it; watch the rest as it streams.
+
+    The rest streams one piece behind: the last piece goes upstream only once the scanner has seen the
+    close delimiter, so a body that does not end as RFC 2046 says never reaches the upstream whole.
+    Raises ApiError (400, 403) or ClientGone.
+    """
     scanner = MultipartModelScanner(boundary)
     ahead: list[bytes] = []
     size = 0
@@ -2439,20 +2463,23 @@ async def read_multipart_ahead(exchange: Exchange, pieces: AsyncIterator[bytes],
         ahead.append(piece)
         size += len(piece)
         seen = scanner.feed(piece)
-        for model in seen:
-            check_model(models, model)
-            exchange.model = model
+        check_multipart_models(exchange, models, scanner, seen)
         if seen or size >= MODEL_SCAN_LIMIT_BYTES:
             break
     else:
+        scanner.finish()
         exchange.body_consumed = True
         return RequestBody(b"".join(ahead))
 
-    def inspect(piece: bytes) -> None:  # a second or late `model` field is checked as well
-        for model in scanner.feed(piece):
-            check_model(models, model)
+    async def rest(held: bytes) -> AsyncIterator[bytes]:  # a second or late `model` field is checked too
+        async for piece in pieces:
+            check_multipart_models(exchange, models, scanner, scanner.feed(piece))
+            yield held
+            held = piece
+        scanner.finish()
+        yield held
 
-    return RequestBody(b"".join(ahead), pieces, inspect)
+    return RequestBody(b"".join(ahead[:-1]), rest(ahead[-1]))
 
 
 def request_stream_usage(body: bytes) -> bytes | None:
@@ -2721,11 +2748,13 @@ def websocket_model(claims: TokenClaims, upstream_path: str, query: str) -> str 
     models-limited token. Such a token must name exactly one allowed model up front: a tunnel cannot see
     what a session asks for later (a Responses WebSocket, or a call joined by call_id).
 
-    Raises ApiError 400 or 403.
+    Raises ApiError 400 (`model` named twice in any case: `?model=ok&MODEL=bad`) or 403.
     """
-    models = urllib.parse.parse_qs(query[1:], keep_blank_values=True).get("model", [])
-    if len(models) > 1:
-        raise bad_request("Name the model once.", param="model")
+    pairs = urllib.parse.parse_qsl(query[1:], keep_blank_values=True)
+    models = [value for name, value in pairs if name == "model"]
+    if len(models) > 1 or (len(models) != sum(name.casefold() == "model" for name, _ in pairs) and
+                           claims.permissions.models is not None):
+        raise bad_request("Name the model once, as `model` in lower case.", param="model")
     model = models[0] if models else None
     allowed = claims.permissions.models
     if allowed is not None:
