@@ -1246,8 +1246,10 @@ BCHARS_NO_SPACE = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx
 # An unquoted parameter value is a token (RFC 2045 §5.1): of the bchars only these are token characters.
 TOKEN_BCHARS = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'+_-."
 # qdtext (RFC 9110 §5.6.4) without the backslash: parsers unescape a quoted-pair differently (one reads
-# `filename="a\"; name="model"` as one parameter, another as two), so it is refused.
-QDTEXT_BYTES = bytes([0x09, 0x20, 0x21, *range(0x23, 0x5C), *range(0x5D, 0x7F), *range(0x80, 0x100)])
+# `filename="a\"; name="model"` as one parameter, another as two), so it is refused; and without ";",
+# since a parser that splits parameters on ";" first would read `x="; boundary=b"` as a boundary.
+QDTEXT_BYTES = bytes([0x09, 0x20, 0x21, *range(0x23, 0x3B), *range(0x3C, 0x5C), *range(0x5D, 0x7F),
+                      *range(0x80, 0x100)])
 # Paths whose JSON body carries a Realtime session: the models limit applies to `session.model` too.
 SESSION_MODEL_PATHS = frozenset({
     "/v1/realtime/client_secrets", "/v1/realtime/sessions", "/v1/realtime/transcription_sessions",
@@ -1543,6 +1545,11 @@ class MultipartModelScanner:
                 if self.pending[:2] == b"\r\n":
                     raise multipart_refused("each part needs exactly one Content-Disposition header")
                 end = self.pending.find(b"\r\n\r\n")
+                bare = (self.pending[:end] if end != -1 else self.pending).replace(b"\r\n", b"")
+                if end == -1 and bare.endswith(b"\r") and self.pending.endswith(b"\r"):
+                    bare = bare[:-1]  # a CR whose LF is still on the way
+                if b"\r" in bare or b"\n" in bare:
+                    raise multipart_refused("part headers must use CRLF line endings")
                 if end == -1 or end > MAX_PART_HEADER_BYTES:
                     if len(self.pending) > MAX_PART_HEADER_BYTES + 4:
                         raise multipart_refused(f"part headers must end with a blank line (CRLF CRLF) within "
@@ -1614,6 +1621,10 @@ def part_name(block: bytes) -> bytes:
     decodes base64) or a Content-Type other than text/plain in UTF-8. What SOAKP checks must be what the
     upstream reads.
     """
+    try:
+        block.decode("utf-8")  # RFC 7578 §5.1: field names in UTF-8; Werkzeug fails on anything else
+    except UnicodeDecodeError:
+        raise multipart_refused("part headers must be UTF-8") from None
     dispositions: list[bytes] = []
     other: list[tuple[bytes, bytes]] = []
     for line in block.split(b"\r\n"):
