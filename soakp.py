@@ -1397,14 +1397,14 @@ class JsonWalk:
         return kept, idx
 
 
-def json_models(body: bytes, nested_session: bool = False) -> list[str]:
+def json_models(body: bytes, nested_session: bool = False, chunk: int = JSON_CHUNK_CHARS) -> list[str]:
     """Every `model` a JSON body names: the top-level one and, with nested_session, `session.model`.
 
     Returns them in that order ([] for none), "" for a model that is not a string (never an allowed
     value). Raises ApiError(400) for a body that is not JSON (as json.loads reads it), names "model"
     twice in one object or "session" twice, or has a key equal to one of them in another case
     (`MODEL`): parsers disagree on which one counts, and an upstream might read either. Safe to run in
-    a thread on a large body: see JsonWalk.
+    a thread on a large body: see JsonWalk (`chunk` is its step).
     """
     def no_repeated_model(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         if sum(1 for k, _ in pairs if k == "model") > 1:
@@ -1414,7 +1414,7 @@ def json_models(body: bytes, nested_session: bool = False) -> list[str]:
     keys = ("model", "session") if nested_session else ("model",)
     try:
         text = body.decode(json.detect_encoding(body), "surrogatepass")
-        walk = JsonWalk(text, no_repeated_model)
+        walk = JsonWalk(text, no_repeated_model, chunk)
         start = walk.ws(0)
         if text[start:start + 1] == "{":
             pairs, end = walk.object(start, 0, keys)
