@@ -1033,13 +1033,16 @@ def bad_request(message: str, status: int = 400, param: str | None = None) -> Ap
 
 
 def split_field_line(line: bytes) -> tuple[bytes, bytes] | None:
-    """Split `field-name ":" OWS field-value OWS` into (name, value without OWS); None when malformed.
+    """Split `field-name ":" OWS field-value OWS` into (name, value without OWS); None when
+    malformed.
 
-    Bytes methods only, each one pass over the line: a regex here backtracked quadratically on a value
-    of spaces followed by a control byte (issue 11: one 60 KB header held the event loop for 19.5 s).
+    Bytes methods only, each one pass over the line: a regex here backtracked quadratically on a
+    value of spaces followed by a control byte (issue 11: one 60 KB header held the event loop for
+    19.5 s).
     """
     name, colon, value = line.partition(b":")
-    if not colon or not name or name.translate(None, TCHARS) or value.translate(None, FIELD_VALUE_BYTES):
+    if not colon or not name or name.translate(None, TCHARS) \
+            or value.translate(None, FIELD_VALUE_BYTES):
         return None
     return name, value.strip(b" \t")
 
@@ -1243,25 +1246,27 @@ MAX_PARAMETERS = 16  # parameters of one Content-Type or Content-Disposition; mo
 MAX_BOUNDARY_CHARS = 70  # RFC 2046 §5.1.1
 # RFC 2046 §5.1.1 bcharsnospace; a quoted boundary may also hold spaces, but may not end with one.
 BCHARS_NO_SPACE = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'()+_,-./:=?"
-# An unquoted parameter value is a token (RFC 2045 §5.1): of the bchars only these are token characters.
+# An unquoted parameter value is a token (RFC 2045 §5.1): of the bchars only these are token
+# characters.
 TOKEN_BCHARS = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'+_-."
-# qdtext (RFC 9110 §5.6.4) without the backslash: parsers unescape a quoted-pair differently (one reads
-# `filename="a\"; name="model"` as one parameter, another as two), so it is refused; and without ";",
-# since a parser that splits parameters on ";" first would read `x="; boundary=b"` as a boundary.
+# qdtext (RFC 9110 §5.6.4) without the backslash: parsers unescape a quoted-pair differently (one
+# reads `filename="a\"; name="model"` as one parameter, another as two), so it is refused; and
+# without ";", since a parser that splits parameters on ";" first would read `x="; boundary=b"` as a
+# boundary.
 QDTEXT_BYTES = bytes([0x09, 0x20, 0x21, *range(0x23, 0x3B), *range(0x3C, 0x5C), *range(0x5D, 0x7F),
                       *range(0x80, 0x100)])
 # Paths whose JSON body carries a Realtime session: the models limit applies to `session.model` too.
 SESSION_MODEL_PATHS = frozenset({
     "/v1/realtime/client_secrets", "/v1/realtime/sessions", "/v1/realtime/transcription_sessions",
 })
-JSON_OFF_LOOP_BYTES = 1024**2  # bigger JSON bodies are checked in a thread (JsonWalk): ~1 s for 30 MiB
+JSON_OFF_LOOP_BYTES = 1024**2  # bigger JSON bodies are checked in a thread (JsonWalk)
 
 
 def media_type(content_type: bytes | None) -> bytes:
     return (content_type or b"").split(b";", 1)[0].strip().lower()
 
 
-JSON_CHUNK_CHARS = 16 * 1024  # the most one C call of the JSON check reads (~2 ms), so threads interleave
+JSON_CHUNK_CHARS = 16 * 1024  # what one C call of the JSON check reads at most (~2 ms)
 JSON_MAX_WALK_DEPTH = 100  # deeper containers are checked by one json scanner call
 JSON_WS_RE = re.compile(r"[ \t\n\r]*")  # json.decoder's WHITESPACE
 # A run of string characters that need no look (RFC 8259 §7: no quote, no backslash, no control).
@@ -1270,25 +1275,27 @@ JSON_ESCAPE_RE = re.compile(r'\\(?:["\\/bfnrt]|u[0-9A-Fa-f]{4})')
 
 
 class JsonPairs(list):  # type: ignore[type-arg]
-    """The (key, value) pairs JsonWalk kept of an object (a list of pairs, told apart from a JSON array)."""
+    """The (key, value) pairs JsonWalk kept of an object (told apart from a JSON array)."""
 
 
 class JsonWalk:
     """Checks a JSON text with the same rules as `json.loads(text, object_pairs_hook=...)` (Python's
-    decoder: NaN allowed, lone surrogates allowed), keeping only the top-level pairs whose key case-folds
-    to one of `keys` (and, for "session", its own pairs), so no single step holds the GIL for long.
+    decoder: NaN allowed, lone surrogates allowed), keeping only the top-level pairs whose key
+    case-folds to one of `keys` (and, for "session", its own pairs), so no single step holds the GIL
+    for long.
 
-    Containers and strings bigger than JSON_CHUNK_CHARS are walked here, a piece at a time; everything
-    smaller goes to json's C scanner in one call. Run in a thread (asyncio.to_thread), this keeps the
-    event loop answering while a 30 MiB body is checked. Raises ValueError for invalid JSON or a
-    repeated "model" key in any object.
+    Containers and strings bigger than JSON_CHUNK_CHARS are walked here, a piece at a time;
+    everything smaller goes to json's C scanner in one call. Run in a thread (asyncio.to_thread),
+    this keeps the event loop answering while a 30 MiB body is checked. Raises ValueError for
+    invalid JSON or a repeated "model" key in any object.
     """
 
     def __init__(self, text: str, hook: Callable[[list[tuple[str, Any]]], Any],
                  chunk: int = JSON_CHUNK_CHARS) -> None:
         self.text = text
         self.chunk = chunk
-        self.scan_once = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=hook))  # type: ignore
+        decoder = json.JSONDecoder(object_pairs_hook=hook)
+        self.scan_once = json.scanner.make_scanner(decoder)  # type: ignore[attr-defined]
 
     def ws(self, idx: int) -> int:
         return JSON_WS_RE.match(self.text, idx).end()  # type: ignore[union-attr]
@@ -1322,11 +1329,12 @@ class JsonWalk:
         return self.object(idx, depth, ())[1]
 
     def elements(self, idx: int) -> tuple[int, int]:
-        """Check array elements from idx a batch at a time: the text up to one of the next few commas
-        after `chunk` characters, parsed as an array of its own, in one C call. That comma is one
-        between elements of this array exactly when the batch parses (a comma inside a string or a
-        nested value leaves the batch unbalanced). Returns where the next element starts and, when no
-        batch parsed, the position to walk element by element to before trying again (linear time).
+        """Check array elements from idx a batch at a time: the text up to one of the next few
+        commas after `chunk` characters, parsed as an array of its own, in one C call. That comma is
+        one between elements of this array exactly when the batch parses (a comma inside a string or
+        a nested value leaves the batch unbalanced). Returns where the next element starts and, when
+        no batch parsed, the position to walk element by element to before trying again (linear
+        time).
         """
         comma = idx + self.chunk
         for _ in range(3):
@@ -1360,7 +1368,8 @@ class JsonWalk:
                 raise ValueError("unterminated string or control character")
 
     def object(self, idx: int, depth: int, keys: Sequence[str]) -> tuple[JsonPairs, int]:
-        """Check the object at idx; returns its pairs whose key case-folds into `keys`, and its end."""
+        """Check the object at idx; returns its pairs whose key case-folds into `keys`, and its
+        end."""
         kept = JsonPairs()
         models = 0
         idx = self.ws(idx + 1)
@@ -1397,14 +1406,15 @@ class JsonWalk:
         return kept, idx
 
 
-def json_models(body: bytes, nested_session: bool = False, chunk: int = JSON_CHUNK_CHARS) -> list[str]:
+def json_models(body: bytes, nested_session: bool = False,
+                chunk: int = JSON_CHUNK_CHARS) -> list[str]:
     """Every `model` a JSON body names: the top-level one and, with nested_session, `session.model`.
 
     Returns them in that order ([] for none), "" for a model that is not a string (never an allowed
     value). Raises ApiError(400) for a body that is not JSON (as json.loads reads it), names "model"
     twice in one object or "session" twice, or has a key equal to one of them in another case
-    (`MODEL`): parsers disagree on which one counts, and an upstream might read either. Safe to run in
-    a thread on a large body: see JsonWalk (`chunk` is its step).
+    (`MODEL`): parsers disagree on which one counts, and an upstream might read either. Safe to run
+    in a thread on a large body: see JsonWalk (`chunk` is its step).
     """
     def no_repeated_model(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         if sum(1 for k, _ in pairs if k == "model") > 1:
@@ -1425,12 +1435,13 @@ def json_models(body: bytes, nested_session: bool = False, chunk: int = JSON_CHU
     except (ValueError, RecursionError):
         raise bad_request("The body is not valid JSON, or names 'model' more than once.") from None
     found: list[str] = []
-    for scope in (pairs, *(value for key, value in pairs if key == "session" and isinstance(value, JsonPairs))):
+    sessions = [value for key, value in pairs if key == "session" and isinstance(value, JsonPairs)]
+    for scope in (pairs, *sessions):
         names = [key for key, _ in scope]
         for key in names:
             if key.casefold() in keys and key != key.casefold():
-                raise bad_request(f"The body names {key!r}: write the key {key.casefold()!r} in lower case.",
-                                  param=key.casefold())
+                raise bad_request(f"The body names {key!r}: write the key {key.casefold()!r} in "
+                                  "lower case.", param=key.casefold())
         if names.count("session") > 1:
             raise bad_request("The body names 'session' more than once.", param="session")
         found += [value if isinstance(value, str) else "" for key, value in scope if key == "model"]
@@ -1438,23 +1449,27 @@ def json_models(body: bytes, nested_session: bool = False, chunk: int = JSON_CHU
 
 
 def json_model(body: bytes) -> str | None:
-    """The top-level `model` of a JSON body, None when it has none. Raises ApiError(400) as json_models."""
+    """The top-level `model` of a JSON body, None when it has none.
+
+    Raises ApiError(400) as json_models.
+    """
     found = json_models(body)
     return found[0] if found else None
 
 
 def multipart_refused(rule: str) -> ApiError:
-    """The 400 for a multipart body a models-limited token may not send, naming the rule it breaks."""
-    return ApiError(400, "A token limited to certain models sends only multipart bodies SOAKP reads with "
-                         f"certainty (RFC 2046/7578): {rule}.", "multipart_not_strict")
+    """The 400 for a multipart body a models-limited token may not send, naming the broken rule."""
+    return ApiError(400, "A token limited to certain models sends only multipart bodies SOAKP "
+                         f"reads with certainty (RFC 2046/7578): {rule}.", "multipart_not_strict")
 
 
 def parse_parameters(text: bytes) -> list[tuple[bytes, bytes, bool]] | None:
-    """The `*( OWS ";" OWS [ name "=" value ] )` parameters after a media or disposition type (RFC 9110
-    §5.6.6), as (lower-case name, value without quotes, whether it was quoted); None when malformed.
+    """The `*( OWS ";" OWS [ name "=" value ] )` parameters after a media or disposition type (RFC
+    9110 §5.6.6), as (lower-case name, value without quotes, whether it was quoted); None when
+    malformed.
 
-    A value is a token or a quoted-string without backslashes; at most MAX_PARAMETERS of them, so the
-    slicing below stays linear in the input.
+    A value is a token or a quoted-string without backslashes; at most MAX_PARAMETERS of them, so
+    the slicing below stays linear in the input.
     """
     params: list[tuple[bytes, bytes, bool]] = []
     rest = text.lstrip(b" \t")
@@ -1492,7 +1507,8 @@ def multipart_boundary(content_type: bytes | None) -> bytes:
     _, semicolon, params_text = (content_type or b"").partition(b";")
     params = parse_parameters(semicolon + params_text)
     if params is None:
-        raise multipart_refused("the Content-Type parameters must be tokens or plain quoted strings")
+        raise multipart_refused("the Content-Type parameters must be tokens or plain quoted "
+                                "strings")
     boundaries = [p for p in params if p[0] in (b"boundary", b"boundary*")]
     if len(boundaries) != 1 or boundaries[0][0] != b"boundary":
         raise multipart_refused("the Content-Type must name exactly one boundary")
@@ -1500,19 +1516,19 @@ def multipart_boundary(content_type: bytes | None) -> bytes:
     allowed = BCHARS_NO_SPACE + b" " if quoted else TOKEN_BCHARS
     if not 1 <= len(boundary) <= MAX_BOUNDARY_CHARS or boundary.translate(None, allowed) \
             or boundary.endswith(b" "):
-        raise multipart_refused("the boundary must be 1 to 70 characters of RFC 2046 bchars, not ending "
-                                "with a space")
+        raise multipart_refused("the boundary must be 1 to 70 characters of RFC 2046 bchars, "
+                                "not ending with a space")
     return boundary
 
 
 class MultipartModelScanner:
-    """Reads a multipart/form-data body fed piece by piece, strictly (RFC 2046 §5.1.1, RFC 7578), and
-    reports the value of every form field named `model`.
+    """Reads a multipart/form-data body fed piece by piece, strictly (RFC 2046 §5.1.1, RFC 7578),
+    and reports the value of every form field named `model`.
 
-    The body must start with the first boundary (no preamble), use CRLF line endings, have no folded or
-    malformed part headers, never hold `--boundary` except as a delimiter, and end with the close
-    delimiter (optionally followed by one CRLF); `finish()` checks that last part. Anything else is an
-    ApiError(400) naming the rule: SOAKP forwards only bodies that every parser reads as it does.
+    The body must start with the first boundary (no preamble), use CRLF line endings, have no folded
+    or malformed part headers, never hold `--boundary` except as a delimiter, and end with the close
+    delimiter (optionally followed by one CRLF); `finish()` checks that last part. Anything else is
+    an ApiError(400) naming the rule: SOAKP forwards only bodies that every parser reads as it does.
     Keeps only what it still needs (a delimiter's length, or one part's headers or model value), so a
     large file part streams past it.
     """
@@ -1537,13 +1553,15 @@ class MultipartModelScanner:
         while True:
             if self.state == "start":
                 if self.pending[:len(dash)] != dash[:len(self.pending)]:
-                    raise multipart_refused("the body must begin with the boundary, without a preamble")
+                    raise multipart_refused("the body must begin with the boundary, without a "
+                                            "preamble")
                 if len(self.pending) < len(dash) + 2:
                     break
                 self.after_boundary(len(dash))
             elif self.state == "headers":
                 if self.pending[:2] == b"\r\n":
-                    raise multipart_refused("each part needs exactly one Content-Disposition header")
+                    raise multipart_refused("each part needs exactly one Content-Disposition "
+                                            "header")
                 end = self.pending.find(b"\r\n\r\n")
                 bare = (self.pending[:end] if end != -1 else self.pending).replace(b"\r\n", b"")
                 if end == -1 and bare.endswith(b"\r") and self.pending.endswith(b"\r"):
@@ -1552,8 +1570,8 @@ class MultipartModelScanner:
                     raise multipart_refused("part headers must use CRLF line endings")
                 if end == -1 or end > MAX_PART_HEADER_BYTES:
                     if len(self.pending) > MAX_PART_HEADER_BYTES + 4:
-                        raise multipart_refused(f"part headers must end with a blank line (CRLF CRLF) within "
-                                                f"{MAX_PART_HEADER_BYTES} bytes")
+                        raise multipart_refused("part headers must end with a blank line (CRLF "
+                                                f"CRLF) within {MAX_PART_HEADER_BYTES} bytes")
                     break
                 self.start_part(self.pending[:end])
                 self.pending = self.pending[end + 4:]
@@ -1569,12 +1587,13 @@ class MultipartModelScanner:
                 if len(self.pending) < at + len(dash) + 2:
                     break
                 if at < 2 or self.pending[at - 2:at] != b"\r\n":
-                    raise multipart_refused("the boundary may appear only as a delimiter, after a CRLF")
+                    raise multipart_refused("the boundary may appear only as a delimiter, after "
+                                            "a CRLF")
                 self.take_value(self.pending[:at - 2])
                 if self.in_model:
                     value = b"".join(self.value)
-                    found.append(value.decode("utf-8", "replace") if len(value) <= MAX_MODEL_VALUE_BYTES
-                                 else "")
+                    short = len(value) <= MAX_MODEL_VALUE_BYTES
+                    found.append(value.decode("utf-8", "replace") if short else "")
                 self.after_boundary(at + len(dash))
             else:  # epilogue: only one CRLF may follow the close delimiter
                 if not b"\r\n".startswith(self.pending):
@@ -1606,23 +1625,28 @@ class MultipartModelScanner:
             self.model_fields += 1
 
     def finish(self) -> None:
-        """Call at the end of the body. Raises ApiError(400) when it did not end with a close delimiter."""
+        """Call at the end of the body.
+
+        Raises ApiError(400) when it did not end with a close delimiter.
+        """
         if self.state != "epilogue":
-            raise multipart_refused("the body must end with a close delimiter ('--' after the boundary)")
+            raise multipart_refused("the body must end with a close delimiter ('--' after the "
+                                    "boundary)")
 
 
 def part_name(block: bytes) -> bytes:
-    """The form field name of a part, from its header lines (CRLF-separated, without the blank line).
+    """The form field name of a part, from its header lines (CRLF-separated, without the blank
+    line).
 
     A part needs exactly one `Content-Disposition: form-data` with exactly one plain `name`. Raises
-    ApiError(400) for anything form parsers could read differently: bare CR or LF, a folded or malformed
-    line, two dispositions or names, RFC 2231 `name*`, a name that is "model" only once percent-decoded
-    or case-folded, and a `model` part with a filename, a Content-Transfer-Encoding (python-multipart
-    decodes base64) or a Content-Type other than text/plain in UTF-8. What SOAKP checks must be what the
-    upstream reads.
+    ApiError(400) for anything form parsers could read differently: bare CR or LF, a folded or
+    malformed line, two dispositions or names, RFC 2231 `name*`, a name that is "model" only once
+    percent-decoded or case-folded, and a `model` part with a filename, a Content-Transfer-Encoding
+    (python-multipart decodes base64) or a Content-Type other than text/plain in UTF-8. What SOAKP
+    checks must be what the upstream reads.
     """
     try:
-        block.decode("utf-8")  # RFC 7578 §5.1: field names in UTF-8; Werkzeug fails on anything else
+        block.decode("utf-8")  # RFC 7578 §5.1: names in UTF-8; Werkzeug fails on anything else
     except UnicodeDecodeError:
         raise multipart_refused("part headers must be UTF-8") from None
     dispositions: list[bytes] = []
@@ -1656,13 +1680,16 @@ def part_name(block: bytes) -> bytes:
         if any(p[0] in (b"filename", b"filename*") for p in params):
             raise multipart_refused("the model field must not carry a filename")
         for key, value in other:
-            if key == b"content-transfer-encoding" or (key == b"content-type" and not plain_text(value)):
-                raise multipart_refused("the model field may only be text/plain in UTF-8, not encoded")
+            if key == b"content-transfer-encoding" or (key == b"content-type"
+                                                       and not plain_text(value)):
+                raise multipart_refused("the model field may only be text/plain in UTF-8, not "
+                                        "encoded")
     return name
 
 
 def plain_text(content_type: bytes) -> bool:
-    """Whether a part's Content-Type is text/plain, with no parameter but a UTF-8 or ASCII charset."""
+    """Whether a part's Content-Type is text/plain, with no parameter but a UTF-8 or ASCII
+    charset."""
     kind, semicolon, params_text = content_type.partition(b";")
     params = parse_parameters(semicolon + params_text)
     return kind.strip().lower() == b"text/plain" and params is not None and all(
@@ -2432,7 +2459,7 @@ async def read_body_ahead(
             scanner.finish()
         else:
             nested = upstream_path in SESSION_MODEL_PATHS
-            if len(data) > JSON_OFF_LOOP_BYTES:  # JsonWalk keeps each step short, so the loop runs between
+            if len(data) > JSON_OFF_LOOP_BYTES:  # JsonWalk's steps are short: the loop runs between
                 named = await asyncio.to_thread(json_models, data, nested)
             else:
                 named = json_models(data, nested)
@@ -2446,9 +2473,10 @@ async def read_body_ahead(
     return RequestBody(data)
 
 
-def check_multipart_models(exchange: Exchange, allowed: Sequence[str], scanner: MultipartModelScanner,
-                           found: Sequence[str]) -> None:
-    """Check the model values a scanner just reported; a second `model` field is a 400 even when allowed.
+def check_multipart_models(exchange: Exchange, allowed: Sequence[str],
+                           scanner: MultipartModelScanner, found: Sequence[str]) -> None:
+    """Check the model values a scanner just reported; a second `model` field is a 400 even when
+    allowed.
 
     Raises ApiError 403 (a model outside the list) or 400.
     """
@@ -2463,9 +2491,9 @@ async def read_multipart_ahead(exchange: Exchange, pieces: AsyncIterator[bytes],
                                models: Sequence[str]) -> RequestBody:
     """Read a multipart body up to its `model` field and check it; watch the rest as it streams.
 
-    The rest streams one piece behind: the last piece goes upstream only once the scanner has seen the
-    close delimiter, so a body that does not end as RFC 2046 says never reaches the upstream whole.
-    Raises ApiError (400, 403) or ClientGone.
+    The rest streams one piece behind: the last piece goes upstream only once the scanner has seen
+    the close delimiter, so a body that does not end as RFC 2046 says never reaches the upstream
+    whole. Raises ApiError (400, 403) or ClientGone.
     """
     scanner = MultipartModelScanner(boundary)
     ahead: list[bytes] = []
@@ -2482,7 +2510,7 @@ async def read_multipart_ahead(exchange: Exchange, pieces: AsyncIterator[bytes],
         exchange.body_consumed = True
         return RequestBody(b"".join(ahead))
 
-    async def rest(held: bytes) -> AsyncIterator[bytes]:  # a second or late `model` field is checked too
+    async def rest(held: bytes) -> AsyncIterator[bytes]:  # a second or late `model` is checked too
         async for piece in pieces:
             check_multipart_models(exchange, models, scanner, scanner.feed(piece))
             yield held

@@ -3,8 +3,8 @@
 - A header value of spaces followed by a control byte made the old header regex backtrack
   quadratically, on the event loop: 60 KB held every other connection for 19.5 s.
 - Every compiled pattern in soakp.py, found by walking the module (so a new one is covered without
-  editing this file), is driven with long runs of each character it mentions, followed by a byte that
-  fails the match: the time for 40,000 characters must stay near four times the time for 10,000
+  editing this file), is driven with long runs of each character it mentions, followed by a byte
+  that fails the match: the time for 40,000 characters must stay near four times the time for 10,000
   (linear), far from the sixteen times of a quadratic pattern.
 - A 30 MiB JSON body on a models-limited token is checked off the event loop: another connection is
   answered meanwhile.
@@ -56,16 +56,21 @@ def test_redos_header_value_of_spaces_then_a_control_byte_does_not_stall_other_c
 
 
 def test_big_json_body_on_a_models_limited_token_is_checked_off_the_event_loop(
-    proxy: SoakpProcess, fake_upstream: FakeUpstream,
+    proxy: SoakpProcess,
+    fake_upstream: FakeUpstream,
 ) -> None:
-    """30 MiB of JSON (a long array of numbers, the slowest shape for json.loads: 3 s holding the GIL)
-    on a models-limited token: /healthz is answered within 0.5 s while the body is checked, and the
-    request then reaches the upstream (whose 404 comes back)."""
+    """30 MiB of JSON (a long array of numbers, the slowest shape for json.loads: 3 s holding the
+    GIL) on a models-limited token: /healthz is answered within 0.5 s while the body is checked, and
+    the request then reaches the upstream (whose 404 comes back)."""
     token = proxy.mint(models=["gpt-4o-mini"])
     body = b'{"model":"gpt-4o-mini","input":[' + b"1," * (15 * 1024 * 1024) + b'1]}'
     path = "/v1/redos/big-json"  # the fake upstream answers 404 without reading the JSON
-    wire = build_request("POST", path, [("Authorization", f"Bearer {token}"),
-                                                     ("Content-Type", "application/json")], body)
+    wire = build_request(
+        "POST",
+        path,
+        [("Authorization", f"Bearer {token}"), ("Content-Type", "application/json")],
+        body,
+    )
     with proxy.connect(timeout_s=60) as big:
         big.send(wire)
         slowest = max(probe_seconds(proxy) for _ in range(5))
@@ -74,7 +79,7 @@ def test_big_json_body_on_a_models_limited_token_is_checked_off_the_event_loop(
     assert fake_upstream.wait_for_request(path).body_length == len(body)
 
 
-# Every compiled pattern ######################################################################################
+# Every compiled pattern ###########################################################################
 
 SOURCE = Path(soakp.__file__).read_text(encoding="utf-8")
 SMALL, LARGE = 10_000, 40_000
@@ -88,12 +93,15 @@ def module_patterns() -> dict[str, re.Pattern]:
 
 
 def search_names() -> set[str]:
-    """Patterns the code applies anywhere in a string (search, finditer, sub, findall, split): each start
-    position costs a try, so these are timed with search; the others with match."""
+    """Patterns the code applies anywhere in a string (search, finditer, sub, findall, split): each
+    start position costs a try, so these are timed with search; the others with match."""
     names = set()
     for node in ast.walk(ast.parse(SOURCE)):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
-                node.attr in ("search", "finditer", "findall", "sub", "subn", "split"):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.attr in ("search", "finditer", "findall", "sub", "subn", "split")
+        ):
             names.add(node.value.id)
     return names
 
@@ -102,7 +110,9 @@ def pattern_bytes(pattern: re.Pattern) -> tuple[list[int], list[bytes]]:
     """The characters a pattern mentions (one of each class and range ends) and its literal runs."""
     chars: set[int] = set()
     literals: list[bytes] = []
-    source = pattern.pattern if isinstance(pattern.pattern, str) else pattern.pattern.decode("latin-1")
+    source = (
+        pattern.pattern if isinstance(pattern.pattern, str) else pattern.pattern.decode("latin-1")
+    )
 
     def walk(items: sre_parse.SubPattern) -> None:
         run = bytearray()
@@ -123,7 +133,11 @@ def pattern_bytes(pattern: re.Pattern) -> tuple[list[int], list[bytes]]:
                         chars.update({value[0], value[1], (value[0] + value[1]) // 2})
                     elif kind is sre_constants.CATEGORY:
                         chars.update({0x20, 0x09, 0x30, 0x61})
-            elif op in (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT, sre_constants.POSSESSIVE_REPEAT):
+            elif op in (
+                sre_constants.MAX_REPEAT,
+                sre_constants.MIN_REPEAT,
+                sre_constants.POSSESSIVE_REPEAT,
+            ):
                 walk(arg[2])
             elif op is sre_constants.SUBPATTERN:
                 walk(arg[-1])
@@ -143,8 +157,8 @@ def pattern_bytes(pattern: re.Pattern) -> tuple[list[int], list[bytes]]:
 
 
 def inputs(pattern: re.Pattern, size: int) -> list[tuple[str, bytes]]:
-    """Long runs of each mentioned character, alone or after a literal of the pattern, repeated with a
-    literal, and ended by a byte that fails (a control byte, or a character outside the run)."""
+    """Long runs of each mentioned character, alone or after a literal of the pattern, repeated with
+    a literal, and ended by a byte that fails (a control byte, or a character outside the run)."""
     chars, literals = pattern_bytes(pattern)
     out = []
     for char in chars:
@@ -152,7 +166,12 @@ def inputs(pattern: re.Pattern, size: int) -> list[tuple[str, bytes]]:
         for tail in (b"\x01", b"\x00", b"\xff" if char != 0xFF else b"\x01"):
             out.append((f"{char:#x}*n+{tail!r}", run + tail))
         for literal in literals[:8]:
-            for lead in (b"", b"a", b"0", b"X-"):  # something the pattern may need before the literal
+            for lead in (
+                b"",
+                b"a",
+                b"0",
+                b"X-",
+            ):  # something the pattern may need before the literal
                 out.append((f"{lead!r}+{literal!r}+{char:#x}*n", lead + literal + run + b"\x01"))
             unit = literal + bytes([char])
             out.append((f"({literal!r}+{char:#x})*n", unit * (size // len(unit)) + b"\x01"))
@@ -191,25 +210,43 @@ def superlinear(pattern: re.Pattern, searched: bool, small_size: int, large_size
 def test_redos_every_compiled_pattern_is_linear_on_pathological_input(name: str) -> None:
     searched = name in search_names()
     slow = superlinear(module_patterns()[name], searched, SMALL, LARGE)
-    assert not slow, f"{name} ({'search' if searched else 'match'}) grows faster than linear: {slow[:5]}"
+    assert not slow, (
+        f"{name} ({'search' if searched else 'match'}) grows faster than linear: {slow[:5]}"
+    )
 
 
 def test_pattern_walk_finds_the_patterns_and_would_catch_a_quadratic_one() -> None:
     """The walk covers the parsing patterns, and flags the old header-line pattern and the old
     part-name pattern under search (kept here as examples of what it must catch)."""
-    assert {"REQUEST_LINE_RE", "CHUNK_LINE_RE", "HOST_RE", "MODEL_IN_BODY_RE"} <= set(module_patterns())
+    assert {"REQUEST_LINE_RE", "CHUNK_LINE_RE", "HOST_RE", "MODEL_IN_BODY_RE"} <= set(
+        module_patterns()
+    )
     assert "HEADER_LINE_RE" not in module_patterns() and "BOUNDARY_RE" not in module_patterns()
     assert {"MODEL_IN_BODY_RE", "USAGE_OBJECT_RE", "SSE_EVENT_END_RE"} <= search_names()
     token = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-    old_header = re.compile(rb"(" + token + rb"):[ \t]*((?:[\x21-\x7e\x80-\xff](?:[\t \x21-\x7e\x80-\xff]*"
-                            rb"[\x21-\x7e\x80-\xff])?)?)[ \t]*\Z")
+    old_header = re.compile(
+        rb"(" + token + rb"):[ \t]*((?:[\x21-\x7e\x80-\xff](?:[\t \x21-\x7e\x80-\xff]*"
+        rb"[\x21-\x7e\x80-\xff])?)?)[ \t]*\Z"
+    )
     assert superlinear(old_header, False, 500, 2000)
     assert superlinear(re.compile(rb"[a-z]+@"), True, 500, 2000)  # quadratic under search only
     assert not superlinear(re.compile(rb"[a-z]+@"), False, 500, 2000)
 
 
 def test_split_field_line_reads_what_the_old_pattern_read() -> None:
-    assert soakp.split_field_line(b"X-A: \t value  with  spaces \t") == (b"X-A", b"value  with  spaces")
+    assert soakp.split_field_line(b"X-A: \t value  with  spaces \t") == (
+        b"X-A",
+        b"value  with  spaces",
+    )
     assert soakp.split_field_line(b"X:") == (b"X", b"")
-    for bad in (b" X: a", b"X : a", b"X: a\x01", b"X: a\rb", b"X: a\nb", b": a", b"X a", b"X\x00: a"):
+    for bad in (
+        b" X: a",
+        b"X : a",
+        b"X: a\x01",
+        b"X: a\rb",
+        b"X: a\nb",
+        b": a",
+        b"X a",
+        b"X\x00: a",
+    ):
         assert soakp.split_field_line(bad) is None, bad
