@@ -1504,7 +1504,9 @@ def multipart_boundary(content_type: bytes | None) -> bytes:
     RFC 2046 characters (a token when unquoted): a boundary one parser cuts at 70 and another reads
     whole lets a shortened "close delimiter" end one parser's reading before the other's.
     """
-    _, semicolon, params_text = (content_type or b"").partition(b";")
+    media, semicolon, params_text = (content_type or b"").partition(b";")
+    if media.strip(b" \t") != b"multipart/form-data":  # Werkzeug reads only this spelling
+        raise multipart_refused("the media type must be written multipart/form-data, in lower case")
     params = parse_parameters(semicolon + params_text)
     if params is None:
         raise multipart_refused("the Content-Type parameters must be tokens or plain quoted "

@@ -293,6 +293,11 @@ TRICKS: dict[str, tuple[bytes, bytes, str]] = {  # name: (Content-Type, body, wo
         form(part(b"model", b"gpt-4o")),
         "Content-Type parameters",
     ),
+    "media type in another case": (
+        b"Multipart/Form-Data; boundary=" + BOUNDARY,
+        form(part(b"model", b"gpt-4o")),
+        "lower case",
+    ),
     "boundary with a character outside bchars": (
         content_type(b"a{b", quoted=True),
         form(part(b"model", b"gpt-4o", boundary=b"a{b"), boundary=b"a{b"),
@@ -432,7 +437,21 @@ def bodies(draw: Any) -> tuple[bytes, bytes]:
             body = body[:at] + body[at + draw(st.integers(1, 4)) :]
         else:
             body = body[:at] + draw(PIECES) + body[at + draw(st.integers(1, 4)) :]
-    return content_type(boundary, quoted), body
+    ctype = content_type(boundary, quoted)
+    if draw(st.integers(0, 4)) == 0:  # spellings of the header that parsers read differently
+        ctype = draw(st.sampled_from([
+            ctype.replace(b"multipart/form-data", b"Multipart/Form-Data"),
+            ctype.replace(b"boundary", b"BOUNDARY"),
+            ctype.replace(b"; ", b";"),
+            ctype.replace(b"; ", b" ; "),
+            ctype.replace(b"=", b" = "),
+            ctype + b"; charset=utf-8",
+            ctype + b";",
+            b"multipart/form-data; charset=utf-8; " + ctype.split(b"; ", 1)[1],
+            ctype.replace(b"boundary=", b"boundary*="),
+            ctype + b"; boundary=other",
+        ]))
+    return ctype, body
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
