@@ -43,7 +43,7 @@ import sys
 import time
 import urllib.parse
 import zlib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -1377,10 +1377,10 @@ MAX_CHUNK_LINE_BYTES = 4 * 1024
 MAX_CONTENT_LENGTH_DIGITS = 18
 # token = 1*tchar (RFC 9110 §5.6.2)
 TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+TCHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# What a field value may hold: VCHAR, SP, HTAB and obs-text, never CTLs (RFC 9110 §5.5).
+FIELD_VALUE_BYTES = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
 REQUEST_LINE_RE = re.compile(rb"(" + TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.([01])\Z")
-# field-line = field-name ":" OWS field-value OWS; a value holds VCHAR, SP, HTAB and obs-text, never CTLs.
-HEADER_LINE_RE = re.compile(rb"(" + TOKEN + rb"):[ \t]*((?:[\x21-\x7e\x80-\xff](?:[\t \x21-\x7e\x80-\xff]*"
-                            rb"[\x21-\x7e\x80-\xff])?)?)[ \t]*\Z")
 STATUS_LINE_RE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: ([\t \x21-\x7e\x80-\xff]*))?\Z")
 # chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS ext-name [ BWS "=" BWS ext-val ] )
 CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})((?:[ \t]*;[ \t]*" + TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + TOKEN
@@ -1446,6 +1446,21 @@ def bad_request(message: str, status: int = 400, param: str | None = None) -> Ap
     return ApiError(status, message, "invalid_request", param=param)
 
 
+def split_field_line(line: bytes) -> tuple[bytes, bytes] | None:
+    """Split `field-name ":" OWS field-value OWS` into (name, value without OWS); None when
+    malformed.
+
+    Bytes methods only, each one pass over the line: a regex here backtracked quadratically on a
+    value of spaces followed by a control byte (issue 11: one 60 KB header held the event loop for
+    19.5 s).
+    """
+    name, colon, value = line.partition(b":")
+    if not colon or not name or name.translate(None, TCHARS) \
+            or value.translate(None, FIELD_VALUE_BYTES):
+        return None
+    return name, value.strip(b" \t")
+
+
 def split_header_lines(lines: Sequence[bytes]) -> tuple[list[tuple[bytes, bytes]], dict[bytes, list[bytes]]]:
     """Parse field lines into (name, value) pairs plus the INDEXED_HEADERS ones by lower-case name.
 
@@ -1456,12 +1471,12 @@ def split_header_lines(lines: Sequence[bytes]) -> tuple[list[tuple[bytes, bytes]
     headers: list[tuple[bytes, bytes]] = []
     framing: dict[bytes, list[bytes]] = {}
     for line in lines:
-        match = HEADER_LINE_RE.match(line)
-        if match is None:
+        field_line = split_field_line(line)
+        if field_line is None:
             # Covers obs-fold (a line starting with SP/HTAB, RFC 9112 §5.2), whitespace before the colon
             # (§5.1), bare CR or LF and NUL or other control bytes.
             raise bad_request("Malformed header field.")
-        name, value = match[1], match[2]
+        name, value = field_line
         lower = name.lower()
         if lower in INDEXED_HEADERS:
             framing.setdefault(lower, []).append(value)
@@ -1641,120 +1656,534 @@ def parse_chunk_size(line: bytes) -> int:
 MODEL_SCAN_LIMIT_BYTES = 32 * 1024**2  # what a models-limited token may have read ahead before forwarding
 MAX_MODEL_VALUE_BYTES = 1024
 MAX_PART_HEADER_BYTES = 8 * 1024
-BOUNDARY_RE = re.compile(rb'(?i)(?:^|;)\s*boundary\s*=\s*(?:"([^"]{1,70})"|([^;\s"]{1,70}))')
-NAME_EXTENDED_RE = re.compile(rb'(?i)(?:^|;)\s*name\*')
-PART_NAME_RE = re.compile(rb'(?i)(?:^|;)\s*name\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s"]+))')
+MAX_PARAMETERS = 16  # parameters of one Content-Type or Content-Disposition; more is refused
+MAX_BOUNDARY_CHARS = 70  # RFC 2046 §5.1.1
+# RFC 2046 §5.1.1 bcharsnospace; a quoted boundary may also hold spaces, but may not end with one.
+BCHARS_NO_SPACE = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'()+_,-./:=?"
+# An unquoted parameter value is a token (RFC 2045 §5.1): of the bchars only these are token
+# characters.
+TOKEN_BCHARS = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'+_-."
+# qdtext (RFC 9110 §5.6.4) without the backslash: parsers unescape a quoted-pair differently (one
+# reads `filename="a\"; name="model"` as one parameter, another as two), so it is refused; and
+# without ";", since a parser that splits parameters on ";" first would read `x="; boundary=b"` as a
+# boundary.
+QDTEXT_BYTES = bytes([0x09, 0x20, 0x21, *range(0x23, 0x3B), *range(0x3C, 0x5C), *range(0x5D, 0x7F),
+                      *range(0x80, 0x100)])
+# Paths whose JSON body carries a Realtime session: the models limit applies to `session.model` too.
+SESSION_MODEL_PATHS = frozenset({
+    "/v1/realtime/client_secrets", "/v1/realtime/sessions", "/v1/realtime/transcription_sessions",
+})
+JSON_OFF_LOOP_BYTES = 1024**2  # bigger JSON bodies are checked in a thread (JsonWalk)
 
 
 def media_type(content_type: bytes | None) -> bytes:
     return (content_type or b"").split(b";", 1)[0].strip().lower()
 
 
-def json_model(body: bytes) -> str | None:
-    """The top-level `model` of a JSON body, None when it has none.
+JSON_CHUNK_CHARS = 16 * 1024  # what one C call of the JSON check reads at most (~2 ms)
+JSON_MAX_WALK_DEPTH = 100  # deeper containers are checked by one json scanner call
+JSON_WS_RE = re.compile(r"[ \t\n\r]*")  # json.decoder's WHITESPACE
+# A run of string characters that need no look (RFC 8259 §7: no quote, no backslash, no control).
+JSON_STRING_RUN_RE = re.compile(r'[^"\\\x00-\x1f]*')
+JSON_ESCAPE_RE = re.compile(r'\\(?:["\\/bfnrt]|u[0-9A-Fa-f]{4})')
 
-    Returns "" for a model that is not a string (never an allowed value). Raises ApiError(400) for a
-    body that is not JSON or has a repeated "model" key, since parsers disagree on which one counts.
+
+class JsonPairs(list):  # type: ignore[type-arg]
+    """The (key, value) pairs JsonWalk kept of an object (told apart from a JSON array)."""
+
+
+class JsonWalk:
+    """Checks a JSON text with the same rules as `json.loads(text, object_pairs_hook=...)` (Python's
+    decoder: NaN allowed, lone surrogates allowed), keeping only the top-level pairs whose key
+    case-folds to one of `keys` (and, for "session", its own pairs), so no single step holds the GIL
+    for long.
+
+    Containers and strings bigger than JSON_CHUNK_CHARS are walked here, a piece at a time;
+    everything smaller goes to json's C scanner in one call. Run in a thread (asyncio.to_thread),
+    this keeps the event loop answering while a 30 MiB body is checked. Raises ValueError for
+    invalid JSON or a repeated "model" key in any object.
+    """
+
+    def __init__(self, text: str, hook: Callable[[list[tuple[str, Any]]], Any],
+                 chunk: int = JSON_CHUNK_CHARS) -> None:
+        self.text = text
+        self.chunk = chunk
+        decoder = json.JSONDecoder(object_pairs_hook=hook)
+        self.scan_once = json.scanner.make_scanner(decoder)  # type: ignore[attr-defined]
+
+    def ws(self, idx: int) -> int:
+        return JSON_WS_RE.match(self.text, idx).end()  # type: ignore[union-attr]
+
+    def value(self, idx: int, depth: int) -> int:
+        """Check the value at idx; returns where it ends."""
+        char = self.text[idx:idx + 1]
+        if len(self.text) - idx <= self.chunk or (char in "[{" and depth >= JSON_MAX_WALK_DEPTH) \
+                or char not in '[{"':
+            try:
+                return self.scan_once(self.text, idx)[1]
+            except StopIteration:
+                raise ValueError("expecting a value") from None
+        if char == '"':
+            return self.string(idx)
+        if char == "[":
+            idx = self.ws(idx + 1)
+            if self.text[idx:idx + 1] == "]":
+                return idx + 1
+            walk_to = idx
+            while True:
+                if idx >= walk_to:
+                    idx, walk_to = self.elements(idx)
+                idx = self.ws(self.value(idx, depth + 1))
+                char, idx = self.text[idx:idx + 1], idx + 1
+                if char == "]":
+                    return idx
+                if char != ",":
+                    raise ValueError("expecting ',' delimiter")
+                idx = self.ws(idx)
+        return self.object(idx, depth, ())[1]
+
+    def elements(self, idx: int) -> tuple[int, int]:
+        """Check array elements from idx a batch at a time: the text up to one of the next few
+        commas after `chunk` characters, parsed as an array of its own, in one C call. That comma is
+        one between elements of this array exactly when the batch parses (a comma inside a string or
+        a nested value leaves the batch unbalanced). Returns where the next element starts and, when
+        no batch parsed, the position to walk element by element to before trying again (linear
+        time).
+        """
+        comma = idx + self.chunk
+        for _ in range(3):
+            comma = self.text.find(",", comma)
+            if comma == -1:
+                break
+            batch = "[" + self.text[idx:comma] + "]"
+            try:
+                if self.scan_once(batch, 0)[1] == len(batch):
+                    return self.ws(comma + 1), comma + 1
+            except (StopIteration, ValueError, RecursionError):
+                pass
+            comma += 1
+        return idx, comma if comma != -1 else len(self.text)
+
+    def string(self, idx: int) -> int:
+        """Check the string starting at idx (its quote); returns where it ends."""
+        idx += 1
+        while True:
+            run = JSON_STRING_RUN_RE.match(self.text, idx, idx + self.chunk)
+            idx = run.end()  # type: ignore[union-attr]
+            char = self.text[idx:idx + 1]
+            if char == '"':
+                return idx + 1
+            if char == "\\":
+                escape = JSON_ESCAPE_RE.match(self.text, idx)
+                if escape is None:
+                    raise ValueError("invalid escape")
+                idx = escape.end()
+            elif not char or char < " ":
+                raise ValueError("unterminated string or control character")
+
+    def object(self, idx: int, depth: int, keys: Sequence[str]) -> tuple[JsonPairs, int]:
+        """Check the object at idx; returns its pairs whose key case-folds into `keys`, and its
+        end."""
+        kept = JsonPairs()
+        models = 0
+        idx = self.ws(idx + 1)
+        if self.text[idx:idx + 1] == "}":
+            return kept, idx + 1
+        while True:
+            if self.text[idx:idx + 1] != '"':
+                raise ValueError("expecting a property name in double quotes")
+            key, idx = json.decoder.scanstring(self.text, idx + 1)  # type: ignore[attr-defined]
+            models += key == "model"
+            idx = self.ws(idx)
+            if self.text[idx:idx + 1] != ":":
+                raise ValueError("expecting ':' delimiter")
+            start = self.ws(idx + 1)
+            folded = key.casefold()
+            if folded == "session" and "session" in keys and self.text[start:start + 1] == "{":
+                pairs, idx = self.object(start, depth + 1, ("model",))
+                kept.append((key, pairs))
+            else:
+                idx = self.value(start, depth + 1)
+                if folded in keys:
+                    small = idx - start <= max(self.chunk, MAX_MODEL_VALUE_BYTES)
+                    # a value too long to be a model name is kept as "", which no token allows
+                    kept.append((key, self.scan_once(self.text, start)[0] if small else ""))
+            idx = self.ws(idx)
+            char, idx = self.text[idx:idx + 1], idx + 1
+            if char == "}":
+                break
+            if char != ",":
+                raise ValueError("expecting ',' delimiter")
+            idx = self.ws(idx)
+        if models > 1:
+            raise ValueError("repeated model")
+        return kept, idx
+
+
+def json_models(body: bytes, nested_session: bool = False,
+                chunk: int = JSON_CHUNK_CHARS) -> list[str]:
+    """Every `model` a JSON body names: the top-level one and, with nested_session, `session.model`.
+
+    Returns them in that order ([] for none), "" for a model that is not a string (never an allowed
+    value). Raises ApiError(400) for a body that is not JSON (as json.loads reads it), names "model"
+    twice in one object or "session" twice, or has a key equal to one of them in another case
+    (`MODEL`): parsers disagree on which one counts, and an upstream might read either. Safe to run
+    in a thread on a large body: see JsonWalk (`chunk` is its step).
     """
     def no_repeated_model(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         if sum(1 for k, _ in pairs if k == "model") > 1:
             raise ValueError("repeated model")
         return dict(pairs)
 
+    keys = ("model", "session") if nested_session else ("model",)
     try:
-        document = json.loads(body, object_pairs_hook=no_repeated_model)
+        text = body.decode(json.detect_encoding(body), "surrogatepass")
+        walk = JsonWalk(text, no_repeated_model, chunk)
+        start = walk.ws(0)
+        if text[start:start + 1] == "{":
+            pairs, end = walk.object(start, 0, keys)
+        else:
+            pairs, end = JsonPairs(), walk.value(start, 0)
+        if text.startswith("\ufeff") or walk.ws(end) != len(text):
+            raise ValueError("extra data")
     except (ValueError, RecursionError):
         raise bad_request("The body is not valid JSON, or names 'model' more than once.") from None
-    if not isinstance(document, dict) or "model" not in document:
-        return None
-    model = document["model"]
-    return model if isinstance(model, str) else ""
+    found: list[str] = []
+    sessions = [value for key, value in pairs if key == "session" and isinstance(value, JsonPairs)]
+    for scope in (pairs, *sessions):
+        names = [key for key, _ in scope]
+        for key in names:
+            if key.casefold() in keys and key != key.casefold():
+                raise bad_request(f"The body names {key!r}: write the key {key.casefold()!r} in "
+                                  "lower case.", param=key.casefold())
+        if names.count("session") > 1:
+            raise bad_request("The body names 'session' more than once.", param="session")
+        found += [value if isinstance(value, str) else "" for key, value in scope if key == "model"]
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class JsonFields:
+    """Some top-level fields of a JSON object, with where each value stands, so that they can be changed
+    in place and every other byte kept (JsonFields.splice)."""
+
+    text: str
+    encoding: str
+    brace: int  # where the object's `{` stands
+    values: dict[str, Any]
+    spans: dict[str, tuple[int, int]]
+
+    def splice(self, changes: Mapping[str, Any]) -> bytes:
+        """The body with each changed field's value replaced, and new fields put first."""
+        text, added = self.text, []
+        for key, (start, end) in sorted(((k, self.spans[k]) for k in changes if k in self.spans),
+                                        key=lambda item: item[1], reverse=True):
+            text = text[:start] + json.dumps(changes[key], separators=(",", ":")) + text[end:]
+        for key, value in changes.items():
+            if key not in self.spans:
+                added.append(json.dumps(key) + ":" + json.dumps(value, separators=(",", ":")) + ",")
+        if added:
+            closed = text[self.brace + 1:].lstrip(" \t\n\r").startswith("}")
+            inserted = "".join(added)[:-1] + ("" if closed else ",")
+            text = text[:self.brace + 1] + inserted + text[self.brace + 1:]
+        return text.encode("utf-8", "surrogatepass")
+
+
+def json_fields(body: bytes, keys: Collection[str], chunk: int = JSON_CHUNK_CHARS) -> JsonFields:
+    """The top-level fields named in `keys` of a JSON object body, read as json.loads reads it, a step
+    at a time (see JsonWalk: safe in a thread on a large body).
+
+    Raises ApiError(400) for a body that is not a JSON object, or that names one of `keys` twice (parsers
+    disagree on which one counts).
+    """
+    try:
+        encoding = json.detect_encoding(body)
+        text = body.decode(encoding, "surrogatepass")
+        walk = JsonWalk(text, dict, chunk)
+        brace = walk.ws(0)
+        if text[brace:brace + 1] != "{" or text.startswith("\ufeff"):
+            raise ValueError("not an object")
+        values: dict[str, Any] = {}
+        spans: dict[str, tuple[int, int]] = {}
+        idx = walk.ws(brace + 1)
+        while text[idx:idx + 1] != "}":
+            if text[idx:idx + 1] != '"':
+                raise ValueError("expecting a property name")
+            key, idx = json.decoder.scanstring(text, idx + 1)  # type: ignore[attr-defined]
+            idx = walk.ws(idx)
+            if text[idx:idx + 1] != ":":
+                raise ValueError("expecting ':'")
+            start = walk.ws(idx + 1)
+            end = walk.value(start, 1)
+            if key in keys:
+                if key in spans:
+                    raise bad_request(f"The body names {key!r} more than once.", param=key)
+                if end - start > chunk:
+                    raise bad_request(f"The body's {key!r} is too large to be what it names.", param=key)
+                values[key] = walk.scan_once(text, start)[0]
+                spans[key] = (start, end)
+            idx = walk.ws(end)
+            if text[idx:idx + 1] == ",":
+                idx = walk.ws(idx + 1)
+                if text[idx:idx + 1] == "}":
+                    raise ValueError("trailing comma")
+            elif text[idx:idx + 1] != "}":
+                raise ValueError("expecting ',' or '}'")
+        if walk.ws(idx + 1) != len(text):
+            raise ValueError("extra data")
+    except (ValueError, RecursionError):
+        raise bad_request("The body must be a JSON object.") from None
+    return JsonFields(text, encoding, brace, values, spans)
+
+
+def json_model(body: bytes) -> str | None:
+    """The top-level `model` of a JSON body, None when it has none.
+
+    Raises ApiError(400) as json_models.
+    """
+    found = json_models(body)
+    return found[0] if found else None
+
+
+def multipart_refused(rule: str) -> ApiError:
+    """The 400 for a multipart body a models-limited token may not send, naming the broken rule."""
+    return ApiError(400, "A token limited to certain models sends only multipart bodies SOAKP "
+                         f"reads with certainty (RFC 2046/7578): {rule}.", "multipart_not_strict")
+
+
+def parse_parameters(text: bytes) -> list[tuple[bytes, bytes, bool]] | None:
+    """The `*( OWS ";" OWS [ name "=" value ] )` parameters after a media or disposition type (RFC
+    9110 §5.6.6), as (lower-case name, value without quotes, whether it was quoted); None when
+    malformed.
+
+    A value is a token or a quoted-string without backslashes; at most MAX_PARAMETERS of them, so
+    the slicing below stays linear in the input.
+    """
+    params: list[tuple[bytes, bytes, bool]] = []
+    rest = text.lstrip(b" \t")
+    while rest:
+        if rest[:1] != b";" or len(params) >= MAX_PARAMETERS:
+            return None
+        rest = rest[1:].lstrip(b" \t")
+        if not rest or rest[:1] == b";":
+            continue
+        name, equals, rest = rest.partition(b"=")
+        if not equals or not name or name.translate(None, TCHARS):
+            return None
+        if rest[:1] == b'"':
+            end = rest.find(b'"', 1)
+            if end == -1 or rest[1:end].translate(None, QDTEXT_BYTES):
+                return None
+            value, quoted, rest = rest[1:end], True, rest[end + 1:]
+        else:
+            after = rest.lstrip(TCHARS)
+            value, quoted, rest = rest[:len(rest) - len(after)], False, after
+            if not value:
+                return None
+        params.append((name.lower(), value, quoted))
+        rest = rest.lstrip(b" \t")
+    return params
 
 
 def multipart_boundary(content_type: bytes | None) -> bytes:
-    """The boundary of a multipart/form-data body. Raises ApiError(400), also for two boundaries."""
-    matches = list(BOUNDARY_RE.finditer((content_type or b"").split(b";", 1)[-1]))
-    if len(matches) != 1:
-        raise bad_request("A multipart body needs exactly one boundary.")
-    return matches[0][1] or matches[0][2]
+    """The boundary of a multipart/form-data Content-Type.
+
+    Raises ApiError(400) unless the parameters are well formed and name exactly one boundary of 1-70
+    RFC 2046 characters (a token when unquoted): a boundary one parser cuts at 70 and another reads
+    whole lets a shortened "close delimiter" end one parser's reading before the other's.
+    """
+    media, semicolon, params_text = (content_type or b"").partition(b";")
+    if media.strip(b" \t") != b"multipart/form-data":  # Werkzeug reads only this spelling
+        raise multipart_refused("the media type must be written multipart/form-data, in lower case")
+    params = parse_parameters(semicolon + params_text)
+    if params is None:
+        raise multipart_refused("the Content-Type parameters must be tokens or plain quoted "
+                                "strings")
+    boundaries = [p for p in params if p[0] in (b"boundary", b"boundary*")]
+    if len(boundaries) != 1 or boundaries[0][0] != b"boundary":
+        raise multipart_refused("the Content-Type must name exactly one boundary")
+    _, boundary, quoted = boundaries[0]
+    allowed = BCHARS_NO_SPACE + b" " if quoted else TOKEN_BCHARS
+    if not 1 <= len(boundary) <= MAX_BOUNDARY_CHARS or boundary.translate(None, allowed) \
+            or boundary.endswith(b" "):
+        raise multipart_refused("the boundary must be 1 to 70 characters of RFC 2046 bchars, "
+                                "not ending with a space")
+    return boundary
 
 
 class MultipartModelScanner:
-    """Finds every form field named `model` in a multipart/form-data body fed piece by piece.
+    """Reads a multipart/form-data body fed piece by piece, strictly (RFC 2046 §5.1.1, RFC 7578),
+    and reports the value of every form field named `model`.
 
+    The body must start with the first boundary (no preamble), use CRLF line endings, have no folded
+    or malformed part headers, never hold `--boundary` except as a delimiter, and end with the close
+    delimiter (optionally followed by one CRLF); `finish()` checks that last part. Anything else is
+    an ApiError(400) naming the rule: SOAKP forwards only bodies that every parser reads as it does.
     Keeps only what it still needs (a delimiter's length, or one part's headers or model value), so a
     large file part streams past it.
     """
 
     def __init__(self, boundary: bytes) -> None:
-        self.delimiter = b"\r\n--" + boundary
-        self.pending = b"\r\n"  # the first delimiter has no CRLF of its own
-        self.state: Literal["seek", "value", "after_delimiter", "headers", "done"] = "seek"
+        self.dash_boundary = b"--" + boundary
+        self.pending = b""
+        self.state: Literal["start", "headers", "body", "epilogue"] = "start"
+        self.in_model = False
+        self.value: list[bytes] = []
+        self.value_bytes = 0
+        self.model_fields = 0  # how many `model` parts were seen so far; more than one is refused
 
     def feed(self, data: bytes) -> list[str]:
-        """Returns the model values completed by this piece ("" for one that is too long). Raises ApiError(400)."""
+        """Returns the model values completed by this piece ("" for one that is too long).
+
+        Raises ApiError(400).
+        """
         self.pending += data
         found: list[str] = []
-        while self.state != "done":
-            if self.state in ("seek", "value"):
-                index = self.pending.find(self.delimiter)
-                if index == -1:
-                    if self.state == "value" and len(self.pending) > MAX_MODEL_VALUE_BYTES + len(self.delimiter):
-                        found.append("")
-                        self.state = "seek"
-                    if self.state == "seek":
-                        self.pending = self.pending[-len(self.delimiter):]
+        dash = self.dash_boundary
+        while True:
+            if self.state == "start":
+                if self.pending[:len(dash)] != dash[:len(self.pending)]:
+                    raise multipart_refused("the body must begin with the boundary, without a "
+                                            "preamble")
+                if len(self.pending) < len(dash) + 2:
                     break
-                if self.state == "value":  # a value too long to be a model name reads the same however cut
-                    value = self.pending[:index]
-                    found.append(value.decode("utf-8", "replace") if len(value) <= MAX_MODEL_VALUE_BYTES else "")
-                self.pending = self.pending[index + len(self.delimiter):]
-                self.state = "after_delimiter"
-            elif self.state == "after_delimiter":
-                if self.pending.startswith(b"--"):
-                    self.state, self.pending = "done", b""
+                self.after_boundary(len(dash))
+            elif self.state == "headers":
+                if self.pending[:2] == b"\r\n":
+                    raise multipart_refused("each part needs exactly one Content-Disposition "
+                                            "header")
+                end = self.pending.find(b"\r\n\r\n")
+                bare = (self.pending[:end] if end != -1 else self.pending).replace(b"\r\n", b"")
+                if end == -1 and bare.endswith(b"\r") and self.pending.endswith(b"\r"):
+                    bare = bare[:-1]  # a CR whose LF is still on the way
+                if b"\r" in bare or b"\n" in bare:
+                    raise multipart_refused("part headers must use CRLF line endings")
+                if end == -1 or end > MAX_PART_HEADER_BYTES:
+                    if len(self.pending) > MAX_PART_HEADER_BYTES + 4:
+                        raise multipart_refused("part headers must end with a blank line (CRLF "
+                                                f"CRLF) within {MAX_PART_HEADER_BYTES} bytes")
                     break
-                end_of_line = self.pending.find(b"\r\n")
-                if end_of_line == -1:
-                    if len(self.pending) > MAX_PART_HEADER_BYTES:
-                        raise bad_request("Malformed multipart body.")
+                self.start_part(self.pending[:end])
+                self.pending = self.pending[end + 4:]
+                self.state = "body"
+            elif self.state == "body":
+                at = self.pending.find(dash)
+                if at == -1:
+                    keep = len(dash) + 3  # a delimiter cut by the network, with its CRLF in front
+                    if len(self.pending) > keep:
+                        self.take_value(self.pending[:-keep])
+                        self.pending = self.pending[-keep:]
                     break
-                self.pending = self.pending[end_of_line + 2:]
-                self.state = "headers"
-            else:  # headers
-                if self.pending.startswith(b"\r\n"):
-                    block, self.pending = b"", self.pending[2:]
-                else:
-                    end = self.pending.find(b"\r\n\r\n")
-                    if end == -1:
-                        if len(self.pending) > MAX_PART_HEADER_BYTES:
-                            raise bad_request("Malformed multipart body.")
-                        break
-                    block, self.pending = self.pending[:end], self.pending[end + 4:]
-                self.state = "value" if part_name(block) == b"model" else "seek"
+                if len(self.pending) < at + len(dash) + 2:
+                    break
+                if at < 2 or self.pending[at - 2:at] != b"\r\n":
+                    raise multipart_refused("the boundary may appear only as a delimiter, after "
+                                            "a CRLF")
+                self.take_value(self.pending[:at - 2])
+                if self.in_model:
+                    value = b"".join(self.value)
+                    short = len(value) <= MAX_MODEL_VALUE_BYTES
+                    found.append(value.decode("utf-8", "replace") if short else "")
+                self.after_boundary(at + len(dash))
+            else:  # epilogue: only one CRLF may follow the close delimiter
+                if not b"\r\n".startswith(self.pending):
+                    raise multipart_refused("nothing but a CRLF may follow the close delimiter")
+                break
         return found
 
+    def after_boundary(self, end: int) -> None:
+        """Move past `--boundary` ending at `end`: CRLF starts a part, `--` closes the body."""
+        follows = self.pending[end:end + 2]
+        if follows == b"--":
+            self.state = "epilogue"
+        elif follows == b"\r\n":
+            self.state = "headers"
+        else:
+            raise multipart_refused("a boundary must be followed by CRLF or by '--' (no padding)")
+        self.pending = self.pending[end + 2:]
 
-def part_name(block: bytes) -> bytes | None:
-    """The form field name from a part's Content-Disposition header.
+    def take_value(self, data: bytes) -> None:
+        if self.in_model and self.value_bytes <= MAX_MODEL_VALUE_BYTES:
+            self.value.append(data)
+            self.value_bytes += len(data)
 
-    Raises ApiError(400) for a part that form parsers could name differently: two dispositions, two
-    names, an RFC 2231 `name*`, or an escaped name. What SOAKP checks must be what the upstream reads.
+    def start_part(self, block: bytes) -> None:
+        name = part_name(block)
+        self.in_model = name == b"model"
+        self.value, self.value_bytes = [], 0
+        if self.in_model:
+            self.model_fields += 1
+
+    def finish(self) -> None:
+        """Call at the end of the body.
+
+        Raises ApiError(400) when it did not end with a close delimiter.
+        """
+        if self.state != "epilogue":
+            raise multipart_refused("the body must end with a close delimiter ('--' after the "
+                                    "boundary)")
+
+
+def part_name(block: bytes) -> bytes:
+    """The form field name of a part, from its header lines (CRLF-separated, without the blank
+    line).
+
+    A part needs exactly one `Content-Disposition: form-data` with exactly one plain `name`. Raises
+    ApiError(400) for anything form parsers could read differently: bare CR or LF, a folded or
+    malformed line, two dispositions or names, RFC 2231 `name*`, a name that is "model" only once
+    percent-decoded or case-folded, and a `model` part with a filename, a Content-Transfer-Encoding
+    (python-multipart decodes base64) or a Content-Type other than text/plain in UTF-8. What SOAKP
+    checks must be what the upstream reads.
     """
-    dispositions = [value for name, _, value in (line.partition(b":") for line in block.split(b"\r\n"))
-                    if name.strip().lower() == b"content-disposition"]
-    if not dispositions:
-        return None
-    params = dispositions[0].split(b";", 1)[1] if b";" in dispositions[0] else b""
-    names = list(PART_NAME_RE.finditer(params))
-    if len(dispositions) > 1 or len(names) > 1 or NAME_EXTENDED_RE.search(params):
-        raise bad_request("A multipart part names its field ambiguously.")
-    if not names:
-        return None
-    value = names[0][1] if names[0][1] is not None else names[0][2]
-    if b"\\" in value:
-        raise bad_request("A multipart part names its field ambiguously.")
-    return value
+    try:
+        block.decode("utf-8")  # RFC 7578 §5.1: names in UTF-8; Werkzeug fails on anything else
+    except UnicodeDecodeError:
+        raise multipart_refused("part headers must be UTF-8") from None
+    dispositions: list[bytes] = []
+    other: list[tuple[bytes, bytes]] = []
+    for line in block.split(b"\r\n"):
+        if b"\r" in line or b"\n" in line:
+            raise multipart_refused("part headers must use CRLF line endings")
+        if line[:1] in (b" ", b"\t"):
+            raise multipart_refused("part headers must not be folded")
+        field_line = split_field_line(line)
+        if field_line is None:
+            raise multipart_refused("a part header is malformed")
+        lower = field_line[0].lower()
+        if lower == b"content-disposition":
+            dispositions.append(field_line[1])
+        else:
+            other.append((lower, field_line[1]))
+    if len(dispositions) != 1:
+        raise multipart_refused("each part needs exactly one Content-Disposition header")
+    kind, semicolon, params_text = dispositions[0].partition(b";")
+    params = parse_parameters(semicolon + params_text)
+    if kind.strip().lower() != b"form-data" or params is None:
+        raise multipart_refused("a Content-Disposition must be form-data with plain parameters")
+    names = [p for p in params if p[0] in (b"name", b"name*")]
+    if len(names) != 1 or names[0][0] != b"name":
+        raise multipart_refused("a part must name its field exactly once, without name*")
+    name = names[0][1]
+    if name != b"model" and urllib.parse.unquote_to_bytes(name).lower() == b"model":
+        raise multipart_refused("the field name 'model' must be written in lower case, unencoded")
+    if name == b"model":
+        if any(p[0] in (b"filename", b"filename*") for p in params):
+            raise multipart_refused("the model field must not carry a filename")
+        for key, value in other:
+            if key == b"content-transfer-encoding" or (key == b"content-type"
+                                                       and not plain_text(value)):
+                raise multipart_refused("the model field may only be text/plain in UTF-8, not "
+                                        "encoded")
+    return name
+
+
+def plain_text(content_type: bytes) -> bool:
+    """Whether a part's Content-Type is text/plain, with no parameter but a UTF-8 or ASCII
+    charset."""
+    kind, semicolon, params_text = content_type.partition(b";")
+    params = parse_parameters(semicolon + params_text)
+    return kind.strip().lower() == b"text/plain" and params is not None and all(
+        key == b"charset" and value.lower() in (b"utf-8", b"us-ascii") for key, value, _ in params)
 
 
 class ChunkedDecoder:
@@ -2527,11 +2956,17 @@ async def read_body_ahead(
     exchange.model = found[1].decode("latin-1") if found else None
     if models is not None:
         if multipart:
-            for model in MultipartModelScanner(multipart_boundary(content_type)).feed(data):
-                check_model(models, model)
-                exchange.model = model
+            scanner = MultipartModelScanner(multipart_boundary(content_type))
+            check_multipart_models(exchange, models, scanner, scanner.feed(data))
+            scanner.finish()
         else:
-            check_model(models, json_model(data))
+            nested = upstream_path in SESSION_MODEL_PATHS
+            if len(data) > JSON_OFF_LOOP_BYTES:  # JsonWalk's steps are short: the loop runs between
+                named = await asyncio.to_thread(json_models, data, nested)
+            else:
+                named = json_models(data, nested)
+            for model in named:
+                check_model(models, model)
     if budgeted and not multipart and upstream_path in ESTIMATED_ENDPOINTS:
         return await budget_body(state, exchange, claims, upstream_path, data)
     return RequestBody(data)
@@ -2541,29 +2976,44 @@ async def budget_body(state: ServerState, exchange: Exchange, claims: TokenClaim
                       data: bytes) -> RequestBody:
     """A budgeted request's JSON body, its output cap lowered to what the chain's budget has left, and that
     much reserved until the answer's usage settles it (record_outcome). Raises ApiError 400, 403, 429."""
-    try:
-        document = json.loads(data) if len(data) <= JSON_ON_LOOP_BYTES else \
-            await asyncio.get_running_loop().run_in_executor(None, json.loads, data)
-    except (ValueError, RecursionError):
-        raise bad_request("A token with a budget needs a JSON body it can read.") from None
-    if not isinstance(document, dict):
-        raise bad_request("The body must be a JSON object.")
-    left = budget_left(state, claims)
-    plan = plan_budget(document, upstream_path, left)
+    if len(data) > JSON_OFF_LOOP_BYTES:  # JsonWalk's steps are short: the loop runs between them
+        fields = await asyncio.to_thread(json_fields, data, BUDGET_FIELDS)
+    else:
+        fields = json_fields(data, BUDGET_FIELDS)
+    plan = plan_budget(fields.values, upstream_path, budget_left(state, claims))
     exchange.reserved = plan.reserved
     if plan.reserved:
         for cid, _ in claims.budgets:
             state.reserved[cid] = state.reserved.get(cid, 0) + plan.reserved
     exchange.estimate = (max(1, len(data)), plan.reserved)
     exchange.strip_usage_event = plan.strip_usage_event
-    if plan.body is None:
+    if not plan.changes:
         return RequestBody(data)
-    return RequestBody(plan.body, rewritten=True)
+    return RequestBody(fields.splice(plan.changes), rewritten=True)
+
+
+def check_multipart_models(exchange: Exchange, allowed: Sequence[str],
+                           scanner: MultipartModelScanner, found: Sequence[str]) -> None:
+    """Check the model values a scanner just reported; a second `model` field is a 400 even when
+    allowed.
+
+    Raises ApiError 403 (a model outside the list) or 400.
+    """
+    for model in found:
+        check_model(allowed, model)
+        exchange.model = model
+    if scanner.model_fields > 1:
+        raise multipart_refused("a body may have at most one model field")
 
 
 async def read_multipart_ahead(exchange: Exchange, pieces: AsyncIterator[bytes], boundary: bytes,
                                models: Sequence[str]) -> RequestBody:
-    """Read a multipart body up to its `model` field and check it; watch the rest as it streams."""
+    """Read a multipart body up to its `model` field and check it; watch the rest as it streams.
+
+    The rest streams one piece behind: the last piece goes upstream only once the scanner has seen
+    the close delimiter, so a body that does not end as RFC 2046 says never reaches the upstream
+    whole. Raises ApiError (400, 403) or ClientGone.
+    """
     scanner = MultipartModelScanner(boundary)
     ahead: list[bytes] = []
     size = 0
@@ -2571,20 +3021,23 @@ async def read_multipart_ahead(exchange: Exchange, pieces: AsyncIterator[bytes],
         ahead.append(piece)
         size += len(piece)
         seen = scanner.feed(piece)
-        for model in seen:
-            check_model(models, model)
-            exchange.model = model
+        check_multipart_models(exchange, models, scanner, seen)
         if seen or size >= MODEL_SCAN_LIMIT_BYTES:
             break
     else:
+        scanner.finish()
         exchange.body_consumed = True
         return RequestBody(b"".join(ahead))
 
-    def inspect(piece: bytes) -> None:  # a second or late `model` field is checked as well
-        for model in scanner.feed(piece):
-            check_model(models, model)
+    async def rest(held: bytes) -> AsyncIterator[bytes]:  # a second or late `model` is checked too
+        async for piece in pieces:
+            check_multipart_models(exchange, models, scanner, scanner.feed(piece))
+            yield held
+            held = piece
+        scanner.finish()
+        yield held
 
-    return RequestBody(b"".join(ahead), pieces, inspect)
+    return RequestBody(b"".join(ahead[:-1]), rest(ahead[-1]))
 
 
 # For a budgeted token (SPEC.md, Limits): the output caps each endpoint knows, and the one SOAKP adds
@@ -2599,18 +3052,21 @@ LEGACY_COMPLETIONS_DEFAULT_CAP = 16
 # Endpoints whose answers report usage; a budgeted answer without it is charged the estimate.
 ESTIMATED_ENDPOINTS = frozenset({*CAPPED_ENDPOINTS, "/v1/embeddings"})
 STREAM_USAGE_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions"})
-JSON_ON_LOOP_BYTES = 1024 * 1024  # larger JSON bodies are parsed on a worker thread, not the event loop
+
+
+BUDGET_FIELDS = frozenset({"max_tokens", "max_completion_tokens", "max_output_tokens", "n", "best_of", "stream",
+                           "stream_options", "background"})
 
 
 @dataclass(frozen=True, slots=True)
 class BudgetPlan:
-    body: bytes | None  # the body to send instead of the client's, or None to send it unchanged
+    changes: dict[str, Any]  # top-level fields to set in the request body (none: send it unchanged)
     reserved: int  # output tokens the answer may use at most (its cap times its choices)
     strip_usage_event: bool  # SOAKP asked for stream usage: take that event out of the answer
 
 
-def whole_number(document: Mapping[str, Any], name: str, default: int) -> int:
-    value = document.get(name, default)
+def whole_number(fields: Mapping[str, Any], name: str, default: int) -> int:
+    value = fields.get(name, default)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -2618,45 +3074,46 @@ def whole_number(document: Mapping[str, Any], name: str, default: int) -> int:
     return value
 
 
-def plan_budget(document: dict[str, Any], upstream_path: str, left: int) -> BudgetPlan:
+def plan_budget(fields: Mapping[str, Any], upstream_path: str, left: int) -> BudgetPlan:
     """Lower (or add) a budgeted request's output cap to what the budget has left, shared among its choices.
 
-    Pure; `document` is changed in place. Raises ApiError: 400 for a cap that is not a number, 403 for a
-    background response (its usage is never reported in the answer), 429 when nothing is left.
+    `fields` are the request's top-level BUDGET_FIELDS. Pure. Raises ApiError: 400 for a cap that is not a
+    number, 403 for a background response (its usage is never reported in the answer), 429 when nothing
+    is left.
     """
-    if upstream_path == "/v1/responses" and document.get("background") not in (None, False):
+    if upstream_path == "/v1/responses" and fields.get("background") not in (None, False):
         raise ApiError(403, "A token with a budget (max_tokens_total) may not start background responses: their "
                             "token usage is not reported in the answer.", "budget_unmetered_endpoint",
                        param="background")
     if upstream_path not in CAPPED_ENDPOINTS:
-        return BudgetPlan(None, 0, False)  # embeddings: no output to cap, charged by their usage
+        return BudgetPlan({}, 0, False)  # embeddings: no output to cap, charged by their usage
     names, added = CAPPED_ENDPOINTS[upstream_path]
     choices = 1
     if upstream_path != "/v1/responses":
-        choices = max(whole_number(document, "n", 1), whole_number(document, "best_of", 1))
+        choices = max(whole_number(fields, "n", 1), whole_number(fields, "best_of", 1))
     per_choice = left // choices
     if per_choice < 1:
         raise budget_spent()
-    caps = [whole_number(document, name, 1) for name in names if document.get(name) is not None]
+    changes: dict[str, Any] = {}
+    caps = [whole_number(fields, name, 1) for name in names if fields.get(name) is not None]
     if caps:
         for name in names:
-            if document.get(name) is not None:
-                document[name] = min(document[name], per_choice)
+            if fields.get(name) is not None and fields[name] > per_choice:
+                changes[name] = per_choice
         cap = min(min(caps), per_choice)
     elif added is not None:
-        document[added] = cap = per_choice
+        changes[added] = cap = per_choice
     else:
-        document["max_tokens"] = cap = min(LEGACY_COMPLETIONS_DEFAULT_CAP, per_choice)
+        changes["max_tokens"] = cap = min(LEGACY_COMPLETIONS_DEFAULT_CAP, per_choice)
     strip = False
-    if upstream_path in STREAM_USAGE_ENDPOINTS and document.get("stream") is True:
-        options = document.get("stream_options")
+    if upstream_path in STREAM_USAGE_ENDPOINTS and fields.get("stream") is True:
+        options = fields.get("stream_options")
         if options is not None and not isinstance(options, dict):
             raise bad_request("'stream_options' must be an object.", param="stream_options")
         if not (options or {}).get("include_usage") is True:
-            document["stream_options"] = {**(options or {}), "include_usage": True}
+            changes["stream_options"] = {**(options or {}), "include_usage": True}
             strip = True
-    body = json.dumps(document, separators=(",", ":")).encode("ascii")
-    return BudgetPlan(body, cap * choices, strip)
+    return BudgetPlan(changes, cap * choices, strip)
 
 
 USAGE_OBJECT_RE = re.compile(rb'"usage"\s*:\s*\{')
@@ -2959,11 +3416,13 @@ def websocket_model(claims: TokenClaims, upstream_path: str, query: str) -> str 
     models-limited token. Such a token must name exactly one allowed model up front: a tunnel cannot see
     what a session asks for later (a Responses WebSocket, or a call joined by call_id).
 
-    Raises ApiError 400 or 403.
+    Raises ApiError 400 (`model` named twice in any case: `?model=ok&MODEL=bad`) or 403.
     """
-    models = urllib.parse.parse_qs(query[1:], keep_blank_values=True).get("model", [])
-    if len(models) > 1:
-        raise bad_request("Name the model once.", param="model")
+    pairs = urllib.parse.parse_qsl(query[1:], keep_blank_values=True)
+    models = [value for name, value in pairs if name == "model"]
+    if len(models) > 1 or (len(models) != sum(name.casefold() == "model" for name, _ in pairs) and
+                           claims.permissions.models is not None):
+        raise bad_request("Name the model once, as `model` in lower case.", param="model")
     model = models[0] if models else None
     allowed = claims.permissions.models
     if allowed is not None:

@@ -649,3 +649,25 @@ def test_requests_without_credentials_do_not_lock_the_admin_out(soakp: Callable[
         response = server.request("GET", "/jwt")
         assert response.status == 401 and response.header("www-authenticate") is not None
     assert admin_call(server, "GET", "/jwt").status == 200
+
+
+@pytest.mark.parametrize("body, expected", [
+    (b'{"model":"m","max_tokens":5000,"messages":[]}', b'{"model":"m","max_tokens":1000,"messages":[]}'),
+    (b'{ "model" : "m" ,\n "messages": [] }', b'{"max_completion_tokens":1000, "model" : "m" ,\n "messages": [] }'),
+    (b'{}', b'{"max_completion_tokens":1000}'),
+    (b'{"max_tokens":10,"stream":true}',
+     b'{"stream_options":{"include_usage":true},"max_tokens":10,"stream":true}'),
+])
+def test_a_budgeted_body_keeps_every_byte_it_does_not_change(body: bytes, expected: bytes) -> None:
+    fields = soakp.json_fields(body, soakp.BUDGET_FIELDS)
+    plan = soakp.plan_budget(fields.values, CHAT, 1000)
+    assert fields.splice(plan.changes) == expected
+
+
+@pytest.mark.parametrize("body", [b'{"max_tokens":1,"max_tokens":900000}', b'[]', b'{"max_tokens":1}x',
+                                  b'{"max_tokens":' + b'9' * 20000 + b'}', b'{"n":0}', b'{"max_tokens":"5"}'])
+def test_a_budgeted_body_soakp_cannot_read_with_certainty_is_a_400(body: bytes) -> None:
+    with pytest.raises(soakp.ApiError) as info:
+        fields = soakp.json_fields(body, soakp.BUDGET_FIELDS)
+        soakp.plan_budget(fields.values, CHAT, 1000)
+    assert info.value.status == 400

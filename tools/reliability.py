@@ -11,6 +11,10 @@ process of its own) and SOAKP (`soakp.py serve`, plain HTTP, port 0), then runs:
                     non-canonical paths, absolute-form and Host naming other hosts, CONNECT, slow heads and
                     bodies. Each attack is followed on its connection by an authorised "smuggled" request:
                     it must never reach the upstream, and the client must get one answer, then EOF.
+                    Then (issue 11) a header that made a regex backtrack for 19.5 s, with /healthz
+                    probed meanwhile, and a multipart differential sample: with a models-limited
+                    token, bodies SOAKP forwards are read alike by python-multipart and Werkzeug,
+                    the others are 400.
  2 Upstream faults  refused, reset before the answer or mid-stream, clean close, silence before the head
                     and mid-body, garbage, a head over 64 KiB, broken chunks, a certificate that does not
                     verify (self-signed, wrong host), TLS 1.1 only, plain HTTP where TLS was expected, a
@@ -39,9 +43,11 @@ import asyncio
 import base64
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import platform
+import random
 import re
 import resource
 import secrets
@@ -204,7 +210,8 @@ async def answer(state: UpstreamState, reader: asyncio.StreamReader, writer: asy
     elif path == "/v1/models":
         send(200, b'{"object":"list","data":[{"id":"gpt-4o-mini","object":"model"}]}')
     elif path.startswith("/v1/rel/echo") or path == SMUGGLED_PATH:
-        send(200, json.dumps({"target": target, "host": headers.get(b"host", b"").decode("latin-1")}).encode())
+        send(200, json.dumps({"target": target, "host": headers.get(b"host", b"").decode("latin-1"),
+                              "body_sha256": hashlib.sha256(body).hexdigest()}).encode())
     elif path == "/v1/rel/sse":
         sse_head()
         interval_s = int(params.get("interval_ms", "0")) / 1000
@@ -704,9 +711,9 @@ class Harness:
             time.sleep(0.05)
         raise RuntimeError(f"soakp did not start:\n{log_path.read_text(errors='replace')[-2000:]}")
 
-    def mint(self, server: Soakp) -> str:
-        """A token for the key through POST /jwt/generate (admin Basic)."""
-        body = json.dumps({"key": self.key, "ttl": "1d", "sub": "reliability"}).encode()
+    def mint(self, server: Soakp, **claims: Any) -> str:
+        """A token for the key through POST /jwt/generate (admin Basic), with any extra claims."""
+        body = json.dumps({"key": self.key, "ttl": "1d", "sub": "reliability", **claims}).encode()
         basic = base64.b64encode(f"admin:{self.admin_pass}".encode()).decode()
         data = (f"POST /jwt/generate HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {basic}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
@@ -968,6 +975,118 @@ def hostile_input(harness: Harness, server: Soakp, report: Report) -> None:
     for thread in threads:
         thread.join(20)
     report.hostile.extend(sorted(results, key=lambda r: r.scenario))
+    report.hostile.append(redos_probe(server))
+    report.hostile.append(multipart_differential(harness, server))
+
+
+REDOS_REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\nX:" + b" " * 60000 + b"\x01\r\n\r\n"
+
+
+def redos_probe(server: Soakp) -> Row:
+    """Issue 11: a header value of spaces then a control byte made a regex backtrack quadratically
+    on the event loop (19.5 s). While SOAKP reads it, /healthz on another connection must be
+    answered."""
+    expected = "400; /healthz on another connection within 1 s"
+    with socket.create_connection((LOOPBACK, server.port), timeout=CLIENT_TIMEOUT_S) as sock:
+        sock.sendall(REDOS_REQUEST)
+        started = time.monotonic()
+        probe = collect(server.port,
+                        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        took = time.monotonic() - started
+        answer = b""
+        while b"\r\n" not in answer:
+            piece = sock.recv(READ_BYTES)
+            if not piece:
+                break
+            answer += piece
+    status = answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/") else "no answer"
+    got = f"{status}; /healthz {probe.statuses} after {took * 1000:.0f} ms"
+    return Row("ReDoS: 60,000 spaces then a control byte in a header", expected, got,
+               status == "400" and probe.statuses == [200] and took < 1.0)
+
+
+def multipart_bodies(count: int) -> list[tuple[bytes, bytes]]:
+    """(Content-Type, body) pairs from a fixed seed: well-formed forms with a model part, and as
+    many with one of issue 11's tricks (bare LF, a stray or padded delimiter, no close delimiter, a
+    long boundary, a second model part)."""
+    rng = random.Random(11)
+    chars = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'+_-."
+    out = []
+    for number in range(count):
+        boundary = "".join(rng.choice(chars) for _ in range(rng.randint(1, 70))).encode()
+        parts = [(b"file", os.urandom(rng.randint(0, 2000)), b'; filename="a.wav"'),
+                 (b"model", b"whisper-1", b"")]
+        rng.shuffle(parts)
+        body = b"".join(b"--" + boundary + b'\r\nContent-Disposition: form-data; name="' + name
+                        + b'"' + extra + b"\r\n\r\n" + value + b"\r\n"
+                        for name, value, extra in parts)
+        body += b"--" + boundary + b"--\r\n"
+        if number % 2:
+            body = rng.choice([
+                body.replace(b"\r\n", b"\n"), body[:-4], body + b"--" + boundary + b"\r\n",
+                body.replace(b"\r\n\r\n", b"\r\n--" + boundary + b" \r\n\r\n", 1),
+                body.replace(boundary, boundary + b"x"),
+                body[:-len(boundary) - 6] + b'--' + boundary
+                + b'\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--'
+                + boundary + b"--\r\n"])
+        out.append((b"multipart/form-data; boundary=" + boundary, body))
+    return out
+
+
+def multipart_differential(harness: Harness, server: Soakp, count: int = 40) -> Row:
+    """Issue 11: for a models-limited token SOAKP forwards only multipart bodies it reads with
+    certainty. Each body SOAKP forwards must reach the upstream byte for byte, and python-multipart
+    and Werkzeug must read from it the model SOAKP allowed; each other body must be a 400 that never
+    reaches the upstream."""
+    name = f"multipart differential sample ({count} bodies, models-limited token)"
+    expected = ("forwarded ones read alike by python-multipart and Werkzeug; others 400, never "
+                "forwarded")
+    try:
+        import io
+
+        import python_multipart
+        from werkzeug.formparser import parse_form_data
+    except ImportError as exc:
+        return Row(name, expected, f"cannot run: {exc} (pip install -e '.[test]')", False)
+
+    def parsers_read(ctype: bytes, body: bytes) -> tuple[list[bytes], list[str]]:
+        fields: list[bytes] = []
+        python_multipart.parse_form(
+            {"Content-Type": ctype, "Content-Length": str(len(body)).encode()}, io.BytesIO(body),
+            lambda f: fields.append(f.value) if f.field_name == b"model" else None, lambda f: None)
+        environ = {"REQUEST_METHOD": "POST", "CONTENT_TYPE": ctype.decode(),
+                   "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)}
+        return fields, parse_form_data(environ, silent=False)[1].getlist("model")
+
+    token = harness.mint(server, models=["whisper-1"])
+    path = "/v1/rel/echo/multipart"
+    forwarded = refused = 0
+    wrong: list[str] = []
+    for number, (ctype, body) in enumerate(multipart_bodies(count)):
+        before = harness.control("/stats")["by_path"].get(path, 0)
+        data = (b"POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: %s\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n"
+                % (path.encode(), token.encode(), ctype, len(body)))
+        outcome = collect(server.port, data + body)
+        reached = harness.control("/stats")["by_path"].get(path, 0) - before
+        if outcome.statuses == [200] and reached == 1:
+            answer = outcome.responses[0].json()
+            try:
+                read = parsers_read(ctype, body)
+            except Exception as exc:  # a parser failing on a body SOAKP forwarded is a finding too
+                read = ([], [f"error {type(exc).__name__}"])
+            if answer.get("body_sha256") != hashlib.sha256(body).hexdigest() or \
+                    read != ([b"whisper-1"], ["whisper-1"]):
+                wrong.append(f"#{number} forwarded, parsers read {read}")
+            forwarded += 1
+        elif outcome.statuses == [400] and not reached:
+            refused += 1
+        else:
+            wrong.append(f"#{number}: {outcome.statuses}, reached the upstream {reached} times")
+    got = f"{forwarded} forwarded and read alike, {refused} refused with 400"
+    if wrong:
+        got = "; ".join(wrong[:3])
+    return Row(name, expected, got, not wrong and forwarded >= count // 4 and refused >= count // 4)
 
 
 def upstream_faults(harness: Harness, server: Soakp, report: Report, connect_timeout_s: int) -> None:
