@@ -113,6 +113,37 @@ SIZE_UNITS = {
 }
 MIN_SECRET_CHARS = 32
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# OpenSSL's reasons for a pair that does not load, in words (the rest are lower-cased as they are).
+SSL_REASONS = {
+    "PEM_LIB": "not a PEM certificate or private key",
+    "NO_START_LINE": "no PEM block in it",
+    "KEY_VALUES_MISMATCH": "the private key does not belong to the certificate",
+    "EE_KEY_TOO_SMALL": "the key is too small",
+    "CA_MD_TOO_WEAK": "the certificate's signature is too weak",
+    "CERTIFICATE_VERIFY_FAILED": "the certificate did not verify",
+    "WRONG_VERSION_NUMBER": "the other side does not speak TLS",
+}
+
+
+def describe_error(exc: BaseException) -> str:
+    """An OS, SSL or I/O error in a few words for a message: no class names, no C source lines."""
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return SSL_REASONS.get(exc.reason, exc.reason.replace("_", " ").lower())
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "the connection closed early"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[:1].lower() + exc.strerror[1:]
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    text = str(exc).split(" (_ssl.c:")[0].strip()
+    return text[:200] if text else "an unexpected error"
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 token`, `2 tokens`: for messages that count things."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def parse_duration_s(text: str) -> float:
@@ -148,6 +179,13 @@ def parse_size_bytes(text: str) -> int:
         raise ValueError(f"not a size: {text!r} (use e.g. 512MiB, 10MB or bytes)")
     unit = match[2].lower() if match[2] else None
     return int(match[1]) * SIZE_UNITS[unit]
+
+
+def parse_count(text: str) -> int:
+    """A whole number such as `10000`. Raises ValueError."""
+    if not text.strip().isdigit():
+        raise ValueError(f"not a whole number: {text!r}")
+    return int(text.strip())
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -225,6 +263,8 @@ class Config:
     max_connections: int = 10000
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
+    # Start-up notes for settings SOAKP corrected or ignored; main() logs them once logging is set up.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def tls(self) -> bool:
@@ -244,8 +284,8 @@ OPTIONS: dict[str, tuple[str, str | None, str]] = {
     "cert-dir": ("SOAKP_CERT_DIR", None, "Certbot live directory with fullchain.pem and privkey.pem"),
     "domain": ("SOAKP_DOMAIN", None, "shorthand for --cert-dir LETSENCRYPT_DIR/live/DOMAIN"),
     "letsencrypt-dir": ("SOAKP_LETSENCRYPT_DIR", "/etc/letsencrypt", "Certbot's configuration directory"),
-    "cert": ("SOAKP_CERT", None, "PEM certificate chain (with --key)"),
-    "key": ("SOAKP_KEY", None, "PEM private key (with --cert)"),
+    "cert": ("SOAKP_CERT", None, "PEM certificate chain (with --tls-key)"),
+    "tls-key": ("SOAKP_TLS_KEY", None, "PEM private key of --cert (alias --key)"),
     "db": ("SOAKP_DB", "./soakp.db", "SQLite file of issued-token metadata and revocations (:memory: allowed)"),
     "token-ttl": ("SOAKP_TOKEN_TTL", "7d", "default lifetime of minted tokens"),
     "max-token-ttl": ("SOAKP_MAX_TOKEN_TTL", "365d", "cap on any requested lifetime"),
@@ -258,36 +298,106 @@ OPTIONS: dict[str, tuple[str, str | None, str]] = {
     "shutdown-grace": ("SOAKP_SHUTDOWN_GRACE", "30s", "on SIGTERM, time in-flight requests get to finish"),
     "log-level": ("SOAKP_LOG_LEVEL", "info", "debug, info, warning or error"),
 }
+# Every command accepts these (SPEC.md, Commands), so a script may pass them to any command; each
+# command's help lists only the ones it reads (USED_OPTIONS) and accepts the others quietly.
 COMMON_OPTIONS = ("secret", "secret-file", "old-secrets", "db", "token-ttl", "max-token-ttl", "log-level")
 SERVE_OPTIONS = tuple(OPTIONS)
 COMMANDS = ("serve", "mint", "revoke", "tokens", "selfsigned")
+USED_OPTIONS = {
+    "mint": ("secret", "secret-file", "db", "token-ttl", "max-token-ttl"),
+    "revoke": ("db",),
+    "tokens": ("db",),
+    "selfsigned": (),
+}
+HELP_FLAGS = ("-h", "--help", "-V", "--version")
+MAIN_HELP = """\
+Without a command, soakp serves: `soakp --listen ...` is `soakp serve --listen ...`.
+`soakp COMMAND --help` lists a command's options. Every option also reads its SOAKP_* variable
+(--secret-file: SOAKP_SECRET_FILE); a flag wins over the variable.
+
+examples:
+  soakp serve --secret-file /etc/soakp/secret --domain proxy.example.com --listen 0.0.0.0:443
+  OPENAI_API_KEY=sk-... soakp mint --secret-file /etc/soakp/secret --ttl 12h
+"""
+COMMAND_HELP = {
+    "serve": (
+        "run the proxy (the default command)",
+        "Run the proxy: check each client's SOAKP token, swap in the OpenAI key it carries and forward\n"
+        "the request upstream. Every option also reads its SOAKP_* variable; a flag wins.",
+        "examples:\n"
+        "  soakp serve --secret-file /etc/soakp/secret --domain proxy.example.com --listen 0.0.0.0:443\n"
+        "  soakp serve --secret-file var/secret --cert-dir var/tls --db var/soakp.db\n"
+        "  SOAKP_SECRET_FILE=var/secret soakp --listen 127.0.0.1:3033   # plain HTTP on loopback",
+    ),
+    "mint": (
+        "print a new token for an OpenAI key",
+        "Print a new token carrying an OpenAI key (the token alone on the last line of stdout) and\n"
+        "register it in the database. The key comes from --key, else --key-file, else OPENAI_API_KEY;\n"
+        "`--key -` reads it from standard input, which keeps it out of `ps` and the shell history.",
+        "examples:\n"
+        "  OPENAI_API_KEY=sk-... soakp mint --secret-file var/secret --db var/soakp.db --ttl 12h\n"
+        "  soakp mint --secret-file var/secret --db var/soakp.db --key-file ~/.openai-key --sub laptop\n"
+        "  printf %s \"$KEY\" | soakp mint --secret-file var/secret --key - --paths /v1/chat/completions",
+    ),
+    "revoke": (
+        "revoke a token by its jti",
+        "Revoke a token by its jti in the database a server uses (the one its --db names); the running\n"
+        "server refuses the token within 2 seconds.",
+        "example:\n"
+        "  soakp revoke --db var/soakp.db fifmjanSvJA-mZ0eYcvi3A",
+    ),
+    "tokens": (
+        "list issued tokens as JSON lines",
+        "List the tokens in the database a server uses, one JSON object per line: jti, sub, times,\n"
+        "requests and usage (never the key or the token).",
+        "example:\n"
+        "  soakp tokens --db var/soakp.db",
+    ),
+    "selfsigned": (
+        "write a development certificate in Certbot's layout",
+        "Write a self-signed certificate and its key (fullchain.pem, privkey.pem, mode 600) into a\n"
+        "directory, for development; it names --host, localhost, 127.0.0.1 and ::1.",
+        "example:\n"
+        "  soakp selfsigned --dir var/tls --host localhost && soakp serve --cert-dir var/tls ...",
+    ),
+}
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit 2 (never a usage dump)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(message)
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: `soakp [COMMAND] [OPTIONS]`, serve being the default command."""
-    parser = _Parser(prog="soakp", description="SOAKP, the Secure OpenAI Key Proxy.")
-    parser.add_argument("--version", action="version", version=f"soakp {__version__}")
-    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+    parser = _Parser(prog="soakp", description="SOAKP, the Secure OpenAI Key Proxy.", epilog=MAIN_HELP,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-V", "--version", action="version", version=f"soakp {__version__}")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
-    def add_options(sub: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    def add_command(name: str) -> argparse.ArgumentParser:
+        summary, description, example = COMMAND_HELP[name]
+        return commands.add_parser(name, help=summary, description=description, epilog=example,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def add_options(sub: argparse.ArgumentParser, names: Sequence[str], shown: Sequence[str]) -> None:
         for name in names:
             env, default, text = OPTIONS[name]
-            shown = f" (env {env}" + (f", default {default})" if default else ")")
-            sub.add_argument(f"--{name}", dest=name.replace("-", "_"), default=None, help=text + shown)
+            flags = [f"--{name}", "--key"] if name == "tls-key" else [f"--{name}"]
+            where = f" (env {env}" + (f", default {default})" if default else ")")
+            sub.add_argument(*flags, dest=name.replace("-", "_"), default=None,
+                             help=text + where if name in shown else argparse.SUPPRESS)
 
-    serve = commands.add_parser("serve", help="run the proxy (the default command)")
-    add_options(serve, SERVE_OPTIONS)
+    serve_parser = add_command("serve")
+    add_options(serve_parser, SERVE_OPTIONS, SERVE_OPTIONS)
 
-    mint = commands.add_parser("mint", help="print a new token for an OpenAI key")
-    add_options(mint, COMMON_OPTIONS)
-    mint.add_argument("--key", dest="api_key", required=True, help="the OpenAI key to seal into the token")
+    mint = add_command("mint")
+    add_options(mint, COMMON_OPTIONS, USED_OPTIONS["mint"])
+    mint.add_argument("--key", dest="api_key", metavar="KEY",
+                      help="the OpenAI key to seal into the token; - reads it from standard input")
+    mint.add_argument("--key-file", metavar="FILE", help="a file holding the OpenAI key")
     mint.add_argument("--org", help="OpenAI-Organization the token sends")
     mint.add_argument("--project", help="OpenAI-Project the token sends")
     mint.add_argument("--ttl", help="lifetime (90s, 15m, 12h, 7d or seconds; default --token-ttl)")
@@ -299,14 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--max-tokens-total", dest="max_tokens_total",
                       help="budget of prompt + completion tokens, from the upstream's usage")
 
-    for name, text in (("revoke", "revoke a token by its jti"), ("tokens", "list issued tokens as JSON lines")):
-        sub = commands.add_parser(name, help=text)
-        add_options(sub, COMMON_OPTIONS)
+    for name in ("revoke", "tokens"):
+        sub = add_command(name)
+        add_options(sub, COMMON_OPTIONS, USED_OPTIONS[name])
         if name == "revoke":
-            sub.add_argument("jti")
+            sub.add_argument("jti", help="the token's id (the jti `soakp mint` and `soakp tokens` print)")
 
-    selfsigned = commands.add_parser("selfsigned", help="write a development certificate in Certbot's layout")
-    add_options(selfsigned, COMMON_OPTIONS)  # accepted like every command's, though a certificate needs neither
+    selfsigned = add_command("selfsigned")
+    add_options(selfsigned, COMMON_OPTIONS, USED_OPTIONS["selfsigned"])
     selfsigned.add_argument("--dir", required=True, help="directory for fullchain.pem and privkey.pem")
     selfsigned.add_argument("--host", default="localhost", help="name the certificate is for (default localhost)")
     return parser
@@ -321,6 +431,14 @@ def option_value(args: argparse.Namespace, environ: Mapping[str, str], name: str
     return environ.get(env) or default
 
 
+def option_source(args: argparse.Namespace, environ: Mapping[str, str], name: str) -> str:
+    """Where an option's value came from, for messages: `--db`, `SOAKP_DB` or `the default`."""
+    if getattr(args, name.replace("-", "_"), None) is not None:
+        return f"--{name}"
+    env = OPTIONS[name][0]
+    return env if environ.get(env) else "the default"
+
+
 def read_secret(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
     """The master secret from --secret, --secret-file or their variables (a flag wins)."""
     if args.secret is not None and args.secret_file is not None:
@@ -330,16 +448,60 @@ def read_secret(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
         secret, path = environ.get("SOAKP_SECRET") or None, environ.get("SOAKP_SECRET_FILE") or None
         if secret is not None and path is not None:
             raise ConfigError("set SOAKP_SECRET or SOAKP_SECRET_FILE, not both")
+    source = "--secret-file" if args.secret_file is not None else "SOAKP_SECRET_FILE"
     if path is not None:
         try:
             secret = Path(path).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read the secret file {path}: {exc.__class__.__name__}") from None
+            raise ConfigError(f"{source}: cannot read the secret file {path}: {describe_error(exc)}") from None
+    else:
+        source = "--secret" if args.secret is not None else "SOAKP_SECRET"
     if secret is None:
-        raise ConfigError("a master secret is required: --secret, --secret-file, SOAKP_SECRET or SOAKP_SECRET_FILE")
+        raise ConfigError("a master secret is required: give --secret-file FILE (or SOAKP_SECRET_FILE), "
+                          "or --secret (SOAKP_SECRET)")
     if len(secret) < MIN_SECRET_CHARS:
-        raise ConfigError(f"the master secret must be at least {MIN_SECRET_CHARS} characters")
+        raise ConfigError(f"{source}: the master secret must be at least {MIN_SECRET_CHARS} characters; make "
+                          "one with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))'")
     return secret
+
+
+def tls_key_option(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """The TLS private key from --tls-key (alias --key), SOAKP_TLS_KEY or, as before, SOAKP_KEY.
+
+    SOAKP_KEY once named the TLS key and looks like a place for the OpenAI key: it is taken only
+    when it names a readable file, and otherwise ignored. Returns (path, a warning or None).
+    """
+    path = option_value(args, environ, "tls-key")
+    old = environ.get("SOAKP_KEY")
+    if path is not None or not old:
+        return path, None
+    if os.path.isfile(old) and os.access(old, os.R_OK):
+        return old, "SOAKP_KEY names the TLS private key: rename it SOAKP_TLS_KEY (SOAKP_KEY will go away)"
+    return None, ("SOAKP_KEY is set but is not a readable file, so it is ignored: the TLS private key is "
+                  "SOAKP_TLS_KEY, and `soakp mint` reads the OpenAI key from OPENAI_API_KEY")
+
+
+def check_mint_key_source(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """`soakp mint` needs the OpenAI key from exactly one place (read by the CLI, section 8)."""
+    if args.api_key is not None and args.key_file is not None:
+        raise ConfigError("give --key or --key-file, not both")
+    if args.api_key is None and args.key_file is None and not environ.get("OPENAI_API_KEY"):
+        raise ConfigError("soakp mint needs the OpenAI key: set OPENAI_API_KEY, or give --key-file FILE, "
+                          "--key - (read from standard input) or --key KEY")
+
+
+def normalise_upstream(upstream: UpstreamTarget) -> tuple[UpstreamTarget, str | None]:
+    """Drop a trailing /v1 from the upstream's path: SOAKP forwards /v1/... itself, so a base URL
+    copied from an SDK's settings (`https://host/v1`) would send every request to /v1/v1/...
+
+    Returns the target to use and a warning, or None when nothing changed.
+    """
+    if not upstream.base_path.endswith("/v1"):
+        return upstream, None
+    fixed = dataclasses.replace(upstream, base_path=upstream.base_path[:-len("/v1")])
+    shown = f"{fixed.scheme}://{fixed.host_header}{fixed.base_path}"
+    return fixed, (f"--upstream ends in /v1, which SOAKP adds to every request itself: forwarding to "
+                   f"{shown}/v1/...; drop the /v1 from --upstream (or SOAKP_UPSTREAM) to silence this")
 
 
 def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config, argparse.Namespace]:
@@ -348,11 +510,15 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
     Raises ConfigError with one line for any bad value.
     """
     argv = list(argv)
-    if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        raise ConfigError(f"unknown command {safe_label(argv[0])!r}; the commands are {', '.join(COMMANDS)} "
+                          "(see soakp --help)")
+    if not argv or argv[0] not in COMMANDS and argv[0] not in HELP_FLAGS:
         argv.insert(0, "serve")
     args = build_parser().parse_args(argv)
     if args.command == "selfsigned":
         return Config(), args
+    warnings: list[str] = []
 
     def get(name: str) -> str | None:
         return option_value(args, environ, name) if hasattr(args, name.replace("-", "_")) else OPTIONS[name][1]
@@ -362,8 +528,11 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
         try:
             return parse(text)
         except ValueError as exc:
-            raise ConfigError(f"--{name}: {exc}") from None
+            source = option_source(args, environ, name)
+            raise ConfigError(f"{source if source.startswith('SOAKP_') else '--' + name}: {exc}") from None
 
+    if args.command == "mint":
+        check_mint_key_source(args, environ)
     needs_secret = args.command in ("serve", "mint")
     secret = read_secret(args, environ) if needs_secret else ""
     old_secrets = tuple(s.strip() for s in (get("old-secrets") or "").split(",") if s.strip())
@@ -371,14 +540,19 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
         raise ConfigError(f"--old-secrets: each secret must be at least {MIN_SECRET_CHARS} characters")
 
     listen_host, listen_port = convert("listen", parse_listen)
-    upstream = convert("upstream", parse_upstream)
+    upstream, upstream_warning = normalise_upstream(convert("upstream", parse_upstream))
+    if upstream_warning:
+        warnings.append(upstream_warning)
     admin_user, admin_pass = get("admin-user"), get("admin-pass")
     if (admin_user is None) != (admin_pass is None):
         raise ConfigError("give both --admin-user and --admin-pass, or neither")
     if admin_pass is not None and len(admin_pass) < 8:
         raise ConfigError("--admin-pass must be at least 8 characters")
 
-    cert_file, key_file = tls_files(get("cert-dir"), get("domain"), get("letsencrypt-dir"), get("cert"), get("key"))
+    tls_key, tls_key_warning = tls_key_option(args, environ) if args.command == "serve" else (None, None)
+    if tls_key_warning:
+        warnings.append(tls_key_warning)
+    cert_file, key_file = tls_files(get("cert-dir"), get("domain"), get("letsencrypt-dir"), get("cert"), tls_key)
     upstream_ca = get("upstream-ca")
     if upstream_ca is not None and not os.access(upstream_ca, os.R_OK):
         raise ConfigError(f"--upstream-ca: cannot read {upstream_ca}")
@@ -386,13 +560,13 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
     token_ttl_s = convert("token-ttl", parse_ttl_s)
     max_token_ttl_s = convert("max-token-ttl", parse_ttl_s)
     if token_ttl_s > max_token_ttl_s:
-        raise ConfigError("--token-ttl is longer than --max-token-ttl")
+        raise ConfigError("--token-ttl is longer than --max-token-ttl: shorten one or lengthen the other")
     durations = {}
     for name in ("connect-timeout", "read-timeout", "header-timeout", "shutdown-grace"):
         durations[name] = convert(name, parse_duration_s)
         if durations[name] <= 0 and name != "shutdown-grace":
             raise ConfigError(f"--{name} must be more than 0")
-    max_connections = convert("max-connections", int)
+    max_connections = convert("max-connections", parse_count)
     if max_connections < 1:
         raise ConfigError("--max-connections must be at least 1")
     log_level = (get("log-level") or "").lower()
@@ -404,7 +578,7 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
             raise ConfigError(f"--cors-origins: {origin!r} is not an origin such as https://app.example.com (no path)")
     db = get("db") or ""
     if not db.strip():
-        raise ConfigError("--db must name a file (or :memory:)")
+        raise ConfigError("--db must name a file (or :memory:), e.g. --db var/soakp.db")
 
     config = Config(
         listen_host=listen_host,
@@ -428,6 +602,7 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
         max_connections=max_connections,
         shutdown_grace_s=durations["shutdown-grace"],
         log_level=log_level,
+        warnings=tuple(warnings),
     )
     return config, args
 
@@ -436,21 +611,23 @@ def tls_files(
     cert_dir: str | None, domain: str | None, letsencrypt_dir: str | None, cert: str | None, key: str | None
 ) -> tuple[str | None, str | None]:
     """Resolve the three ways of naming a certificate to (fullchain, privkey) paths, or (None, None)."""
-    ways = [name for name, given in (("--cert-dir", cert_dir), ("--domain", domain), ("--cert/--key", cert or key))
-            if given]
+    ways = [name for name, given in (("--cert-dir", cert_dir), ("--domain", domain),
+                                     ("--cert/--tls-key", cert or key)) if given]
     if len(ways) > 1:
         raise ConfigError(f"choose one way to name the certificate, not {' and '.join(ways)}")
+    way = ways[0] if ways else ""
     if domain is not None:
         if not re.fullmatch(r"[A-Za-z0-9.\-]+", domain) or ".." in domain:
             raise ConfigError(f"--domain is not a domain name: {domain!r}")
         cert_dir = os.path.join(letsencrypt_dir or "/etc/letsencrypt", "live", domain)
+        way = "--domain (with --letsencrypt-dir)"
     if cert_dir is not None:
         cert, key = os.path.join(cert_dir, "fullchain.pem"), os.path.join(cert_dir, "privkey.pem")
     if (cert is None) != (key is None):
-        raise ConfigError("--cert and --key go together")
+        raise ConfigError("--cert and --tls-key go together: give both, or --cert-dir for a Certbot directory")
     for path in (cert, key):
         if path is not None and not os.access(path, os.R_OK):
-            raise ConfigError(f"cannot read the TLS file {path}")
+            raise ConfigError(f"{way}: cannot read the TLS file {path} (check the path and its permissions)")
     return cert, key
 
 
@@ -3518,6 +3695,18 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def log_start_notes(config: Config, keyring: Mapping[str, SecretKeys]) -> None:
+    """Settings SOAKP corrected or ignored, and the secrets it uses by kid (the name each token
+    carries in its header), so that a rotation can be checked from the start-up log."""
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    kids = list(keyring)
+    log.info("signing tokens with the secret kid=%s", kids[0])
+    if len(kids) > 1:
+        log.info("also accepting tokens of %s (--old-secrets): kid=%s",
+                 plural(len(kids) - 1, "old secret"), ", kid=".join(kids[1:]))
+
+
 async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     """Run the proxy until `stop` is set or SIGTERM/SIGINT arrives; then drain and return 0.
 
@@ -3559,6 +3748,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         shown = f"[{host}]" if ":" in host else host
         log.info("soakp %s listening on %s://%s:%d, forwarding to %s://%s%s", __version__, scheme, shown, port,
                  config.upstream.scheme, config.upstream.host_header, config.upstream.base_path)
+    log_start_notes(config, state.keyring)
     if not server_tls and not is_loopback(config.listen_host):
         log.warning("serving plain HTTP on a non-loopback address: tokens cross the network unencrypted; "
                     "give --cert-dir, --domain or --cert/--key")
@@ -3618,23 +3808,68 @@ def split_list(text: str | None) -> list[str] | None:
     return None if text is None else [item.strip() for item in text.split(",") if item.strip()]
 
 
-def run_mint(config: Config, args: argparse.Namespace) -> int:
+STDIN_KEY = "-"  # `--key -` and `--key-file -`: the key comes from standard input, never the text "-"
+
+
+def read_api_key(args: argparse.Namespace, environ: Mapping[str, str], stdin: Any) -> str:
+    """The OpenAI key for `soakp mint`: --key, else --key-file, else OPENAI_API_KEY; `-` reads stdin.
+
+    Only the first line counts and surrounding whitespace goes (a file or pipe ends in a newline).
+    Raises ConfigError with one line that never repeats the key.
+    """
+    if args.api_key is not None and args.api_key != STDIN_KEY:
+        key, source = args.api_key, "--key"
+    elif args.api_key == STDIN_KEY or args.key_file == STDIN_KEY:
+        source = "--key -" if args.api_key == STDIN_KEY else "--key-file -"
+        key = (stdin.readline() if stdin is not None else "").strip()
+        if not key:
+            raise ConfigError(f"{source}: nothing on standard input; pipe the key in, "
+                              f"e.g. printf %s \"$OPENAI_API_KEY\" | soakp mint {source} ...")
+    elif args.key_file is not None:
+        source = "--key-file"
+        try:
+            lines = Path(args.key_file).read_text(encoding="utf-8").strip().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--key-file: cannot read {args.key_file}: {describe_error(exc)}") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ConfigError(f"--key-file: {args.key_file} is empty; put the OpenAI key in it")
+    else:
+        key, source = environ.get("OPENAI_API_KEY", "").strip(), "OPENAI_API_KEY"
+    if key == STDIN_KEY:
+        raise ConfigError(f"{source}: the OpenAI key cannot be '-'; `--key -` reads it from standard input")
+    return key
+
+
+def cli_message(exc: ApiError) -> str:
+    """A mint refusal in the CLI's words: the JSON fields parse_grant names become their flags."""
+    if exc.code == "ttl_too_long":
+        return (f"{exc.message}: ask for a shorter --ttl, or raise --max-token-ttl "
+                "(SOAKP_MAX_TOKEN_TTL, default 365d)")
+    message = exc.message
+    for name in GRANT_FIELDS:
+        message = message.replace(f"'{name}'", f"--{name.replace('_', '-')}")
+    return message.replace("--key ", "the OpenAI key (--key, --key-file or OPENAI_API_KEY) ", 1)
+
+
+def run_mint(config: Config, args: argparse.Namespace, environ: Mapping[str, str], stdin: Any) -> int:
     """`soakp mint`: print a new token as the last line of stdout and register it in the db."""
-    fields: dict[str, Any] = {"key": args.api_key, "org": args.org, "project": args.project, "ttl": args.ttl,
-                              "sub": args.sub, "paths": split_list(args.paths), "models": split_list(args.models),
-                              "origins": split_list(args.origins)}
+    api_key = read_api_key(args, environ, stdin)
+    fields: dict[str, Any] = {"key": api_key, "org": args.org, "project": args.project, "ttl": args.ttl,
+                              "sub": args.sub, "paths": split_list(args.paths),
+                              "models": split_list(args.models), "origins": split_list(args.origins)}
     for name in ("rpm", "max_tokens_total"):
         value = getattr(args, name)
         if value is not None:
             if not value.isdigit():
-                print(f"soakp: --{name.replace('_', '-')} must be a whole number", file=sys.stderr)
+                print(f"soakp: --{name.replace('_', '-')} must be a whole number, e.g. 20", file=sys.stderr)
                 return 2
             fields[name] = int(value)
     try:
         grant = parse_grant({k: v for k, v in fields.items() if v is not None}, config.token_ttl_s,
                             config.max_token_ttl_s)
     except ApiError as exc:
-        print(f"soakp: {exc.message}", file=sys.stderr)
+        print(f"soakp: {cli_message(exc)}", file=sys.stderr)
         return 2
     keys = derive_keys(config.secret)
     now = int(time.time())
@@ -3650,13 +3885,28 @@ def run_mint(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def run_registry_command(config: Config, args: argparse.Namespace) -> int:
+def missing_database(config: Config, args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    """Why `revoke`/`tokens` must not run: a database file that does not exist (opening it would
+    create an empty one, so a revocation would land where no server looks). None when it exists."""
+    if config.db == ":memory:" or os.path.exists(config.db):
+        return None
+    source = option_source(args, environ, "db")
+    named = "" if source == "the default" else f" (from {source})"
+    return (f"no token database at {config.db}{named}: give the server's database with --db FILE or "
+            "SOAKP_DB (`make run` uses var/soakp.db)")
+
+
+def run_registry_command(config: Config, args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """`soakp revoke JTI` and `soakp tokens`, on the same database a server uses."""
+    problem = missing_database(config, args, environ)
+    if problem:
+        print(f"soakp: {problem}", file=sys.stderr)
+        return 1
     registry = TokenRegistry(config.db)
     try:
         if args.command == "revoke":
             if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", args.jti):
-                print("soakp: that is not a token id (jti)", file=sys.stderr)
+                print("soakp: that is not a token id (jti): `soakp tokens` lists them", file=sys.stderr)
                 return 2
             now = int(time.time())
             revoked_at = registry.revoke(args.jti, now, now + config.max_token_ttl_s)
@@ -3679,20 +3929,24 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         except SystemExit as exc:  # --help and --version print and stop here
             return exc.code if isinstance(exc.code, int) else 0
         if args.command == "selfsigned":
-            write_selfsigned(args.dir, args.host, datetime.datetime.now(datetime.timezone.utc))
+            try:
+                write_selfsigned(args.dir, args.host, datetime.datetime.now(datetime.timezone.utc))
+            except OSError as exc:
+                raise ConfigError(f"--dir: cannot write {args.dir}: {describe_error(exc)}") from None
             print(f"wrote {args.dir}/fullchain.pem and {args.dir}/privkey.pem for {args.host}")
             return 0
         configure_logging(config.log_level)
         if args.command == "mint":
-            return run_mint(config, args)
+            return run_mint(config, args, environ, sys.stdin)
         if args.command in ("revoke", "tokens"):
-            return run_registry_command(config, args)
+            return run_registry_command(config, args, environ)
         return run_event_loop(serve(config))
     except ConfigError as exc:
         print(f"soakp: {exc}", file=sys.stderr)
         return 2
     except (OSError, sqlite3.Error) as exc:
-        print(f"soakp: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"soakp: {describe_error(exc)}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
