@@ -127,14 +127,18 @@ SSL_REASONS = {
 
 def describe_error(exc: BaseException) -> str:
     """An OS, SSL or I/O error in a few words for a message: no class names, no C source lines."""
-    if isinstance(exc, ssl.SSLError) and exc.reason:
-        return SSL_REASONS.get(exc.reason, exc.reason.replace("_", " ").lower())
+    if isinstance(exc, ssl.SSLError):
+        # exc.reason is OpenSSL's code when it has one; otherwise only the text says it ("[SSL] PEM lib").
+        text = str(exc).split(" (_ssl.c:")[0].rpartition("] ")[2].strip()
+        reason = exc.reason or text.upper().replace(" ", "_")
+        return SSL_REASONS.get(reason, reason.replace("_", " ").lower())
     if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, asyncio.IncompleteReadError):
         return "the connection closed early"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror[:1].lower() + exc.strerror[1:]
+    if isinstance(exc, OSError) and (exc.errno or exc.strerror):
+        text = os.strerror(exc.errno) if exc.errno else str(exc.strerror)
+        return text[:1].lower() + text[1:]
     if isinstance(exc, UnicodeDecodeError):
         return "not UTF-8 text"
     text = str(exc).split(" (_ssl.c:")[0].strip()
@@ -736,6 +740,15 @@ class Permissions:
                 for name in PERMISSION_CLAIMS if (value := getattr(self, name)) is not None}
 
 
+# What each list's entries look like, for the message that refuses one.
+LIST_ENTRY_FORMS = {
+    "paths": "each entry is a path in its /v1/... form, e.g. /v1/chat/completions (a trailing * matches "
+             "a prefix: /v1/files*)",
+    "models": "each entry is a model name, e.g. gpt-4o-mini",
+    "origins": "each entry is an origin, e.g. https://app.example.com (no path)",
+}
+
+
 def parse_string_list(name: str, value: object, valid: re.Pattern[str], normalise: Any = None) -> tuple[str, ...]:
     """A non-empty JSON list of strings that each match `valid` (after `normalise`). Raises ValueError."""
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_LIST_ITEMS:
@@ -746,7 +759,8 @@ def parse_string_list(name: str, value: object, valid: re.Pattern[str], normalis
             raise ValueError(f"'{name}' must be a list of strings")
         item = normalise(item) if normalise else item
         if not valid.match(item):
-            raise ValueError(f"'{name}' has an invalid entry {safe_label(item)!r}")
+            raise ValueError(f"'{name}' has an invalid entry {safe_label(item)!r}: "
+                             f"{LIST_ENTRY_FORMS.get(name, 'see the README')}")
         items.append(item)
     return tuple(dict.fromkeys(items))
 
@@ -1072,7 +1086,7 @@ class TokenRegistry:
                 self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(REGISTRY_SCHEMA)
         except sqlite3.Error as exc:
-            raise ConfigError(f"cannot open the token database {path}: {exc}") from None
+            raise ConfigError(f"--db: cannot open the token database {path}: {describe_error(exc)}") from None
 
     def register(self, jti: str, sub: str, kid: str, created_at: int, expires_at: int) -> None:
         self.db.execute("INSERT OR IGNORE INTO tokens (jti, sub, kid, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
@@ -1831,7 +1845,7 @@ class UpstreamPool:
         except TimeoutError:
             raise UpstreamError(502, "The upstream did not accept a connection in time.", "connect_timeout") from None
         except (OSError, ssl.SSLError) as exc:
-            raise UpstreamError(502, f"The upstream is unreachable ({exc.__class__.__name__}).",
+            raise UpstreamError(502, f"The upstream is unreachable ({describe_error(exc)}).",
                                 "connect_failed") from None
         self.connections_opened += 1
         return UpstreamConnection(reader, writer)
@@ -2441,7 +2455,7 @@ async def forward(
             # POST the client decides (the SDKs retry a 502 themselves).
             if attempt == 1 and reused and replayable and head.method in IDEMPOTENT_METHODS:
                 continue
-            raise UpstreamError(502, f"The upstream connection broke ({exc.__class__.__name__}).",
+            raise UpstreamError(502, f"The upstream connection broke ({describe_error(exc)}).",
                                 "reset") from None
         except BaseException:
             conn.abort()
@@ -2661,7 +2675,7 @@ async def tunnel_websocket(
         try:
             resp = await read_response_head(conn, head.method, exchange.watchdog, upgrade=True)
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
-            raise UpstreamError(502, f"The upstream connection broke ({exc.__class__.__name__}).", "reset") from None
+            raise UpstreamError(502, f"The upstream connection broke ({describe_error(exc)}).", "reset") from None
         exchange.status = resp.status
         if resp.status != 101:  # a refusal: relay it like any answer
             data = b"".join([piece async for piece in read_upstream_body(conn, resp, exchange.watchdog)])
@@ -2721,8 +2735,8 @@ def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     try:
         context.load_cert_chain(cert_file, key_file)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the TLS pair {cert_file} + {key_file}: {exc.__class__.__name__}: "
-                          f"{getattr(exc, 'reason', None) or exc.strerror or exc}") from None
+        raise ConfigError(f"cannot load the TLS pair {cert_file} + {key_file}: {describe_error(exc)}; "
+                          "check the files --cert-dir, --domain or --cert/--tls-key name") from None
     return context
 
 
@@ -2796,7 +2810,7 @@ def upstream_ssl_context(cafile: str | None) -> ssl.SSLContext:
     try:
         context = ssl.create_default_context(cafile=cafile or certifi.where())
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the upstream CA file {cafile}: {exc.__class__.__name__}") from None
+        raise ConfigError(f"--upstream-ca: cannot load the CA file {cafile}: {describe_error(exc)}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
     return context
@@ -3112,7 +3126,9 @@ def check_admin(state: ServerState, head: RequestHead, peer: str, now: float) ->
                     ADMIN_LOCKOUT_S)
     else:
         log.warning("admin login failed from %s", peer)
-    raise ApiError(401, "Admin credentials are required.", "invalid_admin_credentials",
+    raise ApiError(401, "Wrong admin user or password." if value else
+                   "Admin credentials are required: send the admin user and password (HTTP Basic).",
+                   "invalid_admin_credentials",
                    headers=[("WWW-Authenticate", 'Basic realm="soakp"')])
 
 
@@ -3441,7 +3457,7 @@ async def keep_registry(state: ServerState) -> None:
                 for jti in [j for j, exp in state.revoked.items() if exp <= now]:
                     del state.revoked[jti]
                 state.rate.prune(time.time())
-                log.info("pruned %d expired tokens from the registry", pruned)
+                log.info("pruned %s from the registry", plural(pruned, "expired token"))
         except sqlite3.Error as exc:
             log.warning("token registry error: %s", exc)
 
@@ -3643,7 +3659,7 @@ def build_state(config: Config) -> ServerState:
     now = int(time.time())
     pruned = registry.prune(now)
     if pruned:
-        log.info("pruned %d expired tokens from the registry", pruned)
+        log.info("pruned %s from the registry", plural(pruned, "expired token"))
     revoked = registry.revoked_jtis(now)
     spent = {row["jti"]: row["prompt_tokens"] + row["completion_tokens"] for row in registry.list()
              if row["expires_at"] > now and (row["prompt_tokens"] or row["completion_tokens"])}
@@ -3738,7 +3754,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         )
     except OSError as exc:
         state.registry.close()
-        raise ConfigError(f"cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror}") from None
+        raise ConfigError(f"--listen: cannot listen on {config.listen_host}:{config.listen_port}: "
+                          f"{describe_error(exc)}") from None
     background = [asyncio.create_task(keep_registry(state))]
     if certs:
         background.append(asyncio.create_task(certs.watch()))
@@ -3843,13 +3860,13 @@ def read_api_key(args: argparse.Namespace, environ: Mapping[str, str], stdin: An
 
 def cli_message(exc: ApiError) -> str:
     """A mint refusal in the CLI's words: the JSON fields parse_grant names become their flags."""
-    if exc.code == "ttl_too_long":
-        return (f"{exc.message}: ask for a shorter --ttl, or raise --max-token-ttl "
-                "(SOAKP_MAX_TOKEN_TTL, default 365d)")
     message = exc.message
     for name in GRANT_FIELDS:
         message = message.replace(f"'{name}'", f"--{name.replace('_', '-')}")
-    return message.replace("--key ", "the OpenAI key (--key, --key-file or OPENAI_API_KEY) ", 1)
+    message = message.replace("--key ", "the OpenAI key (--key, --key-file or OPENAI_API_KEY) ", 1)
+    if exc.code == "ttl_too_long":
+        message += ": ask for a shorter --ttl, or raise --max-token-ttl (SOAKP_MAX_TOKEN_TTL, default 365d)"
+    return message
 
 
 def run_mint(config: Config, args: argparse.Namespace, environ: Mapping[str, str], stdin: Any) -> int:
