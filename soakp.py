@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import asyncio.selector_events
 import asyncio.sslproto
 import base64
 import binascii
@@ -3711,6 +3712,119 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+TLS_HANDSHAKE_RECORD = 0x16  # RFC 8446 §5.1: ContentType handshake, the first byte a TLS client sends
+PLAIN_HTTP_LINGER_S = 2.0  # how long a plain-HTTP client on the TLS port may take to read our 400
+LISTEN_BACKLOG = 1024
+
+
+async def peek_first_byte(transport: asyncio.BaseTransport, timeout_s: float) -> int | None:
+    """The first byte the client sent, left unread in the socket; None if it closed or timed out.
+
+    The transport is paused, so asyncio reads nothing meanwhile; the peek goes through a duplicate
+    descriptor because the loop refuses a reader on a descriptor a transport owns.
+    """
+    loop = asyncio.get_running_loop()
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    dup = socket.socket(fileno=os.dup(sock.fileno()))
+    try:
+        dup.setblocking(False)
+        readable = loop.create_future()
+        loop.add_reader(dup.fileno(), lambda: readable.done() or readable.set_result(None))
+        try:
+            await asyncio.wait_for(readable, timeout_s)
+            data = dup.recv(1, socket.MSG_PEEK)
+        except (asyncio.TimeoutError, OSError):
+            return None
+        finally:
+            loop.remove_reader(dup.fileno())
+    finally:
+        dup.close()
+    return data[0] if data else None
+
+
+class PlainHttpRefusal(asyncio.Protocol):
+    """A plain-HTTP client on the TLS port: answer 400 in plain HTTP (as nginx does), read and drop
+    what it sends until it closes or PLAIN_HTTP_LINGER_S pass, so the answer is not lost to a reset."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        message = ("This port speaks HTTPS, and the request came as plain HTTP: use an https:// URL "
+                   "(with curl, https://; with an SDK, base_url='https://...').")
+        transport.write(error_response(ApiError(400, message, "https_required"), keep_alive=False))
+        self.closer = asyncio.get_running_loop().call_later(PLAIN_HTTP_LINGER_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closer.cancel()
+
+
+class TlsOrPlainSniffer(asyncio.Protocol):
+    """The TLS listener's first protocol on each connection: looks at the first byte before any TLS.
+
+    A TLS handshake record goes on to loop.start_tls and the usual stream handler; anything else is a
+    plain-HTTP request on the HTTPS port and gets PlainHttpRefusal, with one log line.
+    """
+
+    def __init__(self, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+                 context: ssl.SSLContext, handshake_timeout_s: float, tasks: set[asyncio.Task[None]]) -> None:
+        self.handler = handler
+        self.context = context
+        self.handshake_timeout_s = handshake_timeout_s
+        self.tasks = tasks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()  # before the loop's first read: the bytes stay in the socket
+        task = asyncio.get_running_loop().create_task(self.sniff(transport))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def sniff(self, transport: asyncio.Transport) -> None:
+        first = await peek_first_byte(transport, self.handshake_timeout_s)
+        if first is None:
+            transport.close()
+            return
+        if first != TLS_HANDSHAKE_RECORD:
+            peer = transport.get_extra_info("peername")
+            log.warning("plain HTTP request from %s on the HTTPS port: answered 400 (it needs https://)",
+                        peer[0] if isinstance(peer, tuple) else "unix")
+            transport.set_protocol(PlainHttpRefusal(transport))
+            transport.resume_reading()
+            return
+        reader = asyncio.StreamReader(limit=MAX_HEAD_BYTES)
+        protocol = asyncio.StreamReaderProtocol(reader, self.handler)
+        try:
+            tls_transport = await asyncio.get_running_loop().start_tls(
+                transport, protocol, self.context, server_side=True,
+                ssl_handshake_timeout=self.handshake_timeout_s)
+        except (OSError, asyncio.TimeoutError) as exc:  # ssl.SSLError is an OSError; start_tls closed it
+            log.debug("TLS handshake failed: %s", describe_error(exc))
+            return
+        protocol.connection_made(tls_transport)  # start_tls leaves that call to the caller
+
+
+async def start_listener(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any], host: str,
+                         port: int, context: ssl.SSLContext | None,
+                         handshake_timeout_s: float) -> asyncio.AbstractServer:
+    """asyncio.start_server(), but a TLS listener answers plain HTTP with a plain-HTTP 400.
+
+    On asyncio's own loops only: the sniffer needs the loop to read nothing before connection_made
+    returns, which uvloop does not promise, so under uvloop the TLS port stays TLS-only as before.
+    """
+    loop = asyncio.get_running_loop()
+    if context is None or not isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+        return await asyncio.start_server(
+            handler, host, port, ssl=context, limit=MAX_HEAD_BYTES, backlog=LISTEN_BACKLOG,
+            ssl_handshake_timeout=handshake_timeout_s if context else None)
+    tasks: set[asyncio.Task[None]] = set()
+    return await loop.create_server(
+        lambda: TlsOrPlainSniffer(handler, context, handshake_timeout_s, tasks), host, port,
+        backlog=LISTEN_BACKLOG)
+
+
 def log_start_notes(config: Config, keyring: Mapping[str, SecretKeys]) -> None:
     """Settings SOAKP corrected or ignored, and the secrets it uses by kid (the name each token
     carries in its header), so that a rotation can be checked from the start-up log."""
@@ -3748,10 +3862,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         await handle_connection(state, reader, writer)
 
     try:
-        server = await asyncio.start_server(
-            on_connection, config.listen_host, config.listen_port, ssl=server_tls, limit=MAX_HEAD_BYTES,
-            backlog=1024, ssl_handshake_timeout=config.header_timeout_s if server_tls else None,
-        )
+        server = await start_listener(on_connection, config.listen_host, config.listen_port, server_tls,
+                                      config.header_timeout_s)
     except OSError as exc:
         state.registry.close()
         raise ConfigError(f"--listen: cannot listen on {config.listen_host}:{config.listen_port}: "
