@@ -131,7 +131,7 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         # exc.reason is OpenSSL's code when it has one; otherwise only the text says it ("[SSL] PEM lib").
         text = str(exc).split(" (_ssl.c:")[0].rpartition("] ")[2].strip()
-        reason = exc.reason or text.upper().replace(" ", "_")
+        reason = getattr(exc, "reason", None) or text.upper().replace(" ", "_")
         return SSL_REASONS.get(reason, reason.replace("_", " ").lower())
     if isinstance(exc, TimeoutError):
         return "timed out"
