@@ -5,9 +5,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Written after a successful install; pip runs again only when pyproject.toml is newer. RUN_STAMP: what
-# serving needs (soakp and its three dependencies), for `make run` and `make mint`; STAMP: that plus the
-# test extras, for `make test` and the tools.
+# Written after a successful install; pip runs again only when pyproject.toml is newer.
+# RUN_STAMP: what serving needs (soakp and its three dependencies), for `make run` and `make mint`;
+# STAMP: that plus the test extras, for `make test` and the tools.
 STAMP := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
 
@@ -67,8 +67,8 @@ $(CERT_DIR)/fullchain.pem: | $(RUN_STAMP)
 	@mkdir -p -m 700 $(VAR)
 	$(BIN)/soakp selfsigned --dir $(CERT_DIR) --host $(TLS_HOST)
 
-# The old secrets reach SOAKP as SOAKP_OLD_SECRETS: those of $(OLD_SECRETS_FILE), and any already in the
-# environment. Start-up logs the kid of the signing secret and of each old one.
+# The old secrets reach SOAKP as SOAKP_OLD_SECRETS: those of $(OLD_SECRETS_FILE), and any already in
+# the environment. Start-up logs the kid of the signing secret and of each old one.
 run: $(RUN_STAMP) $(SECRET_FILE) $(ADMIN_PASS_FILE) $(CERT_DIR)/fullchain.pem
 	@echo
 	@echo "SOAKP dev server on https://$(LISTEN) (self-signed certificate for $(TLS_HOST): $(CERT_DIR)/fullchain.pem)"
@@ -76,23 +76,24 @@ run: $(RUN_STAMP) $(SECRET_FILE) $(ADMIN_PASS_FILE) $(CERT_DIR)/fullchain.pem
 	@printf '  %s\n' "curl -sk -u $(ADMIN_USER):\$$(cat $(ADMIN_PASS_FILE)) https://$(LISTEN)/jwt/generate -H 'Content-Type: application/json' -d '{\"key\":\"sk-...\"}'"
 	@echo "or, without the server:  make mint KEY=sk-...  (or with OPENAI_API_KEY set: make mint)"
 	@echo
-	@old=$$( { printf '%s\n' "$${SOAKP_OLD_SECRETS:-}" | tr ',' '\n'; cat '$(OLD_SECRETS_FILE)' 2>/dev/null; } \
-		| grep -v '^[[:space:]]*$$' | paste -sd, -); \
-	exec env SOAKP_SECRET_FILE='$(SECRET_FILE)' SOAKP_OLD_SECRETS="$$old" SOAKP_ADMIN_USER='$(ADMIN_USER)' \
-		SOAKP_ADMIN_PASS="$$(cat '$(ADMIN_PASS_FILE)')" \
+	@old=$$( { printf '%s\n' "$${SOAKP_OLD_SECRETS:-}" | tr ',' '\n'; \
+		cat '$(OLD_SECRETS_FILE)' 2>/dev/null; } | grep -v '^[[:space:]]*$$' | paste -sd, -); \
+	exec env SOAKP_SECRET_FILE='$(SECRET_FILE)' SOAKP_OLD_SECRETS="$$old" \
+		SOAKP_ADMIN_USER='$(ADMIN_USER)' SOAKP_ADMIN_PASS="$$(cat '$(ADMIN_PASS_FILE)')" \
 		$(BIN)/soakp serve --listen '$(LISTEN)' --cert-dir '$(CERT_DIR)' --db '$(DB)' $(ARGS)
 
-# `make mint KEY=sk-... ARGS='--ttl 12h --sub laptop'`, or `make mint` with OPENAI_API_KEY set: the token
-# is the last line printed, signed with $(SECRET_FILE) (the new secret after `make rotate`). The key
+# `make mint KEY=sk-... ARGS='--ttl 12h --sub laptop'`, or `make mint` with OPENAI_API_KEY set: the
+# token is the last line printed, signed with $(SECRET_FILE) (the new secret after `make rotate`). The key
 # reaches soakp in OPENAI_API_KEY, never on its command line; the recipe is not echoed.
 mint: $(RUN_STAMP) $(SECRET_FILE)
 	@if [ -n '$(KEY)' ]; then OPENAI_API_KEY='$(KEY)'; export OPENAI_API_KEY; fi; \
 	test -n "$${OPENAI_API_KEY:-}" || { \
-		echo "usage: make mint KEY=sk-... [ARGS='--ttl 12h'], or set OPENAI_API_KEY and run make mint" >&2; exit 2; }; \
+		echo "usage: make mint KEY=sk-... [ARGS='--ttl 12h'], or set OPENAI_API_KEY and run make mint" >&2; \
+		exit 2; }; \
 	$(BIN)/soakp mint --secret-file '$(SECRET_FILE)' --db '$(DB)' $(ARGS)
 
 # Rotation, in four steps (README, "Rotating the master secret"):
-#   make rotate             the current secret moves to $(OLD_SECRETS_FILE), a new one takes $(SECRET_FILE)
+#   make rotate             the current secret moves to $(OLD_SECRETS_FILE), a new one to $(SECRET_FILE)
 #   restart make run        signs with the new secret, still accepts tokens of the old one
 #   (clients refresh)       POST /jwt/refresh trades an old token for one under the new secret
 #   make drop-old-secrets   once the old tokens have expired or been refreshed; restart make run
@@ -159,9 +160,9 @@ DEMO_PORT ?= 8787
 demo: venv
 	$(BIN)/python examples/browser/demo.py --port $(DEMO_PORT) $(ARGS)
 
-# `make figures`: the zipapp's size, its start times (first start with unpacking, then warm) and an idle
-# server's memory, measured here on /usr/bin/python3 and printed with the machine they came from; the
-# README's "What it weighs" comes from this. Builds dist/soakp.pyz first. See tools/figures.py.
+# `make figures`: the zipapp's size, its start times (first start with unpacking, then warm) and an
+# idle server's memory, measured here on /usr/bin/python3 and printed with the machine they came from;
+# the README's "What it weighs" comes from this. Builds dist/soakp.pyz first. See tools/figures.py.
 .PHONY: figures
 figures: zipapp
 	$(PYTHON) tools/figures.py --zipapp $(ZIPAPP) $(ARGS)

@@ -129,7 +129,7 @@ SSL_REASONS = {
 def describe_error(exc: BaseException) -> str:
     """An OS, SSL or I/O error in a few words for a message: no class names, no C source lines."""
     if isinstance(exc, ssl.SSLError):
-        # exc.reason is OpenSSL's code when it has one; otherwise only the text says it ("[SSL] PEM lib").
+        # exc.reason is OpenSSL's code when it has one; else only the text has it ("[SSL] PEM lib").
         text = str(exc).split(" (_ssl.c:")[0].rpartition("] ")[2].strip()
         reason = getattr(exc, "reason", None) or text.upper().replace(" ", "_")
         return SSL_REASONS.get(reason, reason.replace("_", " ").lower())
@@ -268,7 +268,7 @@ class Config:
     max_connections: int = 10000
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
-    # Start-up notes for settings SOAKP corrected or ignored; main() logs them once logging is set up.
+    # Start-up notes for settings SOAKP corrected or ignored; serve() logs them.
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -327,43 +327,47 @@ examples:
 COMMAND_HELP = {
     "serve": (
         "run the proxy (the default command)",
-        "Run the proxy: check each client's SOAKP token, swap in the OpenAI key it carries and forward\n"
-        "the request upstream. Every option also reads its SOAKP_* variable; a flag wins.",
+        "Run the proxy: check each client's SOAKP token, swap in the OpenAI key it carries\n"
+        "and forward the request upstream. Every option also reads its SOAKP_* variable;\n"
+        "a flag wins.",
         "examples:\n"
-        "  soakp serve --secret-file /etc/soakp/secret --domain proxy.example.com --listen 0.0.0.0:443\n"
+        "  soakp serve --secret-file /etc/soakp/secret --domain proxy.example.com \\\n"
+        "      --listen 0.0.0.0:443\n"
         "  soakp serve --secret-file var/secret --cert-dir var/tls --db var/soakp.db\n"
-        "  SOAKP_SECRET_FILE=var/secret soakp --listen 127.0.0.1:3033   # plain HTTP on loopback",
+        "  SOAKP_SECRET_FILE=var/secret soakp --listen 127.0.0.1:3033   # plain HTTP",
     ),
     "mint": (
         "print a new token for an OpenAI key",
-        "Print a new token carrying an OpenAI key (the token alone on the last line of stdout) and\n"
-        "register it in the database. The key comes from --key, else --key-file, else OPENAI_API_KEY;\n"
-        "`--key -` reads it from standard input, which keeps it out of `ps` and the shell history.",
+        "Print a new token carrying an OpenAI key (the token alone on the last line of\n"
+        "stdout) and register it in the database. The key comes from --key, else\n"
+        "--key-file, else OPENAI_API_KEY; `--key -` reads it from standard input, which\n"
+        "keeps it out of `ps` and the shell history.",
         "examples:\n"
-        "  OPENAI_API_KEY=sk-... soakp mint --secret-file var/secret --db var/soakp.db --ttl 12h\n"
-        "  soakp mint --secret-file var/secret --db var/soakp.db --key-file ~/.openai-key --sub laptop\n"
-        "  printf %s \"$KEY\" | soakp mint --secret-file var/secret --key - --paths /v1/chat/completions",
+        "  OPENAI_API_KEY=sk-... soakp mint --secret-file var/secret --db var/soakp.db\n"
+        "  soakp mint --secret-file var/secret --key-file ~/.openai-key --sub laptop\n"
+        "  printf %s \"$KEY\" | soakp mint --secret-file var/secret --key - --ttl 12h",
     ),
     "revoke": (
         "revoke a token by its jti",
-        "Revoke a token by its jti in the database a server uses (the one its --db names); the running\n"
-        "server refuses the token within 2 seconds.",
+        "Revoke a token by its jti in the database a server uses (the one its --db\n"
+        "names); the running server refuses the token within 2 seconds.",
         "example:\n"
         "  soakp revoke --db var/soakp.db fifmjanSvJA-mZ0eYcvi3A",
     ),
     "tokens": (
         "list issued tokens as JSON lines",
-        "List the tokens in the database a server uses, one JSON object per line: jti, sub, times,\n"
-        "requests and usage (never the key or the token).",
+        "List the tokens in the database a server uses, one JSON object per line: jti,\n"
+        "sub, times, requests and usage (never the key or the token).",
         "example:\n"
         "  soakp tokens --db var/soakp.db",
     ),
     "selfsigned": (
         "write a development certificate in Certbot's layout",
-        "Write a self-signed certificate and its key (fullchain.pem, privkey.pem, mode 600) into a\n"
-        "directory, for development; it names --host, localhost, 127.0.0.1 and ::1.",
+        "Write a self-signed certificate and its key (fullchain.pem, privkey.pem, mode\n"
+        "600) into a directory, for development; it names --host, localhost, 127.0.0.1\n"
+        "and ::1.",
         "example:\n"
-        "  soakp selfsigned --dir var/tls --host localhost && soakp serve --cert-dir var/tls ...",
+        "  soakp selfsigned --dir var/tls --host localhost",
     ),
 }
 
@@ -377,8 +381,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: `soakp [COMMAND] [OPTIONS]`, serve being the default command."""
-    parser = _Parser(prog="soakp", description="SOAKP, the Secure OpenAI Key Proxy.", epilog=MAIN_HELP,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="soakp", description="SOAKP, the Secure OpenAI Key Proxy.",
+                     epilog=MAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-V", "--version", action="version", version=f"soakp {__version__}")
     commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
@@ -387,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
         return commands.add_parser(name, help=summary, description=description, epilog=example,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    def add_options(sub: argparse.ArgumentParser, names: Sequence[str], shown: Sequence[str]) -> None:
+    def add_options(sub: argparse.ArgumentParser, names: Sequence[str],
+                    shown: Sequence[str]) -> None:
         for name in names:
             env, default, text = OPTIONS[name]
             flags = [f"--{name}", "--key"] if name == "tls-key" else [f"--{name}"]
@@ -418,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = add_command(name)
         add_options(sub, COMMON_OPTIONS, USED_OPTIONS[name])
         if name == "revoke":
-            sub.add_argument("jti", help="the token's id (the jti `soakp mint` and `soakp tokens` print)")
+            sub.add_argument("jti", help="the token's id, as `soakp tokens` shows it")
 
     selfsigned = add_command("selfsigned")
     add_options(selfsigned, COMMON_OPTIONS, USED_OPTIONS["selfsigned"])
@@ -458,19 +463,22 @@ def read_secret(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
         try:
             secret = Path(path).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{source}: cannot read the secret file {path}: {describe_error(exc)}") from None
+            raise ConfigError(f"{source}: cannot read the secret file {path}: "
+                              f"{describe_error(exc)}") from None
     else:
         source = "--secret" if args.secret is not None else "SOAKP_SECRET"
     if secret is None:
-        raise ConfigError("a master secret is required: give --secret-file FILE (or SOAKP_SECRET_FILE), "
-                          "or --secret (SOAKP_SECRET)")
+        raise ConfigError("a master secret is required: give --secret-file FILE "
+                          "(or SOAKP_SECRET_FILE), or --secret (SOAKP_SECRET)")
     if len(secret) < MIN_SECRET_CHARS:
-        raise ConfigError(f"{source}: the master secret must be at least {MIN_SECRET_CHARS} characters; make "
-                          "one with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))'")
+        raise ConfigError(f"{source}: the master secret must be at least {MIN_SECRET_CHARS} "
+                          "characters; make one with: "
+                          "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'")
     return secret
 
 
-def tls_key_option(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str | None, str | None]:
+def tls_key_option(args: argparse.Namespace,
+                   environ: Mapping[str, str]) -> tuple[str | None, str | None]:
     """The TLS private key from --tls-key (alias --key), SOAKP_TLS_KEY or, as before, SOAKP_KEY.
 
     SOAKP_KEY once named the TLS key and looks like a place for the OpenAI key: it is taken only
@@ -481,9 +489,11 @@ def tls_key_option(args: argparse.Namespace, environ: Mapping[str, str]) -> tupl
     if path is not None or not old:
         return path, None
     if os.path.isfile(old) and os.access(old, os.R_OK):
-        return old, "SOAKP_KEY names the TLS private key: rename it SOAKP_TLS_KEY (SOAKP_KEY will go away)"
-    return None, ("SOAKP_KEY is set but is not a readable file, so it is ignored: the TLS private key is "
-                  "SOAKP_TLS_KEY, and `soakp mint` reads the OpenAI key from OPENAI_API_KEY")
+        return old, ("SOAKP_KEY names the TLS private key: rename it SOAKP_TLS_KEY "
+                     "(SOAKP_KEY will go away)")
+    return None, ("SOAKP_KEY is set but is not a readable file, so it is ignored: the TLS "
+                  "private key is SOAKP_TLS_KEY, and `soakp mint` reads the OpenAI key from "
+                  "OPENAI_API_KEY")
 
 
 def check_mint_key_source(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
@@ -491,8 +501,8 @@ def check_mint_key_source(args: argparse.Namespace, environ: Mapping[str, str]) 
     if args.api_key is not None and args.key_file is not None:
         raise ConfigError("give --key or --key-file, not both")
     if args.api_key is None and args.key_file is None and not environ.get("OPENAI_API_KEY"):
-        raise ConfigError("soakp mint needs the OpenAI key: set OPENAI_API_KEY, or give --key-file FILE, "
-                          "--key - (read from standard input) or --key KEY")
+        raise ConfigError("soakp mint needs the OpenAI key: set OPENAI_API_KEY, or give "
+                          "--key-file FILE, --key - (read from standard input) or --key KEY")
 
 
 def normalise_upstream(upstream: UpstreamTarget) -> tuple[UpstreamTarget, str | None]:
@@ -505,8 +515,9 @@ def normalise_upstream(upstream: UpstreamTarget) -> tuple[UpstreamTarget, str | 
         return upstream, None
     fixed = dataclasses.replace(upstream, base_path=upstream.base_path[:-len("/v1")])
     shown = f"{fixed.scheme}://{fixed.host_header}{fixed.base_path}"
-    return fixed, (f"--upstream ends in /v1, which SOAKP adds to every request itself: forwarding to "
-                   f"{shown}/v1/...; drop the /v1 from --upstream (or SOAKP_UPSTREAM) to silence this")
+    return fixed, (f"--upstream ends in /v1, which SOAKP adds to every request itself: "
+                   f"forwarding to {shown}/v1/...; drop the /v1 from --upstream "
+                   "(or SOAKP_UPSTREAM) to silence this")
 
 
 def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config, argparse.Namespace]:
@@ -516,8 +527,8 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
     """
     argv = list(argv)
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
-        raise ConfigError(f"unknown command {safe_label(argv[0])!r}; the commands are {', '.join(COMMANDS)} "
-                          "(see soakp --help)")
+        raise ConfigError(f"unknown command {safe_label(argv[0])!r}; the commands are "
+                          f"{', '.join(COMMANDS)} (see soakp --help)")
     if not argv or argv[0] not in COMMANDS and argv[0] not in HELP_FLAGS:
         argv.insert(0, "serve")
     args = build_parser().parse_args(argv)
@@ -534,7 +545,8 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
             return parse(text)
         except ValueError as exc:
             source = option_source(args, environ, name)
-            raise ConfigError(f"{source if source.startswith('SOAKP_') else '--' + name}: {exc}") from None
+            named = source if source.startswith("SOAKP_") else f"--{name}"
+            raise ConfigError(f"{named}: {exc}") from None
 
     if args.command == "mint":
         check_mint_key_source(args, environ)
@@ -554,10 +566,12 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
     if admin_pass is not None and len(admin_pass) < 8:
         raise ConfigError("--admin-pass must be at least 8 characters")
 
-    tls_key, tls_key_warning = tls_key_option(args, environ) if args.command == "serve" else (None, None)
+    tls_key, tls_key_warning = (tls_key_option(args, environ) if args.command == "serve"
+                                else (None, None))
     if tls_key_warning:
         warnings.append(tls_key_warning)
-    cert_file, key_file = tls_files(get("cert-dir"), get("domain"), get("letsencrypt-dir"), get("cert"), tls_key)
+    cert_file, key_file = tls_files(get("cert-dir"), get("domain"), get("letsencrypt-dir"),
+                                    get("cert"), tls_key)
     upstream_ca = get("upstream-ca")
     if upstream_ca is not None and not os.access(upstream_ca, os.R_OK):
         raise ConfigError(f"--upstream-ca: cannot read {upstream_ca}")
@@ -565,7 +579,8 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
     token_ttl_s = convert("token-ttl", parse_ttl_s)
     max_token_ttl_s = convert("max-token-ttl", parse_ttl_s)
     if token_ttl_s > max_token_ttl_s:
-        raise ConfigError("--token-ttl is longer than --max-token-ttl: shorten one or lengthen the other")
+        raise ConfigError("--token-ttl is longer than --max-token-ttl: shorten one or "
+                          "lengthen the other")
     durations = {}
     for name in ("connect-timeout", "read-timeout", "header-timeout", "shutdown-grace"):
         durations[name] = convert(name, parse_duration_s)
@@ -629,10 +644,12 @@ def tls_files(
     if cert_dir is not None:
         cert, key = os.path.join(cert_dir, "fullchain.pem"), os.path.join(cert_dir, "privkey.pem")
     if (cert is None) != (key is None):
-        raise ConfigError("--cert and --tls-key go together: give both, or --cert-dir for a Certbot directory")
+        raise ConfigError("--cert and --tls-key go together: give both, or --cert-dir for a "
+                          "Certbot directory")
     for path in (cert, key):
         if path is not None and not os.access(path, os.R_OK):
-            raise ConfigError(f"{way}: cannot read the TLS file {path} (check the path and its permissions)")
+            raise ConfigError(f"{way}: cannot read the TLS file {path} "
+                              "(check the path and its permissions)")
     return cert, key
 
 
@@ -743,8 +760,8 @@ class Permissions:
 
 # What each list's entries look like, for the message that refuses one.
 LIST_ENTRY_FORMS = {
-    "paths": "each entry is a path in its /v1/... form, e.g. /v1/chat/completions (a trailing * matches "
-             "a prefix: /v1/files*)",
+    "paths": "each entry is a path in its /v1/... form, e.g. /v1/chat/completions "
+             "(a trailing * matches a prefix: /v1/files*)",
     "models": "each entry is a model name, e.g. gpt-4o-mini",
     "origins": "each entry is an origin, e.g. https://app.example.com (no path)",
 }
@@ -1087,7 +1104,8 @@ class TokenRegistry:
                 self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(REGISTRY_SCHEMA)
         except sqlite3.Error as exc:
-            raise ConfigError(f"--db: cannot open the token database {path}: {describe_error(exc)}") from None
+            raise ConfigError(f"--db: cannot open the token database {path}: "
+                              f"{describe_error(exc)}") from None
 
     def register(self, jti: str, sub: str, kid: str, created_at: int, expires_at: int) -> None:
         self.db.execute("INSERT OR IGNORE INTO tokens (jti, sub, kid, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
@@ -2736,8 +2754,9 @@ def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     try:
         context.load_cert_chain(cert_file, key_file)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the TLS pair {cert_file} + {key_file}: {describe_error(exc)}; "
-                          "check the files --cert-dir, --domain or --cert/--tls-key name") from None
+        raise ConfigError(f"cannot load the TLS pair {cert_file} + {key_file}: "
+                          f"{describe_error(exc)}; check the files --cert-dir, --domain or "
+                          "--cert/--tls-key name") from None
     return context
 
 
@@ -2811,7 +2830,8 @@ def upstream_ssl_context(cafile: str | None) -> ssl.SSLContext:
     try:
         context = ssl.create_default_context(cafile=cafile or certifi.where())
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"--upstream-ca: cannot load the CA file {cafile}: {describe_error(exc)}") from None
+        raise ConfigError(f"--upstream-ca: cannot load the CA file {cafile}: "
+                          f"{describe_error(exc)}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
     return context
@@ -3712,7 +3732,7 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-TLS_HANDSHAKE_RECORD = 0x16  # RFC 8446 §5.1: ContentType handshake, the first byte a TLS client sends
+TLS_HANDSHAKE_RECORD = 0x16  # RFC 8446 §5.1: ContentType handshake, a TLS client's first byte
 PLAIN_HTTP_LINGER_S = 2.0  # how long a plain-HTTP client on the TLS port may take to read our 400
 LISTEN_BACKLOG = 1024
 
@@ -3745,12 +3765,13 @@ async def peek_first_byte(transport: asyncio.BaseTransport, timeout_s: float) ->
 
 
 class PlainHttpRefusal(asyncio.Protocol):
-    """A plain-HTTP client on the TLS port: answer 400 in plain HTTP (as nginx does), read and drop
-    what it sends until it closes or PLAIN_HTTP_LINGER_S pass, so the answer is not lost to a reset."""
+    """A plain-HTTP client on the TLS port: answer 400 in plain HTTP (as nginx does), then read and
+    drop what it sends until it closes or PLAIN_HTTP_LINGER_S pass, so that a reset does not destroy
+    the answer before the client read it."""
 
     def __init__(self, transport: asyncio.Transport) -> None:
-        message = ("This port speaks HTTPS, and the request came as plain HTTP: use an https:// URL "
-                   "(with curl, https://; with an SDK, base_url='https://...').")
+        message = ("This port speaks HTTPS, and the request came as plain HTTP: use an https:// "
+                   "URL (with curl, https://; with an SDK, base_url='https://...').")
         transport.write(error_response(ApiError(400, message, "https_required"), keep_alive=False))
         self.closer = asyncio.get_running_loop().call_later(PLAIN_HTTP_LINGER_S, transport.close)
 
@@ -3764,12 +3785,13 @@ class PlainHttpRefusal(asyncio.Protocol):
 class TlsOrPlainSniffer(asyncio.Protocol):
     """The TLS listener's first protocol on each connection: looks at the first byte before any TLS.
 
-    A TLS handshake record goes on to loop.start_tls and the usual stream handler; anything else is a
-    plain-HTTP request on the HTTPS port and gets PlainHttpRefusal, with one log line.
+    A TLS handshake record goes on to loop.start_tls and the usual stream handler; anything else
+    is a plain-HTTP request on the HTTPS port and gets PlainHttpRefusal, with one log line.
     """
 
     def __init__(self, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
-                 context: ssl.SSLContext, handshake_timeout_s: float, tasks: set[asyncio.Task[None]]) -> None:
+                 context: ssl.SSLContext, handshake_timeout_s: float,
+                 tasks: set[asyncio.Task[None]]) -> None:
         self.handler = handler
         self.context = context
         self.handshake_timeout_s = handshake_timeout_s
@@ -3789,8 +3811,8 @@ class TlsOrPlainSniffer(asyncio.Protocol):
             return
         if first != TLS_HANDSHAKE_RECORD:
             peer = transport.get_extra_info("peername")
-            log.warning("plain HTTP request from %s on the HTTPS port: answered 400 (it needs https://)",
-                        peer[0] if isinstance(peer, tuple) else "unix")
+            log.warning("plain HTTP request from %s on the HTTPS port: answered 400 "
+                        "(it needs https://)", peer[0] if isinstance(peer, tuple) else "unix")
             transport.set_protocol(PlainHttpRefusal(transport))
             transport.resume_reading()
             return
@@ -3800,14 +3822,14 @@ class TlsOrPlainSniffer(asyncio.Protocol):
             tls_transport = await asyncio.get_running_loop().start_tls(
                 transport, protocol, self.context, server_side=True,
                 ssl_handshake_timeout=self.handshake_timeout_s)
-        except (OSError, asyncio.TimeoutError) as exc:  # ssl.SSLError is an OSError; start_tls closed it
+        except (OSError, asyncio.TimeoutError) as exc:  # SSLError is an OSError; it closed the socket
             log.debug("TLS handshake failed: %s", describe_error(exc))
             return
         protocol.connection_made(tls_transport)  # start_tls leaves that call to the caller
 
 
-async def start_listener(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any], host: str,
-                         port: int, context: ssl.SSLContext | None,
+async def start_listener(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+                         host: str, port: int, context: ssl.SSLContext | None,
                          handshake_timeout_s: float) -> asyncio.AbstractServer:
     """asyncio.start_server(), but a TLS listener answers plain HTTP with a plain-HTTP 400.
 
@@ -3862,8 +3884,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         await handle_connection(state, reader, writer)
 
     try:
-        server = await start_listener(on_connection, config.listen_host, config.listen_port, server_tls,
-                                      config.header_timeout_s)
+        server = await start_listener(on_connection, config.listen_host, config.listen_port,
+                                      server_tls, config.header_timeout_s)
     except OSError as exc:
         state.registry.close()
         raise ConfigError(f"--listen: cannot listen on {config.listen_host}:{config.listen_port}: "
@@ -3937,11 +3959,11 @@ def split_list(text: str | None) -> list[str] | None:
     return None if text is None else [item.strip() for item in text.split(",") if item.strip()]
 
 
-STDIN_KEY = "-"  # `--key -` and `--key-file -`: the key comes from standard input, never the text "-"
+STDIN_KEY = "-"  # `--key -`, `--key-file -`: the key comes from standard input, never the text "-"
 
 
 def read_api_key(args: argparse.Namespace, environ: Mapping[str, str], stdin: Any) -> str:
-    """The OpenAI key for `soakp mint`: --key, else --key-file, else OPENAI_API_KEY; `-` reads stdin.
+    """The OpenAI key for `soakp mint`: --key, else --key-file, else OPENAI_API_KEY (`-`: stdin).
 
     Only the first line counts and surrounding whitespace goes (a file or pipe ends in a newline).
     Raises ConfigError with one line that never repeats the key.
@@ -3959,14 +3981,16 @@ def read_api_key(args: argparse.Namespace, environ: Mapping[str, str], stdin: An
         try:
             lines = Path(args.key_file).read_text(encoding="utf-8").strip().splitlines()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"--key-file: cannot read {args.key_file}: {describe_error(exc)}") from None
+            raise ConfigError(f"--key-file: cannot read {args.key_file}: "
+                              f"{describe_error(exc)}") from None
         key = lines[0].strip() if lines else ""
         if not key:
             raise ConfigError(f"--key-file: {args.key_file} is empty; put the OpenAI key in it")
     else:
         key, source = environ.get("OPENAI_API_KEY", "").strip(), "OPENAI_API_KEY"
     if key == STDIN_KEY:
-        raise ConfigError(f"{source}: the OpenAI key cannot be '-'; `--key -` reads it from standard input")
+        raise ConfigError(f"{source}: the OpenAI key cannot be '-'; `--key -` reads it from "
+                          "standard input")
     return key
 
 
@@ -3977,21 +4001,25 @@ def cli_message(exc: ApiError) -> str:
         message = message.replace(f"'{name}'", f"--{name.replace('_', '-')}")
     message = message.replace("--key ", "the OpenAI key (--key, --key-file or OPENAI_API_KEY) ", 1)
     if exc.code == "ttl_too_long":
-        message += ": ask for a shorter --ttl, or raise --max-token-ttl (SOAKP_MAX_TOKEN_TTL, default 365d)"
+        message += (": ask for a shorter --ttl, or raise --max-token-ttl "
+                    "(SOAKP_MAX_TOKEN_TTL, default 365d)")
     return message
 
 
-def run_mint(config: Config, args: argparse.Namespace, environ: Mapping[str, str], stdin: Any) -> int:
+def run_mint(config: Config, args: argparse.Namespace, environ: Mapping[str, str],
+             stdin: Any) -> int:
     """`soakp mint`: print a new token as the last line of stdout and register it in the db."""
     api_key = read_api_key(args, environ, stdin)
-    fields: dict[str, Any] = {"key": api_key, "org": args.org, "project": args.project, "ttl": args.ttl,
-                              "sub": args.sub, "paths": split_list(args.paths),
-                              "models": split_list(args.models), "origins": split_list(args.origins)}
+    fields: dict[str, Any] = {"key": api_key, "org": args.org, "project": args.project,
+                              "ttl": args.ttl, "sub": args.sub, "paths": split_list(args.paths),
+                              "models": split_list(args.models),
+                              "origins": split_list(args.origins)}
     for name in ("rpm", "max_tokens_total"):
         value = getattr(args, name)
         if value is not None:
             if not value.isdigit():
-                print(f"soakp: --{name.replace('_', '-')} must be a whole number, e.g. 20", file=sys.stderr)
+                flag = f"--{name.replace('_', '-')}"
+                print(f"soakp: {flag} must be a whole number, e.g. 20", file=sys.stderr)
                 return 2
             fields[name] = int(value)
     try:
@@ -4014,18 +4042,20 @@ def run_mint(config: Config, args: argparse.Namespace, environ: Mapping[str, str
     return 0
 
 
-def missing_database(config: Config, args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+def missing_database(config: Config, args: argparse.Namespace,
+                     environ: Mapping[str, str]) -> str | None:
     """Why `revoke`/`tokens` must not run: a database file that does not exist (opening it would
     create an empty one, so a revocation would land where no server looks). None when it exists."""
     if config.db == ":memory:" or os.path.exists(config.db):
         return None
     source = option_source(args, environ, "db")
     named = "" if source == "the default" else f" (from {source})"
-    return (f"no token database at {config.db}{named}: give the server's database with --db FILE or "
-            "SOAKP_DB (`make run` uses var/soakp.db)")
+    return (f"no token database at {config.db}{named}: give the server's database with "
+            "--db FILE or SOAKP_DB (`make run` uses var/soakp.db)")
 
 
-def run_registry_command(config: Config, args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+def run_registry_command(config: Config, args: argparse.Namespace,
+                         environ: Mapping[str, str]) -> int:
     """`soakp revoke JTI` and `soakp tokens`, on the same database a server uses."""
     problem = missing_database(config, args, environ)
     if problem:
@@ -4035,7 +4065,8 @@ def run_registry_command(config: Config, args: argparse.Namespace, environ: Mapp
     try:
         if args.command == "revoke":
             if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", args.jti):
-                print("soakp: that is not a token id (jti): `soakp tokens` lists them", file=sys.stderr)
+                print("soakp: that is not a token id (jti): `soakp tokens` lists them",
+                      file=sys.stderr)
                 return 2
             now = int(time.time())
             revoked_at = registry.revoke(args.jti, now, now + config.max_token_ttl_s)
@@ -4061,7 +4092,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             try:
                 write_selfsigned(args.dir, args.host, datetime.datetime.now(datetime.timezone.utc))
             except OSError as exc:
-                raise ConfigError(f"--dir: cannot write {args.dir}: {describe_error(exc)}") from None
+                raise ConfigError(f"--dir: cannot write {args.dir}: "
+                                  f"{describe_error(exc)}") from None
             print(f"wrote {args.dir}/fullchain.pem and {args.dir}/privkey.pem for {args.host}")
             return 0
         configure_logging(config.log_level)

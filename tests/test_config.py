@@ -161,7 +161,8 @@ def option_case(name: str, tmp: Path) -> OptionCase:
                           (flag_cert, key), (env_cert, key), {"SOAKP_TLS_KEY": key}, BASE_ENV)
     if name == "tls-key":
         flag_key, env_key, cert = files("flag-key.pem", "env-key.pem", "cert.pem")
-        return OptionCase("--tls-key", "SOAKP_TLS_KEY", flag_key, env_key, lambda c: (c.cert_file, c.key_file),
+        return OptionCase("--tls-key", "SOAKP_TLS_KEY", flag_key, env_key,
+                          lambda c: (c.cert_file, c.key_file),
                           (cert, flag_key), (cert, env_key), {"SOAKP_CERT": cert}, BASE_ENV)
     simple: dict[str, tuple[str, str, Callable[[soakp.Config], Any], Any, Any]] = {
         "db": (":memory:", str(tmp / "env.db"), lambda c: c.db, ":memory:", str(tmp / "env.db")),
@@ -184,7 +185,8 @@ def option_case(name: str, tmp: Path) -> OptionCase:
 
 SPEC_OPTIONS = [
     "listen", "secret", "secret-file", "old-secrets", "admin-user", "admin-pass", "upstream", "upstream-ca",
-    "cert-dir", "domain", "letsencrypt-dir", "cert", "tls-key", "db", "token-ttl", "max-token-ttl", "cors-origins",
+    "cert-dir", "domain", "letsencrypt-dir", "cert", "tls-key", "db", "token-ttl", "max-token-ttl",
+    "cors-origins",
     "max-body", "connect-timeout", "read-timeout", "header-timeout", "max-connections", "shutdown-grace",
     "log-level",
 ]

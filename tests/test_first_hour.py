@@ -32,30 +32,45 @@ COMMANDS = ("serve", "mint", "revoke", "tokens", "selfsigned")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SOAKP_", "OPENAI_")) and k != "PYTHONPATH"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SOAKP_", "OPENAI_")) and k != "PYTHONPATH"
+    }
     env.update(extra)
     return env
 
 
-def run(args: list[str], cwd: Path, env: dict[str, str] | None = None,
-        stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(SOAKP_PY), *args], cwd=cwd, env=env or clean_env(),
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
-                          input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
+def run(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SOAKP_PY), *args],
+        cwd=cwd,
+        env=env or clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+    )
 
 
 def minted_claims(result: subprocess.CompletedProcess[str]) -> soakp.TokenClaims:
     assert result.returncode == 0, result.stderr
-    return soakp.verify_token(result.stdout.splitlines()[-1], soakp.build_keyring(SECRET), time.time())
+    return soakp.verify_token(
+        result.stdout.splitlines()[-1], soakp.build_keyring(SECRET), time.time()
+    )
 
 
-# 1. revoke and tokens refuse a database that does not exist ##########################################
+# 1. revoke and tokens refuse a database that does not exist #######################################
 
 
 @pytest.mark.parametrize("command", [["tokens"], ["revoke", "fifmjanSvJA-mZ0eYcvi3A"]])
 @pytest.mark.parametrize("where", ["default", "flag", "env"])
-def test_registry_commands_refuse_a_database_that_does_not_exist(tmp_path: Path, command: list[str],
-                                                                 where: str) -> None:
+def test_registry_commands_refuse_a_database_that_does_not_exist(
+    tmp_path: Path, command: list[str], where: str
+) -> None:
     """Before: `soakp revoke JTI` without --db created ./soakp.db, printed a revocation and exited 0
     while the server, on var/soakp.db, kept accepting the token."""
     missing = tmp_path / "var" / "soakp.db"
@@ -70,23 +85,29 @@ def test_registry_commands_refuse_a_database_that_does_not_exist(tmp_path: Path,
     [line] = result.stderr.splitlines()
     shown = "./soakp.db" if where == "default" else str(missing)
     assert shown in line and "--db" in line and "SOAKP_DB" in line, line
-    assert {"flag": "(from --db)", "env": "(from SOAKP_DB)", "default": "no token database"}[where] in line
+    assert {"flag": "(from --db)", "env": "(from SOAKP_DB)", "default": "no token database"}[
+        where
+    ] in line
     assert not (tmp_path / "soakp.db").exists() and not missing.exists()
 
 
 def test_registry_commands_still_work_on_an_existing_database(tmp_path: Path) -> None:
     db = tmp_path / "soakp.db"
-    jti = minted_claims(run(["mint", "--secret", SECRET, "--db", str(db), "--key", KEY], tmp_path)).jti
+    jti = minted_claims(
+        run(["mint", "--secret", SECRET, "--db", str(db), "--key", KEY], tmp_path)
+    ).jti
     listed = run(["tokens"], tmp_path)  # ./soakp.db, the default, exists now
     assert listed.returncode == 0, listed.stderr
     assert jti in listed.stdout
 
 
-# 3. Plain HTTP on the TLS port ##########################################################################
+# 3. Plain HTTP on the TLS port ####################################################################
 
 
 @pytest.fixture
-def tls_proxy(soakp: Callable[..., SoakpProcess], test_ca: CertAuthority, tmp_path: Path) -> SoakpProcess:
+def tls_proxy(
+    soakp: Callable[..., SoakpProcess], test_ca: CertAuthority, tmp_path: Path
+) -> SoakpProcess:
     live = tmp_path / "live"
     cert, key = test_ca.issue("soakp", directory=live)
     cert.rename(live / "fullchain.pem")
@@ -96,10 +117,17 @@ def tls_proxy(soakp: Callable[..., SoakpProcess], test_ca: CertAuthority, tmp_pa
     return proxy
 
 
-def test_plain_http_on_the_tls_port_gets_a_plain_400_saying_it_speaks_https(tls_proxy: SoakpProcess) -> None:
+def test_plain_http_on_the_tls_port_gets_a_plain_400_saying_it_speaks_https(
+    tls_proxy: SoakpProcess,
+) -> None:
     """Before: curl said "Empty reply from server", the SDK a connection error, the log nothing."""
-    response = exchange(tls_proxy.port, build_request("GET", "/v1/models", host=f"127.0.0.1:{tls_proxy.port}"),
-                        "GET", 10.0, None)
+    response = exchange(
+        tls_proxy.port,
+        build_request("GET", "/v1/models", host=f"127.0.0.1:{tls_proxy.port}"),
+        "GET",
+        10.0,
+        None,
+    )
     assert response.status == 400
     error = response.json()["error"]
     assert error["code"] == "https_required"
@@ -113,7 +141,8 @@ def test_plain_http_on_the_tls_port_gets_a_plain_400_saying_it_speaks_https(tls_
 
 
 def test_the_tls_port_still_serves_tls_and_the_sdk_after_a_plain_request(
-        tls_proxy: SoakpProcess, fake_upstream: FakeUpstream) -> None:
+    tls_proxy: SoakpProcess, fake_upstream: FakeUpstream
+) -> None:
     exchange(tls_proxy.port, build_request("GET", "/healthz"), "GET", 10.0, None)
     assert tls_proxy.request("GET", "/healthz").status == 200
     token = tls_proxy.mint()
@@ -123,7 +152,8 @@ def test_the_tls_port_still_serves_tls_and_the_sdk_after_a_plain_request(
 
 
 def test_a_client_that_sends_nothing_is_closed_after_the_header_timeout(
-        soakp: Callable[..., SoakpProcess], test_ca: CertAuthority, tmp_path: Path) -> None:
+    soakp: Callable[..., SoakpProcess], test_ca: CertAuthority, tmp_path: Path
+) -> None:
     live = tmp_path / "live"
     cert, key = test_ca.issue("soakp", directory=live)
     proxy = soakp("--cert", str(cert), "--tls-key", str(key), header_timeout="1s")
@@ -133,12 +163,13 @@ def test_a_client_that_sends_nothing_is_closed_after_the_header_timeout(
         assert time.monotonic() - started < 8
 
 
-# 4. --upstream ending in /v1 ############################################################################
+# 4. --upstream ending in /v1 ######################################################################
 
 
 @pytest.mark.parametrize("suffix", ["/v1", "/v1/"])
 def test_an_upstream_ending_in_v1_is_normalised_with_a_warning(
-        soakp: Callable[..., SoakpProcess], fake_upstream: FakeUpstream, suffix: str) -> None:
+    soakp: Callable[..., SoakpProcess], fake_upstream: FakeUpstream, suffix: str
+) -> None:
     """Before: accepted silently, and every request went to /v1/v1/..."""
     proxy = soakp(upstream=fake_upstream.url + suffix)
     assert proxy.request("GET", "/v1/models", proxy.mint()).status == 200
@@ -148,65 +179,94 @@ def test_an_upstream_ending_in_v1_is_normalised_with_a_warning(
 
 
 def test_parse_and_normalise_upstream_keeps_other_prefixes() -> None:
-    for text, base in (("https://gw.example/openai/v1", "/openai"), ("https://gw.example/v1/", ""),
-                       ("https://gw.example/v10", "/v10"), ("https://gw.example/prefix", "/prefix")):
+    for text, base in (
+        ("https://gw.example/openai/v1", "/openai"),
+        ("https://gw.example/v1/", ""),
+        ("https://gw.example/v10", "/v10"),
+        ("https://gw.example/prefix", "/prefix"),
+    ):
         target, warning = soakp.normalise_upstream(soakp.parse_upstream(text))
         assert target.base_path == base
         assert (warning is not None) == text.rstrip("/").endswith("/v1")
 
 
-# 5. Start-up names the secrets it uses ##################################################################
+# 5. Start-up names the secrets it uses ############################################################
 
 
 def test_start_up_logs_the_kid_of_the_signing_secret_and_of_each_old_secret(
-        soakp: Callable[..., SoakpProcess], secret: str, secrets_registry: Any) -> None:
-    old = [secrets_registry.add(f"old-secret-{n}-0123456789abcdef0123456789") for n in ("one", "two")]
+    soakp: Callable[..., SoakpProcess], secret: str, secrets_registry: Any
+) -> None:
+    old = [
+        secrets_registry.add(f"old-secret-{n}-0123456789abcdef0123456789") for n in ("one", "two")
+    ]
     proxy = soakp(old_secrets=",".join(old))
     text = proxy.log_text()
     assert f"signing tokens with the secret kid={soakp_module.derive_keys(secret).kid}" in text
     kids = [soakp_module.derive_keys(s).kid for s in old]
-    assert f"also accepting tokens of 2 old secrets (--old-secrets): kid={kids[0]}, kid={kids[1]}" in text
+    assert (
+        f"also accepting tokens of 2 old secrets (--old-secrets): kid={kids[0]}, kid={kids[1]}"
+        in text
+    )
     assert all(s not in text for s in old)
 
 
-# 6. Where mint takes the OpenAI key from; --tls-key and SOAKP_KEY for serve #############################
+# 6. Where mint takes the OpenAI key from; --tls-key and SOAKP_KEY for serve #######################
 
 
 def test_mint_reads_the_key_from_openai_api_key(tmp_path: Path) -> None:
-    result = run(["mint", "--secret", SECRET, "--db", ":memory:"], tmp_path, clean_env(OPENAI_API_KEY=KEY))
+    result = run(
+        ["mint", "--secret", SECRET, "--db", ":memory:"], tmp_path, clean_env(OPENAI_API_KEY=KEY)
+    )
     assert minted_claims(result).key == KEY
     assert KEY not in result.stdout + result.stderr
 
 
 def test_mint_reads_the_key_from_a_file(tmp_path: Path) -> None:
     (tmp_path / "key").write_text(KEY + "\n")
-    result = run(["mint", "--secret", SECRET, "--db", ":memory:", "--key-file", str(tmp_path / "key")], tmp_path,
-                 clean_env(OPENAI_API_KEY="sk-not-this-one"))
+    result = run(
+        ["mint", "--secret", SECRET, "--db", ":memory:", "--key-file", str(tmp_path / "key")],
+        tmp_path,
+        clean_env(OPENAI_API_KEY="sk-not-this-one"),
+    )
     assert minted_claims(result).key == KEY
 
 
 @pytest.mark.parametrize("flag", [["--key", "-"], ["--key-file", "-"]])
 def test_mint_reads_the_key_from_standard_input(tmp_path: Path, flag: list[str]) -> None:
-    result = run(["mint", "--secret", SECRET, "--db", ":memory:", *flag], tmp_path, stdin=KEY + "\n")
+    result = run(
+        ["mint", "--secret", SECRET, "--db", ":memory:", *flag], tmp_path, stdin=KEY + "\n"
+    )
     assert minted_claims(result).key == KEY
 
 
 def test_the_flag_wins_over_openai_api_key(tmp_path: Path) -> None:
-    result = run(["mint", "--secret", SECRET, "--db", ":memory:", "--key", KEY], tmp_path,
-                 clean_env(OPENAI_API_KEY="sk-not-this-one"))
+    result = run(
+        ["mint", "--secret", SECRET, "--db", ":memory:", "--key", KEY],
+        tmp_path,
+        clean_env(OPENAI_API_KEY="sk-not-this-one"),
+    )
     assert minted_claims(result).key == KEY
 
 
-@pytest.mark.parametrize("args, env, stdin", [
-    (["--key", "-"], {}, ""),  # before: sealed the literal "-"
-    (["--key", "-"], {}, "\n"),
-    ([], {"OPENAI_API_KEY": "-"}, None),
-    (["--key-file", "KEYFILE"], {}, None),
-])
-def test_mint_never_seals_a_dash_or_nothing(tmp_path: Path, args: list[str], env: dict[str, str],
-                                            stdin: str | None) -> None:
+@pytest.mark.parametrize(
+    "args, env, stdin",
+    [
+        (["--key", "-"], {}, ""),  # before: sealed the literal "-"
+        (["--key", "-"], {}, "\n"),
+        ([], {"OPENAI_API_KEY": "-"}, None),
+        (["--key-file", "KEYFILE"], {}, None),
+    ],
+)
+def test_mint_never_seals_a_dash_or_nothing(
+    tmp_path: Path, args: list[str], env: dict[str, str], stdin: str | None
+) -> None:
     (tmp_path / "KEYFILE").write_text("-\n")
-    result = run(["mint", "--secret", SECRET, "--db", ":memory:", *args], tmp_path, clean_env(**env), stdin=stdin)
+    result = run(
+        ["mint", "--secret", SECRET, "--db", ":memory:", *args],
+        tmp_path,
+        clean_env(**env),
+        stdin=stdin,
+    )
     assert result.returncode == 2
     assert result.stdout == ""
     [line] = result.stderr.splitlines()
@@ -221,7 +281,9 @@ def test_mint_without_any_key_names_every_place_it_looks(tmp_path: Path) -> None
         assert place in line
 
 
-def test_soakp_key_holding_an_openai_key_no_longer_breaks_serve(soakp_launcher: Any, tmp_path: Path) -> None:
+def test_soakp_key_holding_an_openai_key_no_longer_breaks_serve(
+    soakp_launcher: Any, tmp_path: Path
+) -> None:
     """Before: SOAKP_KEY=sk-... made serve refuse to start ("--cert and --key go together")."""
     config, _ = soakp.load_config(["--db", ":memory:"], {"SOAKP_SECRET": SECRET, "SOAKP_KEY": KEY})
     assert config.key_file is None and not config.tls
@@ -234,28 +296,35 @@ def test_soakp_key_naming_a_file_is_still_the_tls_key_with_a_warning(tmp_path: P
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.write_text("cert\n")
     key.write_text("key\n")
-    config, _ = soakp.load_config([], {"SOAKP_SECRET": SECRET, "SOAKP_CERT": str(cert), "SOAKP_KEY": str(key)})
+    config, _ = soakp.load_config(
+        [], {"SOAKP_SECRET": SECRET, "SOAKP_CERT": str(cert), "SOAKP_KEY": str(key)}
+    )
     assert (config.cert_file, config.key_file) == (str(cert), str(key))
     assert "rename it SOAKP_TLS_KEY" in config.warnings[0]
-    flagged, _ = soakp.load_config(["--cert", str(cert), "--key", str(key)], {"SOAKP_SECRET": SECRET})
+    flagged, _ = soakp.load_config(
+        ["--cert", str(cert), "--key", str(key)], {"SOAKP_SECRET": SECRET}
+    )
     assert flagged.key_file == str(key)  # --key stays an alias of --tls-key for serve
 
 
-def test_serve_with_tls_key_serves_https(soakp: Callable[..., SoakpProcess], test_ca: CertAuthority,
-                                         tmp_path: Path) -> None:
+def test_serve_with_tls_key_serves_https(
+    soakp: Callable[..., SoakpProcess], test_ca: CertAuthority, tmp_path: Path
+) -> None:
     cert, key = test_ca.issue("soakp", directory=tmp_path)
     proxy = soakp("--cert", str(cert), "--tls-key", str(key))
     assert proxy.scheme == "https" and proxy.request("GET", "/healthz").status == 200
 
 
-# 9. Messages say what happened and what to do, naming the setting #####################################
+# 9. Messages say what happened and what to do, naming the setting #################################
 
 
 def bad_inputs(tmp: Path) -> list[tuple[list[str], dict[str, str], str | None, tuple[str, ...]]]:
     """(argv, environment, stdin, settings one of which the message must name)."""
     bad_pair = tmp / "bad-pair"
     bad_pair.mkdir()
-    (bad_pair / "fullchain.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    (bad_pair / "fullchain.pem").write_text(
+        "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"
+    )
     (bad_pair / "privkey.pem").write_text("not a key\n")
     base = {"SOAKP_SECRET": SECRET}
     serve = ["--listen", "127.0.0.1:0", "--db", ":memory:"]
@@ -281,13 +350,33 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], dict[str, str], str | None, t
         (["--frobnicate"], base, None, ("--help",)),
         (["frobnicate"], base, None, ("serve", "mint")),
         (["mint", "--db", ":memory:"], base, None, ("OPENAI_API_KEY", "--key")),
-        (["mint", "--db", ":memory:", "--key", KEY, "--ttl", "400d"], base, None, ("--max-token-ttl",)),
+        (
+            ["mint", "--db", ":memory:", "--key", KEY, "--ttl", "400d"],
+            base,
+            None,
+            ("--max-token-ttl",),
+        ),
         (["mint", "--db", ":memory:", "--key", KEY, "--ttl", "soon"], base, None, ("--ttl",)),
-        (["mint", "--db", ":memory:", "--key", KEY, "--paths", "chat/completions"], base, None, ("/v1/",)),
-        (["mint", "--db", ":memory:", "--key", KEY, "--origins", "app.example"], base, None, ("--origins",)),
+        (
+            ["mint", "--db", ":memory:", "--key", KEY, "--paths", "chat/completions"],
+            base,
+            None,
+            ("/v1/",),
+        ),
+        (
+            ["mint", "--db", ":memory:", "--key", KEY, "--origins", "app.example"],
+            base,
+            None,
+            ("--origins",),
+        ),
         (["mint", "--db", ":memory:", "--key", KEY, "--rpm", "lots"], base, None, ("--rpm",)),
         (["mint", "--db", ":memory:", "--key", "has space"], base, None, ("--key",)),
-        (["mint", "--db", ":memory:", "--key-file", str(tmp / "nokey")], base, None, ("--key-file",)),
+        (
+            ["mint", "--db", ":memory:", "--key-file", str(tmp / "nokey")],
+            base,
+            None,
+            ("--key-file",),
+        ),
         (["mint", "--db", str(tmp / "no-such-dir" / "x.db"), "--key", KEY], base, None, ("--db",)),
         (["tokens", "--db", str(tmp / "none.db")], {}, None, ("--db",)),
         (["revoke", "--db", str(tmp / "gone.db"), "abc"], {}, None, ("--db",)),
@@ -320,8 +409,11 @@ def test_a_port_in_use_names_listen(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run(["--listen", f"127.0.0.1:{port}", "--db", ":memory:"], tmp_path,
-                     clean_env(SOAKP_SECRET=SECRET))
+        result = run(
+            ["--listen", f"127.0.0.1:{port}", "--db", ":memory:"],
+            tmp_path,
+            clean_env(SOAKP_SECRET=SECRET),
+        )
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("soakp: --listen:") and "address already in use" in line, result.stderr
@@ -329,7 +421,10 @@ def test_a_port_in_use_names_listen(tmp_path: Path) -> None:
 
 
 def test_describe_error_words() -> None:
-    assert soakp.describe_error(FileNotFoundError(2, "No such file or directory")) == "no such file or directory"
+    assert (
+        soakp.describe_error(FileNotFoundError(2, "No such file or directory"))
+        == "no such file or directory"
+    )
     pem = ssl.SSLError(9, "[SSL] PEM lib (_ssl.c:3905)")
     assert soakp.describe_error(pem) == "not a PEM certificate or private key"
     assert soakp.describe_error(TimeoutError()) == "timed out"
@@ -340,6 +435,7 @@ def test_describe_error_words() -> None:
 def test_a_wrong_admin_password_is_called_wrong(proxy: SoakpProcess) -> None:
     """Before: "Admin credentials are required." for a password that was given but wrong."""
     import base64
+
     wrong = "Basic " + base64.b64encode(f"{proxy.admin[0]}:not-the-password".encode()).decode()
     response = proxy.request("GET", "/jwt", headers=[("Authorization", wrong)])
     assert response.status == 401
@@ -349,11 +445,13 @@ def test_a_wrong_admin_password_is_called_wrong(proxy: SoakpProcess) -> None:
     assert "required" in missing.json()["error"]["message"]
 
 
-# 10. Help: a description, only the options a command uses, an example ###################################
+# 10. Help: a description, only the options a command uses, an example #############################
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_each_command_has_a_description_its_own_options_and_an_example(tmp_path: Path, command: str) -> None:
+def test_each_command_has_a_description_its_own_options_and_an_example(
+    tmp_path: Path, command: str
+) -> None:
     result = run([command, "--help"], tmp_path)
     assert result.returncode == 0 and result.stderr == ""
     text = result.stdout
@@ -363,7 +461,15 @@ def test_each_command_has_a_description_its_own_options_and_an_example(tmp_path:
     assert f"soakp {command}" in text.split("example")[-1]
     flags = set(re.findall(r"^  (--[a-z-]+)", text, re.MULTILINE))
     expected = {
-        "serve": {"--listen", "--secret", "--secret-file", "--old-secrets", "--cert-dir", "--tls-key", "--db"},
+        "serve": {
+            "--listen",
+            "--secret",
+            "--secret-file",
+            "--old-secrets",
+            "--cert-dir",
+            "--tls-key",
+            "--db",
+        },
         "mint": {"--secret", "--secret-file", "--db", "--key", "--key-file", "--ttl", "--paths"},
         "revoke": {"--db"},
         "tokens": {"--db"},
@@ -377,9 +483,11 @@ def test_each_command_has_a_description_its_own_options_and_an_example(tmp_path:
 
 
 def test_commands_still_accept_the_common_options_they_do_not_list(tmp_path: Path) -> None:
-    """SPEC.md, Commands: every command takes --secret/--db like serve; scripts that pass them still run."""
+    """SPEC.md, Commands: every command takes --secret/--db like serve; scripts passing them run."""
     db = tmp_path / "soakp.db"
-    assert run(["mint", "--secret", SECRET, "--db", str(db), "--key", KEY], tmp_path).returncode == 0
+    assert (
+        run(["mint", "--secret", SECRET, "--db", str(db), "--key", KEY], tmp_path).returncode == 0
+    )
     result = run(["tokens", "--secret", SECRET, "--db", str(db), "--log-level", "debug"], tmp_path)
     assert result.returncode == 0, result.stderr
 
@@ -410,6 +518,6 @@ def test_dash_capital_v_prints_the_version(tmp_path: Path, flag: str) -> None:
 
 def test_the_serve_parser_no_longer_shadows_serve() -> None:
     source = Path(soakp.__file__).read_text()
-    body = source[source.index("def build_parser"):source.index("def option_value")]
+    body = source[source.index("def build_parser") : source.index("def option_value")]
     assert not re.search(r"^\s+serve = ", body, re.MULTILINE)
     assert callable(soakp.serve)

@@ -1,8 +1,8 @@
 """The README's rotation procedure, end to end through the Makefile (issue #15, item 5).
 
-`make run`, `make mint`, `make rotate`, a refresh and `make drop-old-secrets`, run as a user runs them
-(each make in its own process group, stopped by SIGTERM to that group), against the fake upstream,
-with VAR pointing at a temporary directory instead of ./var.
+`make run`, `make mint`, `make rotate`, a refresh and `make drop-old-secrets`, run as a user runs
+them (each make in its own process group, stopped by SIGTERM to that group), against the fake
+upstream, with VAR pointing at a temporary directory instead of ./var.
 """
 
 from __future__ import annotations
@@ -30,8 +30,11 @@ MAKE_TIMEOUT_S = 120.0
 
 
 def make_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith(("SOAKP_", "OPENAI_", "MAKE")) and k not in ("MFLAGS", "KEY")}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SOAKP_", "OPENAI_", "MAKE")) and k not in ("MFLAGS", "KEY")
+    }
 
 
 class MakeRun:
@@ -41,9 +44,14 @@ class MakeRun:
         self.log_path = log_path
         registry.logs.append(log_path)
         with open(log_path, "wb") as log:
-            self.popen = subprocess.Popen(["make", "-s", "-C", str(ROOT), *variables, "run"], stdin=subprocess.DEVNULL,
-                                          stdout=log, stderr=subprocess.STDOUT, env=make_env(),
-                                          start_new_session=True)
+            self.popen = subprocess.Popen(
+                ["make", "-s", "-C", str(ROOT), *variables, "run"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=make_env(),
+                start_new_session=True,
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while not (found := LISTENING.search(self.log())):
             if self.popen.poll() is not None or time.monotonic() > deadline:
@@ -71,8 +79,12 @@ def var(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def runs(var: Path, test_ca: CertAuthority, fake_upstream: FakeUpstream,
-         secrets_registry: SecretsRegistry) -> Iterator[list[MakeRun]]:
+def runs(
+    var: Path,
+    test_ca: CertAuthority,
+    fake_upstream: FakeUpstream,
+    secrets_registry: SecretsRegistry,
+) -> Iterator[list[MakeRun]]:
     started: list[MakeRun] = []
     yield started
     for run in started:
@@ -83,9 +95,17 @@ def runs(var: Path, test_ca: CertAuthority, fake_upstream: FakeUpstream,
                 secrets_registry.add(line)
 
 
-def make(var: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(["make", "-s", "-C", str(ROOT), f"VAR={var}", *args], capture_output=True, text=True,
-                            env={**make_env(), **(env or {})}, timeout=MAKE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+def make(
+    var: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), f"VAR={var}", *args],
+        capture_output=True,
+        text=True,
+        env={**make_env(), **(env or {})},
+        timeout=MAKE_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -96,18 +116,31 @@ def kid_of(token: str) -> str:
 
 def status(port: int, ca: Path, method: str, path: str, token: str) -> tuple[int, bytes]:
     context = ssl.create_default_context(cafile=str(ca))
-    request = build_request(method, path, [("Authorization", f"Bearer {token}")], b"" if method == "POST" else None,
-                            host=f"127.0.0.1:{port}")
+    request = build_request(
+        method,
+        path,
+        [("Authorization", f"Bearer {token}")],
+        b"" if method == "POST" else None,
+        host=f"127.0.0.1:{port}",
+    )
     response = exchange(port, request, method, 15.0, context)
     return response.status, response.body
 
 
-def test_rotation_through_the_makefile_end_to_end(var: Path, runs: list[MakeRun], test_ca: CertAuthority,
-                                                  fake_upstream: FakeUpstream, secrets_registry: SecretsRegistry,
-                                                  tmp_path: Path) -> None:
+def test_rotation_through_the_makefile_end_to_end(
+    var: Path,
+    runs: list[MakeRun],
+    test_ca: CertAuthority,
+    fake_upstream: FakeUpstream,
+    secrets_registry: SecretsRegistry,
+    tmp_path: Path,
+) -> None:
     key = secrets_registry.new_key()
-    variables = [f"VAR={var}", "LISTEN=127.0.0.1:0",
-                 f"ARGS=--upstream {fake_upstream.url} --upstream-ca {test_ca.ca_path}"]
+    variables = [
+        f"VAR={var}",
+        "LISTEN=127.0.0.1:0",
+        f"ARGS=--upstream {fake_upstream.url} --upstream-ca {test_ca.ca_path}",
+    ]
 
     def start(name: str) -> MakeRun:
         runs.append(MakeRun(variables, tmp_path / f"{name}.log", secrets_registry))
@@ -129,7 +162,9 @@ def test_rotation_through_the_makefile_end_to_end(var: Path, runs: list[MakeRun]
     # 1. make rotate: a new current secret; the old one kept, accepted.
     rotated = make(var, "rotate").stdout
     assert "old-secrets" in rotated
-    assert (var / "old-secrets").read_text().split() and oct((var / "secret").stat().st_mode)[-3:] == "600"
+    assert (var / "old-secrets").read_text().split() and oct((var / "secret").stat().st_mode)[
+        -3:
+    ] == "600"
 
     # 2. Plain make run again: signs with the new secret, names the old one it still accepts.
     second = start("second")
@@ -161,14 +196,22 @@ def test_rotation_through_the_makefile_end_to_end(var: Path, runs: list[MakeRun]
     assert key not in first.log() + second.log() + third.log()
 
 
-def test_make_mint_takes_the_key_from_openai_api_key_or_key(var: Path, secrets_registry: SecretsRegistry) -> None:
+def test_make_mint_takes_the_key_from_openai_api_key_or_key(
+    var: Path, secrets_registry: SecretsRegistry
+) -> None:
     key = secrets_registry.new_key()
     from_env = make(var, "mint", env={"OPENAI_API_KEY": key}).stdout.splitlines()[-1]
     from_var = make(var, "mint", f"KEY={key}").stdout.splitlines()[-1]
     for token in (from_env, from_var):
         secrets_registry.add(token)
         assert token.count(".") == 2
-    missing = subprocess.run(["make", "-s", "-C", str(ROOT), f"VAR={var}", "mint"], capture_output=True, text=True,
-                             env=make_env(), timeout=MAKE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    missing = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), f"VAR={var}", "mint"],
+        capture_output=True,
+        text=True,
+        env=make_env(),
+        timeout=MAKE_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+    )
     assert missing.returncode != 0
     assert "OPENAI_API_KEY" in missing.stderr and "KEY=" in missing.stderr

@@ -1,5 +1,5 @@
-"""The README's walk-through, run as written (issue #15): its shell and Python blocks, against the fake
-upstream.
+"""The README's walk-through, run as written (issue #15): its shell and Python blocks, against the
+fake upstream.
 
 The blocks run in a scratch directory laid out like a clone (the Makefile, pyproject.toml and .venv,
 this test's own virtualenv), so `make run`, `make mint`, `var/...` and `.venv/bin/soakp` mean what
@@ -41,21 +41,28 @@ def readme_block(language: str, containing: str) -> str:
 
 
 def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith(("SOAKP_", "OPENAI_", "MAKE", "SSL_CERT")) and k not in ("MFLAGS", "TOKEN", "KEY")}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SOAKP_", "OPENAI_", "MAKE", "SSL_CERT"))
+        and k not in ("MFLAGS", "TOKEN", "KEY")
+    }
 
 
 class Clone:
     """A scratch directory that looks like a clone, with `make run` serving in it."""
 
-    def __init__(self, directory: Path, upstream: FakeUpstream, ca: CertAuthority,
-                 registry: SecretsRegistry) -> None:
+    def __init__(
+        self, directory: Path, upstream: FakeUpstream, ca: CertAuthority, registry: SecretsRegistry
+    ) -> None:
         self.directory = directory
         self.registry = registry
         (directory / "Makefile").symlink_to(ROOT / "Makefile")
         (directory / "soakp.py").symlink_to(ROOT / "soakp.py")
         shutil.copy(ROOT / "pyproject.toml", directory / "pyproject.toml")
-        os.utime(directory / "pyproject.toml", (0, 0))  # older than any install stamp: make installs nothing
+        os.utime(
+            directory / "pyproject.toml", (0, 0)
+        )  # older than any install stamp: make installs nothing
         venv = Path(sys.prefix)
         (directory / ".venv").symlink_to(venv)
         (venv / ".installed-run").touch(exist_ok=True)  # this venv has soakp and its dependencies
@@ -63,9 +70,19 @@ class Clone:
         registry.logs.append(self.log_path)
         with open(self.log_path, "wb") as log:
             self.popen = subprocess.Popen(
-                ["make", "run", "LISTEN=127.0.0.1:0", f"ARGS=--upstream {upstream.url} --upstream-ca {ca.ca_path}"],
-                cwd=directory, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=clean_env(),
-                start_new_session=True)
+                [
+                    "make",
+                    "run",
+                    "LISTEN=127.0.0.1:0",
+                    f"ARGS=--upstream {upstream.url} --upstream-ca {ca.ca_path}",
+                ],
+                cwd=directory,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=clean_env(),
+                start_new_session=True,
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while not (found := LISTENING.search(self.log())):
             if self.popen.poll() is not None or time.monotonic() > deadline:
@@ -91,18 +108,33 @@ class Clone:
     def run(self, script: str, program: list[str], **env: str) -> subprocess.CompletedProcess[str]:
         """Run a README block (its port changed to ours) and return what it printed."""
         text = script.replace("127.0.0.1:3033", f"127.0.0.1:{self.port}")
-        result = subprocess.run([*program, "-c", text], cwd=self.directory, capture_output=True, text=True,
-                                env={**clean_env(), **env}, timeout=BLOCK_TIMEOUT_S, stdin=subprocess.DEVNULL)
-        for line in result.stdout.splitlines():  # tokens printed by the blocks, for the secrets check
+        result = subprocess.run(
+            [*program, "-c", text],
+            cwd=self.directory,
+            capture_output=True,
+            text=True,
+            env={**clean_env(), **env},
+            timeout=BLOCK_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
+        )
+        for (
+            line
+        ) in result.stdout.splitlines():  # tokens printed by the blocks, for the secrets check
             if line.startswith("eyJ"):
                 self.registry.add(line.strip())
-        assert result.returncode == 0, f"{text}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+        assert (
+            result.returncode == 0
+        ), f"{text}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
         return result
 
 
 @pytest.fixture
-def clone(tmp_path: Path, fake_upstream: FakeUpstream, test_ca: CertAuthority,
-          secrets_registry: SecretsRegistry) -> Iterator[Clone]:
+def clone(
+    tmp_path: Path,
+    fake_upstream: FakeUpstream,
+    test_ca: CertAuthority,
+    secrets_registry: SecretsRegistry,
+) -> Iterator[Clone]:
     running = Clone(tmp_path, fake_upstream, test_ca, secrets_registry)
     yield running
     running.stop()
@@ -119,13 +151,15 @@ def test_readme_walk_through_runs_as_written(clone: Clone, fake_upstream: FakeUp
     tokens = [line for line in offline.stdout.splitlines() if line.startswith("eyJ")]
     assert len(tokens) == 2, offline.stdout
 
-    # export TOKEN=..., then the curl block and the Python SDK block, in one shell as a user types them.
+    # export TOKEN=..., the curl block and the Python SDK block, in one shell as a user types them.
     export = readme_block("sh", "export TOKEN=")
     curl = readme_block("sh", "--cacert var/tls/fullchain.pem https://127.0.0.1:3033/v1/models")
     python = readme_block("python", "DefaultHttpx2Client")
     script = f"{export}\n{curl}\n.venv/bin/python - <<'PYTHON'\n{python}PYTHON\n"
     walked = clone.run(script, BASH)
-    assert '"object":"list"' in walked.stdout.replace(" ", "") or '"data"' in walked.stdout, walked.stdout
+    assert (
+        '"object":"list"' in walked.stdout.replace(" ", "") or '"data"' in walked.stdout
+    ), walked.stdout
     assert "data: [DONE]" in walked.stdout
     assert walked.stdout.rstrip().splitlines()[-1].strip(), "the Python block printed no reply"
     paths = [request.path for request in fake_upstream.requests]

@@ -45,8 +45,13 @@ def machine() -> str:
 
 
 def python_version(python: str) -> str:
-    result = subprocess.run([python, "-I", "-S", "-c", "import sys; print(sys.version.split()[0])"],
-                            capture_output=True, text=True, check=True, timeout=30)
+    result = subprocess.run(
+        [python, "-I", "-S", "-c", "import sys; print(sys.version.split()[0])"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
     return result.stdout.strip()
 
 
@@ -77,15 +82,31 @@ def start_once(python: str, zipapp: Path, shiv_root: Path) -> tuple[float, int]:
     env.update(SHIV_ROOT=str(shiv_root), SOAKP_SECRET=secrets.token_urlsafe(48))
     with tempfile.TemporaryFile() as log:
         started = time.monotonic()
-        process = subprocess.Popen([python, str(zipapp), "serve", "--listen", "127.0.0.1:0", "--db", ":memory:",
-                                    "--log-level", "info"], stdin=subprocess.DEVNULL, stdout=log,
-                                   stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            [
+                python,
+                str(zipapp),
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--db",
+                ":memory:",
+                "--log-level",
+                "info",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         try:
             port = None
             while port is None:
                 if process.poll() is not None or time.monotonic() - started > START_TIMEOUT_S:
                     log.seek(0)
-                    raise RuntimeError(f"the zipapp did not start:\n{log.read().decode(errors='replace')}")
+                    raise RuntimeError(
+                        f"the zipapp did not start:\n{log.read().decode(errors='replace')}"
+                    )
                 log.seek(0)
                 found = LISTENING.search(log.read())
                 port = int(found.group(1)) if found else None
@@ -93,7 +114,9 @@ def start_once(python: str, zipapp: Path, shiv_root: Path) -> tuple[float, int]:
                     time.sleep(POLL_S)
             while True:
                 try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+                    with urllib.request.urlopen(
+                        f"http://127.0.0.1:{port}/healthz", timeout=5
+                    ) as response:
                         if response.status == 200:
                             break
                 except (OSError, socket.timeout):
@@ -118,11 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--zipapp", default="dist/soakp.pyz", help="the zipapp to measure")
     parser.add_argument("--python", default="/usr/bin/python3", help="the Python that runs it")
-    parser.add_argument("--runs", type=int, default=RUNS, help=f"warm starts to take the median of ({RUNS})")
+    parser.add_argument(
+        "--runs", type=int, default=RUNS, help=f"warm starts to take the median of ({RUNS})"
+    )
     args = parser.parse_args(argv)
     zipapp = Path(args.zipapp)
     if not zipapp.is_file():
-        print(f"figures: no zipapp at {zipapp}: run make zipapp first (make figures does)", file=sys.stderr)
+        print(
+            f"figures: no zipapp at {zipapp}: run make zipapp first (make figures does)",
+            file=sys.stderr,
+        )
         return 1
     size = zipapp.stat().st_size
     sizes = bundled(zipapp)
@@ -131,12 +159,18 @@ def main(argv: list[str] | None = None) -> int:
         warm = [start_once(args.python, zipapp, Path(shiv_root)) for _ in range(max(1, args.runs))]
     warm_s = statistics.median(took for took, _ in warm)
     rss_mb = statistics.median(rss for _, rss in warm) * 1024 / 1_000_000
-    print(f"Measured with `make figures` on {machine()}, Python {python_version(args.python)}, "
-          f"cryptography {version_of(zipapp, 'cryptography')}:")
-    print(f"- zipapp: {size / MIB:.1f} MiB ({size} bytes); cryptography is "
-          f"{sizes.get('cryptography', 0) / MIB:.1f} MiB of it")
-    print(f"- start to the first answer from /healthz: {first_s:.2f} s on the first start (unpacking "
-          f"included), {warm_s:.2f} s afterwards (median of {len(warm)})")
+    print(
+        f"Measured with `make figures` on {machine()}, Python {python_version(args.python)}, "
+        f"cryptography {version_of(zipapp, 'cryptography')}:"
+    )
+    print(
+        f"- zipapp: {size / MIB:.1f} MiB ({size} bytes); cryptography is "
+        f"{sizes.get('cryptography', 0) / MIB:.1f} MiB of it"
+    )
+    print(
+        f"- start to the first answer from /healthz: {first_s:.2f} s on the first start (unpacking "
+        f"included), {warm_s:.2f} s afterwards (median of {len(warm)})"
+    )
     print(f"- an idle `soakp.pyz serve`: {rss_mb:.0f} MB of memory (VmRSS)")
     return 0
 

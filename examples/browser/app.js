@@ -146,8 +146,8 @@ function realtime(text) {
 }
 
 // Wire up the page, and run both once so there is something to see. ---------------------------------------
-// Each section does one thing at a time: its button is off while it runs (and until the page's own first
-// runs are over), and a second call waits for the first, so two streamed answers never interleave.
+// Each section does one thing at a time: its button is off while it runs (and until the page's own
+// first runs are over), and a second call waits for the first: two answers never interleave.
 
 let ready = false;
 

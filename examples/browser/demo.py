@@ -188,8 +188,8 @@ def stop_on_signal(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Ctrl-C raises KeyboardInterrupt; SIGTERM (kill, a supervisor) and SIGHUP (the terminal closed) would
-    # end the process without cleaning up, leaving SOAKP running and the temporary folder behind.
+    # Ctrl-C raises KeyboardInterrupt; SIGTERM (kill, a supervisor) and SIGHUP (the terminal closed)
+    # would end the process without cleaning up, leaving SOAKP running and the temporary folder.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop_on_signal)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"\n  SOAKP        {demo.soakp_url}  (--cors-origins {demo.page_url[:-1]}, "
                   f"pid {demo.soakp.popen.pid})"
                   f"\n  files        {workdir} (removed on exit)"
-                  f"\n\n  Open {demo.page_url} in your browser. Ctrl-C stops everything.\n", flush=True)
+                  f"\n\n  Open {demo.page_url} in your browser. Ctrl-C stops everything.\n",
+                  flush=True)
             while demo.soakp.popen.poll() is None:
                 time.sleep(0.5)
             print("demo: SOAKP exited", file=sys.stderr)
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(signum, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+                signal.signal(signum, signal.SIG_IGN)  # a second Ctrl-C must not cut it short
             demo.stop()
 
 
