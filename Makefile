@@ -6,11 +6,16 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Written after a successful install; pip runs again only when pyproject.toml is newer.
+# RUN_STAMP: what serving needs (soakp and its three dependencies), for `make run` and `make mint`;
+# STAMP: that plus the test extras, for `make test` and the tools.
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 
 # Development state for `make run` and `make mint`: created on first use, kept by `make clean`.
 VAR ?= var
 SECRET_FILE ?= $(VAR)/secret
+# Retired secrets, one per line, still accepted for verifying (`make rotate` fills it, see README).
+OLD_SECRETS_FILE ?= $(VAR)/old-secrets
 ADMIN_USER ?= admin
 ADMIN_PASS_FILE ?= $(VAR)/admin-pass
 CERT_DIR ?= $(VAR)/tls
@@ -19,13 +24,18 @@ DB ?= $(VAR)/soakp.db
 LISTEN ?= 127.0.0.1:3033
 ARGS ?=
 
-.PHONY: venv system-deps test run mint zipapp clean distclean
+.PHONY: venv system-deps test run mint rotate drop-old-secrets zipapp clean distclean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@ $(RUN_STAMP)
+
+$(RUN_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e .
 	touch $@
 
 # Debian packages the tests use beyond Python: pebble + certbot (a real ACME issuance), wrk + nginx
@@ -53,26 +63,51 @@ $(SECRET_FILE) $(ADMIN_PASS_FILE):
 	@umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(48))' > $@.tmp && mv $@.tmp $@
 	@echo "generated $@ (mode 600)"
 
-$(CERT_DIR)/fullchain.pem: | $(STAMP)
+$(CERT_DIR)/fullchain.pem: | $(RUN_STAMP)
 	@mkdir -p -m 700 $(VAR)
 	$(BIN)/soakp selfsigned --dir $(CERT_DIR) --host $(TLS_HOST)
 
-run: venv $(SECRET_FILE) $(ADMIN_PASS_FILE) $(CERT_DIR)/fullchain.pem
+# The old secrets reach SOAKP as SOAKP_OLD_SECRETS: those of $(OLD_SECRETS_FILE), and any already in
+# the environment. Start-up logs the kid of the signing secret and of each old one.
+run: $(RUN_STAMP) $(SECRET_FILE) $(ADMIN_PASS_FILE) $(CERT_DIR)/fullchain.pem
 	@echo
 	@echo "SOAKP dev server on https://$(LISTEN) (self-signed certificate for $(TLS_HOST): $(CERT_DIR)/fullchain.pem)"
 	@echo "Mint a token for an OpenAI key (in another terminal):"
 	@printf '  %s\n' "curl -sk -u $(ADMIN_USER):\$$(cat $(ADMIN_PASS_FILE)) https://$(LISTEN)/jwt/generate -H 'Content-Type: application/json' -d '{\"key\":\"sk-...\"}'"
-	@echo "or, without the server:  make mint KEY=sk-..."
+	@echo "or, without the server:  make mint KEY=sk-...  (or with OPENAI_API_KEY set: make mint)"
 	@echo
-	@exec env SOAKP_SECRET_FILE='$(SECRET_FILE)' SOAKP_ADMIN_USER='$(ADMIN_USER)' \
-		SOAKP_ADMIN_PASS="$$(cat '$(ADMIN_PASS_FILE)')" \
+	@old=$$( { printf '%s\n' "$${SOAKP_OLD_SECRETS:-}" | tr ',' '\n'; \
+		cat '$(OLD_SECRETS_FILE)' 2>/dev/null; } | grep -v '^[[:space:]]*$$' | paste -sd, -); \
+	exec env SOAKP_SECRET_FILE='$(SECRET_FILE)' SOAKP_OLD_SECRETS="$$old" \
+		SOAKP_ADMIN_USER='$(ADMIN_USER)' SOAKP_ADMIN_PASS="$$(cat '$(ADMIN_PASS_FILE)')" \
 		$(BIN)/soakp serve --listen '$(LISTEN)' --cert-dir '$(CERT_DIR)' --db '$(DB)' $(ARGS)
 
-# `make mint KEY=sk-... ARGS='--ttl 12h --sub laptop'`: the token is the last line printed.
-# The recipe is not echoed, so the key does not appear on the terminal.
-mint: venv $(SECRET_FILE)
-	@test -n '$(KEY)' || { echo "usage: make mint KEY=sk-... [ARGS='--ttl 12h']" >&2; exit 2; }
-	@$(BIN)/soakp mint --secret-file '$(SECRET_FILE)' --db '$(DB)' --key '$(KEY)' $(ARGS)
+# `make mint KEY=sk-... ARGS='--ttl 12h --sub laptop'`, or `make mint` with OPENAI_API_KEY set: the
+# token is the last line printed, signed with $(SECRET_FILE) (the new secret after `make rotate`). The key
+# reaches soakp in OPENAI_API_KEY, never on its command line; the recipe is not echoed.
+mint: $(RUN_STAMP) $(SECRET_FILE)
+	@if [ -n '$(KEY)' ]; then OPENAI_API_KEY='$(KEY)'; export OPENAI_API_KEY; fi; \
+	test -n "$${OPENAI_API_KEY:-}" || { \
+		echo "usage: make mint KEY=sk-... [ARGS='--ttl 12h'], or set OPENAI_API_KEY and run make mint" >&2; \
+		exit 2; }; \
+	$(BIN)/soakp mint --secret-file '$(SECRET_FILE)' --db '$(DB)' $(ARGS)
+
+# Rotation, in four steps (README, "Rotating the master secret"):
+#   make rotate             the current secret moves to $(OLD_SECRETS_FILE), a new one to $(SECRET_FILE)
+#   restart make run        signs with the new secret, still accepts tokens of the old one
+#   (clients refresh)       POST /jwt/refresh trades an old token for one under the new secret
+#   make drop-old-secrets   once the old tokens have expired or been refreshed; restart make run
+# The new secret is written to a temporary name first, so an interruption never loses either secret.
+rotate: $(SECRET_FILE)
+	@umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(48))' > '$(SECRET_FILE).new'
+	@umask 077 && cat '$(SECRET_FILE)' >> '$(OLD_SECRETS_FILE)'
+	@mv '$(SECRET_FILE).new' '$(SECRET_FILE)'
+	@echo "new secret in $(SECRET_FILE); the old one is in $(OLD_SECRETS_FILE) (still accepted)."
+	@echo "Restart make run; once old tokens have expired or been refreshed: make drop-old-secrets"
+
+drop-old-secrets:
+	@rm -f '$(OLD_SECRETS_FILE)'
+	@echo "removed $(OLD_SECRETS_FILE): restart make run, and tokens of old secrets get 401"
 
 # `make zipapp`: dist/soakp.pyz, one file with soakp and its dependencies inside (shiv). It runs on
 # any python3 of the Python version and CPU it was built for: `python3 dist/soakp.pyz serve ...`.
@@ -124,6 +159,13 @@ DEMO_PORT ?= 8787
 .PHONY: demo
 demo: venv
 	$(BIN)/python examples/browser/demo.py --port $(DEMO_PORT) $(ARGS)
+
+# `make figures`: the zipapp's size, its start times (first start with unpacking, then warm) and an
+# idle server's memory, measured here on /usr/bin/python3 and printed with the machine they came from;
+# the README's "What it weighs" comes from this. Builds dist/soakp.pyz first. See tools/figures.py.
+.PHONY: figures
+figures: zipapp
+	$(PYTHON) tools/figures.py --zipapp $(ZIPAPP) $(ARGS)
 
 # Removes what a build or test run creates; keeps $(VAR)/ (dev secret, admin password, certificate, db).
 clean:

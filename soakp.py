@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import asyncio.selector_events
 import asyncio.sslproto
 import base64
 import binascii
@@ -113,6 +114,41 @@ SIZE_UNITS = {
 }
 MIN_SECRET_CHARS = 32
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# OpenSSL's reasons for a pair that does not load, in words (the rest are lower-cased as they are).
+SSL_REASONS = {
+    "PEM_LIB": "not a PEM certificate or private key",
+    "NO_START_LINE": "no PEM block in it",
+    "KEY_VALUES_MISMATCH": "the private key does not belong to the certificate",
+    "EE_KEY_TOO_SMALL": "the key is too small",
+    "CA_MD_TOO_WEAK": "the certificate's signature is too weak",
+    "CERTIFICATE_VERIFY_FAILED": "the certificate did not verify",
+    "WRONG_VERSION_NUMBER": "the other side does not speak TLS",
+}
+
+
+def describe_error(exc: BaseException) -> str:
+    """An OS, SSL or I/O error in a few words for a message: no class names, no C source lines."""
+    if isinstance(exc, ssl.SSLError):
+        # exc.reason is OpenSSL's code when it has one; else only the text has it ("[SSL] PEM lib").
+        text = str(exc).split(" (_ssl.c:")[0].rpartition("] ")[2].strip()
+        reason = getattr(exc, "reason", None) or text.upper().replace(" ", "_")
+        return SSL_REASONS.get(reason, reason.replace("_", " ").lower())
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "the connection closed early"
+    if isinstance(exc, OSError) and (exc.errno or exc.strerror):
+        text = os.strerror(exc.errno) if exc.errno else str(exc.strerror)
+        return text[:1].lower() + text[1:]
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    text = str(exc).split(" (_ssl.c:")[0].strip()
+    return text[:200] if text else "an unexpected error"
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 token`, `2 tokens`: for messages that count things."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def parse_duration_s(text: str) -> float:
@@ -148,6 +184,13 @@ def parse_size_bytes(text: str) -> int:
         raise ValueError(f"not a size: {text!r} (use e.g. 512MiB, 10MB or bytes)")
     unit = match[2].lower() if match[2] else None
     return int(match[1]) * SIZE_UNITS[unit]
+
+
+def parse_count(text: str) -> int:
+    """A whole number such as `10000`. Raises ValueError."""
+    if not text.strip().isdigit():
+        raise ValueError(f"not a whole number: {text!r}")
+    return int(text.strip())
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -226,6 +269,8 @@ class Config:
     max_connections: int = 10000
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
+    # Start-up notes for settings SOAKP corrected or ignored; serve() logs them.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def tls(self) -> bool:
@@ -247,8 +292,8 @@ OPTIONS: dict[str, tuple[str, str | None, str]] = {
     "cert-dir": ("SOAKP_CERT_DIR", None, "Certbot live directory with fullchain.pem and privkey.pem"),
     "domain": ("SOAKP_DOMAIN", None, "shorthand for --cert-dir LETSENCRYPT_DIR/live/DOMAIN"),
     "letsencrypt-dir": ("SOAKP_LETSENCRYPT_DIR", "/etc/letsencrypt", "Certbot's configuration directory"),
-    "cert": ("SOAKP_CERT", None, "PEM certificate chain (with --key)"),
-    "key": ("SOAKP_KEY", None, "PEM private key (with --cert)"),
+    "cert": ("SOAKP_CERT", None, "PEM certificate chain (with --tls-key)"),
+    "tls-key": ("SOAKP_TLS_KEY", None, "PEM private key of --cert (alias --key)"),
     "db": ("SOAKP_DB", "./soakp.db", "SQLite file of issued-token metadata and revocations (:memory: allowed)"),
     "token-ttl": ("SOAKP_TOKEN_TTL", "7d", "default lifetime of minted tokens"),
     "max-token-ttl": ("SOAKP_MAX_TOKEN_TTL", "365d", "cap on any requested lifetime"),
@@ -261,36 +306,111 @@ OPTIONS: dict[str, tuple[str, str | None, str]] = {
     "shutdown-grace": ("SOAKP_SHUTDOWN_GRACE", "30s", "on SIGTERM, time in-flight requests get to finish"),
     "log-level": ("SOAKP_LOG_LEVEL", "info", "debug, info, warning or error"),
 }
+# Every command accepts these (SPEC.md, Commands), so a script may pass them to any command; each
+# command's help lists only the ones it reads (USED_OPTIONS) and accepts the others quietly.
 COMMON_OPTIONS = ("secret", "secret-file", "old-secrets", "db", "token-ttl", "max-token-ttl", "log-level")
 SERVE_OPTIONS = tuple(OPTIONS)
 COMMANDS = ("serve", "mint", "revoke", "tokens", "selfsigned")
+USED_OPTIONS = {
+    "mint": ("secret", "secret-file", "db", "token-ttl", "max-token-ttl"),
+    "revoke": ("db",),
+    "tokens": ("db",),
+    "selfsigned": (),
+}
+HELP_FLAGS = ("-h", "--help", "-V", "--version")
+MAIN_HELP = """\
+Without a command, soakp serves: `soakp --listen ...` is `soakp serve --listen ...`.
+`soakp COMMAND --help` lists a command's options. Every option also reads its SOAKP_* variable
+(--secret-file: SOAKP_SECRET_FILE); a flag wins over the variable.
+
+examples:
+  soakp serve --secret-file /etc/soakp/secret --domain proxy.example.com --listen 0.0.0.0:443
+  OPENAI_API_KEY=sk-... soakp mint --secret-file /etc/soakp/secret --ttl 12h
+"""
+COMMAND_HELP = {
+    "serve": (
+        "run the proxy (the default command)",
+        "Run the proxy: check each client's SOAKP token, swap in the OpenAI key it carries\n"
+        "and forward the request upstream. Every option also reads its SOAKP_* variable;\n"
+        "a flag wins.",
+        "examples:\n"
+        "  soakp serve --secret-file /etc/soakp/secret --domain proxy.example.com \\\n"
+        "      --listen 0.0.0.0:443\n"
+        "  soakp serve --secret-file var/secret --cert-dir var/tls --db var/soakp.db\n"
+        "  SOAKP_SECRET_FILE=var/secret soakp --listen 127.0.0.1:3033   # plain HTTP",
+    ),
+    "mint": (
+        "print a new token for an OpenAI key",
+        "Print a new token carrying an OpenAI key (the token alone on the last line of\n"
+        "stdout) and register it in the database. The key comes from --key, else\n"
+        "--key-file, else OPENAI_API_KEY; `--key -` reads it from standard input, which\n"
+        "keeps it out of `ps` and the shell history.",
+        "examples:\n"
+        "  OPENAI_API_KEY=sk-... soakp mint --secret-file var/secret --db var/soakp.db\n"
+        "  soakp mint --secret-file var/secret --key-file ~/.openai-key --sub laptop\n"
+        "  printf %s \"$KEY\" | soakp mint --secret-file var/secret --key - --ttl 12h",
+    ),
+    "revoke": (
+        "revoke a token by its jti",
+        "Revoke a token by its jti in the database a server uses (the one its --db\n"
+        "names); the running server refuses the token within 2 seconds.",
+        "example:\n"
+        "  soakp revoke --db var/soakp.db fifmjanSvJA-mZ0eYcvi3A",
+    ),
+    "tokens": (
+        "list issued tokens as JSON lines",
+        "List the tokens in the database a server uses, one JSON object per line: jti,\n"
+        "sub, times, requests and usage (never the key or the token).",
+        "example:\n"
+        "  soakp tokens --db var/soakp.db",
+    ),
+    "selfsigned": (
+        "write a development certificate in Certbot's layout",
+        "Write a self-signed certificate and its key (fullchain.pem, privkey.pem, mode\n"
+        "600) into a directory, for development; it names --host, localhost, 127.0.0.1\n"
+        "and ::1.",
+        "example:\n"
+        "  soakp selfsigned --dir var/tls --host localhost",
+    ),
+}
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit 2 (never a usage dump)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(message)
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: `soakp [COMMAND] [OPTIONS]`, serve being the default command."""
-    parser = _Parser(prog="soakp", description="SOAKP, the Secure OpenAI Key Proxy.")
-    parser.add_argument("--version", action="version", version=f"soakp {__version__}")
-    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+    parser = _Parser(prog="soakp", description="SOAKP, the Secure OpenAI Key Proxy.",
+                     epilog=MAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-V", "--version", action="version", version=f"soakp {__version__}")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
-    def add_options(sub: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    def add_command(name: str) -> argparse.ArgumentParser:
+        summary, description, example = COMMAND_HELP[name]
+        return commands.add_parser(name, help=summary, description=description, epilog=example,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def add_options(sub: argparse.ArgumentParser, names: Sequence[str],
+                    shown: Sequence[str]) -> None:
         for name in names:
             env, default, text = OPTIONS[name]
-            shown = f" (env {env}" + (f", default {default})" if default else ")")
-            sub.add_argument(f"--{name}", dest=name.replace("-", "_"), default=None, help=text + shown)
+            flags = [f"--{name}", "--key"] if name == "tls-key" else [f"--{name}"]
+            where = f" (env {env}" + (f", default {default})" if default else ")")
+            sub.add_argument(*flags, dest=name.replace("-", "_"), default=None,
+                             help=text + where if name in shown else argparse.SUPPRESS)
 
-    serve = commands.add_parser("serve", help="run the proxy (the default command)")
-    add_options(serve, SERVE_OPTIONS)
+    serve_parser = add_command("serve")
+    add_options(serve_parser, SERVE_OPTIONS, SERVE_OPTIONS)
 
-    mint = commands.add_parser("mint", help="print a new token for an OpenAI key")
-    add_options(mint, COMMON_OPTIONS)
-    mint.add_argument("--key", dest="api_key", required=True, help="the OpenAI key to seal into the token")
+    mint = add_command("mint")
+    add_options(mint, COMMON_OPTIONS, USED_OPTIONS["mint"])
+    mint.add_argument("--key", dest="api_key", metavar="KEY",
+                      help="the OpenAI key to seal into the token; - reads it from standard input")
+    mint.add_argument("--key-file", metavar="FILE", help="a file holding the OpenAI key")
     mint.add_argument("--org", help="OpenAI-Organization the token sends")
     mint.add_argument("--project", help="OpenAI-Project the token sends")
     mint.add_argument("--ttl", help="lifetime (90s, 15m, 12h, 7d or seconds; default --token-ttl)")
@@ -301,15 +421,19 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--origins", help="comma list of allowed browser origins")
     mint.add_argument("--max-tokens-total", dest="max_tokens_total",
                       help="budget of prompt + completion tokens, from the upstream's usage")
+    mint.add_argument("--renew-ttl", dest="renew_ttl",
+                      help="how long the token may be refreshed, from now (at least --ttl; default: "
+                           "not past its first expiry)")
+    mint.add_argument("--delegate", help="generations of child tokens it may mint (POST /jwt/delegate)")
 
-    for name, text in (("revoke", "revoke a token by its jti"), ("tokens", "list issued tokens as JSON lines")):
-        sub = commands.add_parser(name, help=text)
-        add_options(sub, COMMON_OPTIONS)
+    for name in ("revoke", "tokens"):
+        sub = add_command(name)
+        add_options(sub, COMMON_OPTIONS, USED_OPTIONS[name])
         if name == "revoke":
-            sub.add_argument("jti")
+            sub.add_argument("jti", help="the token's id, as `soakp tokens` shows it")
 
-    selfsigned = commands.add_parser("selfsigned", help="write a development certificate in Certbot's layout")
-    add_options(selfsigned, COMMON_OPTIONS)  # accepted like every command's, though a certificate needs neither
+    selfsigned = add_command("selfsigned")
+    add_options(selfsigned, COMMON_OPTIONS, USED_OPTIONS["selfsigned"])
     selfsigned.add_argument("--dir", required=True, help="directory for fullchain.pem and privkey.pem")
     selfsigned.add_argument("--host", default="localhost", help="name the certificate is for (default localhost)")
     return parser
@@ -324,6 +448,14 @@ def option_value(args: argparse.Namespace, environ: Mapping[str, str], name: str
     return environ.get(env) or default
 
 
+def option_source(args: argparse.Namespace, environ: Mapping[str, str], name: str) -> str:
+    """Where an option's value came from, for messages: `--db`, `SOAKP_DB` or `the default`."""
+    if getattr(args, name.replace("-", "_"), None) is not None:
+        return f"--{name}"
+    env = OPTIONS[name][0]
+    return env if environ.get(env) else "the default"
+
+
 def read_secret(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
     """The master secret from --secret, --secret-file or their variables (a flag wins)."""
     if args.secret is not None and args.secret_file is not None:
@@ -333,18 +465,26 @@ def read_secret(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
         secret, path = environ.get("SOAKP_SECRET") or None, environ.get("SOAKP_SECRET_FILE") or None
         if secret is not None and path is not None:
             raise ConfigError("set SOAKP_SECRET or SOAKP_SECRET_FILE, not both")
+    source = "--secret-file" if args.secret_file is not None else "SOAKP_SECRET_FILE"
     if path is not None:
         try:
             secret = Path(path).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read the secret file {path}: {exc.__class__.__name__}") from None
+            raise ConfigError(f"{source}: cannot read the secret file {path}: "
+                              f"{describe_error(exc)}") from None
+    else:
+        source = "--secret" if args.secret is not None else "SOAKP_SECRET"
     if secret is None:
-        raise ConfigError("a master secret is required: --secret, --secret-file, SOAKP_SECRET or SOAKP_SECRET_FILE")
+        raise ConfigError("a master secret is required: give --secret-file FILE "
+                          "(or SOAKP_SECRET_FILE), or --secret (SOAKP_SECRET)")
     if len(secret) < MIN_SECRET_CHARS:
-        raise ConfigError(f"the master secret must be at least {MIN_SECRET_CHARS} characters")
+        raise ConfigError(f"{source}: the master secret must be at least {MIN_SECRET_CHARS} "
+                          "characters; make one with: "
+                          "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'")
     if weak_secret(secret):
-        raise ConfigError("the master secret is too easy to guess (it repeats a few characters); make a new "
-                          "one with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))'")
+        raise ConfigError(f"{source}: the master secret is too easy to guess (it repeats a few "
+                          "characters); make a new one with: "
+                          "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'")
     return secret
 
 
@@ -366,17 +506,64 @@ def weak_secret(secret: str) -> bool:
     return len(secret) - border[-1] <= len(secret) // 2
 
 
+def tls_key_option(args: argparse.Namespace,
+                   environ: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """The TLS private key from --tls-key (alias --key), SOAKP_TLS_KEY or, as before, SOAKP_KEY.
+
+    SOAKP_KEY once named the TLS key and looks like a place for the OpenAI key: it is taken only
+    when it names a readable file, and otherwise ignored. Returns (path, a warning or None).
+    """
+    path = option_value(args, environ, "tls-key")
+    old = environ.get("SOAKP_KEY")
+    if path is not None or not old:
+        return path, None
+    if os.path.isfile(old) and os.access(old, os.R_OK):
+        return old, ("SOAKP_KEY names the TLS private key: rename it SOAKP_TLS_KEY "
+                     "(SOAKP_KEY will go away)")
+    return None, ("SOAKP_KEY is set but is not a readable file, so it is ignored: the TLS "
+                  "private key is SOAKP_TLS_KEY, and `soakp mint` reads the OpenAI key from "
+                  "OPENAI_API_KEY")
+
+
+def check_mint_key_source(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """`soakp mint` needs the OpenAI key from exactly one place (read by the CLI, section 8)."""
+    if args.api_key is not None and args.key_file is not None:
+        raise ConfigError("give --key or --key-file, not both")
+    if args.api_key is None and args.key_file is None and not environ.get("OPENAI_API_KEY"):
+        raise ConfigError("soakp mint needs the OpenAI key: set OPENAI_API_KEY, or give "
+                          "--key-file FILE, --key - (read from standard input) or --key KEY")
+
+
+def normalise_upstream(upstream: UpstreamTarget) -> tuple[UpstreamTarget, str | None]:
+    """Drop a trailing /v1 from the upstream's path: SOAKP forwards /v1/... itself, so a base URL
+    copied from an SDK's settings (`https://host/v1`) would send every request to /v1/v1/...
+
+    Returns the target to use and a warning, or None when nothing changed.
+    """
+    if not upstream.base_path.endswith("/v1"):
+        return upstream, None
+    fixed = dataclasses.replace(upstream, base_path=upstream.base_path[:-len("/v1")])
+    shown = f"{fixed.scheme}://{fixed.host_header}{fixed.base_path}"
+    return fixed, (f"--upstream ends in /v1, which SOAKP adds to every request itself: "
+                   f"forwarding to {shown}/v1/...; drop the /v1 from --upstream "
+                   "(or SOAKP_UPSTREAM) to silence this")
+
+
 def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config, argparse.Namespace]:
     """Parse the command line and environment into a validated Config plus the command's own arguments.
 
     Raises ConfigError with one line for any bad value.
     """
     argv = list(argv)
-    if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        raise ConfigError(f"unknown command {safe_label(argv[0])!r}; the commands are "
+                          f"{', '.join(COMMANDS)} (see soakp --help)")
+    if not argv or argv[0] not in COMMANDS and argv[0] not in HELP_FLAGS:
         argv.insert(0, "serve")
     args = build_parser().parse_args(argv)
     if args.command == "selfsigned":
         return Config(), args
+    warnings: list[str] = []
 
     def get(name: str) -> str | None:
         return option_value(args, environ, name) if hasattr(args, name.replace("-", "_")) else OPTIONS[name][1]
@@ -386,8 +573,12 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
         try:
             return parse(text)
         except ValueError as exc:
-            raise ConfigError(f"--{name}: {exc}") from None
+            source = option_source(args, environ, name)
+            named = source if source.startswith("SOAKP_") else f"--{name}"
+            raise ConfigError(f"{named}: {exc}") from None
 
+    if args.command == "mint":
+        check_mint_key_source(args, environ)
     needs_secret = args.command in ("serve", "mint")
     secret = read_secret(args, environ) if needs_secret else ""
     old_secrets = tuple(s.strip() for s in (get("old-secrets") or "").split(",") if s.strip())
@@ -398,14 +589,21 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
     admin_listen = convert("admin-listen", parse_listen) if get("admin-listen") else None
     if admin_listen == (listen_host, listen_port):
         raise ConfigError("--admin-listen must differ from --listen")
-    upstream = convert("upstream", parse_upstream)
+    upstream, upstream_warning = normalise_upstream(convert("upstream", parse_upstream))
+    if upstream_warning:
+        warnings.append(upstream_warning)
     admin_user, admin_pass = get("admin-user"), get("admin-pass")
     if (admin_user is None) != (admin_pass is None):
         raise ConfigError("give both --admin-user and --admin-pass, or neither")
     if admin_pass is not None and len(admin_pass) < 8:
         raise ConfigError("--admin-pass must be at least 8 characters")
 
-    cert_file, key_file = tls_files(get("cert-dir"), get("domain"), get("letsencrypt-dir"), get("cert"), get("key"))
+    tls_key, tls_key_warning = (tls_key_option(args, environ) if args.command == "serve"
+                                else (None, None))
+    if tls_key_warning:
+        warnings.append(tls_key_warning)
+    cert_file, key_file = tls_files(get("cert-dir"), get("domain"), get("letsencrypt-dir"),
+                                    get("cert"), tls_key)
     upstream_ca = get("upstream-ca")
     if upstream_ca is not None and not os.access(upstream_ca, os.R_OK):
         raise ConfigError(f"--upstream-ca: cannot read {upstream_ca}")
@@ -413,13 +611,14 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
     token_ttl_s = convert("token-ttl", parse_ttl_s)
     max_token_ttl_s = convert("max-token-ttl", parse_ttl_s)
     if token_ttl_s > max_token_ttl_s:
-        raise ConfigError("--token-ttl is longer than --max-token-ttl")
+        raise ConfigError("--token-ttl is longer than --max-token-ttl: shorten one or "
+                          "lengthen the other")
     durations = {}
     for name in ("connect-timeout", "read-timeout", "header-timeout", "shutdown-grace"):
         durations[name] = convert(name, parse_duration_s)
         if durations[name] <= 0 and name != "shutdown-grace":
             raise ConfigError(f"--{name} must be more than 0")
-    max_connections = convert("max-connections", int)
+    max_connections = convert("max-connections", parse_count)
     if max_connections < 1:
         raise ConfigError("--max-connections must be at least 1")
     log_level = (get("log-level") or "").lower()
@@ -431,7 +630,7 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
             raise ConfigError(f"--cors-origins: {origin!r} is not an origin such as https://app.example.com (no path)")
     db = get("db") or ""
     if not db.strip():
-        raise ConfigError("--db must name a file (or :memory:)")
+        raise ConfigError("--db must name a file (or :memory:), e.g. --db var/soakp.db")
 
     config = Config(
         listen_host=listen_host,
@@ -456,6 +655,7 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
         max_connections=max_connections,
         shutdown_grace_s=durations["shutdown-grace"],
         log_level=log_level,
+        warnings=tuple(warnings),
     )
     return config, args
 
@@ -464,21 +664,25 @@ def tls_files(
     cert_dir: str | None, domain: str | None, letsencrypt_dir: str | None, cert: str | None, key: str | None
 ) -> tuple[str | None, str | None]:
     """Resolve the three ways of naming a certificate to (fullchain, privkey) paths, or (None, None)."""
-    ways = [name for name, given in (("--cert-dir", cert_dir), ("--domain", domain), ("--cert/--key", cert or key))
-            if given]
+    ways = [name for name, given in (("--cert-dir", cert_dir), ("--domain", domain),
+                                     ("--cert/--tls-key", cert or key)) if given]
     if len(ways) > 1:
         raise ConfigError(f"choose one way to name the certificate, not {' and '.join(ways)}")
+    way = ways[0] if ways else ""
     if domain is not None:
         if not re.fullmatch(r"[A-Za-z0-9.\-]+", domain) or ".." in domain:
             raise ConfigError(f"--domain is not a domain name: {domain!r}")
         cert_dir = os.path.join(letsencrypt_dir or "/etc/letsencrypt", "live", domain)
+        way = "--domain (with --letsencrypt-dir)"
     if cert_dir is not None:
         cert, key = os.path.join(cert_dir, "fullchain.pem"), os.path.join(cert_dir, "privkey.pem")
     if (cert is None) != (key is None):
-        raise ConfigError("--cert and --key go together")
+        raise ConfigError("--cert and --tls-key go together: give both, or --cert-dir for a "
+                          "Certbot directory")
     for path in (cert, key):
         if path is not None and not os.access(path, os.R_OK):
-            raise ConfigError(f"cannot read the TLS file {path}")
+            raise ConfigError(f"{way}: cannot read the TLS file {path} "
+                              "(check the path and its permissions)")
     return cert, key
 
 
@@ -591,6 +795,15 @@ class Permissions:
                 for name in PERMISSION_CLAIMS if (value := getattr(self, name)) is not None}
 
 
+# What each list's entries look like, for the message that refuses one.
+LIST_ENTRY_FORMS = {
+    "paths": "each entry is a path in its /v1/... form, e.g. /v1/chat/completions "
+             "(a trailing * matches a prefix: /v1/files*)",
+    "models": "each entry is a model name, e.g. gpt-4o-mini",
+    "origins": "each entry is an origin, e.g. https://app.example.com (no path)",
+}
+
+
 def parse_string_list(name: str, value: object, valid: re.Pattern[str], normalise: Any = None) -> tuple[str, ...]:
     """A non-empty JSON list of strings that each match `valid` (after `normalise`). Raises ValueError."""
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_LIST_ITEMS:
@@ -601,7 +814,8 @@ def parse_string_list(name: str, value: object, valid: re.Pattern[str], normalis
             raise ValueError(f"'{name}' must be a list of strings")
         item = normalise(item) if normalise else item
         if not valid.match(item):
-            raise ValueError(f"'{name}' has an invalid entry {safe_label(item)!r}")
+            raise ValueError(f"'{name}' has an invalid entry {safe_label(item)!r}: "
+                             f"{LIST_ENTRY_FORMS.get(name, 'see the README')}")
         items.append(item)
     return tuple(dict.fromkeys(items))
 
@@ -1255,7 +1469,8 @@ class TokenRegistry:
             self.db.executescript(REGISTRY_SCHEMA)
             self.migrate()
         except sqlite3.Error as exc:
-            raise ConfigError(f"cannot open the token database {path}: {exc}") from None
+            raise ConfigError(f"--db: cannot open the token database {path}: "
+                              f"{describe_error(exc)}") from None
 
     def migrate(self) -> None:
         if self.db.execute("PRAGMA user_version").fetchone()[0] >= REGISTRY_VERSION:
@@ -2498,7 +2713,7 @@ class UpstreamPool:
         except TimeoutError:
             raise UpstreamError(502, "The upstream did not accept a connection in time.", "connect_timeout") from None
         except (OSError, ssl.SSLError) as exc:
-            raise UpstreamError(502, f"The upstream is unreachable ({exc.__class__.__name__}).",
+            raise UpstreamError(502, f"The upstream is unreachable ({describe_error(exc)}).",
                                 "connect_failed") from None
         self.connections_opened += 1
         return UpstreamConnection(reader, writer)
@@ -3220,7 +3435,7 @@ async def forward(
             # POST the client decides (the SDKs retry a 502 themselves).
             if attempt == 1 and reused and replayable and head.method in IDEMPOTENT_METHODS:
                 continue
-            raise UpstreamError(502, f"The upstream connection broke ({exc.__class__.__name__}).",
+            raise UpstreamError(502, f"The upstream connection broke ({describe_error(exc)}).",
                                 "reset") from None
         except BaseException:
             conn.abort()
@@ -3499,7 +3714,7 @@ async def tunnel_websocket(
         try:
             resp = await read_response_head(conn, head.method, exchange.watchdog, upgrade=True)
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
-            raise UpstreamError(502, f"The upstream connection broke ({exc.__class__.__name__}).", "reset") from None
+            raise UpstreamError(502, f"The upstream connection broke ({describe_error(exc)}).", "reset") from None
         exchange.status = resp.status
         if resp.status != 101:  # a refusal: relay it like any answer, less what the handshake sent upstream
             data = b"".join([piece async for piece in read_upstream_body(conn, resp, exchange.watchdog)])
@@ -3564,8 +3779,9 @@ def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     try:
         context.load_cert_chain(cert_file, key_file)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the TLS pair {cert_file} + {key_file}: {exc.__class__.__name__}: "
-                          f"{getattr(exc, 'reason', None) or exc.strerror or exc}") from None
+        raise ConfigError(f"cannot load the TLS pair {cert_file} + {key_file}: "
+                          f"{describe_error(exc)}; check the files --cert-dir, --domain or "
+                          "--cert/--tls-key name") from None
     return context
 
 
@@ -3639,7 +3855,8 @@ def upstream_ssl_context(cafile: str | None) -> ssl.SSLContext:
     try:
         context = ssl.create_default_context(cafile=cafile or certifi.where())
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the upstream CA file {cafile}: {exc.__class__.__name__}") from None
+        raise ConfigError(f"--upstream-ca: cannot load the CA file {cafile}: "
+                          f"{describe_error(exc)}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
     return context
@@ -3965,7 +4182,9 @@ def check_admin(state: ServerState, head: RequestHead, peer: str, now: float) ->
                     ADMIN_LOCKOUT_S)
     else:
         log.warning("admin login failed from %s", peer)
-    raise ApiError(401, "Admin credentials are required.", "invalid_admin_credentials",
+    raise ApiError(401, "Wrong admin user or password." if value else
+                   "Admin credentials are required: send the admin user and password (HTTP Basic).",
+                   "invalid_admin_credentials",
                    headers=[("WWW-Authenticate", 'Basic realm="soakp"')])
 
 
@@ -4487,8 +4706,8 @@ async def keep_registry(state: ServerState) -> None:
                 state.revoked.forget_before(now)
                 state.rate.prune(time.time())
                 if pruned:
-                    log.info("pruned %d token chain%s past their renew-until time from the registry", pruned,
-                             "" if pruned == 1 else "s")
+                    log.info("pruned %s past their renew-until time from the registry",
+                             plural(pruned, "token chain"))
         except sqlite3.Error as exc:
             log.warning("token registry error: %s", exc)
 
@@ -4691,8 +4910,7 @@ def build_state(config: Config) -> ServerState:
     now = int(time.time())
     pruned = registry.prune(now)
     if pruned:
-        log.info("pruned %d token chain%s past their renew-until time from the registry", pruned,
-                 "" if pruned == 1 else "s")
+        log.info("pruned %s past their renew-until time from the registry", plural(pruned, "token chain"))
     revoked = registry.revocations(now)
     spent = registry.spent(now)
     return ServerState(
@@ -4743,6 +4961,133 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+TLS_HANDSHAKE_RECORD = 0x16  # RFC 8446 §5.1: ContentType handshake, a TLS client's first byte
+PLAIN_HTTP_LINGER_S = 2.0  # how long a plain-HTTP client on the TLS port may take to read our 400
+LISTEN_BACKLOG = 1024
+
+
+async def peek_first_byte(transport: asyncio.BaseTransport, timeout_s: float) -> int | None:
+    """The first byte the client sent, left unread in the socket; None if it closed or timed out.
+
+    The transport is paused, so asyncio reads nothing meanwhile; the peek goes through a duplicate
+    descriptor because the loop refuses a reader on a descriptor a transport owns.
+    """
+    loop = asyncio.get_running_loop()
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    dup = socket.socket(fileno=os.dup(sock.fileno()))
+    try:
+        dup.setblocking(False)
+        readable = loop.create_future()
+        loop.add_reader(dup.fileno(), lambda: readable.done() or readable.set_result(None))
+        try:
+            await asyncio.wait_for(readable, timeout_s)
+            data = dup.recv(1, socket.MSG_PEEK)
+        except (asyncio.TimeoutError, OSError):
+            return None
+        finally:
+            loop.remove_reader(dup.fileno())
+    finally:
+        dup.close()
+    return data[0] if data else None
+
+
+class PlainHttpRefusal(asyncio.Protocol):
+    """A plain-HTTP client on the TLS port: answer 400 in plain HTTP (as nginx does), then read and
+    drop what it sends until it closes or PLAIN_HTTP_LINGER_S pass, so that a reset does not destroy
+    the answer before the client read it."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        message = ("This port speaks HTTPS, and the request came as plain HTTP: use an https:// "
+                   "URL (with curl, https://; with an SDK, base_url='https://...').")
+        transport.write(error_response(ApiError(400, message, "https_required"), keep_alive=False))
+        self.closer = asyncio.get_running_loop().call_later(PLAIN_HTTP_LINGER_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closer.cancel()
+
+
+class TlsOrPlainSniffer(asyncio.Protocol):
+    """The TLS listener's first protocol on each connection: looks at the first byte before any TLS.
+
+    A TLS handshake record goes on to loop.start_tls and the usual stream handler; anything else
+    is a plain-HTTP request on the HTTPS port and gets PlainHttpRefusal, with one log line.
+    """
+
+    def __init__(self, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+                 context: ssl.SSLContext, handshake_timeout_s: float,
+                 tasks: set[asyncio.Task[None]]) -> None:
+        self.handler = handler
+        self.context = context
+        self.handshake_timeout_s = handshake_timeout_s
+        self.tasks = tasks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()  # before the loop's first read: the bytes stay in the socket
+        task = asyncio.get_running_loop().create_task(self.sniff(transport))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def sniff(self, transport: asyncio.Transport) -> None:
+        first = await peek_first_byte(transport, self.handshake_timeout_s)
+        if first is None:
+            transport.close()
+            return
+        if first != TLS_HANDSHAKE_RECORD:
+            peer = transport.get_extra_info("peername")
+            log.warning("plain HTTP request from %s on the HTTPS port: answered 400 "
+                        "(it needs https://)", peer[0] if isinstance(peer, tuple) else "unix")
+            transport.set_protocol(PlainHttpRefusal(transport))
+            transport.resume_reading()
+            return
+        reader = asyncio.StreamReader(limit=MAX_HEAD_BYTES)
+        protocol = asyncio.StreamReaderProtocol(reader, self.handler)
+        try:
+            tls_transport = await asyncio.get_running_loop().start_tls(
+                transport, protocol, self.context, server_side=True,
+                ssl_handshake_timeout=self.handshake_timeout_s)
+        except (OSError, asyncio.TimeoutError) as exc:  # SSLError is an OSError; it closed the socket
+            log.debug("TLS handshake failed: %s", describe_error(exc))
+            return
+        protocol.connection_made(tls_transport)  # start_tls leaves that call to the caller
+
+
+async def start_listener(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+                         host: str, port: int, context: ssl.SSLContext | None,
+                         handshake_timeout_s: float) -> asyncio.AbstractServer:
+    """asyncio.start_server(), but a TLS listener answers plain HTTP with a plain-HTTP 400.
+
+    On asyncio's own loops only: the sniffer needs the loop to read nothing before connection_made
+    returns, which uvloop does not promise, so under uvloop the TLS port stays TLS-only as before.
+    """
+    loop = asyncio.get_running_loop()
+    if context is None or not isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+        return await asyncio.start_server(
+            handler, host, port, ssl=context, limit=MAX_HEAD_BYTES, backlog=LISTEN_BACKLOG,
+            ssl_handshake_timeout=handshake_timeout_s if context else None)
+    tasks: set[asyncio.Task[None]] = set()
+    return await loop.create_server(
+        lambda: TlsOrPlainSniffer(handler, context, handshake_timeout_s, tasks), host, port,
+        backlog=LISTEN_BACKLOG)
+
+
+def log_start_notes(config: Config, keyring: Mapping[str, SecretKeys]) -> None:
+    """Settings SOAKP corrected or ignored, and the secrets it uses by kid (the name each token
+    carries in its header), so that a rotation can be checked from the start-up log."""
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    kids = list(keyring)
+    log.info("signing tokens with the secret kid=%s", kids[0])
+    if len(kids) > 1:
+        log.info("also accepting tokens of %s (--old-secrets): kid=%s",
+                 plural(len(kids) - 1, "old secret"), ", kid=".join(kids[1:]))
+
+
 async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     """Run the proxy until `stop` is set or SIGTERM/SIGINT arrives; then drain and return 0.
 
@@ -4768,19 +5113,17 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     addresses = [((config.listen_host, config.listen_port), Listener(scheme, admin=config.admin_listen is None))]
     if config.admin_listen is not None:
         addresses.append((config.admin_listen, Listener(scheme, proxy=False)))
-    servers: list[asyncio.Server] = []
+    servers: list[asyncio.AbstractServer] = []
     try:
         for (host, port), listener in addresses:
-            servers.append(await asyncio.start_server(
-                functools.partial(handle_connection, state, listener=listener), host, port, ssl=server_tls,
-                limit=MAX_HEAD_BYTES, backlog=1024,
-                ssl_handshake_timeout=config.header_timeout_s if server_tls else None,
-            ))
+            servers.append(await start_listener(functools.partial(handle_connection, state, listener=listener),
+                                                host, port, server_tls, config.header_timeout_s))
     except OSError as exc:
         for server in servers:
             server.close()
         state.registry.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        option = "--listen" if (host, port) == (config.listen_host, config.listen_port) else "--admin-listen"
+        raise ConfigError(f"{option}: cannot listen on {host}:{port}: {describe_error(exc)}") from None
     background = [asyncio.create_task(keep_registry(state))]
     if certs:
         background.append(asyncio.create_task(certs.watch()))
@@ -4793,6 +5136,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
                          port, config.upstream.scheme, config.upstream.host_header, config.upstream.base_path)
             else:
                 log.info("admin endpoints listening on %s://%s:%d", scheme, shown, port)
+    log_start_notes(config, state.keyring)
     if not server_tls and not is_loopback(config.listen_host):
         log.warning("serving plain HTTP on a non-loopback address: tokens cross the network unencrypted; "
                     "give --cert-dir, --domain or --cert/--key")
@@ -5789,23 +6133,74 @@ def split_list(text: str | None) -> list[str] | None:
     return None if text is None else [item.strip() for item in text.split(",") if item.strip()]
 
 
-def run_mint(config: Config, args: argparse.Namespace) -> int:
+STDIN_KEY = "-"  # `--key -`, `--key-file -`: the key comes from standard input, never the text "-"
+
+
+def read_api_key(args: argparse.Namespace, environ: Mapping[str, str], stdin: Any) -> str:
+    """The OpenAI key for `soakp mint`: --key, else --key-file, else OPENAI_API_KEY (`-`: stdin).
+
+    Only the first line counts and surrounding whitespace goes (a file or pipe ends in a newline).
+    Raises ConfigError with one line that never repeats the key.
+    """
+    if args.api_key is not None and args.api_key != STDIN_KEY:
+        key, source = args.api_key, "--key"
+    elif args.api_key == STDIN_KEY or args.key_file == STDIN_KEY:
+        source = "--key -" if args.api_key == STDIN_KEY else "--key-file -"
+        key = (stdin.readline() if stdin is not None else "").strip()
+        if not key:
+            raise ConfigError(f"{source}: nothing on standard input; pipe the key in, "
+                              f"e.g. printf %s \"$OPENAI_API_KEY\" | soakp mint {source} ...")
+    elif args.key_file is not None:
+        source = "--key-file"
+        try:
+            lines = Path(args.key_file).read_text(encoding="utf-8").strip().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--key-file: cannot read {args.key_file}: "
+                              f"{describe_error(exc)}") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ConfigError(f"--key-file: {args.key_file} is empty; put the OpenAI key in it")
+    else:
+        key, source = environ.get("OPENAI_API_KEY", "").strip(), "OPENAI_API_KEY"
+    if key == STDIN_KEY:
+        raise ConfigError(f"{source}: the OpenAI key cannot be '-'; `--key -` reads it from "
+                          "standard input")
+    return key
+
+
+def cli_message(exc: ApiError) -> str:
+    """A mint refusal in the CLI's words: the JSON fields parse_grant names become their flags."""
+    message = exc.message
+    for name in GRANT_FIELDS:
+        message = message.replace(f"'{name}'", f"--{name.replace('_', '-')}")
+    message = message.replace("--key ", "the OpenAI key (--key, --key-file or OPENAI_API_KEY) ", 1)
+    if exc.code == "ttl_too_long":
+        message += (": ask for a shorter --ttl, or raise --max-token-ttl "
+                    "(SOAKP_MAX_TOKEN_TTL, default 365d)")
+    return message
+
+
+def run_mint(config: Config, args: argparse.Namespace, environ: Mapping[str, str],
+             stdin: Any) -> int:
     """`soakp mint`: print a new token as the last line of stdout and register it in the db."""
-    fields: dict[str, Any] = {"key": args.api_key, "org": args.org, "project": args.project, "ttl": args.ttl,
-                              "sub": args.sub, "paths": split_list(args.paths), "models": split_list(args.models),
+    api_key = read_api_key(args, environ, stdin)
+    fields: dict[str, Any] = {"key": api_key, "org": args.org, "project": args.project,
+                              "ttl": args.ttl, "renew_ttl": args.renew_ttl, "sub": args.sub,
+                              "paths": split_list(args.paths), "models": split_list(args.models),
                               "origins": split_list(args.origins)}
-    for name in ("rpm", "max_tokens_total"):
+    for name in ("rpm", "max_tokens_total", "delegate"):
         value = getattr(args, name)
         if value is not None:
             if not value.isdigit():
-                print(f"soakp: --{name.replace('_', '-')} must be a whole number", file=sys.stderr)
+                flag = f"--{name.replace('_', '-')}"
+                print(f"soakp: {flag} must be a whole number, e.g. 20", file=sys.stderr)
                 return 2
             fields[name] = int(value)
     try:
         grant = parse_grant({k: v for k, v in fields.items() if v is not None}, config.token_ttl_s,
                             config.max_token_ttl_s)
     except ApiError as exc:
-        print(f"soakp: {exc.message}", file=sys.stderr)
+        print(f"soakp: {cli_message(exc)}", file=sys.stderr)
         return 2
     keys = derive_keys(config.secret)
     now = int(time.time())
@@ -5822,13 +6217,31 @@ def run_mint(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def run_registry_command(config: Config, args: argparse.Namespace) -> int:
+def missing_database(config: Config, args: argparse.Namespace,
+                     environ: Mapping[str, str]) -> str | None:
+    """Why `revoke`/`tokens` must not run: a database file that does not exist (opening it would
+    create an empty one, so a revocation would land where no server looks). None when it exists."""
+    if config.db == ":memory:" or os.path.exists(config.db):
+        return None
+    source = option_source(args, environ, "db")
+    named = "" if source == "the default" else f" (from {source})"
+    return (f"no token database at {config.db}{named}: give the server's database with "
+            "--db FILE or SOAKP_DB (`make run` uses var/soakp.db)")
+
+
+def run_registry_command(config: Config, args: argparse.Namespace,
+                         environ: Mapping[str, str]) -> int:
     """`soakp revoke JTI` and `soakp tokens`, on the same database a server uses."""
+    problem = missing_database(config, args, environ)
+    if problem:
+        print(f"soakp: {problem}", file=sys.stderr)
+        return 1
     registry = TokenRegistry(config.db)
     try:
         if args.command == "revoke":
             if not TOKEN_ID_RE.match(args.jti):
-                print("soakp: that is not a token id (a jti or cid)", file=sys.stderr)
+                print("soakp: that is not a token id (a jti or cid): `soakp tokens` lists them",
+                      file=sys.stderr)
                 return 2
             chain = registry.chain_of(args.jti)
             if chain is None:
@@ -5855,20 +6268,25 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         except SystemExit as exc:  # --help and --version print and stop here
             return exc.code if isinstance(exc.code, int) else 0
         if args.command == "selfsigned":
-            write_selfsigned(args.dir, args.host, datetime.datetime.now(datetime.timezone.utc))
+            try:
+                write_selfsigned(args.dir, args.host, datetime.datetime.now(datetime.timezone.utc))
+            except OSError as exc:
+                raise ConfigError(f"--dir: cannot write {args.dir}: "
+                                  f"{describe_error(exc)}") from None
             print(f"wrote {args.dir}/fullchain.pem and {args.dir}/privkey.pem for {args.host}")
             return 0
         configure_logging(config.log_level)
         if args.command == "mint":
-            return run_mint(config, args)
+            return run_mint(config, args, environ, sys.stdin)
         if args.command in ("revoke", "tokens"):
-            return run_registry_command(config, args)
+            return run_registry_command(config, args, environ)
         return run_event_loop(serve(config))
     except ConfigError as exc:
         print(f"soakp: {exc}", file=sys.stderr)
         return 2
     except (OSError, sqlite3.Error) as exc:
-        print(f"soakp: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"soakp: {describe_error(exc)}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

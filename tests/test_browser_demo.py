@@ -402,3 +402,124 @@ def test_demo_command_prints_the_url_and_serves_the_page(tmp_path: Path) -> None
             process.kill()
             process.wait(STOP_TIMEOUT_S)
         reader.join(STOP_TIMEOUT_S)
+
+
+# Controls only when ready; every process and file gone on SIGTERM (issue #15) ####################
+
+
+READY_PROBE = """document.getElementById('realtime-send') && JSON.stringify({
+  chatDisabled: document.getElementById('chat-send').disabled,
+  realtimeDisabled: document.getElementById('realtime-send').disabled,
+  ready: Boolean(window.demo && window.demo.ready),
+  firstRunsOver: Boolean(window.demo && window.demo.state.realtime.closeCode !== null),
+})"""
+
+
+def test_the_controls_work_only_once_the_pages_own_first_runs_are_over(
+        demo: browser_demo.Demo) -> None:
+    """Before: Send worked while the page's own first chat streamed, and the answers interleaved
+    ("HelloHello from from the the fake fake ...")."""
+    with browser_page(demo.page_url) as fresh:
+        samples = []
+        deadline = time.monotonic() + PAGE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            probe = fresh.evaluate(READY_PROBE)
+            if probe:  # null until the page is there
+                samples.append(json.loads(probe))
+                if samples[-1]["ready"]:
+                    break
+            # A click while the page runs its own first chat must do nothing.
+            fresh.evaluate("document.getElementById('chat-send')?.click()")
+            time.sleep(0.02)
+        before = [s for s in samples if not s["firstRunsOver"]]
+        assert before, "the page was done before the first look; the test saw nothing"
+        assert all(s["chatDisabled"] and s["realtimeDisabled"] for s in before), before
+        assert samples[-1] == {"chatDisabled": False, "realtimeDisabled": False, "ready": True,
+                               "firstRunsOver": True}
+        state = fresh.state()
+        assert state is not None and state["chat"]["text"] == reply_text(FIRST_CHAT)
+
+        # Two clicks in a row once ready: one answer, whole, never two woven together.
+        fresh.evaluate("document.getElementById('chat-input').value = 'one at a time';"
+                       "document.getElementById('chat-send').click();"
+                       "document.getElementById('chat-send').click();")
+        first = reply_text(FIRST_CHAT)
+        finished, _ = wait_for_state(fresh,
+                                     lambda s: s["chat"]["done"] and s["chat"]["text"] != first)
+        assert finished["chat"]["text"] == reply_text("one at a time")
+        shown = fresh.evaluate("document.getElementById('chat-output').textContent")
+        assert shown == reply_text("one at a time")
+        # The page's own API queues a second call behind the first instead of interleaving.
+        both = fresh.evaluate("Promise.all([window.demo.chat('first call'),"
+                              " window.demo.chat('second call')])"
+                              ".then(() => document.getElementById('chat-output').textContent)",
+                              await_promise=True)
+        assert both == reply_text("second call")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, from /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_demo_stops_everything_it_started_on_sigterm_and_ctrl_c(tmp_path: Path,
+                                                                signum: int) -> None:
+    """Before: SIGTERM to demo.py left its SOAKP child running and its temporary folder behind."""
+    process = subprocess.Popen([sys.executable, str(DEMO_DIR / "demo.py"), "--port", "0"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or ()],
+                              daemon=True)
+    reader.start()
+    try:
+        seen: list[str] = []
+        deadline = time.monotonic() + START_TIMEOUT_S + 60
+        def opened() -> bool:
+            return any(line.strip().startswith("Open http://") for line in seen)
+
+        while not opened() and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                seen.append(lines.get(timeout=0.5))
+            assert process.poll() is None, "".join(seen)
+        text = "".join(seen)
+        workdir = Path(next(line.split()[1] for line in seen if line.strip().startswith("files ")))
+        soakp_pid = int(text.split(", pid ")[1].split(")")[0])
+        soakp_line = next(line for line in seen if line.strip().startswith("SOAKP "))
+        soakp_port = int(soakp_line.split()[1].rsplit(":", 1)[1])
+        page_url = next(line.split()[1] for line in seen if line.strip().startswith("Open http://"))
+        assert workdir.is_dir() and soakp_pid in child_pids(process.pid)
+        children = child_pids(process.pid)
+
+        process.send_signal(signum)
+        assert process.wait(STOP_TIMEOUT_S) == 0
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while not all(gone(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(gone(pid) for pid in children), children
+        assert not workdir.exists()
+        for url in (f"http://127.0.0.1:{soakp_port}/healthz", page_url):
+            with pytest.raises(urllib.error.URLError):
+                urllib.request.urlopen(url, timeout=2)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(STOP_TIMEOUT_S)
+        reader.join(STOP_TIMEOUT_S)

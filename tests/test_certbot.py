@@ -398,7 +398,8 @@ def test_the_entrypoint_exits_with_soakps_status(entrypoints: StartEntrypoint, b
     """SOAKP refusing a bad setting (exit 2, one line) makes the entrypoint exit 2 as well."""
     entrypoint = entrypoints({**base_env, "SOAKP_SECRET": "too short"})
     assert entrypoint.popen.wait(30) == 2
-    assert "soakp: the master secret must be at least 32 characters" in entrypoint.log_text()
+    expected = "soakp: SOAKP_SECRET: the master secret must be at least 32 characters"
+    assert expected in entrypoint.log_text()
     assert entrypoint.own_lines()[-1] == "certbot-entrypoint: soakp exited with status 2"
 
 

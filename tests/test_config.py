@@ -160,10 +160,11 @@ def option_case(name: str, tmp: Path) -> OptionCase:
     if name == "cert":
         flag_cert, env_cert, key = files("flag-cert.pem", "env-cert.pem", "key.pem")
         return OptionCase("--cert", "SOAKP_CERT", flag_cert, env_cert, lambda c: (c.cert_file, c.key_file),
-                          (flag_cert, key), (env_cert, key), {"SOAKP_KEY": key}, BASE_ENV)
-    if name == "key":
+                          (flag_cert, key), (env_cert, key), {"SOAKP_TLS_KEY": key}, BASE_ENV)
+    if name == "tls-key":
         flag_key, env_key, cert = files("flag-key.pem", "env-key.pem", "cert.pem")
-        return OptionCase("--key", "SOAKP_KEY", flag_key, env_key, lambda c: (c.cert_file, c.key_file),
+        return OptionCase("--tls-key", "SOAKP_TLS_KEY", flag_key, env_key,
+                          lambda c: (c.cert_file, c.key_file),
                           (cert, flag_key), (cert, env_key), {"SOAKP_CERT": cert}, BASE_ENV)
     simple: dict[str, tuple[str, str, Callable[[soakp.Config], Any], Any, Any]] = {
         "db": (":memory:", str(tmp / "env.db"), lambda c: c.db, ":memory:", str(tmp / "env.db")),
@@ -186,7 +187,8 @@ def option_case(name: str, tmp: Path) -> OptionCase:
 
 SPEC_OPTIONS = [
     "listen", "secret", "secret-file", "old-secrets", "admin-user", "admin-pass", "upstream", "upstream-ca",
-    "cert-dir", "domain", "letsencrypt-dir", "cert", "key", "db", "token-ttl", "max-token-ttl", "cors-origins",
+    "cert-dir", "domain", "letsencrypt-dir", "cert", "tls-key", "db", "token-ttl", "max-token-ttl",
+    "cors-origins",
     "max-body", "connect-timeout", "read-timeout", "header-timeout", "max-connections", "shutdown-grace",
     "log-level",
 ]
@@ -353,7 +355,7 @@ def test_two_ways_of_naming_the_certificate_at_once_are_a_config_error(tmp_path:
     refused(["--cert-dir", str(live), "--cert", cert, "--key", key])
     refused(["--domain", "example.com", "--letsencrypt-dir", str(tmp_path / "le"), "--cert-dir", str(live)])
     refused(["--domain", "example.com", "--letsencrypt-dir", str(tmp_path / "le"), "--cert", cert, "--key", key])
-    refused(["--cert-dir", str(live)], {**BASE_ENV, "SOAKP_CERT": cert, "SOAKP_KEY": key})
+    refused(["--cert-dir", str(live)], {**BASE_ENV, "SOAKP_CERT": cert, "SOAKP_TLS_KEY": key})
 
 
 @pytest.mark.parametrize("domain", ["../etc", "example.com/../x", "exa mple.com", "a..b"])

@@ -128,13 +128,39 @@ async function realtime(text) {
 }
 
 // Wire up the page, and run both once so there is something to see. ---------------------------------------
+// Each section does one thing at a time: its button is off while it runs (and until the page's own
+// first runs are over), and a second call waits for the first: two answers never interleave.
 
-Object.assign(window.demo, { chat, realtime });
-$("chat-form").addEventListener("submit", (event) => { event.preventDefault(); chat($("chat-input").value); });
+let ready = false;
+
+function oneAtATime(buttonId, run) {
+  let last = Promise.resolve();
+  return (...args) => {
+    const next = last.then(async () => {
+      $(buttonId).disabled = true;
+      try {
+        return await run(...args);
+      } finally {
+        $(buttonId).disabled = !ready;
+      }
+    });
+    last = next.catch(() => {});
+    return next;
+  };
+}
+
+const chatInTurn = oneAtATime("chat-send", chat);
+const realtimeInTurn = oneAtATime("realtime-send", realtime);
+Object.assign(window.demo, { chat: chatInTurn, realtime: realtimeInTurn, ready: false });
+$("chat-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  if (!$("chat-send").disabled) chatInTurn($("chat-input").value);
+});
 $("realtime-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  realtime($("realtime-input").value);
+  if (!$("realtime-send").disabled) realtimeInTurn($("realtime-input").value);
 });
+await chatInTurn($("chat-input").value);
+await realtimeInTurn($("realtime-input").value);
+ready = window.demo.ready = true;
 $("chat-send").disabled = $("realtime-send").disabled = false;
-await chat($("chat-input").value);
-await realtime($("realtime-input").value);

@@ -14,6 +14,7 @@ import argparse
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -80,7 +81,12 @@ class SoakpProcess:
         )
         self._reader = threading.Thread(target=self._read_log, name="soakp-log", daemon=True)
         self._reader.start()
-        if not self._listening.wait(SOAKP_START_TIMEOUT_S) or self.url is None:
+        try:
+            started = self._listening.wait(SOAKP_START_TIMEOUT_S) and self.url is not None
+        except BaseException:  # Ctrl-C or SIGTERM while it starts: never leave the child behind
+            self.stop()
+            raise
+        if not started:
             self.stop()
             raise RuntimeError(f"SOAKP did not start; its log:\n{log_path.read_text()[-3000:]}")
 
@@ -155,7 +161,7 @@ def start_demo(workdir: Path, port: int = 0, ttl_s: int = 60, sdk: Path | None =
         if tls:
             ca = CertAuthority(workdir / "soakp-ca")
             cert_path, key_path = ca.issue("soakp")
-            args += ["--cert", str(cert_path), "--key", str(key_path)]
+            args += ["--cert", str(cert_path), "--tls-key", str(key_path)]
             soakp_ca = str(ca.ca_path)
         soakp = SoakpProcess(args, env, workdir / "soakp.log", echo)
         assert soakp.url is not None
@@ -173,7 +179,19 @@ def start_demo(workdir: Path, port: int = 0, ttl_s: int = 60, sdk: Path | None =
     return demo
 
 
+class Stop(Exception):
+    """SIGTERM or SIGHUP: stop like Ctrl-C does, so every `finally` below runs."""
+
+
+def stop_on_signal(signum: int, frame: object) -> None:
+    raise Stop(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C raises KeyboardInterrupt; SIGTERM (kill, a supervisor) and SIGHUP (the terminal closed)
+    # would end the process without cleaning up, leaving SOAKP running and the temporary folder.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop_on_signal)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8787, help="the page's port (default 8787; 0 picks one)")
     parser.add_argument("--ttl", type=int, default=60, help="token lifetime in seconds, short to see refreshes")
@@ -183,26 +201,35 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, Stop):
+        return 0
     with tempfile.TemporaryDirectory(prefix="soakp-demo-") as workdir:
         try:
             demo = start_demo(Path(workdir), args.port, args.ttl, sdk, echo=sys.stdout)
         except (OSError, RuntimeError) as exc:
             print(f"demo: {exc}", file=sys.stderr)
             return 1
-        # The admin login is the demo's own, made up at start: the console is for looking around.
-        print(f"\n  fake OpenAI  {demo.fake.url}"
-              f"\n  SOAKP        {demo.soakp_url}  (--cors-origins {demo.page_url[:-1]})"
-              f"\n  console      {demo.soakp_url}/admin  (user {demo.admin[0]}, "
-              f"password {demo.admin[1]})"
-              f"\n\n  Open {demo.page_url} in your browser. Ctrl-C stops everything.\n", flush=True)
+        except (KeyboardInterrupt, Stop):
+            return 0
         try:
+            # The admin login is the demo's own, made up at start: the console is for looking around.
+            print(f"\n  fake OpenAI  {demo.fake.url}"
+                  f"\n  SOAKP        {demo.soakp_url}  (--cors-origins {demo.page_url[:-1]}, "
+                  f"pid {demo.soakp.popen.pid})"
+                  f"\n  console      {demo.soakp_url}/admin/  (user {demo.admin[0]}, "
+                  f"password {demo.admin[1]})"
+                  f"\n  files        {workdir} (removed on exit)"
+                  f"\n\n  Open {demo.page_url} in your browser. Ctrl-C stops everything.\n",
+                  flush=True)
             while demo.soakp.popen.poll() is None:
                 time.sleep(0.5)
             print("demo: SOAKP exited", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Stop):
             return 0
         finally:
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_IGN)  # a second Ctrl-C must not cut it short
             demo.stop()
 
 
