@@ -41,10 +41,13 @@ def require_tools(*tools: str, install_hint: str) -> None:
         pytest.fail(f"not installed: {', '.join(missing)} ({install_hint})")
 
 
-def start_logged(command: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start_logged(
+    command: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     with open(log_path, "wb") as log:
-        return subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=env)
+        return subprocess.Popen(
+            list(command), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
 
 
 def stop_processes(*processes: subprocess.Popen[bytes]) -> None:
@@ -73,54 +76,120 @@ class Pebble:
 
 
 @contextlib.contextmanager
-def running_pebble(work: Path, dns_server: str | None = None, listener_ips: Sequence[str] = (),
-                   authz_reuse: int = 100) -> Iterator[Pebble]:
-    """Pebble on free loopback ports. `dns_server` ("127.0.0.1:PORT") is the server Pebble asks; without
-    it Pebble's own DNS stub runs and answers 127.0.0.1 for every name (no AAAA). `listener_ips` are
-    extra addresses Pebble's HTTPS listener certificate names (how a container reaches the host)."""
+def running_pebble(
+    work: Path,
+    dns_server: str | None = None,
+    listener_ips: Sequence[str] = (),
+    authz_reuse: int = 100,
+) -> Iterator[Pebble]:
+    """Pebble on free loopback ports. `dns_server` ("127.0.0.1:PORT") is the server Pebble asks;
+    without it Pebble's own DNS stub runs and answers 127.0.0.1 for every name (no AAAA).
+    `listener_ips` are extra addresses Pebble's HTTPS listener certificate names (how a container
+    reaches the host)."""
     require_tools("pebble", "pebble-challtestsrv", "openssl", install_hint="apt-get install pebble")
     work.mkdir(parents=True, exist_ok=True)
     sans = ",".join(["IP:127.0.0.1", "DNS:localhost", *(f"IP:{ip}" for ip in listener_ips)])
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
-         "-subj", "/CN=pebble", "-addext", f"subjectAltName={sans}",
-         "-addext", "keyUsage=critical,digitalSignature,keyCertSign",
-         "-keyout", str(work / "listener-key.pem"), "-out", str(work / "listener.pem")],
-        check=True, capture_output=True, timeout=30,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=pebble",
+            "-addext",
+            f"subjectAltName={sans}",
+            "-addext",
+            "keyUsage=critical,digitalSignature,keyCertSign",
+            "-keyout",
+            str(work / "listener-key.pem"),
+            "-out",
+            str(work / "listener.pem"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
     )
-    # Loopback only: a container reaches it as 10.0.2.2, slirp4netns's address for the host's loopback.
+    # Loopback only: a container reaches it as 10.0.2.2, slirp4netns's address for the host's
+    # loopback.
     acme, management, http01, tls_alpn = (free_port() for _ in range(4))
-    (work / "pebble.json").write_text(json.dumps({"pebble": {
-        "listenAddress": f"127.0.0.1:{acme}", "managementListenAddress": f"127.0.0.1:{management}",
-        "certificate": str(work / "listener.pem"), "privateKey": str(work / "listener-key.pem"),
-        "httpPort": http01, "tlsPort": tls_alpn,
-    }}))
+    (work / "pebble.json").write_text(
+        json.dumps(
+            {
+                "pebble": {
+                    "listenAddress": f"127.0.0.1:{acme}",
+                    "managementListenAddress": f"127.0.0.1:{management}",
+                    "certificate": str(work / "listener.pem"),
+                    "privateKey": str(work / "listener-key.pem"),
+                    "httpPort": http01,
+                    "tlsPort": tls_alpn,
+                }
+            }
+        )
+    )
     started: list[subprocess.Popen[bytes]] = []
     try:
         if dns_server is None:
             dns, dns_management = free_port(), free_port()
             dns_server = f"127.0.0.1:{dns}"
-            started.append(start_logged(
-                ["pebble-challtestsrv", "-dns01", dns_server, "-http01", "", "-https01", "", "-tlsalpn01", "",
-                 "-management", f"127.0.0.1:{dns_management}", "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
-                work / "dns.log"))
-        env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0",
-               "PEBBLE_AUTHZREUSE": str(authz_reuse)}
-        server = start_logged(["pebble", "-config", str(work / "pebble.json"), "-dnsserver", dns_server],
-                              work / "pebble.log", env)
+            started.append(
+                start_logged(
+                    [
+                        "pebble-challtestsrv",
+                        "-dns01",
+                        dns_server,
+                        "-http01",
+                        "",
+                        "-https01",
+                        "",
+                        "-tlsalpn01",
+                        "",
+                        "-management",
+                        f"127.0.0.1:{dns_management}",
+                        "-defaultIPv4",
+                        "127.0.0.1",
+                        "-defaultIPv6",
+                        "",
+                    ],
+                    work / "dns.log",
+                )
+            )
+        env = {
+            **os.environ,
+            "PEBBLE_VA_NOSLEEP": "1",
+            "PEBBLE_WFE_NONCEREJECT": "0",
+            "PEBBLE_AUTHZREUSE": str(authz_reuse),
+        }
+        server = start_logged(
+            ["pebble", "-config", str(work / "pebble.json"), "-dnsserver", dns_server],
+            work / "pebble.log",
+            env,
+        )
         started.append(server)
         context = ssl.create_default_context(cafile=str(work / "listener.pem"))
         deadline = time.monotonic() + PEBBLE_START_S
         while True:
             assert server.poll() is None, (work / "pebble.log").read_text()
             try:
-                urllib.request.urlopen(f"https://127.0.0.1:{acme}/dir", context=context, timeout=1).read()
+                urllib.request.urlopen(
+                    f"https://127.0.0.1:{acme}/dir", context=context, timeout=1
+                ).read()
                 break
             except OSError:
                 assert time.monotonic() < deadline, f"pebble did not answer in {PEBBLE_START_S}s"
                 time.sleep(0.05)
-        root = urllib.request.urlopen(f"https://127.0.0.1:{management}/roots/0", context=context, timeout=5).read()
+        root = urllib.request.urlopen(
+            f"https://127.0.0.1:{management}/roots/0", context=context, timeout=5
+        ).read()
         (work / "root.pem").write_bytes(root)
-        yield Pebble(acme, http01, str(work / "listener.pem"), str(work / "root.pem"), work / "pebble.log")
+        yield Pebble(
+            acme, http01, str(work / "listener.pem"), str(work / "root.pem"), work / "pebble.log"
+        )
     finally:
         stop_processes(*started)
