@@ -146,8 +146,10 @@ container-test: venv system-deps container-deps
 	$(BIN)/python -m pytest -q -m container --timeout $(DEPLOY_TEST_TIMEOUT) tests/test_container.py $(ARGS)
 	@echo "== container-test figures (build/container/timings.txt):"; cat build/container/timings.txt
 
+# Also drops the build's layer cache: every dangling image, so ones of other projects too.
 container-clean:
 	-podman rmi --force localhost/soakp:test localhost/soakp-base:bookworm-slim
+	-podman image prune --force
 	rm -rf build/container
 
 # qemu-user-static registers qemu-aarch64 with binfmt_misc; a machine without systemd may need the file
