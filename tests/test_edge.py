@@ -69,6 +69,7 @@ def arm64_root() -> Path:
     stamp = ARM64_ROOT / ".complete"
     if not stamp.exists():
         if not ROOT_TAR.exists():
+            EDGE_DIR.mkdir(parents=True, exist_ok=True)
             started = time.monotonic()
             made = subprocess.run(
                 [
