@@ -369,6 +369,24 @@ def test_image_is_small_keeps_its_healthcheck_and_runs_as_uid_10001(image: str) 
         timeout=60,
     ).stdout
     assert version.startswith("soakp ")
+    plugins = engine(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "certbot",
+        image,
+        "plugins",
+        "--config-dir",
+        "/tmp/c",
+        "--work-dir",
+        "/tmp/w",
+        "--logs-dir",
+        "/tmp/l",
+        timeout=60,
+    ).stdout
+    assert "* dns-rfc2136" in plugins and "* standalone" in plugins  # CERTBOT_DNS_PLUGINS' default
 
 
 def test_self_signed_start_health_check_uid_and_a_stop_that_lets_streams_finish(
