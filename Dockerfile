@@ -11,7 +11,7 @@
 # its header lists the settings, DNS-01 and wildcard names included. SOAKP's own options are its
 # SOAKP_* variables (SPEC.md). Try CERTBOT_SERVER set to Let's Encrypt's staging directory first.
 # Without SOAKP_DOMAIN it serves on a self-signed certificate. `make container-test` builds this
-# file and checks the image (tests/container/).
+# file and checks the image (tests/test_container.py).
 #
 # What each engine needs:
 # - Docker (20.10 and later): nothing more. It sets net.ipv4.ip_unprivileged_port_start=0 in the
@@ -20,8 +20,9 @@
 #   (Debian 12) does NOT set that sysctl: run with `--sysctl net.ipv4.ip_unprivileged_port_start=0`,
 #   or with high ports (`-e CERTBOT_HTTP01_PORT=8080 -e SOAKP_LISTEN=0.0.0.0:8443 -p 80:8080
 #   -p 443:8443`). On a host with hybrid (v1) cgroups Podman 4.3 needs the runc runtime (crun fails
-#   with "cgroups in hybrid mode not supported") and its default_ulimits within the host's hard nofile
-#   limit (`ulimit -Hn`); tests/container/ writes such a containers.conf for its own runs.
+#   with "cgroups in hybrid mode not supported"). Its default_ulimits must stay within the host's
+#   hard limits (`ulimit -Hn`), and nproc within the 32768 processes conmon runs with, or every start
+#   fails with "error setting rlimit"; tests/test_container.py writes such a containers.conf.
 # - --network host, CRI-O and older engines: the same sysctl or high ports as for Podman.
 #
 # Build arguments:
