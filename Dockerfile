@@ -7,8 +7,8 @@
 #     -e SOAKP_SECRET_FILE=/data/secret soakp
 #
 # compose.yaml does the same with Compose; deploy/ has a systemd unit for the zipapp instead.
-# All the logic is in certbot-entrypoint.sh (tested by tests/test_certbot.py and tests/test_dns01.py);
-# its header lists the settings, DNS-01 and wildcard names included. SOAKP's own options are its
+# All the logic is in certbot-entrypoint.sh (tested by tests/test_certbot.py and
+# tests/test_dns01.py); its header lists the settings, DNS-01 and wildcard names included. SOAKP's own options are its
 # SOAKP_* variables (SPEC.md). Try CERTBOT_SERVER set to Let's Encrypt's staging directory first.
 # Without SOAKP_DOMAIN it serves on a self-signed certificate. `make container-test` builds this
 # file and checks the image (tests/test_container.py).
@@ -21,8 +21,8 @@
 #   or with high ports (`-e CERTBOT_HTTP01_PORT=8080 -e SOAKP_LISTEN=0.0.0.0:8443 -p 80:8080
 #   -p 443:8443`). On a host with hybrid (v1) cgroups Podman 4.3 needs the runc runtime (crun fails
 #   with "cgroups in hybrid mode not supported"). Its default_ulimits must stay within the host's
-#   hard limits (`ulimit -Hn`), and nproc within the 32768 processes conmon runs with, or every start
-#   fails with "error setting rlimit"; tests/test_container.py writes such a containers.conf.
+#   hard limits (`ulimit -Hn`), and nproc within the 32768 processes conmon runs with, or every
+#   start fails with "error setting rlimit"; tests/test_container.py writes such a containers.conf.
 # - --network host, CRI-O and older engines: the same sysctl or high ports as for Podman.
 #
 # Build arguments:
@@ -34,8 +34,8 @@
 #                        with any standard DNS server (BIND, Knot, PowerDNS). "" for none.
 #   EXTRA_CA_CERT        the PEM text of one more CA for the build's downloads from PyPI, for a
 #                        network behind a TLS-inspecting proxy:
-#                        `--build-arg EXTRA_CA_CERT="$(cat proxy-ca.pem)"`. It is trusted in the build
-#                        stage only; the image itself trusts Debian's CA list alone.
+#                        `--build-arg EXTRA_CA_CERT="$(cat proxy-ca.pem)"`. It is trusted in the
+#                        build stage only; the image itself trusts Debian's CA list alone.
 #
 # Base: Debian's own python3 instead of python:3.*-slim. Debian's certbot needs Debian's python3
 # anyway, so one interpreter serves both, and the zipapp (whose cffi library is built for one Python
@@ -79,8 +79,8 @@ RUN apt-get update \
       /usr/lib/python3/dist-packages/*/tests
 
 # A non-root user. Certbot's standalone server binds port 80 and SOAKP binds 443: see "What each
-# engine needs" above for the sysctl that allows it. Certbot writes /etc/letsencrypt (mode 0700 live/
-# and archive/), so the same user runs both, and owns the directories below. A bind mount instead of
+# engine needs" above for the sysctl that allows it. Certbot writes /etc/letsencrypt (mode 0700
+# live/ and archive/), so the same user runs both, and owns the directories below. A bind mount instead of
 # a named volume must be owned by uid 10001. uid 10001 is an ordinary uid (not --system, whose range
 # ends at 999), kept apart from any user of the host.
 RUN groupadd --gid 10001 soakp \

@@ -5,18 +5,20 @@
 set -eu
 missing=
 for pkg in "$@"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $pkg"
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' ||
+        missing="$missing $pkg"
 done
 [ -n "$missing" ] || exit 0
 sudo=
 [ "$(id -u)" = 0 ] || sudo=sudo
 started=$(date +%s)
 echo "installing Debian packages:$missing"
+opts="-o DPkg::Lock::Timeout=600 -o Acquire::Retries=3"
 for attempt in 1 2 3; do
     # shellcheck disable=SC2086 # a list of package names
-    if $sudo apt-get -o DPkg::Lock::Timeout=600 -o Acquire::Retries=3 update -q >/dev/null &&
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=600 -o Acquire::Retries=3 \
-            install -y -q --no-install-recommends $missing >/dev/null; then
+    if $sudo apt-get $opts update -q >/dev/null &&
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get $opts install -y -q --no-install-recommends \
+            $missing >/dev/null; then
         echo "installed in $(($(date +%s) - started)) s:$missing"
         exit 0
     fi

@@ -5,8 +5,9 @@
 #
 # What debian:bookworm-slim is, made the same way: Debian's "minbase" variant (Essential and
 # Priority: required packages, apt), without documentation, manual pages and translations, with apt
-# told to keep no downloaded packages. About 75 MB, as the official one. ARCHIVE (a .tar) keeps the root file system between runs:
-# when it exists it is imported as it is. Needs root (or mmdebstrap's unshare mode) and mmdebstrap.
+# told to keep no downloaded packages: about 78 MB, as the official one. ARCHIVE (a .tar) keeps the
+# root file system between runs: when it exists it is imported as it is. Needs mmdebstrap, and root
+# (or mmdebstrap's unshare mode).
 set -eu
 
 engine=${1:?usage: debian-base.sh ENGINE TAG [ARCHIVE]}
