@@ -25,6 +25,7 @@ fi
 if [ ! -s "$archive" ]; then
     mkdir -p "$(dirname "$archive")"
     # Written under another name and renamed, so an interrupted run leaves no half archive behind.
+    # shellcheck disable=SC2016 # "$1" in a hook is the root directory, expanded by mmdebstrap
     # The merged-usr hook lays out /bin -> usr/bin as Debian 12 has it, without the usrmerge package
     # (and the whole of perl it would bring), as the official image does.
     mmdebstrap --variant=minbase --format=tar \
