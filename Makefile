@@ -39,9 +39,10 @@ $(RUN_STAMP): pyproject.toml
 	touch $@
 
 # Debian packages the tests use beyond Python: pebble + certbot (a real ACME issuance), wrk + nginx
-# (the benchmark's quick run), chromium (browser tests). `make test` installs the missing ones with
+# (the benchmark's quick run), chromium (browser tests), bind9 + bind9-dnsutils +
+# python3-certbot-dns-rfc2136 (DNS-01 through a real DNS server, tests/test_dns01.py). `make test` installs the missing ones with
 # apt-get (through sudo when not root), so one command sets up and runs everything on a fresh machine.
-TEST_PACKAGES ?= pebble certbot wrk nginx chromium
+TEST_PACKAGES ?= pebble certbot wrk nginx chromium bind9 bind9-dnsutils python3-certbot-dns-rfc2136
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 system-deps:
@@ -166,6 +167,44 @@ demo: venv
 .PHONY: figures
 figures: zipapp
 	$(PYTHON) tools/figures.py --zipapp $(ZIPAPP) $(ARGS)
+
+# Deployment checks (issue 14), each minutes long, so outside `make test`; .ci/run runs them after it.
+# They install what they need from Debian (deploy/apt-install.sh, with retries) and print their figures.
+# `make container-test`: builds the Dockerfile with Podman on a debian:bookworm-slim equivalent made with
+# mmdebstrap (no image registry needed) and runs the image: self-signed start, health check, uid 10001,
+# stop with a stream in flight, certificates from Pebble with renewals and a restart, compose.yaml.
+# `make edge-test`: the aarch64 zipapp on an arm64 Debian 12 root under qemu-user-static.
+# Their caches (base image archive, arm64 root) live in build/; `make container-clean` drops the images.
+CONTAINER_PACKAGES ?= podman runc slirp4netns uidmap netavark aardvark-dns iptables podman-compose mmdebstrap
+EDGE_PACKAGES ?= mmdebstrap arch-test qemu-user-static binfmt-support
+DEPLOY_TEST_TIMEOUT ?= 1800
+.PHONY: container-deps container-test container-clean edge-deps edge-test
+
+container-deps:
+	@deploy/apt-install.sh $(CONTAINER_PACKAGES)
+
+container-test: venv system-deps container-deps
+	@rm -f build/container/timings.txt
+	$(BIN)/python -m pytest -q -m container --timeout $(DEPLOY_TEST_TIMEOUT) tests/test_container.py $(ARGS)
+	@echo "== container-test figures (build/container/timings.txt):"; cat build/container/timings.txt
+
+# Also drops the build's layer cache: every dangling image, so ones of other projects too.
+container-clean:
+	-podman rmi --force localhost/soakp:test localhost/soakp-base:bookworm-slim
+	-podman image prune --force
+	rm -rf build/container
+
+# qemu-user-static registers qemu-aarch64 with binfmt_misc; a machine without systemd may need the file
+# system mounted and the entry enabled by hand, which this does (as root, or through sudo).
+edge-deps:
+	@deploy/apt-install.sh $(EDGE_PACKAGES)
+	@[ -e /proc/sys/fs/binfmt_misc/register ] || $(SUDO) mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+	@[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || $(SUDO) update-binfmts --enable qemu-aarch64
+
+edge-test: venv edge-deps
+	@rm -f build/edge/timings.txt
+	$(BIN)/python -m pytest -q -m edge --timeout $(DEPLOY_TEST_TIMEOUT) tests/test_edge.py $(ARGS)
+	@echo "== edge-test figures (build/edge/timings.txt):"; cat build/edge/timings.txt
 
 # Removes what a build or test run creates; keeps $(VAR)/ (dev secret, admin password, certificate, db).
 clean:

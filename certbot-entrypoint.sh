@@ -1,17 +1,35 @@
 #!/bin/sh
 # certbot-entrypoint.sh: the Docker image's entrypoint (and usable on any host with certbot).
 #
-# With SOAKP_DOMAIN set it gets a certificate for that name from Let's Encrypt (certbot certonly
-# --standalone, HTTP-01) unless Certbot's live directory already holds one, starts SOAKP on it, runs
-# `certbot renew` every RENEW_INTERVAL seconds (and at once for a certificate it found) with a deploy
-# hook that sends SOAKP a SIGHUP (SOAKP also notices new files by itself within 10 s), passes SIGTERM,
-# SIGINT and SIGHUP on to SOAKP, and exits with SOAKP's exit status. Without SOAKP_DOMAIN it serves
-# on a self-signed certificate and says so on stderr.
+# With SOAKP_DOMAIN set it gets a certificate for that name (or for the names CERTBOT_DOMAINS
+# lists) from Let's Encrypt unless Certbot's live directory already holds one: over HTTP-01 with
+# certbot's standalone server, or over DNS-01 with a Certbot DNS plugin (CERTBOT_DNS_PLUGIN), which
+# also gets wildcard names such as *.example.com and names that port 80 cannot reach. Then it starts
+# SOAKP on it, runs `certbot renew` every RENEW_INTERVAL seconds (and at once for a certificate it
+# found) with a deploy hook that sends SOAKP a SIGHUP (SOAKP also notices new files by itself within
+# 10 s), passes SIGTERM, SIGINT and SIGHUP on to SOAKP, and exits with SOAKP's exit status. Without
+# SOAKP_DOMAIN it serves on a self-signed certificate and says so on stderr.
 #
 # Settings, all from the environment; the defaults are the production ones. SOAKP's own options come
 # from its SOAKP_* variables (SPEC.md), which SOAKP reads itself; arguments to this script are passed
 # on to `soakp serve` after the certificate flags (`docker run IMAGE --log-level debug`).
-#   SOAKP_DOMAIN            the name to get a certificate for; unset: self-signed (or SOAKP_CERT_DIR/SOAKP_CERT)
+#   SOAKP_DOMAIN            the name to get a certificate for; unset: self-signed (or
+#                           SOAKP_CERT_DIR/SOAKP_CERT). It also names the certificate (Certbot's
+#                           live/SOAKP_DOMAIN), so it is a plain name, never a wildcard: for
+#                           *.example.com alone, set SOAKP_DOMAIN=example.com and
+#                           CERTBOT_DOMAINS='*.example.com'
+#   CERTBOT_DOMAINS         the names on the certificate, comma-separated (default SOAKP_DOMAIN),
+#                           e.g. '*.example.com,example.com'; wildcards need DNS-01. Read when the
+#                           certificate is first got: to change the names later, remove the lineage
+#   CERTBOT_DNS_PLUGIN      DNS-01 instead of HTTP-01 with this Certbot DNS plugin: rfc2136 (in the
+#                           image), or another whose Debian package the image was built with (build
+#                           argument CERTBOT_DNS_PLUGINS), e.g. cloudflare for the package
+#                           python3-certbot-dns-cloudflare
+#   CERTBOT_DNS_CREDENTIALS the plugin's credentials file (INI; mount it as a secret readable by
+#                           uid 10001 alone), passed as --dns-PLUGIN-credentials; unset for a plugin
+#                           that takes none
+#   CERTBOT_DNS_PROPAGATION_SECONDS  seconds to wait for the TXT record to reach every name server
+#                           (default: the plugin's own, 60 s for rfc2136)
 #   CERTBOT_EMAIL           Let's Encrypt account e-mail; needed only to get the first certificate
 #   CERTBOT_SERVER          ACME directory URL (default Let's Encrypt production; for staging use
 #                           https://acme-staging-v02.api.letsencrypt.org/directory)
@@ -28,6 +46,8 @@
 #   SOAKP_PIDFILE           SOAKP's PID, read by the deploy hook (default /run/soakp/soakp.pid)
 #   SOAKP_SELFSIGNED_DIR    where the self-signed pair is kept (default /data/selfsigned)
 #   SOAKP_SELFSIGNED_HOST   the name the self-signed certificate is for (default localhost)
+#   SOAKP_ADMIN_PASS_FILE   a file holding SOAKP_ADMIN_PASS (a Compose or Docker secret): read here
+#                           and given to SOAKP in its environment, never on its command line
 #
 # `certbot renew` sleeps a random 1 to 480 s before renewing when stdin is not a terminal, which is
 # always the case here. That spreads the load on Let's Encrypt and costs nothing, because the renew
@@ -46,6 +66,10 @@ SOAKP_CMD=${SOAKP_CMD:-python3 /app/soakp.pyz}
 PIDFILE=${SOAKP_PIDFILE:-/run/soakp/soakp.pid}
 SELFSIGNED_DIR=${SOAKP_SELFSIGNED_DIR:-/data/selfsigned}
 SELFSIGNED_HOST=${SOAKP_SELFSIGNED_HOST:-localhost}
+DOMAINS=${CERTBOT_DOMAINS:-${SOAKP_DOMAIN:-}}
+DNS_PLUGIN=${CERTBOT_DNS_PLUGIN:-}
+DNS_CREDENTIALS=${CERTBOT_DNS_CREDENTIALS:-}
+DNS_PROPAGATION=${CERTBOT_DNS_PROPAGATION_SECONDS:-}
 
 log() { printf 'certbot-entrypoint: %s\n' "$*" >&2; }
 die() { log "$*"; exit 2; }
@@ -53,6 +77,33 @@ die() { log "$*"; exit 2; }
 case $RENEW_INTERVAL in '' | *[!0-9]* | 0) die "RENEW_INTERVAL must be a whole number of seconds, not '$RENEW_INTERVAL'" ;; esac
 case $HTTP01_PORT in '' | *[!0-9]*) die "CERTBOT_HTTP01_PORT must be a port number, not '$HTTP01_PORT'" ;; esac
 case $PIDFILE in *"'"*) die "SOAKP_PIDFILE must not contain a quote" ;; esac
+case ${SOAKP_DOMAIN:-} in *[!A-Za-z0-9.-]*)
+    die "SOAKP_DOMAIN must be a plain name (it names the certificate), not '$SOAKP_DOMAIN';" \
+        "put wildcards in CERTBOT_DOMAINS" ;;
+esac
+case $DOMAINS in *[!A-Za-z0-9.,*-]* | *,,* | ,* | *,)
+    die "CERTBOT_DOMAINS must be names separated by commas, not '$DOMAINS'" ;;
+esac
+case $DNS_PLUGIN in *[!a-z0-9-]*)
+    die "CERTBOT_DNS_PLUGIN must be a plugin name such as rfc2136, not '$DNS_PLUGIN'" ;;
+esac
+case $DNS_PROPAGATION in *[!0-9]*)
+    die "CERTBOT_DNS_PROPAGATION_SECONDS must be a whole number, not '$DNS_PROPAGATION'" ;;
+esac
+if [ -n "$DNS_CREDENTIALS" ] && [ ! -r "$DNS_CREDENTIALS" ]; then
+    die "CERTBOT_DNS_CREDENTIALS names '$DNS_CREDENTIALS', which this user ($(id -u)) cannot read"
+fi
+if [ -n "${SOAKP_ADMIN_PASS_FILE:-}" ]; then
+    [ -r "$SOAKP_ADMIN_PASS_FILE" ] ||
+        die "SOAKP_ADMIN_PASS_FILE names '$SOAKP_ADMIN_PASS_FILE', which this user cannot read"
+    # The whole file but a trailing newline, as SOAKP reads SOAKP_SECRET_FILE.
+    SOAKP_ADMIN_PASS=$(cat "$SOAKP_ADMIN_PASS_FILE") || die "cannot read SOAKP_ADMIN_PASS_FILE"
+    export SOAKP_ADMIN_PASS
+fi
+case $DOMAINS in *'*'*)
+    [ -n "$DNS_PLUGIN" ] ||
+        die "a wildcard name in CERTBOT_DOMAINS needs DNS-01: set CERTBOT_DNS_PLUGIN" ;;
+esac
 
 # The hook is saved in Certbot's renewal/DOMAIN.conf and run by later renewals too, so it reads the PID
 # from the pidfile at that time instead of naming one. Certbot also runs it after `certonly`, before
@@ -86,13 +137,42 @@ stop_if_asked() {
     esac
 }
 
-# certbot runs with this container's directories, its output on stderr with ours. `renew` gets the
-# `--http-01-*` settings too, so that a changed port applies to an existing lineage.
+# How certbot proves control of the names: the arguments for `certonly` and `renew` alike, so that a
+# changed port or credentials file applies to an existing lineage too. Sets CHALLENGE_ARGS.
+challenge_args() {
+    if [ -n "$DNS_PLUGIN" ]; then
+        set -- --authenticator "dns-$DNS_PLUGIN"
+        if [ -n "$DNS_CREDENTIALS" ]; then
+            set -- "$@" "--dns-$DNS_PLUGIN-credentials" "$DNS_CREDENTIALS"
+        fi
+        if [ -n "$DNS_PROPAGATION" ]; then
+            set -- "$@" "--dns-$DNS_PLUGIN-propagation-seconds" "$DNS_PROPAGATION"
+        fi
+    else
+        set -- --standalone --http-01-port "$HTTP01_PORT"
+        if [ -n "$HTTP01_ADDRESS" ]; then set -- "$@" --http-01-address "$HTTP01_ADDRESS"; fi
+    fi
+    CHALLENGE_ARGS=$(printf '%s\n' "$@")
+}
+
+# Certbot's options are single words without spaces or newlines (checked above), so a list of them
+# one per line in CHALLENGE_ARGS splits back into them safely with IFS set to a newline.
+nl='
+'
+
+# certbot runs with this container's directories, its output on stderr with ours. Every name in
+# CERTBOT_DOMAINS is a --domain; --cert-name keeps the lineage at live/SOAKP_DOMAIN whatever they
+# are.
 get_certificate() {
-    set -- --standalone --server "$SERVER" --domain "$SOAKP_DOMAIN" --email "$CERTBOT_EMAIL" \
-        --agree-tos --no-eff-email --keep-until-expiring --http-01-port "$HTTP01_PORT" \
-        --deploy-hook "$DEPLOY_HOOK"
-    if [ -n "$HTTP01_ADDRESS" ]; then set -- "$@" --http-01-address "$HTTP01_ADDRESS"; fi
+    set -- --server "$SERVER" --cert-name "$SOAKP_DOMAIN" --email "$CERTBOT_EMAIL" \
+        --agree-tos --no-eff-email --keep-until-expiring --deploy-hook "$DEPLOY_HOOK"
+    old_ifs=$IFS
+    IFS=,
+    for name in $DOMAINS; do set -- "$@" --domain "$name"; done
+    IFS=$nl
+    # shellcheck disable=SC2086 # one word per line
+    set -- "$@" $CHALLENGE_ARGS
+    IFS=$old_ifs
     # shellcheck disable=SC2086 # CERTBOT_EXTRA_ARGS is a list of words
     "$CERTBOT" --non-interactive --config-dir "$LE_DIR" --work-dir "$WORK_DIR" --logs-dir "$LOGS_DIR" \
         certonly "$@" ${CERTBOT_EXTRA_ARGS:-} >&2
@@ -104,8 +184,11 @@ renew_loop() {
     delay=$1
     child=
     trap 'kill "$child" 2>/dev/null; exit 0' TERM
-    set -- --http-01-port "$HTTP01_PORT" --deploy-hook "$DEPLOY_HOOK"
-    if [ -n "$HTTP01_ADDRESS" ]; then set -- "$@" --http-01-address "$HTTP01_ADDRESS"; fi
+    old_ifs=$IFS
+    IFS=$nl
+    # shellcheck disable=SC2086 # one word per line
+    set -- --cert-name "$SOAKP_DOMAIN" --deploy-hook "$DEPLOY_HOOK" $CHALLENGE_ARGS
+    IFS=$old_ifs
     while :; do
         sleep "$delay" &
         child=$!
@@ -126,13 +209,19 @@ renew_loop() {
 }
 
 if [ -n "${SOAKP_DOMAIN:-}" ]; then
+    challenge_args
     live="$LE_DIR/live/$SOAKP_DOMAIN"
     if [ -f "$live/fullchain.pem" ] && [ -f "$live/privkey.pem" ]; then
         log "using the certificate in $live; checking it for renewal now"
         first_renew=0
     else
         [ -n "${CERTBOT_EMAIL:-}" ] || die "CERTBOT_EMAIL is needed to get a certificate for $SOAKP_DOMAIN"
-        log "getting a certificate for $SOAKP_DOMAIN from $SERVER (HTTP-01 on port $HTTP01_PORT)"
+        if [ -n "$DNS_PLUGIN" ]; then
+            log "getting a certificate for $DOMAINS from $SERVER" \
+                "(DNS-01 with certbot's dns-$DNS_PLUGIN plugin)"
+        else
+            log "getting a certificate for $DOMAINS from $SERVER (HTTP-01 on port $HTTP01_PORT)"
+        fi
         get_certificate
         status=$?
         stop_if_asked
