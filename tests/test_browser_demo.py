@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import http.client
 import itertools
 import json
@@ -220,7 +221,8 @@ def test_page_refreshes_its_token_before_it_expires(page: DevTools, demo: browse
     tokens = admin_get(demo, "/jwt")["data"]
     # GET /jwt lists one row per chain (the page's first token and every refresh of it), naming the
     # chain's newest token: the page refreshed when that is no longer the first.
-    page_chains = sorted((t for t in tokens if t["sub"] == "browser:demo"), key=lambda t: t["created_at"])
+    page_chains = sorted((t for t in tokens if t["sub"] == "demo-backend/browser:demo"),
+                         key=lambda t: t["created_at"])
     first = page_chains[0]
     assert first["jti"] != first["cid"], "the page never refreshed its token"
     assert first["revoked_at"] is None and first["renew_until"] > first["expires_at"]
@@ -327,6 +329,11 @@ def test_backend_mints_a_short_lived_origin_bound_token(
     assert claims["paths"] == ["/v1/chat/completions", "/v1/realtime"]
     assert claims["models"] == ["gpt-4o-mini", "gpt-realtime"]
     assert demo.key not in json.dumps(given)
+    # A child of the backend's delegating token (issue 18): the backend holds neither the key nor the
+    # admin password, only that token.
+    assert claims["sub"] == "demo-backend/browser:demo" and len(claims["anc"]) == 1
+    held = json.dumps(dataclasses.asdict(demo.backend.settings), default=str)
+    assert demo.key not in held and demo.admin[1] not in held
 
     # Bound to the page's origin: another site's page cannot use it, even with the token in hand.
     body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()

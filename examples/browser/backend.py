@@ -1,16 +1,19 @@
 """A web app's backend for the SOAKP browser story. Python standard library only.
 
-It holds what the browser must never see, the OpenAI key and SOAKP's admin credentials, and gives the
-page a short-lived SOAKP token bound to the page's origin and to the endpoints and models the page
-uses. It serves the page too, so the token travels from the page's own origin.
+It holds one SOAKP token that may delegate (minted once by the operator, limited to this page's
+endpoints, models and origin, with a budget), never the OpenAI key or SOAKP's admin credentials. For
+each visitor it mints a short-lived child of that token at SOAKP (POST /jwt/delegate): every limit of
+the child is within the parent's. It serves the page too, so the token travels from the page's own
+origin.
 
     GET  /                   index.html, app.js, style.css, soakp-client.mjs (from ../../client/)
                              and the vendored `openai` SDK under /vendor/openai/
     POST /api/soakp-token    {"token", "expires_at", "soakp_url", "chat_model", "realtime_model"}
 
-Run it next to a SOAKP (the settings come from flags and the environment):
+Run it next to a SOAKP (the settings come from flags and the environment), with the delegating token
+in SOAKP_PARENT_TOKEN (or a file named by SOAKP_PARENT_TOKEN_FILE):
 
-    OPENAI_API_KEY=sk-... SOAKP_ADMIN_USER=admin SOAKP_ADMIN_PASS=... \\
+    SOAKP_PARENT_TOKEN=eyJ... \\
         python backend.py --listen 127.0.0.1:8000 --soakp-url https://127.0.0.1:3033 --soakp-ca var/tls/fullchain.pem
 
 SOAKP must list the page's origin in --cors-origins (here http://127.0.0.1:8000).
@@ -19,7 +22,6 @@ SOAKP must list the page's origin in --cors-origins (here http://127.0.0.1:8000)
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import ssl
@@ -49,9 +51,7 @@ SOAKP_TIMEOUT_S = 10.0
 class Settings:
     soakp_url: str  # where the browser (and this backend) reach SOAKP
     page_origin: str  # this site's origin: the only one the token works from
-    admin_user: str
-    admin_pass: str = field(repr=False)
-    openai_key: str = field(repr=False)
+    parent_token: str = field(repr=False)  # a SOAKP token minted with "delegate": 1, the backend's only secret
     ttl_s: int = 600  # short-lived: a leaked token is worth little, and the page refreshes it
     renew_ttl_s: int = 8 * 3600  # how long the page may keep refreshing it (its chain's renew-until)
     paths: tuple[str, ...] = ("/v1/chat/completions", "/v1/realtime")  # only what the page calls
@@ -64,24 +64,24 @@ class Settings:
 
 
 def mint_browser_token(settings: Settings, user: str) -> dict[str, object]:
-    """Ask SOAKP for a token for this page: POST /jwt/generate with the admin credentials.
+    """Ask SOAKP for a child of the backend's token for this visitor: POST /jwt/delegate.
 
-    Returns what the page gets. Raises urllib.error.URLError when SOAKP cannot be reached or refuses.
+    The child inherits the key and every limit it does not narrow; what it names here must be within
+    the parent's, or SOAKP answers 400. Returns what the page gets. Raises urllib.error.URLError when
+    SOAKP cannot be reached or refuses.
     """
     grant = {
-        "key": settings.openai_key,
         "ttl": settings.ttl_s,
         "renew_ttl": max(settings.renew_ttl_s, settings.ttl_s),
-        "sub": f"browser:{user}",
+        "sub": f"browser:{user}",  # the child's sub is the parent's + "/" + this
         "paths": list(settings.paths),
         "models": [settings.chat_model, settings.realtime_model],
         "origins": [settings.page_origin],
         "rpm": settings.rpm,
     }
-    basic = base64.b64encode(f"{settings.admin_user}:{settings.admin_pass}".encode()).decode()
     request = urllib.request.Request(
-        settings.soakp_url + "/jwt/generate", data=json.dumps(grant).encode(), method="POST",
-        headers={"Authorization": f"Basic {basic}", "Content-Type": "application/json"},
+        settings.soakp_url + "/jwt/delegate", data=json.dumps(grant).encode(), method="POST",
+        headers={"Authorization": f"Bearer {settings.parent_token}", "Content-Type": "application/json"},
     )
     context = ssl.create_default_context(cafile=settings.soakp_ca) if settings.soakp_url.startswith("https:") else None
     with urllib.request.urlopen(request, timeout=SOAKP_TIMEOUT_S, context=context) as response:
@@ -178,14 +178,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sdk-dir", type=Path, default=DEFAULT_SDK_DIR, help="the `openai` npm package to serve")
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
-    missing = [name for name in ("OPENAI_API_KEY", "SOAKP_ADMIN_PASS") if not os.environ.get(name)]
-    if missing:
-        print(f"backend.py: set {' and '.join(missing)} in the environment", file=sys.stderr)
+    parent_token = os.environ.get("SOAKP_PARENT_TOKEN", "")
+    token_file = os.environ.get("SOAKP_PARENT_TOKEN_FILE")
+    if not parent_token and token_file:
+        parent_token = Path(token_file).read_text(encoding="ascii").strip()
+    if not parent_token:
+        print("backend.py: set SOAKP_PARENT_TOKEN (or SOAKP_PARENT_TOKEN_FILE) to a SOAKP token minted with "
+              '"delegate": 1', file=sys.stderr)
         return 2
     settings = Settings(
         soakp_url=args.soakp_url.rstrip("/"), page_origin=args.origin or f"http://{args.listen}",
-        admin_user=os.environ.get("SOAKP_ADMIN_USER", "admin"), admin_pass=os.environ["SOAKP_ADMIN_PASS"],
-        openai_key=os.environ["OPENAI_API_KEY"], ttl_s=args.ttl, soakp_ca=args.soakp_ca, sdk_dir=args.sdk_dir,
+        parent_token=parent_token, ttl_s=args.ttl, soakp_ca=args.soakp_ca, sdk_dir=args.sdk_dir,
     )
     server = BackendServer((host, int(port)), settings)
     print(f"serving the page on {settings.page_origin}/ (SOAKP at {settings.soakp_url})", flush=True)

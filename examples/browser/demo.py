@@ -11,15 +11,19 @@ first use. tests/test_browser_demo.py runs this same code in headless Chromium.
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import os
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -150,8 +154,7 @@ def start_demo(workdir: Path, port: int = 0, ttl_s: int = 60, sdk: Path | None =
     backend: BackendServer | None = None
     try:
         # The backend's socket first: its port makes the page's origin, which SOAKP must know at start.
-        backend = BackendServer(("127.0.0.1", port), Settings(
-            soakp_url="", page_origin="", admin_user=admin[0], admin_pass=admin[1], openai_key=key))
+        backend = BackendServer(("127.0.0.1", port), Settings(soakp_url="", page_origin="", parent_token=""))
         page_origin = f"http://127.0.0.1:{backend.server_address[1]}"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SOAKP_", "OPENAI_"))}
         env.update(SOAKP_SECRET=secrets.token_urlsafe(48), SOAKP_ADMIN_USER=admin[0], SOAKP_ADMIN_PASS=admin[1])
@@ -165,9 +168,12 @@ def start_demo(workdir: Path, port: int = 0, ttl_s: int = 60, sdk: Path | None =
             soakp_ca = str(ca.ca_path)
         soakp = SoakpProcess(args, env, workdir / "soakp.log", echo)
         assert soakp.url is not None
+        # The operator's part, done once: a token that may delegate, limited to what the page uses, with a
+        # budget. The backend gets only this token: never the key, never the admin password.
+        parent = mint_parent_token(soakp.url, admin, key, page_origin, soakp_ca)
         backend.settings = Settings(
-            soakp_url=soakp.url, page_origin=page_origin, admin_user=admin[0], admin_pass=admin[1], openai_key=key,
-            ttl_s=ttl_s, soakp_ca=soakp_ca, sdk_dir=sdk or sdk_dir(), quiet=echo is None)
+            soakp_url=soakp.url, page_origin=page_origin, parent_token=parent, ttl_s=ttl_s, soakp_ca=soakp_ca,
+            sdk_dir=sdk or sdk_dir(), quiet=echo is None)
     except BaseException:
         if backend is not None:
             backend.server_close()
@@ -177,6 +183,26 @@ def start_demo(workdir: Path, port: int = 0, ttl_s: int = 60, sdk: Path | None =
     demo._thread = threading.Thread(target=backend.serve_forever, name="demo-backend", daemon=True)
     demo._thread.start()
     return demo
+
+
+def mint_parent_token(soakp_url: str, admin: tuple[str, str], key: str, page_origin: str,
+                      soakp_ca: str | None) -> str:
+    """POST /jwt/generate (admin) for the backend's delegating token: the page's endpoints and models,
+    its origin, a rate, one level of delegation, a day to live.
+
+    No budget here: this page opens Realtime WebSockets, whose usage SOAKP cannot meter, so SOAKP refuses
+    them to budgeted tokens. A page that only chats would add "max_tokens_total" (every child then
+    counts against it).
+    """
+    grant = {"key": key, "sub": "demo-backend", "ttl": "1d", "delegate": 1,
+             "paths": ["/v1/chat/completions", "/v1/realtime"], "models": ["gpt-4o-mini", "gpt-realtime"],
+             "origins": [page_origin], "rpm": 600}
+    basic = base64.b64encode(f"{admin[0]}:{admin[1]}".encode()).decode()
+    request = urllib.request.Request(soakp_url + "/jwt/generate", data=json.dumps(grant).encode(), method="POST",
+                                     headers={"Authorization": f"Basic {basic}", "Content-Type": "application/json"})
+    context = ssl.create_default_context(cafile=soakp_ca) if soakp_url.startswith("https:") else None
+    with urllib.request.urlopen(request, timeout=10, context=context) as response:
+        return str(json.load(response)["data"]["jwt"])
 
 
 class Stop(Exception):
