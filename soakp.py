@@ -2401,39 +2401,63 @@ def plain_text(content_type: bytes) -> bool:
         key == b"charset" and value.lower() in (b"utf-8", b"us-ascii") for key, value, _ in params)
 
 
+class FramingError(ValueError):
+    """A body's framing is broken or over a limit. Neutral: the side that reads the body says what it
+    means (a request's: an answer with `status`; an upstream's: a 502)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class ChunkedDecoder:
-    """Decodes the chunked transfer coding (RFC 9112 §7.1) from pieces as they arrive.
+    """Decodes the chunked transfer coding (RFC 9112 §7.1) from pieces as they arrive: request bodies
+    and upstream answers alike.
 
     Data is handed on as soon as it is read, never held for a whole chunk, and a network read that holds
     several chunks (SSE events) decodes in one call instead of three awaits per chunk. Trailer fields are
-    dropped (hop-by-hop here). Bytes after the end are kept in `leftover`: the connection is then not
-    reusable. Raises ValueError for broken framing.
+    dropped (hop-by-hop here); with `check_trailers` (a client's request) each must still be a valid
+    field line. `max_body_bytes` bounds the payload (a 413). Bytes after the end are kept in
+    `leftover`: the connection is then not reusable. A reader that must not read past the body (a
+    client's next pipelined request) asks `next_read()` how much to read. Raises FramingError.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_body_bytes: int | None = None, check_trailers: bool = False) -> None:
         self.buffer = b""
         self.remaining = 0
         self.state: Literal["size", "data", "data_end", "trailer", "done"] = "size"
         self.trailer_bytes = 0
+        self.total = 0
+        self.max_body_bytes = max_body_bytes
+        self.check_trailers = check_trailers
         self.leftover = b""
         self.decoded: list[bytes] = []  # what the current feed has decoded so far
-        self.error: ValueError | None = None  # broken framing, raised on the next feed
+        self.error: FramingError | None = None  # broken framing, raised on the next feed
 
     @property
     def done(self) -> bool:
         return self.state == "done"
 
+    def next_read(self) -> int:
+        """How many bytes may be read next without passing the end of the body: 0 for a line (read up
+        to and with its CRLF)."""
+        if self.state == "data":
+            return self.remaining
+        if self.state == "data_end":
+            return 2 - len(self.buffer)
+        return 0
+
     def feed(self, data: bytes) -> bytes:
         """Returns the payload bytes that `data` completes (possibly b"").
 
-        Broken framing raises ValueError, but only once the payload before it has been handed on: a
+        Broken framing raises FramingError, but only once the payload before it has been handed on: a
         stream that breaks after good events still delivers them.
         """
         if self.error is not None:
             raise self.error
         try:
             return self.decode(data)
-        except ValueError as exc:
+        except FramingError as exc:
             if not self.decoded:
                 raise
             self.error = exc
@@ -2456,23 +2480,20 @@ class ChunkedDecoder:
                 if end - pos < 2:
                     break
                 if buf[pos:pos + 2] != b"\r\n":
-                    raise ValueError("chunk data not followed by CRLF")
+                    raise FramingError("Chunk data is not followed by CRLF.")
                 pos += 2
                 self.state = "size"
             else:
                 eol = buf.find(b"\r\n", pos)
                 if eol == -1:
                     if end - pos > MAX_CHUNK_LINE_BYTES:
-                        raise ValueError("chunk line too long")
+                        raise FramingError("Chunk size line too long.")
                     break
                 line, pos = buf[pos:eol], eol + 2
                 if self.state == "size":
-                    size = parse_chunk_size(line)
-                    self.state, self.remaining = ("data", size) if size else ("trailer", 0)
+                    self.start_chunk(line)
                 elif line:
-                    self.trailer_bytes += len(line)
-                    if self.trailer_bytes > MAX_HEAD_BYTES:
-                        raise ValueError("trailer section too large")
+                    self.trailer_field(line)
                 else:
                     self.state = "done"
         if self.state == "done":
@@ -2480,6 +2501,25 @@ class ChunkedDecoder:
         else:
             self.buffer = buf[pos:]
         return out[0] if len(out) == 1 else b"".join(out)
+
+    def start_chunk(self, line: bytes) -> None:
+        if len(line) > MAX_CHUNK_LINE_BYTES:
+            raise FramingError("Chunk size line too long.")
+        try:
+            size = parse_chunk_size(line)
+        except ValueError:
+            raise FramingError("Malformed chunk size line.") from None
+        self.total += size
+        if self.max_body_bytes is not None and self.total > self.max_body_bytes:
+            raise FramingError(f"The request body is over the limit of {self.max_body_bytes} bytes.", 413)
+        self.state, self.remaining = ("data", size) if size else ("trailer", 0)
+
+    def trailer_field(self, line: bytes) -> None:
+        self.trailer_bytes += len(line) + 2
+        if self.trailer_bytes > MAX_HEAD_BYTES:
+            raise FramingError("Trailer section too large.", 431)
+        if self.check_trailers and split_field_line(line) is None:
+            raise FramingError("Malformed header field in the trailer section.")
 
 
 def forwarded_headers(headers: Sequence[tuple[bytes, bytes]], also_drop: frozenset[bytes]) -> list[bytes]:
@@ -2803,7 +2843,8 @@ def build_client_head(resp: ResponseHead, keep_alive: bool, chunked: bool, cors:
 async def read_request_body(
     reader: asyncio.StreamReader, head: RequestHead, max_body_bytes: int, watchdog: Watchdog
 ) -> AsyncIterator[bytes]:
-    """Yield the client's request body in pieces as they arrive, decoding chunked framing.
+    """Yield the client's request body in pieces as they arrive, decoding chunked framing with the same
+    ChunkedDecoder as upstream answers, and never reading past the body's end (a pipelined request).
 
     Raises ApiError (400 bad chunking, 413 over the limit, 408 too slow) or ClientGone.
     """
@@ -2824,38 +2865,21 @@ async def read_request_body(
                 remaining -= len(piece)
                 yield piece
         elif head.body_kind == "chunked":
-            total = 0
-            while True:
-                line = await client_read(reader.readuntil(b"\r\n"))
-                if len(line) > MAX_CHUNK_LINE_BYTES:
-                    raise bad_request("Chunk size line too long.")
-                try:
-                    size = parse_chunk_size(line[:-2])
-                except ValueError:
-                    raise bad_request("Malformed chunk size line.") from None
-                if size == 0:
-                    break
-                total += size
-                if total > max_body_bytes:
-                    raise ApiError(413, f"The request body is over the limit of {max_body_bytes} bytes.",
-                                   "request_too_large")
-                while size:
-                    piece = await client_read(reader.read(min(size, READ_CHUNK_BYTES)))
-                    if not piece:
+            decoder = ChunkedDecoder(max_body_bytes, check_trailers=True)
+            while not decoder.done:
+                wanted = decoder.next_read()
+                if wanted:
+                    data = await client_read(reader.read(min(wanted, READ_CHUNK_BYTES)))
+                    if not data:
                         raise ClientGone("client closed mid-body")
-                    size -= len(piece)
+                else:
+                    data = await client_read(reader.readuntil(b"\r\n"))
+                piece = decoder.feed(data)
+                if piece:
                     yield piece
-                if await client_read(reader.readexactly(2)) != b"\r\n":
-                    raise bad_request("Chunk data is not followed by CRLF.")
-            trailer_bytes = 0
-            while True:  # trailer fields are checked like headers and then dropped, never forwarded
-                line = await client_read(reader.readuntil(b"\r\n"))
-                if line == b"\r\n":
-                    break
-                trailer_bytes += len(line)
-                if trailer_bytes > MAX_HEAD_BYTES:
-                    raise bad_request("Trailer section too large.", 431)
-                split_header_lines([line[:-2]])
+    except FramingError as exc:
+        raise ApiError(exc.status, str(exc), "request_too_large" if exc.status == 413 else "invalid_request") \
+            from None
     except TimeoutError:
         raise ApiError(408, "The request body arrived too slowly.", "request_timeout") from None
     except asyncio.LimitOverrunError:
@@ -2911,7 +2935,7 @@ async def read_upstream_body(conn: UpstreamConnection, resp: ResponseHead, watch
                 yield piece
     except TimeoutError:
         raise UpstreamError(504, "upstream went silent mid-body", "read_timeout_mid_body") from None
-    except (ValueError, asyncio.LimitOverrunError):
+    except (FramingError, asyncio.LimitOverrunError):
         raise UpstreamError(502, "upstream broke its chunked framing", "protocol") from None
     except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
         raise UpstreamError(502, "upstream connection broke mid-body", "reset_mid_body") from None
