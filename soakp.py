@@ -19,6 +19,7 @@ import asyncio.selector_events
 import asyncio.sslproto
 import base64
 import binascii
+import contextlib
 import bisect
 import concurrent.futures
 import dataclasses
@@ -44,7 +45,7 @@ import sys
 import time
 import urllib.parse
 import zlib
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -2553,6 +2554,43 @@ CORS_RESPONSE_HEADERS = frozenset({
 RESPONSE_DROP = frozenset({b"content-length"}) | CORS_RESPONSE_HEADERS
 
 
+@dataclass(slots=True, eq=False)
+class Exchange:
+    """One request's progress and facts, from its head to its access log line: what forwarding needs to
+    answer a failure honestly, what the limits settle afterwards, and what the log and metrics show.
+    Forwarding's functions all take it (as uvicorn's RequestResponseCycle holds one request)."""
+
+    started: float
+    watchdog: Watchdog
+    status: int = 0
+    route: str = "other"
+    body_consumed: bool = False
+    response_started: bool = False
+    upstream: UpstreamConnection | None = None
+    claims: TokenClaims | None = None
+    cors: tuple[tuple[str, str], ...] = ()
+    metered: bool = False
+    usage: tuple[int, int] | None = None
+    model: str | None = None
+    request_id: str | None = None
+    reserved: int = 0  # output tokens of the chain's budget promised to this request until it is settled
+    estimate: tuple[int, int] | None = None  # what a budgeted request is charged if no usage is reported
+    revoked: bool = False  # its chain was revoked while it streamed
+    upstream_started: float = 0.0
+    upstream_s: float = 0.0
+    first_byte_s: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    error_kind: str | None = None
+    strip_usage_event: bool = False  # SOAKP asked for stream usage itself: hide that event from the client
+
+    def mark_first_byte(self) -> None:
+        """The first response byte is going out: from now on a failure can only cut the answer short."""
+        if not self.response_started:
+            self.response_started = True
+            self.first_byte_s = time.monotonic() - self.started
+
+
 class UpstreamError(Exception):
     """The upstream failed; `status` is what the client gets if no response byte was sent yet, and `kind`
     names the failure in metrics and the access log."""
@@ -2817,10 +2855,9 @@ def without_secret(headers: Sequence[tuple[bytes, bytes]], secret: bytes) -> Seq
     return [(name, value) for name, value in headers if secret not in value and secret not in name]
 
 
-def build_client_head(resp: ResponseHead, keep_alive: bool, chunked: bool, cors: bytes = b"",
-                      secret: bytes = b"") -> bytes:
+def build_client_head(resp: ResponseHead, plan: AnswerPlan, cors: bytes = b"", secret: bytes = b"") -> bytes:
     """The response head sent to the client: the upstream's status and headers less hop-by-hop ones and
-    any that holds `secret` (the real key).
+    any that holds `secret` (the real key), framed as `plan` says.
 
     `cors` holds SOAKP's own CORS header lines, which replace any the upstream sent.
     """
@@ -2830,11 +2867,11 @@ def build_client_head(resp: ResponseHead, keep_alive: bool, chunked: bool, cors:
     drop = CORS_RESPONSE_HEADERS if resp.body_kind == "none" else RESPONSE_DROP
     parts.extend(forwarded_headers(without_secret(resp.headers, secret), drop))
     parts.append(cors)
-    if resp.body_kind == "length":
+    if plan.framing == "length":
         parts.append(b"Content-Length: %d\r\n" % resp.content_length)
-    elif chunked:
+    elif plan.framing == "chunked":
         parts.append(b"Transfer-Encoding: chunked\r\n")
-    if not keep_alive:
+    if not plan.keep_alive:
         parts.append(b"Connection: close\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
@@ -3405,11 +3442,47 @@ class SseUsageStripper:
         return b"".join(kept)
 
 
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk of the chunked transfer coding (nothing for no data: an empty chunk would end the body)."""
+    return b"%x\r\n" % len(data) + data + b"\r\n" if data else b""
+
+
 def frame_body(data: bytes, chunked: bool, final: bool) -> bytes:
     """Body bytes as they go upstream: raw for Content-Length, re-chunked for chunked."""
     if not chunked:
         return data
-    return (b"%x\r\n" % len(data) + data + b"\r\n" if data else b"") + (b"0\r\n\r\n" if final else b"")
+    return encode_chunk(data) + (LAST_CHUNK if final else b"")
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerPlan:
+    """How an upstream answer goes to the client."""
+
+    framing: Literal["length", "chunked", "close", "none"]  # the client's framing
+    keep_alive: bool  # whether the client connection may carry another request
+    strip_usage_event: bool  # take out the usage event SOAKP asked for (the body's length changes)
+    whole: bool  # small enough to read whole and send in one write
+
+
+def plan_answer(resp: ResponseHead, http_minor: int, keep_alive: bool, strip_usage_event: bool) -> AnswerPlan:
+    """Decide the client's framing for an upstream answer. Pure.
+
+    The upstream's own framing is kept where it can be; an answer whose length is unknown (chunked, or
+    ended by close) goes to an HTTP/1.1 client chunked and to an HTTP/1.0 client ended by close, and so
+    does one whose usage event SOAKP takes out (its length changes).
+    """
+    strip = (strip_usage_event and resp.status == 200
+             and (resp.header(b"content-encoding") or b"identity").strip().lower() == b"identity")
+    if resp.body_kind == "none":
+        return AnswerPlan("none", keep_alive, False, True)
+    if resp.body_kind == "length" and not strip:
+        return AnswerPlan("length", keep_alive, False, resp.content_length <= SMALL_BODY_BYTES)
+    if http_minor == 1:
+        return AnswerPlan("chunked", keep_alive, strip, False)
+    return AnswerPlan("close", False, strip, False)  # an HTTP/1.0 client learns where it ends by the close
 
 
 async def forward(
@@ -3421,131 +3494,26 @@ async def forward(
     Raises ApiError/UpstreamError before the response starts; after that a failure closes the client
     connection so the client sees a truncated response, never an invented ending.
     """
-    config = state.config
     body = await read_body_ahead(state, exchange, reader, writer, head, claims, upstream_path)
     take_rate(state, claims, time.time())  # every other check has passed: now it counts against rpm
     # A budgeted answer is read to its end even when the client leaves, so that it is charged.
     exchange.watchdog.finish_upstream = exchange.reserved > 0 or exchange.estimate is not None
-    if body.rewritten:  # the whole body, changed: sent with its own Content-Length
-        # Uncompressed when the usage event SOAKP asked for must be taken out of the stream again.
-        drop = frozenset({b"accept-encoding"}) if exchange.strip_usage_event else frozenset()
-        first_write = build_upstream_head(head, upstream_path, claims, config.upstream, len(body.read_ahead),
-                                          also_drop=drop)
-        first_write += body.read_ahead
-    else:
-        first_write = build_upstream_head(head, upstream_path, claims, config.upstream) + frame_body(
-            body.read_ahead, head.body_kind == "chunked", final=body.rest is None)
+    first_write = upstream_request(head, upstream_path, claims, state.config.upstream, body,
+                                   exchange.strip_usage_event)
     exchange.bytes_in = len(body.read_ahead)
-    replayable = body.rest is None
     exchange.upstream_started = time.monotonic()
-
-    for attempt in (1, 2):
-        conn, reused = await state.pool.acquire()
-        exchange.upstream = conn
-        try:
-            conn.writer.write(first_write)
-            if body.rest is not None:
-                exchange.bytes_in += await send_rest_of_body(conn, body, head.body_kind == "chunked",
-                                                             exchange.watchdog)
-                exchange.body_consumed = True
-            resp = await read_response_head(conn, head.method, exchange.watchdog)
-            break
-        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
-            conn.abort()
-            exchange.upstream = None
-            # A pooled connection that broke before any answer was most likely closed by the upstream while
-            # idle, but the upstream may also have received the whole request and acted on it. Like Go's
-            # net/http and nginx, try once more only a request that may run twice (RFC 9110 §9.2.2); for a
-            # POST the client decides (the SDKs retry a 502 themselves).
-            if attempt == 1 and reused and replayable and head.method in IDEMPOTENT_METHODS:
-                continue
-            raise UpstreamError(502, f"The upstream connection broke ({describe_error(exc)}).",
-                                "reset") from None
-        except BaseException:
-            conn.abort()
-            exchange.upstream = None
-            raise
-
-    keep_alive = head.keep_alive and not state.shutting_down
-    strip = (exchange.strip_usage_event and resp.status == 200
-             and (resp.header(b"content-encoding") or b"identity").strip().lower() == b"identity")
-    chunked = (resp.body_kind in ("chunked", "close") or strip and resp.body_kind == "length") and head.http_minor == 1
-    if not chunked and (resp.body_kind in ("chunked", "close") or strip and resp.body_kind == "length"):
-        keep_alive = False  # an HTTP/1.0 client learns where such a body ends only from the close
-    if strip and resp.body_kind == "length":  # the length changes when the usage event is taken out
-        resp = dataclasses.replace(resp, body_kind="chunked")
-        strip_length = True
-    else:
-        strip_length = False
-    client_head = build_client_head(resp, keep_alive, chunked, cors, claims.key.encode("ascii"))
+    conn, resp = await send_upstream(state, exchange, head, first_write, body)
+    plan = plan_answer(resp, head.http_minor, head.keep_alive and not state.shutting_down,
+                       exchange.strip_usage_event)
     exchange.status = resp.status
-    request_id = resp.header(b"x-request-id")
-    if request_id is not None:
-        exchange.request_id = safe_for_log(request_id.decode("latin-1"))
+    note_request_id(exchange, resp)
     meter = UsageMeter.for_response(resp) if exchange.metered else None
-    stripper = SseUsageStripper() if strip else None
-
     try:
-        if resp.body_kind == "none":
-            exchange.response_started = True
-            exchange.first_byte_s = time.monotonic() - exchange.started
-            await write_client(writer, client_head)
-            exchange.bytes_out = len(client_head)
-        elif resp.body_kind == "length" and resp.content_length <= SMALL_BODY_BYTES:
-            # One write for a small answer (most JSON responses): fewer syscalls, and a failure while
-            # reading it still leaves the client an honest 502.
-            data = b"".join([piece async for piece in read_upstream_body(conn, resp, exchange.watchdog)])
-            if meter:
-                meter.feed(data)
-                exchange.usage = meter.usage()
-            exchange.response_started = True
-            exchange.first_byte_s = time.monotonic() - exchange.started
-            await write_client(writer, client_head + data)
-            exchange.bytes_out = len(client_head) + len(data)
+        client_head = build_client_head(resp, plan, cors, claims.key.encode("ascii"))
+        if plan.whole:
+            await relay_whole(exchange, writer, conn, resp, client_head, meter)
         else:
-            state.metrics.streams_open += 1
-            watch_stream(state, claims, exchange)
-            client = ClientWriter(writer, exchange)
-            try:
-                # The head goes out at once, unless the first body bytes came with it (an SSE stream's first
-                # event usually does): then both leave in one write.
-                pending = client_head
-                if not unread_bytes(conn.reader):
-                    exchange.response_started = True
-                    exchange.first_byte_s = time.monotonic() - exchange.started
-                    await client.write(client_head)
-                    pending = b""
-                exchange.bytes_out = len(client_head)
-                upstream_resp = dataclasses.replace(resp, body_kind="length") if strip_length else resp
-                async for piece in read_upstream_body(conn, upstream_resp, exchange.watchdog):
-                    if meter:
-                        meter.feed(piece)
-                    if stripper:
-                        piece = stripper.feed(piece)
-                        if not piece:
-                            continue
-                    if chunked:
-                        piece = b"%x\r\n" % len(piece) + piece + b"\r\n"
-                    exchange.bytes_out += len(piece)
-                    if pending:
-                        piece, pending = pending + piece, b""
-                        exchange.response_started = True
-                        exchange.first_byte_s = time.monotonic() - exchange.started
-                    await client.write(piece, exchange.watchdog)
-                tail = stripper.flush() if stripper else b""
-                if chunked:
-                    tail = (b"%x\r\n" % len(tail) + tail + b"\r\n" if tail else b"") + b"0\r\n\r\n"
-                exchange.bytes_out += len(tail)
-                if pending:
-                    tail, pending = pending + tail, b""
-                    exchange.response_started = True
-                    exchange.first_byte_s = time.monotonic() - exchange.started
-                if tail:
-                    await client.write(tail)
-                client.check_gone()
-            finally:
-                state.metrics.streams_open -= 1
-                unwatch_stream(state, claims, exchange)
+            await relay_stream(state, exchange, writer, conn, resp, plan, client_head, meter)
     except BaseException:
         conn.abort()
         exchange.upstream = None
@@ -3559,7 +3527,122 @@ async def forward(
         state.pool.release(conn)
     else:
         conn.close()
-    return keep_alive
+    return plan.keep_alive
+
+
+def upstream_request(head: RequestHead, upstream_path: str, claims: TokenClaims, target: UpstreamTarget,
+                     body: RequestBody, strip_usage_event: bool) -> bytes:
+    """The bytes of the first upstream write: the head and what was read ahead of the body."""
+    if body.rewritten:  # the whole body, changed: sent with its own Content-Length
+        # Uncompressed when the usage event SOAKP asked for must be taken out of the stream again.
+        drop = frozenset({b"accept-encoding"}) if strip_usage_event else frozenset()
+        return build_upstream_head(head, upstream_path, claims, target, len(body.read_ahead),
+                                   also_drop=drop) + body.read_ahead
+    return build_upstream_head(head, upstream_path, claims, target) + frame_body(
+        body.read_ahead, head.body_kind == "chunked", final=body.rest is None)
+
+
+async def send_upstream(state: ServerState, exchange: Exchange, head: RequestHead, first_write: bytes,
+                        body: RequestBody) -> tuple[UpstreamConnection, ResponseHead]:
+    """Send the request on a pooled connection and read the answer's head, trying once more on a fresh
+    connection when that is safe. Raises UpstreamError (502 reset, 504) or what the body's reading raises.
+    """
+    replayable = body.rest is None
+    for attempt in (1, 2):
+        conn, reused = await state.pool.acquire()
+        exchange.upstream = conn
+        try:
+            conn.writer.write(first_write)
+            if body.rest is not None:
+                exchange.bytes_in += await send_rest_of_body(conn, body, head.body_kind == "chunked",
+                                                             exchange.watchdog)
+                exchange.body_consumed = True
+            return conn, await read_response_head(conn, head.method, exchange.watchdog)
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
+            conn.abort()
+            exchange.upstream = None
+            # A pooled connection that broke before any answer was most likely closed by the upstream while
+            # idle, but the upstream may also have received the whole request and acted on it. Like Go's
+            # net/http and nginx, try once more only a request that may run twice (RFC 9110 §9.2.2); for a
+            # POST the client decides (the SDKs retry a 502 themselves).
+            if attempt == 1 and reused and replayable and head.method in IDEMPOTENT_METHODS:
+                continue
+            raise upstream_reset(exc) from None
+        except BaseException:
+            conn.abort()
+            exchange.upstream = None
+            raise
+    raise AssertionError("unreachable: the second attempt returns or raises")
+
+
+def upstream_reset(exc: BaseException) -> UpstreamError:
+    """The 502 for an upstream connection that broke before its answer's head."""
+    return UpstreamError(502, f"The upstream connection broke ({describe_error(exc)}).", "reset")
+
+
+def note_request_id(exchange: Exchange, resp: ResponseHead) -> None:
+    request_id = resp.header(b"x-request-id")
+    if request_id is not None:
+        exchange.request_id = safe_for_log(request_id.decode("latin-1"))
+
+
+async def relay_whole(exchange: Exchange, writer: asyncio.StreamWriter, conn: UpstreamConnection,
+                      resp: ResponseHead, client_head: bytes, meter: UsageMeter | None) -> None:
+    """A small answer (most JSON responses), or one without a body, in one write: fewer syscalls, and a
+    failure while reading it still leaves the client an honest 502."""
+    data = b""
+    if resp.body_kind != "none":
+        data = b"".join([piece async for piece in read_upstream_body(conn, resp, exchange.watchdog)])
+        if meter:
+            meter.feed(data)
+            exchange.usage = meter.usage()
+    exchange.mark_first_byte()
+    await write_client(writer, client_head + data)
+    exchange.bytes_out = len(client_head) + len(data)
+
+
+async def relay_stream(state: ServerState, exchange: Exchange, writer: asyncio.StreamWriter,
+                       conn: UpstreamConnection, resp: ResponseHead, plan: AnswerPlan, client_head: bytes,
+                       meter: UsageMeter | None) -> None:
+    """A large or streamed answer, piece by piece as it arrives: one client write per upstream read."""
+    claims = exchange.claims
+    assert claims is not None
+    client = ClientWriter(writer, exchange)
+    stripper = SseUsageStripper() if plan.strip_usage_event else None
+    chunked = plan.framing == "chunked"
+    with open_stream(state, claims, exchange):
+        # The head goes out at once, unless the first body bytes came with it (an SSE stream's first event
+        # usually does): then both leave in one write.
+        pending = client_head
+        if not unread_bytes(conn.reader):
+            exchange.mark_first_byte()
+            await client.write(client_head)
+            pending = b""
+        exchange.bytes_out = len(client_head)
+        async for piece in read_upstream_body(conn, resp, exchange.watchdog):
+            if meter:
+                meter.feed(piece)
+            if stripper:
+                piece = stripper.feed(piece)
+                if not piece:
+                    continue
+            if chunked:
+                piece = encode_chunk(piece)
+            exchange.bytes_out += len(piece)
+            if pending:
+                piece, pending = pending + piece, b""
+                exchange.mark_first_byte()
+            await client.write(piece, exchange.watchdog)
+        tail = stripper.flush() if stripper else b""
+        if chunked:
+            tail = encode_chunk(tail) + LAST_CHUNK
+        exchange.bytes_out += len(tail)
+        if pending:
+            tail = pending + tail
+            exchange.mark_first_byte()
+        if tail:
+            await client.write(tail)
+        client.check_gone()
 
 
 BUDGET_DRAIN_MAX_BYTES = 64 * 1024**2  # what is read of a budgeted answer after its client left
@@ -3596,19 +3679,23 @@ class ClientWriter:
             raise self.gone
 
 
-def watch_stream(state: ServerState, claims: TokenClaims, exchange: Exchange) -> None:
-    """Register a streaming answer under its chain and every ancestor's, so revoking any of them ends it."""
+@contextlib.contextmanager
+def open_stream(state: ServerState, claims: TokenClaims, exchange: Exchange) -> Iterator[None]:
+    """While an answer streams or a WebSocket session lasts: counted in the metrics, and registered under
+    its chain and every ancestor's, so that revoking any of them ends it (end_chain_streams)."""
+    state.metrics.streams_open += 1
     for cid in claims.chains:
         state.streams.setdefault(cid, set()).add(exchange)
-
-
-def unwatch_stream(state: ServerState, claims: TokenClaims, exchange: Exchange) -> None:
-    for cid in claims.chains:
-        streams = state.streams.get(cid)
-        if streams is not None:
-            streams.discard(exchange)
-            if not streams:
-                del state.streams[cid]
+    try:
+        yield
+    finally:
+        state.metrics.streams_open -= 1
+        for cid in claims.chains:
+            streams = state.streams.get(cid)
+            if streams is not None:
+                streams.discard(exchange)
+                if not streams:
+                    del state.streams[cid]
 
 
 async def send_rest_of_body(conn: UpstreamConnection, body: RequestBody, chunked: bool, watchdog: Watchdog) -> int:
@@ -3709,6 +3796,22 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, activ
         pass
 
 
+def upstream_handshake(head: RequestHead, upstream_path: str, claims: TokenClaims,
+                       target: UpstreamTarget) -> bytes:
+    """The upstream WebSocket handshake: the client's, with the real key where the client put its token.
+
+    The real key goes into the upstream's subprotocol only when the client authenticated that way; a
+    client that sent Authorization gets Authorization upstream, and its key-shaped offers are dropped.
+    """
+    by_header = head.header(b"authorization") is not None
+    protocols = [WEBSOCKET_KEY_PROTOCOL + claims.key if p.startswith(WEBSOCKET_KEY_PROTOCOL) else p
+                 for p in offered_subprotocols(head) if not (by_header and p.startswith(WEBSOCKET_KEY_PROTOCOL))]
+    extra = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+    if protocols:
+        extra += b"Sec-WebSocket-Protocol: " + ", ".join(protocols).encode("latin-1") + b"\r\n"
+    return build_upstream_head(head, upstream_path, claims, target, extra=extra, also_drop=WEBSOCKET_DROP)
+
+
 async def tunnel_websocket(
     state: ServerState, exchange: Exchange, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     head: RequestHead, upstream_path: str, claims: TokenClaims, cors: bytes,
@@ -3718,75 +3821,62 @@ async def tunnel_websocket(
 
     Returns False: the client connection is never reused. Raises ApiError/UpstreamError before the 101.
     """
-    config = state.config
-    offered = offered_subprotocols(head)
-    # The real key goes into the upstream's subprotocol only when the client authenticated that way; a
-    # client that sent Authorization gets Authorization upstream, and its key-shaped offers are dropped.
-    by_header = head.header(b"authorization") is not None
-    upstream_protocols = [WEBSOCKET_KEY_PROTOCOL + claims.key if p.startswith(WEBSOCKET_KEY_PROTOCOL) else p
-                          for p in offered if not (by_header and p.startswith(WEBSOCKET_KEY_PROTOCOL))]
-    extra = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
-    if upstream_protocols:
-        extra += b"Sec-WebSocket-Protocol: " + ", ".join(upstream_protocols).encode("latin-1") + b"\r\n"
-    request = build_upstream_head(head, upstream_path, claims, config.upstream, extra=extra,
-                                  also_drop=WEBSOCKET_DROP)
     exchange.upstream_started = time.monotonic()
     conn = await state.pool.connect()
     exchange.upstream = conn
     try:
-        conn.writer.write(request)
+        conn.writer.write(upstream_handshake(head, upstream_path, claims, state.config.upstream))
         try:
             resp = await read_response_head(conn, head.method, exchange.watchdog, upgrade=True)
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
-            raise UpstreamError(502, f"The upstream connection broke ({describe_error(exc)}).", "reset") from None
+            raise upstream_reset(exc) from None
         exchange.status = resp.status
+        note_request_id(exchange, resp)
         if resp.status != 101:  # a refusal: relay it like any answer, less what the handshake sent upstream
             data = b"".join([piece async for piece in read_upstream_body(conn, resp, exchange.watchdog)])
             resp = dataclasses.replace(resp, body_kind="length", content_length=len(data),
                                        headers=tuple((n, v) for n, v in resp.headers
                                                      if n.lower() not in WEBSOCKET_DROP))
-            exchange.response_started = True
-            await write_client(writer, build_client_head(resp, False, False, cors, claims.key.encode("ascii"))
-                               + data)
+            exchange.mark_first_byte()
+            await write_client(writer, build_client_head(resp, AnswerPlan("length", False, False, True), cors,
+                                                         claims.key.encode("ascii")) + data)
             return False
-        exchange.response_started = True
-        exchange.first_byte_s = time.monotonic() - exchange.started
-        request_id = resp.header(b"x-request-id")
-        if request_id is not None:
-            exchange.request_id = safe_for_log(request_id.decode("latin-1"))
-        switching = build_switching_head(resp, offered, cors, claims.key.encode("ascii"))
+        exchange.mark_first_byte()
+        switching = build_switching_head(resp, offered_subprotocols(head), cors, claims.key.encode("ascii"))
         exchange.bytes_out = len(switching)
         await write_client(writer, switching)
-        state.metrics.streams_open += 1
-        watch_stream(state, claims, exchange)
-        try:
-            activity, sent_up, sent_down = [time.monotonic()], [0], [0]
-            tasks = {asyncio.create_task(pipe(reader, conn.writer, activity, sent_up)),
-                     asyncio.create_task(pipe(conn.reader, writer, activity, sent_down))}
-            deadline = time.monotonic() + WEBSOCKET_MAX_S
-            try:
-                while True:
-                    done, _ = await asyncio.wait(tasks, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-                    now = time.monotonic()
-                    if done or now - activity[0] > config.read_timeout_s or now > deadline:
-                        break
-                    # A session lives no longer than its token: revoked or expired ends it.
-                    if state.revoked.chain_revoked(claims) or claims.exp <= time.time():
-                        log.info("closing a WebSocket session: its token jti=%s was revoked or expired", claims.jti)
-                        break
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                exchange.bytes_in, exchange.bytes_out = sent_up[0], exchange.bytes_out + sent_down[0]
-        finally:
-            state.metrics.streams_open -= 1
-            unwatch_stream(state, claims, exchange)
+        with open_stream(state, claims, exchange):
+            await relay_frames(state, exchange, reader, writer, conn, claims)
         return False
     finally:
         conn.abort()
         exchange.upstream = None
         exchange.upstream_s = time.monotonic() - exchange.upstream_started
+
+
+async def relay_frames(state: ServerState, exchange: Exchange, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter, conn: UpstreamConnection, claims: TokenClaims) -> None:
+    """Move a WebSocket session's bytes both ways until either side closes, it goes idle past
+    --read-timeout, it lasts WEBSOCKET_MAX_S, or its token is revoked or expires."""
+    activity, sent_up, sent_down = [time.monotonic()], [0], [0]
+    tasks = {asyncio.create_task(pipe(reader, conn.writer, activity, sent_up)),
+             asyncio.create_task(pipe(conn.reader, writer, activity, sent_down))}
+    deadline = time.monotonic() + WEBSOCKET_MAX_S
+    try:
+        while True:
+            done, _ = await asyncio.wait(tasks, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            now = time.monotonic()
+            if done or now - activity[0] > state.config.read_timeout_s or now > deadline:
+                break
+            # A session lives no longer than its token: revoked or expired ends it.
+            if state.revoked.chain_revoked(claims) or claims.exp <= time.time():
+                log.info("closing a WebSocket session: its token jti=%s was revoked or expired", claims.jti)
+                break
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        exchange.bytes_in, exchange.bytes_out = sent_up[0], exchange.bytes_out + sent_down[0]
 
 
 # 6. TLS: PEM files in, SSL contexts out.
@@ -3958,35 +4048,6 @@ METRIC_RESOURCES = frozenset({
     "uploads", "vector_stores", "videos",
 })
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-
-
-@dataclass(slots=True, eq=False)
-class Exchange:
-    """One request's progress and facts, for answering a failure honestly and for the access log."""
-
-    started: float
-    watchdog: Watchdog
-    status: int = 0
-    route: str = "other"
-    body_consumed: bool = False
-    response_started: bool = False
-    upstream: UpstreamConnection | None = None
-    claims: TokenClaims | None = None
-    cors: tuple[tuple[str, str], ...] = ()
-    metered: bool = False
-    usage: tuple[int, int] | None = None
-    model: str | None = None
-    request_id: str | None = None
-    reserved: int = 0  # output tokens of the chain's budget promised to this request until it is settled
-    estimate: tuple[int, int] | None = None  # what a budgeted request is charged if no usage is reported
-    revoked: bool = False  # its chain was revoked while it streamed
-    upstream_started: float = 0.0
-    upstream_s: float = 0.0
-    first_byte_s: float | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-    error_kind: str | None = None
-    strip_usage_event: bool = False  # SOAKP asked for stream usage itself: hide that event from the client
 
 
 class Histogram:
