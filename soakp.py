@@ -1,14 +1,16 @@
 """SOAKP, the Secure OpenAI Key Proxy: clients hold a token that carries the OpenAI key sealed with
 AES-256-GCM; SOAKP checks the token, swaps in the real key and streams the request to the upstream.
 
-Read top to bottom, in the order a request flows; search "# 4." to jump to a section.
- 1 Configuration  Config, load_config()              2 Tokens      derive_keys(), mint_token(), verify_token()
- 3 Registry       TokenRegistry (SQLite)             4 HTTP        RequestHead, parse_request_head(),
-                                                                   ChunkedDecoder, MultipartModelScanner
- 5 Forwarding     Watchdog, UpstreamPool, UsageMeter, forward(), tunnel_websocket()
- 6 TLS            server_ssl_context(), CertReloader, write_selfsigned()
- 7 Server         ServerState, handle_connection(), error_response(), serve(), the /admin console
- 8 CLI            main()
+Read top to bottom, in the order a request flows; search "# 5." to jump to a section.
+ 1 Configuration  Config, load_config()              2 Tokens   derive_keys(), mint_token(), verify_token(),
+                                                                delegate_grant(), Revocations, RateLimiter
+ 3 Registry       TokenRegistry (SQLite chains)      4 HTTP     RequestHead, parse_request_head()
+ 5 Bodies and answers (pure)  ChunkedDecoder, json_models(), MultipartModelScanner, plan_budget(),
+                              plan_answer(), UsageMeter, SseUsageStripper, Exchange
+ 6 Forwarding     Watchdog, UpstreamPool, forward(), send_upstream(), relay_stream(), tunnel_websocket()
+ 7 TLS            server_ssl_context(), CertReloader, write_selfsigned()
+ 8 Server         ServerState, handle_connection(), error_response(), serve(), the /admin/ console
+ 9 CLI            main()
 """
 
 from __future__ import annotations
@@ -527,7 +529,7 @@ def tls_key_option(args: argparse.Namespace,
 
 
 def check_mint_key_source(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
-    """`soakp mint` needs the OpenAI key from exactly one place (read by the CLI, section 8)."""
+    """`soakp mint` needs the OpenAI key from exactly one place (read by the CLI, section 9)."""
     if args.api_key is not None and args.key_file is not None:
         raise ConfigError("give --key or --key-file, not both")
     if args.api_key is None and args.key_file is None and not environ.get("OPENAI_API_KEY"):
@@ -1869,22 +1871,51 @@ def parse_chunk_size(line: bytes) -> int:
     return int(match[1], 16)
 
 
+def forwarded_headers(headers: Sequence[tuple[bytes, bytes]], also_drop: frozenset[bytes]) -> list[bytes]:
+    """Header lines to pass on: hop-by-hop ones, those the Connection header names and `also_drop` removed."""
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.update(t.strip().lower() for t in value.split(b","))
+    out = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in also_drop or lower in named or lower.startswith(b"proxy-"):
+            continue
+        out.append(name + b": " + value + b"\r\n")
+    return out
+
+
+# 5. Bodies and answers: bytes and heads in, decisions out. No sockets, no awaits.
+#
+# What a request body may hold for a limited token (JSON and multipart read with certainty, budgets),
+# the chunked coding both ways, the heads sent upstream and back, and the usage read from answers. The
+# forwarding section below only moves the bytes these decide about.
+
 MODEL_SCAN_LIMIT_BYTES = 32 * 1024**2  # what a models-limited token may have read ahead before forwarding
 MAX_MODEL_VALUE_BYTES = 1024
 MAX_PART_HEADER_BYTES = 8 * 1024
 MAX_PARAMETERS = 16  # parameters of one Content-Type or Content-Disposition; more is refused
 MAX_BOUNDARY_CHARS = 70  # RFC 2046 §5.1.1
+
+
 # RFC 2046 §5.1.1 bcharsnospace; a quoted boundary may also hold spaces, but may not end with one.
 BCHARS_NO_SPACE = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'()+_,-./:=?"
+
+
 # An unquoted parameter value is a token (RFC 2045 §5.1): of the bchars only these are token
 # characters.
 TOKEN_BCHARS = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'+_-."
+
+
 # qdtext (RFC 9110 §5.6.4) without the backslash: parsers unescape a quoted-pair differently (one
 # reads `filename="a\"; name="model"` as one parameter, another as two), so it is refused; and
 # without ";", since a parser that splits parameters on ";" first would read `x="; boundary=b"` as a
 # boundary.
 QDTEXT_BYTES = bytes([0x09, 0x20, 0x21, *range(0x23, 0x3B), *range(0x3C, 0x5C), *range(0x5D, 0x7F),
                       *range(0x80, 0x100)])
+
+
 # Paths whose JSON body carries a Realtime session: the models limit applies to `session.model` too.
 SESSION_MODEL_PATHS = frozenset({
     "/v1/realtime/client_secrets", "/v1/realtime/sessions", "/v1/realtime/transcription_sessions",
@@ -1899,6 +1930,8 @@ def media_type(content_type: bytes | None) -> bytes:
 JSON_CHUNK_CHARS = 16 * 1024  # what one C call of the JSON check reads at most (~2 ms)
 JSON_MAX_WALK_DEPTH = 100  # deeper containers are checked by one json scanner call
 JSON_WS_RE = re.compile(r"[ \t\n\r]*")  # json.decoder's WHITESPACE
+
+
 # A run of string characters that need no look (RFC 8259 §7: no quote, no backslash, no control).
 JSON_STRING_RUN_RE = re.compile(r'[^"\\\x00-\x1f]*')
 JSON_ESCAPE_RE = re.compile(r'\\(?:["\\/bfnrt]|u[0-9A-Fa-f]{4})')
@@ -2523,28 +2556,7 @@ class ChunkedDecoder:
             raise FramingError("Malformed header field in the trailer section.")
 
 
-def forwarded_headers(headers: Sequence[tuple[bytes, bytes]], also_drop: frozenset[bytes]) -> list[bytes]:
-    """Header lines to pass on: hop-by-hop ones, those the Connection header names and `also_drop` removed."""
-    named: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            named.update(t.strip().lower() for t in value.split(b","))
-    out = []
-    for name, value in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in also_drop or lower in named or lower.startswith(b"proxy-"):
-            continue
-        out.append(name + b": " + value + b"\r\n")
-    return out
-
-
-# 5. Forwarding: a checked request in, the upstream's answer streamed back. All upstream I/O lives here.
-
-READ_CHUNK_BYTES = 64 * 1024
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 SMALL_BODY_BYTES = 64 * 1024  # bodies up to this are read whole so a request can be retried on a stale connection
-POOL_MAX_IDLE = 128
-POOL_IDLE_LIMIT_S = 50.0  # below the 60 s idle timeout common to cloud load balancers
 REQUEST_DROP = frozenset({b"host", b"authorization", b"content-length", b"expect"})
 ORG_HEADERS = frozenset({b"openai-organization", b"openai-project"})
 CORS_RESPONSE_HEADERS = frozenset({
@@ -2552,6 +2564,481 @@ CORS_RESPONSE_HEADERS = frozenset({
     b"access-control-allow-methods", b"access-control-allow-headers", b"access-control-max-age",
 })
 RESPONSE_DROP = frozenset({b"content-length"}) | CORS_RESPONSE_HEADERS
+
+
+def build_upstream_head(head: RequestHead, upstream_path: str, claims: TokenClaims, target: UpstreamTarget,
+                        body_length: int | None = None, extra: bytes = b"",
+                        also_drop: frozenset[bytes] = frozenset()) -> bytes:
+    """The request head sent upstream: checked path and query, upstream Host, the real key, framing.
+
+    Everything else the client sent passes unchanged, except hop-by-hop headers, and the org/project
+    headers when the token sets them. `body_length` replaces the client's framing for a rewritten body;
+    `extra` header lines replace the headers named in `also_drop` (the WebSocket handshake).
+    """
+    drop = REQUEST_DROP | ORG_HEADERS if claims.org is not None or claims.project is not None else REQUEST_DROP
+    drop |= also_drop
+    parts = [
+        f"{head.method} {target.base_path}{upstream_path}{head.query} HTTP/1.1\r\n"
+        f"Host: {target.host_header}\r\nAuthorization: Bearer {claims.key}\r\n".encode("ascii")
+    ]
+    if claims.org is not None:
+        parts.append(b"OpenAI-Organization: " + claims.org.encode("ascii") + b"\r\n")
+        if claims.project is None:  # a token that names only an org still lets the client pick a project
+            drop = drop - {b"openai-project"}
+    if claims.project is not None:
+        parts.append(b"OpenAI-Project: " + claims.project.encode("ascii") + b"\r\n")
+        if claims.org is None:
+            drop = drop - {b"openai-organization"}
+    parts.extend(forwarded_headers(head.headers, drop))
+    parts.append(extra)
+    if body_length is not None:
+        parts.append(b"Content-Length: %d\r\n" % body_length)
+    elif head.body_kind == "length":
+        parts.append(b"Content-Length: %d\r\n" % head.content_length)
+    elif head.body_kind == "chunked":
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    elif head.zero_length_declared:
+        parts.append(b"Content-Length: 0\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def without_secret(headers: Sequence[tuple[bytes, bytes]], secret: bytes) -> Sequence[tuple[bytes, bytes]]:
+    """The headers less any that holds the real key: an upstream that echoes what it was sent must not
+    hand the key to the client."""
+    if not secret or not any(secret in value or secret in name for name, value in headers):
+        return headers
+    return [(name, value) for name, value in headers if secret not in value and secret not in name]
+
+
+def build_client_head(resp: ResponseHead, plan: AnswerPlan, cors: bytes = b"", secret: bytes = b"") -> bytes:
+    """The response head sent to the client: the upstream's status and headers less hop-by-hop ones and
+    any that holds `secret` (the real key), framed as `plan` says.
+
+    `cors` holds SOAKP's own CORS header lines, which replace any the upstream sent.
+    """
+    parts = [b"HTTP/1.1 %d " % resp.status + resp.reason + b"\r\n"]
+    # For a body-less answer (HEAD, 204, 304) the upstream's Content-Length describes the resource: keep it.
+    # CORS is SOAKP's policy (--cors-origins), never the upstream's: its own CORS headers are dropped.
+    drop = CORS_RESPONSE_HEADERS if resp.body_kind == "none" else RESPONSE_DROP
+    parts.extend(forwarded_headers(without_secret(resp.headers, secret), drop))
+    parts.append(cors)
+    if plan.framing == "length":
+        parts.append(b"Content-Length: %d\r\n" % resp.content_length)
+    elif plan.framing == "chunked":
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    if not plan.keep_alive:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+USAGE_WHOLE_BYTES = 1024 * 1024  # JSON answers up to this are parsed whole; larger ones from their tail
+USAGE_TAIL_BYTES = 64 * 1024
+USAGE_MAX_DECODED_BYTES = 16 * 1024 * 1024  # stop metering a compressed answer that inflates past this
+
+
+def usage_counts(usage: object) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from an OpenAI `usage` object: Chat, Completions, Embeddings or Responses."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (prompt, completion)):
+        return None
+    return prompt, completion
+
+
+def usage_in_document(document: object) -> tuple[int, int] | None:
+    """The usage of a response body or SSE event: top-level `usage`, or `response.usage` (Responses API)."""
+    if not isinstance(document, dict):
+        return None
+    found = usage_counts(document.get("usage"))
+    if found is None and isinstance(document.get("response"), dict):
+        found = usage_counts(document["response"].get("usage"))
+    return found
+
+
+USAGE_VALUE_RE = re.compile(rb'\s*:\s*(?=\{)')
+JSON_DECODER = json.JSONDecoder()
+
+
+def last_usage_object(data: bytes) -> tuple[int, int] | None:
+    """The counts of the last `"usage": {...}` in a JSON text (OpenAI puts it last), decoding that object
+    alone: cheaper than parsing the whole answer, and it works on the tail of a large one."""
+    end = len(data)
+    for _ in range(4):
+        start = data.rfind(b'"usage"', 0, end)
+        if start == -1:
+            return None
+        end = start
+        value_at = USAGE_VALUE_RE.match(data, start + 7)
+        if start and data[start - 1] == 0x5C or value_at is None:  # inside a string, or not an object
+            continue
+        try:
+            value, _ = JSON_DECODER.raw_decode(data[value_at.end():].decode("utf-8", "replace"))
+        except ValueError:
+            continue
+        found = usage_counts(value)
+        if found is not None:
+            return found
+    return None
+
+
+class UsageMeter:
+    """Reads OpenAI's own token counts from a response while it is relayed, without holding it back or
+    changing a byte: a JSON body's `usage`, or the last SSE event that carries one."""
+
+    def __init__(self, sse: bool, encoding: bytes) -> None:
+        self.sse = sse
+        self.inflater = zlib.decompressobj(wbits=47 if encoding == b"gzip" else 15) if encoding else None
+        self.decoded_bytes = 0
+        self.buffer = bytearray()
+        self.whole = True  # False once a JSON body, or the current SSE line, outgrew USAGE_WHOLE_BYTES
+        self.head = b""  # the first bytes of a huge SSE line
+        self.found: tuple[int, int] | None = None
+
+    @classmethod
+    def for_response(cls, resp: ResponseHead) -> UsageMeter | None:
+        """A meter for a JSON or SSE answer (identity, gzip or deflate), else None."""
+        kind = media_type(resp.header(b"content-type"))
+        encoding = (resp.header(b"content-encoding") or b"").strip().lower()
+        if encoding not in (b"", b"identity", b"gzip", b"deflate") or resp.status >= 300:
+            return None
+        if kind == b"text/event-stream":
+            return cls(True, encoding if encoding != b"identity" else b"")
+        if kind == b"application/json":
+            return cls(False, encoding if encoding != b"identity" else b"")
+        return None
+
+    def feed(self, piece: bytes) -> None:
+        if self.inflater is not None:
+            if self.decoded_bytes > USAGE_MAX_DECODED_BYTES:
+                return
+            try:
+                piece = self.inflater.decompress(piece, USAGE_MAX_DECODED_BYTES)
+            except zlib.error:
+                self.decoded_bytes = USAGE_MAX_DECODED_BYTES + 1
+                return
+            self.decoded_bytes += len(piece)
+        if self.sse:
+            self.feed_sse(piece)
+            return
+        self.buffer += piece
+        if len(self.buffer) > USAGE_WHOLE_BYTES:
+            self.whole = False
+            del self.buffer[:-USAGE_TAIL_BYTES]
+
+    def feed_sse(self, piece: bytes) -> None:
+        self.buffer += piece
+        end = self.buffer.rfind(b"\n")
+        if end == -1:
+            if len(self.buffer) > USAGE_WHOLE_BYTES:
+                # A huge event (Responses' response.completed repeats the whole output): its usage comes
+                # last, so keep only the line's start and its tail.
+                if not self.whole:
+                    del self.buffer[:-USAGE_TAIL_BYTES]
+                else:
+                    self.head, self.whole = bytes(self.buffer[:8]), False
+                    del self.buffer[:-USAGE_TAIL_BYTES]
+            return
+        lines, self.buffer = bytes(self.buffer[:end]), self.buffer[end + 1:]
+        if not self.whole:  # the end of a huge line: read its usage from the tail
+            first, _, lines = lines.partition(b"\n")
+            if self.head.startswith(b"data:"):
+                self.found = last_usage_object(first) or self.found
+            self.whole = True
+        if b'"usage"' not in lines:  # nearly every event: skip without parsing
+            return
+        for line in lines.split(b"\n"):
+            if line.startswith(b"data:") and b'"usage"' in line:
+                try:
+                    found = usage_in_document(json.loads(line[5:]))
+                except ValueError:
+                    continue
+                if found is not None:
+                    self.found = found
+
+    def usage(self) -> tuple[int, int] | None:
+        """(prompt, completion) tokens once the body has been fed, or None when the answer had none."""
+        if self.sse:
+            return self.found
+        return last_usage_object(bytes(self.buffer))
+
+
+@dataclass(slots=True)
+class RequestBody:
+    """A request body as it is forwarded: what was read ahead (to check it, or to replay it on a fresh
+    connection) and what still streams from the client."""
+
+    read_ahead: bytes = b""
+    rest: AsyncIterator[bytes] | None = None  # None: read_ahead is the whole body
+    inspect: Callable[[bytes], None] | None = None  # sees each streamed piece; raises ApiError to stop
+    rewritten: bool = False  # read_ahead is the whole body, changed by SOAKP (budget metering)
+
+
+def check_model(allowed: Sequence[str], model: str | None) -> None:
+    """Raises ApiError(403) when a models-limited token asks for another model."""
+    if model is not None and model not in allowed:
+        raise ApiError(403, f"This token may not use the model {safe_label(model)!r}.", "model_not_allowed",
+                       param="model")
+
+
+# For a budgeted token (SPEC.md, Limits): the output caps each endpoint knows, and the one SOAKP adds
+# when the request has none. Reasoning models refuse `max_tokens`, so chat gets `max_completion_tokens`;
+# legacy completions get the API's own default of 16, which changes nothing but makes it explicit.
+CAPPED_ENDPOINTS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "/v1/chat/completions": (("max_tokens", "max_completion_tokens"), "max_completion_tokens"),
+    "/v1/responses": (("max_output_tokens",), "max_output_tokens"),
+    "/v1/completions": (("max_tokens",), None),
+}
+LEGACY_COMPLETIONS_DEFAULT_CAP = 16
+
+
+# Endpoints whose answers report usage; a budgeted answer without it is charged the estimate.
+ESTIMATED_ENDPOINTS = frozenset({*CAPPED_ENDPOINTS, "/v1/embeddings"})
+STREAM_USAGE_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions"})
+BUDGET_FIELDS = frozenset({"max_tokens", "max_completion_tokens", "max_output_tokens", "n", "best_of", "stream",
+                           "stream_options", "background"})
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetPlan:
+    changes: dict[str, Any]  # top-level fields to set in the request body (none: send it unchanged)
+    reserved: int  # output tokens the answer may use at most (its cap times its choices)
+    strip_usage_event: bool  # SOAKP asked for stream usage: take that event out of the answer
+
+
+def whole_number(fields: Mapping[str, Any], name: str, default: int) -> int:
+    value = fields.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise bad_request(f"'{name}' must be a whole number of at least 1.", param=name)
+    return value
+
+
+def plan_budget(fields: Mapping[str, Any], upstream_path: str, left: int) -> BudgetPlan:
+    """Lower (or add) a budgeted request's output cap to what the budget has left, shared among its choices.
+
+    `fields` are the request's top-level BUDGET_FIELDS. Pure. Raises ApiError: 400 for a cap that is not a
+    number, 403 for a background response (its usage is never reported in the answer), 429 when nothing
+    is left.
+    """
+    if upstream_path == "/v1/responses" and fields.get("background") not in (None, False):
+        raise ApiError(403, "A token with a budget (max_tokens_total) may not start background responses: their "
+                            "token usage is not reported in the answer.", "budget_unmetered_endpoint",
+                       param="background")
+    if upstream_path not in CAPPED_ENDPOINTS:
+        return BudgetPlan({}, 0, False)  # embeddings: no output to cap, charged by their usage
+    names, added = CAPPED_ENDPOINTS[upstream_path]
+    choices = 1
+    if upstream_path != "/v1/responses":
+        choices = max(whole_number(fields, "n", 1), whole_number(fields, "best_of", 1))
+    per_choice = left // choices
+    if per_choice < 1:
+        raise budget_spent()
+    changes: dict[str, Any] = {}
+    caps = [whole_number(fields, name, 1) for name in names if fields.get(name) is not None]
+    if caps:
+        for name in names:
+            if fields.get(name) is not None and fields[name] > per_choice:
+                changes[name] = per_choice
+        cap = min(min(caps), per_choice)
+    elif added is not None:
+        changes[added] = cap = per_choice
+    else:
+        changes["max_tokens"] = cap = min(LEGACY_COMPLETIONS_DEFAULT_CAP, per_choice)
+    strip = False
+    if upstream_path in STREAM_USAGE_ENDPOINTS and fields.get("stream") is True:
+        options = fields.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise bad_request("'stream_options' must be an object.", param="stream_options")
+        if not (options or {}).get("include_usage") is True:
+            changes["stream_options"] = {**(options or {}), "include_usage": True}
+            strip = True
+    return BudgetPlan(changes, cap * choices, strip)
+
+
+USAGE_OBJECT_RE = re.compile(rb'"usage"\s*:\s*\{')
+USAGE_NULL_RE = re.compile(rb',\s*"usage"\s*:\s*null')  # what include_usage adds to every other chunk
+
+
+# An SSE event ends with a blank line; a line ends with CRLF, LF or CR (the SSE standard).
+SSE_EVENT_END_RE = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+class SseUsageStripper:
+    """Takes back out of a chat stream what SOAKP's own `include_usage` added: the final usage-only event
+    and the `"usage":null` of every other chunk, so the client receives the stream it asked for."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+
+    def feed(self, piece: bytes) -> bytes:
+        """Returns the complete events of the stream so far, cleaned; holds back a partial event."""
+        self.buffer += piece
+        ends = list(SSE_EVENT_END_RE.finditer(self.buffer))
+        if not ends:
+            if len(self.buffer) > USAGE_WHOLE_BYTES:  # no event boundary in sight: pass it on unchanged
+                out, self.buffer = self.buffer, b""
+                return out
+            return b""
+        end = ends[-1].end()
+        events, self.buffer = self.buffer[:end], self.buffer[end:]
+        return self.clean(events)
+
+    def flush(self) -> bytes:
+        out, self.buffer = self.buffer, b""
+        return self.clean(out)
+
+    @staticmethod
+    def clean(events: bytes) -> bytes:
+        if b'"usage"' not in events:
+            return events
+        kept = []
+        start = 0
+        for end in [m.end() for m in SSE_EVENT_END_RE.finditer(events)] + [len(events)]:
+            event, start = events[start:end], end
+            if event.startswith(b"data:") and USAGE_OBJECT_RE.search(event):
+                try:
+                    document = json.loads(event[5:])
+                except ValueError:
+                    document = None
+                if isinstance(document, dict) and document.get("choices") == [] and \
+                        isinstance(document.get("usage"), dict):
+                    continue
+            kept.append(USAGE_NULL_RE.sub(b"", event))
+        return b"".join(kept)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk of the chunked transfer coding (nothing for no data: an empty chunk would end the body)."""
+    return b"%x\r\n" % len(data) + data + b"\r\n" if data else b""
+
+
+def frame_body(data: bytes, chunked: bool, final: bool) -> bytes:
+    """Body bytes as they go upstream: raw for Content-Length, re-chunked for chunked."""
+    if not chunked:
+        return data
+    return encode_chunk(data) + (LAST_CHUNK if final else b"")
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerPlan:
+    """How an upstream answer goes to the client."""
+
+    framing: Literal["length", "chunked", "close", "none"]  # the client's framing
+    keep_alive: bool  # whether the client connection may carry another request
+    strip_usage_event: bool  # take out the usage event SOAKP asked for (the body's length changes)
+    whole: bool  # small enough to read whole and send in one write
+
+
+def plan_answer(resp: ResponseHead, http_minor: int, keep_alive: bool, strip_usage_event: bool) -> AnswerPlan:
+    """Decide the client's framing for an upstream answer. Pure.
+
+    The upstream's own framing is kept where it can be; an answer whose length is unknown (chunked, or
+    ended by close) goes to an HTTP/1.1 client chunked and to an HTTP/1.0 client ended by close, and so
+    does one whose usage event SOAKP takes out (its length changes).
+    """
+    strip = (strip_usage_event and resp.status == 200
+             and (resp.header(b"content-encoding") or b"identity").strip().lower() == b"identity")
+    if resp.body_kind == "none":
+        return AnswerPlan("none", keep_alive, False, True)
+    if resp.body_kind == "length" and not strip:
+        return AnswerPlan("length", keep_alive, False, resp.content_length <= SMALL_BODY_BYTES)
+    if http_minor == 1:
+        return AnswerPlan("chunked", keep_alive, strip, False)
+    return AnswerPlan("close", False, strip, False)  # an HTTP/1.0 client learns where it ends by the close
+
+
+def upstream_request(head: RequestHead, upstream_path: str, claims: TokenClaims, target: UpstreamTarget,
+                     body: RequestBody, strip_usage_event: bool) -> bytes:
+    """The bytes of the first upstream write: the head and what was read ahead of the body."""
+    if body.rewritten:  # the whole body, changed: sent with its own Content-Length
+        # Uncompressed when the usage event SOAKP asked for must be taken out of the stream again.
+        drop = frozenset({b"accept-encoding"}) if strip_usage_event else frozenset()
+        return build_upstream_head(head, upstream_path, claims, target, len(body.read_ahead),
+                                   also_drop=drop) + body.read_ahead
+    return build_upstream_head(head, upstream_path, claims, target) + frame_body(
+        body.read_ahead, head.body_kind == "chunked", final=body.rest is None)
+
+
+WEBSOCKET_PATH = "/v1/realtime"
+WEBSOCKET_KEY_PROTOCOL = "openai-insecure-api-key."  # how browsers, which cannot set headers, pass a key
+WEBSOCKET_MAX_S = 3600.0  # OpenAI ends Realtime sessions within the hour
+WEBSOCKET_DROP = frozenset({b"sec-websocket-protocol"})
+
+
+def offered_subprotocols(head: RequestHead) -> list[str]:
+    """The Sec-WebSocket-Protocol values a client offered, in order."""
+    return [p.strip() for name, value in head.headers if name.lower() == b"sec-websocket-protocol"
+            for p in value.decode("latin-1").split(",") if p.strip()]
+
+
+def websocket_model(claims: TokenClaims, upstream_path: str, query: str) -> str | None:
+    """The `model` of a WebSocket session (the Realtime API names it in the query), checked against a
+    models-limited token. Such a token must name exactly one allowed model up front: a tunnel cannot see
+    what a session asks for later (a Responses WebSocket, or a call joined by call_id).
+
+    Raises ApiError 400 (`model` named twice in any case: `?model=ok&MODEL=bad`) or 403.
+    """
+    pairs = urllib.parse.parse_qsl(query[1:], keep_blank_values=True)
+    models = [value for name, value in pairs if name == "model"]
+    if len(models) > 1 or (len(models) != sum(name.casefold() == "model" for name, _ in pairs) and
+                           claims.permissions.models is not None):
+        raise bad_request("Name the model once, as `model` in lower case.", param="model")
+    model = models[0] if models else None
+    allowed = claims.permissions.models
+    if allowed is not None:
+        if upstream_path != WEBSOCKET_PATH or not model:
+            raise ApiError(403, "This token is limited to certain models: open a Realtime session with "
+                                "/v1/realtime?model=<an allowed model>.", "model_not_allowed", param="model")
+        check_model(allowed, model)
+    return model
+
+
+def is_websocket_upgrade(head: RequestHead) -> bool:
+    upgrade = head.header(b"upgrade")
+    return head.method == "GET" and upgrade is not None and upgrade.strip().lower() == b"websocket"
+
+
+def build_switching_head(resp: ResponseHead, offered: Sequence[str], cors: bytes, secret: bytes = b"") -> bytes:
+    """The 101 sent to the client. Its subprotocol is one the client offered that carries no credential:
+    the upstream's choice when it is such, else the first such offer."""
+    safe = [p for p in offered if not p.startswith(WEBSOCKET_KEY_PROTOCOL)]
+    chosen = None
+    for name, value in resp.headers:
+        if name.lower() == b"sec-websocket-protocol" and value.decode("latin-1").strip() in safe:
+            chosen = value.decode("latin-1").strip()
+    if chosen is None and safe:
+        chosen = safe[0]
+    parts = [b"HTTP/1.1 101 " + (resp.reason or b"Switching Protocols") + b"\r\n"]
+    parts.extend(forwarded_headers(without_secret(resp.headers, secret), WEBSOCKET_DROP | CORS_RESPONSE_HEADERS))
+    parts.append(b"Upgrade: websocket\r\nConnection: Upgrade\r\n")
+    if chosen is not None:
+        parts.append(b"Sec-WebSocket-Protocol: " + chosen.encode("latin-1") + b"\r\n")
+    parts.append(cors + b"\r\n")
+    return b"".join(parts)
+
+
+def upstream_handshake(head: RequestHead, upstream_path: str, claims: TokenClaims,
+                       target: UpstreamTarget) -> bytes:
+    """The upstream WebSocket handshake: the client's, with the real key where the client put its token.
+
+    The real key goes into the upstream's subprotocol only when the client authenticated that way; a
+    client that sent Authorization gets Authorization upstream, and its key-shaped offers are dropped.
+    """
+    by_header = head.header(b"authorization") is not None
+    protocols = [WEBSOCKET_KEY_PROTOCOL + claims.key if p.startswith(WEBSOCKET_KEY_PROTOCOL) else p
+                 for p in offered_subprotocols(head) if not (by_header and p.startswith(WEBSOCKET_KEY_PROTOCOL))]
+    extra = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+    if protocols:
+        extra += b"Sec-WebSocket-Protocol: " + ", ".join(protocols).encode("latin-1") + b"\r\n"
+    return build_upstream_head(head, upstream_path, claims, target, extra=extra, also_drop=WEBSOCKET_DROP)
 
 
 @dataclass(slots=True, eq=False)
@@ -2589,6 +3076,14 @@ class Exchange:
         if not self.response_started:
             self.response_started = True
             self.first_byte_s = time.monotonic() - self.started
+
+
+# 6. Forwarding: a checked request in, the upstream's answer streamed back. All upstream I/O lives here.
+
+READ_CHUNK_BYTES = 64 * 1024
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+POOL_MAX_IDLE = 128
+POOL_IDLE_LIMIT_S = 50.0  # below the 60 s idle timeout common to cloud load balancers
 
 
 class UpstreamError(Exception):
@@ -2810,73 +3305,6 @@ class UpstreamPool:
             self.idle.pop().close()
 
 
-def build_upstream_head(head: RequestHead, upstream_path: str, claims: TokenClaims, target: UpstreamTarget,
-                        body_length: int | None = None, extra: bytes = b"",
-                        also_drop: frozenset[bytes] = frozenset()) -> bytes:
-    """The request head sent upstream: checked path and query, upstream Host, the real key, framing.
-
-    Everything else the client sent passes unchanged, except hop-by-hop headers, and the org/project
-    headers when the token sets them. `body_length` replaces the client's framing for a rewritten body;
-    `extra` header lines replace the headers named in `also_drop` (the WebSocket handshake).
-    """
-    drop = REQUEST_DROP | ORG_HEADERS if claims.org is not None or claims.project is not None else REQUEST_DROP
-    drop |= also_drop
-    parts = [
-        f"{head.method} {target.base_path}{upstream_path}{head.query} HTTP/1.1\r\n"
-        f"Host: {target.host_header}\r\nAuthorization: Bearer {claims.key}\r\n".encode("ascii")
-    ]
-    if claims.org is not None:
-        parts.append(b"OpenAI-Organization: " + claims.org.encode("ascii") + b"\r\n")
-        if claims.project is None:  # a token that names only an org still lets the client pick a project
-            drop = drop - {b"openai-project"}
-    if claims.project is not None:
-        parts.append(b"OpenAI-Project: " + claims.project.encode("ascii") + b"\r\n")
-        if claims.org is None:
-            drop = drop - {b"openai-organization"}
-    parts.extend(forwarded_headers(head.headers, drop))
-    parts.append(extra)
-    if body_length is not None:
-        parts.append(b"Content-Length: %d\r\n" % body_length)
-    elif head.body_kind == "length":
-        parts.append(b"Content-Length: %d\r\n" % head.content_length)
-    elif head.body_kind == "chunked":
-        parts.append(b"Transfer-Encoding: chunked\r\n")
-    elif head.zero_length_declared:
-        parts.append(b"Content-Length: 0\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
-
-
-def without_secret(headers: Sequence[tuple[bytes, bytes]], secret: bytes) -> Sequence[tuple[bytes, bytes]]:
-    """The headers less any that holds the real key: an upstream that echoes what it was sent must not
-    hand the key to the client."""
-    if not secret or not any(secret in value or secret in name for name, value in headers):
-        return headers
-    return [(name, value) for name, value in headers if secret not in value and secret not in name]
-
-
-def build_client_head(resp: ResponseHead, plan: AnswerPlan, cors: bytes = b"", secret: bytes = b"") -> bytes:
-    """The response head sent to the client: the upstream's status and headers less hop-by-hop ones and
-    any that holds `secret` (the real key), framed as `plan` says.
-
-    `cors` holds SOAKP's own CORS header lines, which replace any the upstream sent.
-    """
-    parts = [b"HTTP/1.1 %d " % resp.status + resp.reason + b"\r\n"]
-    # For a body-less answer (HEAD, 204, 304) the upstream's Content-Length describes the resource: keep it.
-    # CORS is SOAKP's policy (--cors-origins), never the upstream's: its own CORS headers are dropped.
-    drop = CORS_RESPONSE_HEADERS if resp.body_kind == "none" else RESPONSE_DROP
-    parts.extend(forwarded_headers(without_secret(resp.headers, secret), drop))
-    parts.append(cors)
-    if plan.framing == "length":
-        parts.append(b"Content-Length: %d\r\n" % resp.content_length)
-    elif plan.framing == "chunked":
-        parts.append(b"Transfer-Encoding: chunked\r\n")
-    if not plan.keep_alive:
-        parts.append(b"Connection: close\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
-
-
 async def read_request_body(
     reader: asyncio.StreamReader, head: RequestHead, max_body_bytes: int, watchdog: Watchdog
 ) -> AsyncIterator[bytes]:
@@ -3019,157 +3447,6 @@ async def write_client(writer: asyncio.StreamWriter, data: bytes, watchdog: Watc
     finally:
         if watchdog is not None:
             watchdog.disarm_client()
-
-
-USAGE_WHOLE_BYTES = 1024 * 1024  # JSON answers up to this are parsed whole; larger ones from their tail
-USAGE_TAIL_BYTES = 64 * 1024
-USAGE_MAX_DECODED_BYTES = 16 * 1024 * 1024  # stop metering a compressed answer that inflates past this
-
-
-def usage_counts(usage: object) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from an OpenAI `usage` object: Chat, Completions, Embeddings or Responses."""
-    if not isinstance(usage, dict):
-        return None
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
-    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (prompt, completion)):
-        return None
-    return prompt, completion
-
-
-def usage_in_document(document: object) -> tuple[int, int] | None:
-    """The usage of a response body or SSE event: top-level `usage`, or `response.usage` (Responses API)."""
-    if not isinstance(document, dict):
-        return None
-    found = usage_counts(document.get("usage"))
-    if found is None and isinstance(document.get("response"), dict):
-        found = usage_counts(document["response"].get("usage"))
-    return found
-
-
-USAGE_VALUE_RE = re.compile(rb'\s*:\s*(?=\{)')
-JSON_DECODER = json.JSONDecoder()
-
-
-def last_usage_object(data: bytes) -> tuple[int, int] | None:
-    """The counts of the last `"usage": {...}` in a JSON text (OpenAI puts it last), decoding that object
-    alone: cheaper than parsing the whole answer, and it works on the tail of a large one."""
-    end = len(data)
-    for _ in range(4):
-        start = data.rfind(b'"usage"', 0, end)
-        if start == -1:
-            return None
-        end = start
-        value_at = USAGE_VALUE_RE.match(data, start + 7)
-        if start and data[start - 1] == 0x5C or value_at is None:  # inside a string, or not an object
-            continue
-        try:
-            value, _ = JSON_DECODER.raw_decode(data[value_at.end():].decode("utf-8", "replace"))
-        except ValueError:
-            continue
-        found = usage_counts(value)
-        if found is not None:
-            return found
-    return None
-
-
-class UsageMeter:
-    """Reads OpenAI's own token counts from a response while it is relayed, without holding it back or
-    changing a byte: a JSON body's `usage`, or the last SSE event that carries one."""
-
-    def __init__(self, sse: bool, encoding: bytes) -> None:
-        self.sse = sse
-        self.inflater = zlib.decompressobj(wbits=47 if encoding == b"gzip" else 15) if encoding else None
-        self.decoded_bytes = 0
-        self.buffer = bytearray()
-        self.whole = True  # False once a JSON body, or the current SSE line, outgrew USAGE_WHOLE_BYTES
-        self.head = b""  # the first bytes of a huge SSE line
-        self.found: tuple[int, int] | None = None
-
-    @classmethod
-    def for_response(cls, resp: ResponseHead) -> UsageMeter | None:
-        """A meter for a JSON or SSE answer (identity, gzip or deflate), else None."""
-        kind = media_type(resp.header(b"content-type"))
-        encoding = (resp.header(b"content-encoding") or b"").strip().lower()
-        if encoding not in (b"", b"identity", b"gzip", b"deflate") or resp.status >= 300:
-            return None
-        if kind == b"text/event-stream":
-            return cls(True, encoding if encoding != b"identity" else b"")
-        if kind == b"application/json":
-            return cls(False, encoding if encoding != b"identity" else b"")
-        return None
-
-    def feed(self, piece: bytes) -> None:
-        if self.inflater is not None:
-            if self.decoded_bytes > USAGE_MAX_DECODED_BYTES:
-                return
-            try:
-                piece = self.inflater.decompress(piece, USAGE_MAX_DECODED_BYTES)
-            except zlib.error:
-                self.decoded_bytes = USAGE_MAX_DECODED_BYTES + 1
-                return
-            self.decoded_bytes += len(piece)
-        if self.sse:
-            self.feed_sse(piece)
-            return
-        self.buffer += piece
-        if len(self.buffer) > USAGE_WHOLE_BYTES:
-            self.whole = False
-            del self.buffer[:-USAGE_TAIL_BYTES]
-
-    def feed_sse(self, piece: bytes) -> None:
-        self.buffer += piece
-        end = self.buffer.rfind(b"\n")
-        if end == -1:
-            if len(self.buffer) > USAGE_WHOLE_BYTES:
-                # A huge event (Responses' response.completed repeats the whole output): its usage comes
-                # last, so keep only the line's start and its tail.
-                if not self.whole:
-                    del self.buffer[:-USAGE_TAIL_BYTES]
-                else:
-                    self.head, self.whole = bytes(self.buffer[:8]), False
-                    del self.buffer[:-USAGE_TAIL_BYTES]
-            return
-        lines, self.buffer = bytes(self.buffer[:end]), self.buffer[end + 1:]
-        if not self.whole:  # the end of a huge line: read its usage from the tail
-            first, _, lines = lines.partition(b"\n")
-            if self.head.startswith(b"data:"):
-                self.found = last_usage_object(first) or self.found
-            self.whole = True
-        if b'"usage"' not in lines:  # nearly every event: skip without parsing
-            return
-        for line in lines.split(b"\n"):
-            if line.startswith(b"data:") and b'"usage"' in line:
-                try:
-                    found = usage_in_document(json.loads(line[5:]))
-                except ValueError:
-                    continue
-                if found is not None:
-                    self.found = found
-
-    def usage(self) -> tuple[int, int] | None:
-        """(prompt, completion) tokens once the body has been fed, or None when the answer had none."""
-        if self.sse:
-            return self.found
-        return last_usage_object(bytes(self.buffer))
-
-
-@dataclass(slots=True)
-class RequestBody:
-    """A request body as it is forwarded: what was read ahead (to check it, or to replay it on a fresh
-    connection) and what still streams from the client."""
-
-    read_ahead: bytes = b""
-    rest: AsyncIterator[bytes] | None = None  # None: read_ahead is the whole body
-    inspect: Callable[[bytes], None] | None = None  # sees each streamed piece; raises ApiError to stop
-    rewritten: bool = False  # read_ahead is the whole body, changed by SOAKP (budget metering)
-
-
-def check_model(allowed: Sequence[str], model: str | None) -> None:
-    """Raises ApiError(403) when a models-limited token asks for another model."""
-    if model is not None and model not in allowed:
-        raise ApiError(403, f"This token may not use the model {safe_label(model)!r}.", "model_not_allowed",
-                       param="model")
 
 
 async def read_whole(pieces: AsyncIterator[bytes], limit_bytes: int, what: str) -> bytes:
@@ -3316,175 +3593,6 @@ async def read_multipart_ahead(exchange: Exchange, pieces: AsyncIterator[bytes],
     return RequestBody(b"".join(ahead[:-1]), rest(ahead[-1]))
 
 
-# For a budgeted token (SPEC.md, Limits): the output caps each endpoint knows, and the one SOAKP adds
-# when the request has none. Reasoning models refuse `max_tokens`, so chat gets `max_completion_tokens`;
-# legacy completions get the API's own default of 16, which changes nothing but makes it explicit.
-CAPPED_ENDPOINTS: dict[str, tuple[tuple[str, ...], str | None]] = {
-    "/v1/chat/completions": (("max_tokens", "max_completion_tokens"), "max_completion_tokens"),
-    "/v1/responses": (("max_output_tokens",), "max_output_tokens"),
-    "/v1/completions": (("max_tokens",), None),
-}
-LEGACY_COMPLETIONS_DEFAULT_CAP = 16
-# Endpoints whose answers report usage; a budgeted answer without it is charged the estimate.
-ESTIMATED_ENDPOINTS = frozenset({*CAPPED_ENDPOINTS, "/v1/embeddings"})
-STREAM_USAGE_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions"})
-
-
-BUDGET_FIELDS = frozenset({"max_tokens", "max_completion_tokens", "max_output_tokens", "n", "best_of", "stream",
-                           "stream_options", "background"})
-
-
-@dataclass(frozen=True, slots=True)
-class BudgetPlan:
-    changes: dict[str, Any]  # top-level fields to set in the request body (none: send it unchanged)
-    reserved: int  # output tokens the answer may use at most (its cap times its choices)
-    strip_usage_event: bool  # SOAKP asked for stream usage: take that event out of the answer
-
-
-def whole_number(fields: Mapping[str, Any], name: str, default: int) -> int:
-    value = fields.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise bad_request(f"'{name}' must be a whole number of at least 1.", param=name)
-    return value
-
-
-def plan_budget(fields: Mapping[str, Any], upstream_path: str, left: int) -> BudgetPlan:
-    """Lower (or add) a budgeted request's output cap to what the budget has left, shared among its choices.
-
-    `fields` are the request's top-level BUDGET_FIELDS. Pure. Raises ApiError: 400 for a cap that is not a
-    number, 403 for a background response (its usage is never reported in the answer), 429 when nothing
-    is left.
-    """
-    if upstream_path == "/v1/responses" and fields.get("background") not in (None, False):
-        raise ApiError(403, "A token with a budget (max_tokens_total) may not start background responses: their "
-                            "token usage is not reported in the answer.", "budget_unmetered_endpoint",
-                       param="background")
-    if upstream_path not in CAPPED_ENDPOINTS:
-        return BudgetPlan({}, 0, False)  # embeddings: no output to cap, charged by their usage
-    names, added = CAPPED_ENDPOINTS[upstream_path]
-    choices = 1
-    if upstream_path != "/v1/responses":
-        choices = max(whole_number(fields, "n", 1), whole_number(fields, "best_of", 1))
-    per_choice = left // choices
-    if per_choice < 1:
-        raise budget_spent()
-    changes: dict[str, Any] = {}
-    caps = [whole_number(fields, name, 1) for name in names if fields.get(name) is not None]
-    if caps:
-        for name in names:
-            if fields.get(name) is not None and fields[name] > per_choice:
-                changes[name] = per_choice
-        cap = min(min(caps), per_choice)
-    elif added is not None:
-        changes[added] = cap = per_choice
-    else:
-        changes["max_tokens"] = cap = min(LEGACY_COMPLETIONS_DEFAULT_CAP, per_choice)
-    strip = False
-    if upstream_path in STREAM_USAGE_ENDPOINTS and fields.get("stream") is True:
-        options = fields.get("stream_options")
-        if options is not None and not isinstance(options, dict):
-            raise bad_request("'stream_options' must be an object.", param="stream_options")
-        if not (options or {}).get("include_usage") is True:
-            changes["stream_options"] = {**(options or {}), "include_usage": True}
-            strip = True
-    return BudgetPlan(changes, cap * choices, strip)
-
-
-USAGE_OBJECT_RE = re.compile(rb'"usage"\s*:\s*\{')
-USAGE_NULL_RE = re.compile(rb',\s*"usage"\s*:\s*null')  # what include_usage adds to every other chunk
-# An SSE event ends with a blank line; a line ends with CRLF, LF or CR (the SSE standard).
-SSE_EVENT_END_RE = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-
-
-class SseUsageStripper:
-    """Takes back out of a chat stream what SOAKP's own `include_usage` added: the final usage-only event
-    and the `"usage":null` of every other chunk, so the client receives the stream it asked for."""
-
-    def __init__(self) -> None:
-        self.buffer = b""
-
-    def feed(self, piece: bytes) -> bytes:
-        """Returns the complete events of the stream so far, cleaned; holds back a partial event."""
-        self.buffer += piece
-        ends = list(SSE_EVENT_END_RE.finditer(self.buffer))
-        if not ends:
-            if len(self.buffer) > USAGE_WHOLE_BYTES:  # no event boundary in sight: pass it on unchanged
-                out, self.buffer = self.buffer, b""
-                return out
-            return b""
-        end = ends[-1].end()
-        events, self.buffer = self.buffer[:end], self.buffer[end:]
-        return self.clean(events)
-
-    def flush(self) -> bytes:
-        out, self.buffer = self.buffer, b""
-        return self.clean(out)
-
-    @staticmethod
-    def clean(events: bytes) -> bytes:
-        if b'"usage"' not in events:
-            return events
-        kept = []
-        start = 0
-        for end in [m.end() for m in SSE_EVENT_END_RE.finditer(events)] + [len(events)]:
-            event, start = events[start:end], end
-            if event.startswith(b"data:") and USAGE_OBJECT_RE.search(event):
-                try:
-                    document = json.loads(event[5:])
-                except ValueError:
-                    document = None
-                if isinstance(document, dict) and document.get("choices") == [] and \
-                        isinstance(document.get("usage"), dict):
-                    continue
-            kept.append(USAGE_NULL_RE.sub(b"", event))
-        return b"".join(kept)
-
-
-LAST_CHUNK = b"0\r\n\r\n"
-
-
-def encode_chunk(data: bytes) -> bytes:
-    """One chunk of the chunked transfer coding (nothing for no data: an empty chunk would end the body)."""
-    return b"%x\r\n" % len(data) + data + b"\r\n" if data else b""
-
-
-def frame_body(data: bytes, chunked: bool, final: bool) -> bytes:
-    """Body bytes as they go upstream: raw for Content-Length, re-chunked for chunked."""
-    if not chunked:
-        return data
-    return encode_chunk(data) + (LAST_CHUNK if final else b"")
-
-
-@dataclass(frozen=True, slots=True)
-class AnswerPlan:
-    """How an upstream answer goes to the client."""
-
-    framing: Literal["length", "chunked", "close", "none"]  # the client's framing
-    keep_alive: bool  # whether the client connection may carry another request
-    strip_usage_event: bool  # take out the usage event SOAKP asked for (the body's length changes)
-    whole: bool  # small enough to read whole and send in one write
-
-
-def plan_answer(resp: ResponseHead, http_minor: int, keep_alive: bool, strip_usage_event: bool) -> AnswerPlan:
-    """Decide the client's framing for an upstream answer. Pure.
-
-    The upstream's own framing is kept where it can be; an answer whose length is unknown (chunked, or
-    ended by close) goes to an HTTP/1.1 client chunked and to an HTTP/1.0 client ended by close, and so
-    does one whose usage event SOAKP takes out (its length changes).
-    """
-    strip = (strip_usage_event and resp.status == 200
-             and (resp.header(b"content-encoding") or b"identity").strip().lower() == b"identity")
-    if resp.body_kind == "none":
-        return AnswerPlan("none", keep_alive, False, True)
-    if resp.body_kind == "length" and not strip:
-        return AnswerPlan("length", keep_alive, False, resp.content_length <= SMALL_BODY_BYTES)
-    if http_minor == 1:
-        return AnswerPlan("chunked", keep_alive, strip, False)
-    return AnswerPlan("close", False, strip, False)  # an HTTP/1.0 client learns where it ends by the close
-
-
 async def forward(
     state: ServerState, exchange: Exchange, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     head: RequestHead, upstream_path: str, claims: TokenClaims, cors: bytes,
@@ -3528,18 +3636,6 @@ async def forward(
     else:
         conn.close()
     return plan.keep_alive
-
-
-def upstream_request(head: RequestHead, upstream_path: str, claims: TokenClaims, target: UpstreamTarget,
-                     body: RequestBody, strip_usage_event: bool) -> bytes:
-    """The bytes of the first upstream write: the head and what was read ahead of the body."""
-    if body.rewritten:  # the whole body, changed: sent with its own Content-Length
-        # Uncompressed when the usage event SOAKP asked for must be taken out of the stream again.
-        drop = frozenset({b"accept-encoding"}) if strip_usage_event else frozenset()
-        return build_upstream_head(head, upstream_path, claims, target, len(body.read_ahead),
-                                   also_drop=drop) + body.read_ahead
-    return build_upstream_head(head, upstream_path, claims, target) + frame_body(
-        body.read_ahead, head.body_kind == "chunked", final=body.rest is None)
 
 
 async def send_upstream(state: ServerState, exchange: Exchange, head: RequestHead, first_write: bytes,
@@ -3725,64 +3821,6 @@ async def drain_upstream(conn: UpstreamConnection, watchdog: Watchdog) -> None:
         watchdog.disarm_upstream()
 
 
-WEBSOCKET_PATH = "/v1/realtime"
-WEBSOCKET_KEY_PROTOCOL = "openai-insecure-api-key."  # how browsers, which cannot set headers, pass a key
-WEBSOCKET_MAX_S = 3600.0  # OpenAI ends Realtime sessions within the hour
-WEBSOCKET_DROP = frozenset({b"sec-websocket-protocol"})
-
-
-def offered_subprotocols(head: RequestHead) -> list[str]:
-    """The Sec-WebSocket-Protocol values a client offered, in order."""
-    return [p.strip() for name, value in head.headers if name.lower() == b"sec-websocket-protocol"
-            for p in value.decode("latin-1").split(",") if p.strip()]
-
-
-def websocket_model(claims: TokenClaims, upstream_path: str, query: str) -> str | None:
-    """The `model` of a WebSocket session (the Realtime API names it in the query), checked against a
-    models-limited token. Such a token must name exactly one allowed model up front: a tunnel cannot see
-    what a session asks for later (a Responses WebSocket, or a call joined by call_id).
-
-    Raises ApiError 400 (`model` named twice in any case: `?model=ok&MODEL=bad`) or 403.
-    """
-    pairs = urllib.parse.parse_qsl(query[1:], keep_blank_values=True)
-    models = [value for name, value in pairs if name == "model"]
-    if len(models) > 1 or (len(models) != sum(name.casefold() == "model" for name, _ in pairs) and
-                           claims.permissions.models is not None):
-        raise bad_request("Name the model once, as `model` in lower case.", param="model")
-    model = models[0] if models else None
-    allowed = claims.permissions.models
-    if allowed is not None:
-        if upstream_path != WEBSOCKET_PATH or not model:
-            raise ApiError(403, "This token is limited to certain models: open a Realtime session with "
-                                "/v1/realtime?model=<an allowed model>.", "model_not_allowed", param="model")
-        check_model(allowed, model)
-    return model
-
-
-def is_websocket_upgrade(head: RequestHead) -> bool:
-    upgrade = head.header(b"upgrade")
-    return head.method == "GET" and upgrade is not None and upgrade.strip().lower() == b"websocket"
-
-
-def build_switching_head(resp: ResponseHead, offered: Sequence[str], cors: bytes, secret: bytes = b"") -> bytes:
-    """The 101 sent to the client. Its subprotocol is one the client offered that carries no credential:
-    the upstream's choice when it is such, else the first such offer."""
-    safe = [p for p in offered if not p.startswith(WEBSOCKET_KEY_PROTOCOL)]
-    chosen = None
-    for name, value in resp.headers:
-        if name.lower() == b"sec-websocket-protocol" and value.decode("latin-1").strip() in safe:
-            chosen = value.decode("latin-1").strip()
-    if chosen is None and safe:
-        chosen = safe[0]
-    parts = [b"HTTP/1.1 101 " + (resp.reason or b"Switching Protocols") + b"\r\n"]
-    parts.extend(forwarded_headers(without_secret(resp.headers, secret), WEBSOCKET_DROP | CORS_RESPONSE_HEADERS))
-    parts.append(b"Upgrade: websocket\r\nConnection: Upgrade\r\n")
-    if chosen is not None:
-        parts.append(b"Sec-WebSocket-Protocol: " + chosen.encode("latin-1") + b"\r\n")
-    parts.append(cors + b"\r\n")
-    return b"".join(parts)
-
-
 async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, activity: list[float],
                moved: list[int]) -> None:
     """Copy bytes one way until EOF or an error; `activity` holds the time of the last byte, `moved` the count."""
@@ -3794,22 +3832,6 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, activ
             await writer.drain()
     except (ConnectionError, ssl.SSLError, RuntimeError):
         pass
-
-
-def upstream_handshake(head: RequestHead, upstream_path: str, claims: TokenClaims,
-                       target: UpstreamTarget) -> bytes:
-    """The upstream WebSocket handshake: the client's, with the real key where the client put its token.
-
-    The real key goes into the upstream's subprotocol only when the client authenticated that way; a
-    client that sent Authorization gets Authorization upstream, and its key-shaped offers are dropped.
-    """
-    by_header = head.header(b"authorization") is not None
-    protocols = [WEBSOCKET_KEY_PROTOCOL + claims.key if p.startswith(WEBSOCKET_KEY_PROTOCOL) else p
-                 for p in offered_subprotocols(head) if not (by_header and p.startswith(WEBSOCKET_KEY_PROTOCOL))]
-    extra = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
-    if protocols:
-        extra += b"Sec-WebSocket-Protocol: " + ", ".join(protocols).encode("latin-1") + b"\r\n"
-    return build_upstream_head(head, upstream_path, claims, target, extra=extra, also_drop=WEBSOCKET_DROP)
 
 
 async def tunnel_websocket(
@@ -3879,7 +3901,7 @@ async def relay_frames(state: ServerState, exchange: Exchange, reader: asyncio.S
         exchange.bytes_in, exchange.bytes_out = sent_up[0], exchange.bytes_out + sent_down[0]
 
 
-# 6. TLS: PEM files in, SSL contexts out.
+# 7. TLS: PEM files in, SSL contexts out.
 
 def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     """A server context for Certbot's fullchain.pem + privkey.pem: TLS 1.2+, ALPN http/1.1.
@@ -4021,7 +4043,7 @@ def write_selfsigned(directory: str, host: str, now: datetime.datetime) -> None:
     (out / "chain.pem").write_bytes(b"")
 
 
-# 7. Server: sockets in, one request at a time per connection; every error becomes a response here.
+# 8. Server: sockets in, one request at a time per connection; every error becomes a response here.
 
 ADMIN_BODY_LIMIT_BYTES = 64 * 1024
 ADMIN_FAILURES_ALLOWED = 5  # SPEC.md: 5 failed Basic attempts within a minute lock the address for a minute
@@ -6195,7 +6217,7 @@ CONSOLE_ASSETS = {
 }
 
 
-# 8. CLI: argv in, an exit code out.
+# 9. CLI: argv in, an exit code out.
 
 def configure_logging(level: str) -> None:
     """Plain lines for events on stderr (the access log, one JSON object per line, is AccessLog's)."""

@@ -618,7 +618,10 @@ UPSTREAM_HEADERS = (
 
 def client_head(raw: bytes, method: str = "GET", keep_alive: bool = True,
                 chunked: bool = False) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
-    out = soakp.build_client_head(soakp.parse_response_head(raw, method), keep_alive, chunked)
+    resp = soakp.parse_response_head(raw, method)
+    plan = soakp.plan_answer(resp, 1, keep_alive, strip_usage_event=False)
+    assert (plan.framing == "chunked") == chunked  # the plan frames the answer as the caller expects
+    out = soakp.build_client_head(resp, plan)
     first, pairs = header_lines(out)
     return first, pairs, out
 

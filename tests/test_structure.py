@@ -83,3 +83,33 @@ def test_request_mode_refuses_with_the_status_a_client_is_told(wire: bytes, stat
 def test_answer_mode_drops_trailers_unchecked() -> None:
     decoder = soakp.ChunkedDecoder()
     assert decoder.feed(b"3\r\nabc\r\n0\r\nBad Field\r\n\r\n") == b"abc" and decoder.done
+
+
+def answer(*lines: bytes, method: str = "GET") -> soakp.ResponseHead:
+    return soakp.parse_response_head(b"\r\n".join(lines) + b"\r\n\r\n", method)
+
+
+@pytest.mark.parametrize("head, minor, strip, expected", [
+    ((b"HTTP/1.1 200 OK", b"Content-Length: 10"), 1, False, ("length", True, False, True)),
+    ((b"HTTP/1.1 200 OK", b"Content-Length: 100000"), 1, False, ("length", True, False, False)),
+    ((b"HTTP/1.1 200 OK", b"Transfer-Encoding: chunked"), 1, False, ("chunked", True, False, False)),
+    ((b"HTTP/1.1 200 OK", b"Connection: close"), 1, False, ("chunked", True, False, False)),
+    ((b"HTTP/1.1 200 OK", b"Transfer-Encoding: chunked"), 0, False, ("close", False, False, False)),
+    ((b"HTTP/1.1 200 OK", b"Content-Length: 10"), 1, True, ("chunked", True, True, False)),
+    ((b"HTTP/1.1 200 OK", b"Content-Length: 10", b"Content-Encoding: gzip"), 1, True, ("length", True, False, True)),
+    ((b"HTTP/1.1 400 Bad Request", b"Content-Length: 10"), 1, True, ("length", True, False, True)),
+    ((b"HTTP/1.1 204 No Content",), 1, False, ("none", True, False, True)),
+])
+def test_plan_answer_frames_each_answer_for_the_client(head: tuple[bytes, ...], minor: int, strip: bool,
+                                                       expected: tuple[str, bool, bool, bool]) -> None:
+    """The response planner: the upstream's framing is kept where it can be; unknown lengths go chunked
+    to HTTP/1.1 clients and end by close for HTTP/1.0; taking the usage event out changes the length."""
+    plan = soakp.plan_answer(answer(*head), minor, True, strip)
+    assert (plan.framing, plan.keep_alive, plan.strip_usage_event, plan.whole) == expected
+
+
+def test_client_head_follows_the_plan_not_the_upstream() -> None:
+    resp = answer(b"HTTP/1.1 200 OK", b"Content-Length: 10", b"Content-Type: text/event-stream")
+    head = soakp.build_client_head(resp, soakp.plan_answer(resp, 1, True, True))
+    assert b"Transfer-Encoding: chunked\r\n" in head and b"Content-Length" not in head
+    assert resp.body_kind == "length" and resp.content_length == 10  # the upstream's head is left as it was
