@@ -116,6 +116,7 @@ SIZE_UNITS = {
     "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
 }
 MIN_SECRET_CHARS = 32
+ORIGIN_RE = re.compile(r"https?://[a-z0-9.\-]+(?::[0-9]{1,5})?\Z")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # OpenSSL's reasons for a pair that does not load, in words (the rest are lower-cased as they are).
 SSL_REASONS = {
@@ -152,6 +153,10 @@ def describe_error(exc: BaseException) -> str:
 def plural(count: int, noun: str) -> str:
     """`1 token`, `2 tokens`: for messages that count things."""
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def safe_label(text: str) -> str:
+    return text[:80].encode("ascii", "backslashreplace").decode("ascii")
 
 
 def parse_duration_s(text: str) -> float:
@@ -779,7 +784,7 @@ MAX_LIST_ITEMS = 100
 MAX_RPM = 1_000_000
 MAX_TOKENS_BUDGET = 10**12
 MODEL_RE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,254}[\x21-\x7e])?\Z")
-ORIGIN_RE = re.compile(r"https?://[a-z0-9.\-]+(?::[0-9]{1,5})?\Z")
+
 PATH_PATTERN_RE = re.compile(r"/v1/[A-Za-z0-9._~:@!$&'()+,;=\-/]*\*?\Z")
 
 
@@ -823,8 +828,7 @@ def parse_string_list(name: str, value: object, valid: re.Pattern[str], normalis
     return tuple(dict.fromkeys(items))
 
 
-def safe_label(text: str) -> str:
-    return text[:80].encode("ascii", "backslashreplace").decode("ascii")
+
 
 
 def normalise_path_pattern(pattern: str) -> str:
@@ -1030,6 +1034,13 @@ class TokenClaims:
         return Ancestor(self.cid, self.permissions.rpm, self.permissions.max_tokens_total)
 
 
+def budget_spent() -> ApiError:
+    """429 for a spent budget. Waiting does not help, so no Retry-After, and `x-should-retry: false`
+    tells the official SDKs not to retry it as they would a rate limit."""
+    return ApiError(429, "This token has used its whole token budget (max_tokens_total).", "insufficient_quota",
+                    "insufficient_quota", headers=[("x-should-retry", "false")])
+
+
 def pattern_covered(child: str, parents: Sequence[str]) -> bool:
     """Whether every path a child's `paths` entry matches is matched by one of the parent's entries."""
     if not child.endswith("*"):
@@ -1050,11 +1061,11 @@ def widened(field_name: str, why: str) -> ApiError:
 
 
 def delegate_grant(parent: TokenClaims, fields: Mapping[str, Any], default_ttl_s: int, max_ttl_s: int,
-                   now: int, budget_left: int | None) -> Grant:
+                   now: int, parent_left: int | None) -> Grant:
     """The grant of a child token that `parent` asks for (POST /jwt/delegate), every limit within the
     parent's: an omitted limit is inherited, a wider one is a 400 naming the field.
 
-    `budget_left` is what the parent's chain has left of its budget (None without one). Pure; raises
+    `parent_left` is what the parent's chain has left of its budget (None without one). Pure; raises
     ApiError 400 or 403.
     """
     if parent.dlg < 1:
@@ -1101,10 +1112,10 @@ def delegate_grant(parent: TokenClaims, fields: Mapping[str, Any], default_ttl_s
         if mine.rpm is not None and wanted.rpm > mine.rpm:
             raise widened("rpm", f"the parent allows {mine.rpm} requests per minute")
         rpm = wanted.rpm
-    budget = budget_left
+    budget = parent_left
     if "max_tokens_total" in fields and wanted.max_tokens_total is not None:
-        if budget_left is not None and wanted.max_tokens_total > budget_left:
-            raise widened("max_tokens_total", f"the parent has {max(0, budget_left)} tokens left")
+        if parent_left is not None and wanted.max_tokens_total > parent_left:
+            raise widened("max_tokens_total", f"the parent has {max(0, parent_left)} tokens left")
         budget = wanted.max_tokens_total
     if budget is not None and budget < 1:
         raise ApiError(429, "The parent token has used its whole token budget (max_tokens_total).",
@@ -1614,6 +1625,14 @@ HOP_BY_HOP = frozenset({
 
 BodyKind = Literal["none", "length", "chunked", "close"]
 
+LOG_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
+MAX_LOGGED_PATH_CHARS = 200
+
+
+def safe_for_log(text: str) -> str:
+    """Escape control characters so client input cannot forge log lines."""
+    return text[:MAX_LOGGED_PATH_CHARS].translate(LOG_ESCAPES)
+
 
 @dataclass(frozen=True, slots=True)
 class RequestHead:
@@ -1892,6 +1911,7 @@ def forwarded_headers(headers: Sequence[tuple[bytes, bytes]], also_drop: frozens
 # the chunked coding both ways, the heads sent upstream and back, and the usage read from answers. The
 # forwarding section below only moves the bytes these decide about.
 
+MODEL_IN_BODY_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')  # for the access log only
 MODEL_SCAN_LIMIT_BYTES = 32 * 1024**2  # what a models-limited token may have read ahead before forwarding
 MAX_MODEL_VALUE_BYTES = 1024
 MAX_PART_HEADER_BYTES = 8 * 1024
@@ -4052,8 +4072,8 @@ ADMIN_LOCKOUT_S = 60.0
 ADMIN_TRACKED_ADDRESSES = 10000
 REGISTRY_POLL_S = 0.5  # SPEC.md: a `soakp revoke` is honoured within 2 s; this leaves a wide margin
 REGISTRY_PRUNE_S = 3600.0
-LOG_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
-MAX_LOGGED_PATH_CHARS = 200
+
+
 CORS_ALLOWED_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 CORS_EXPOSED_HEADERS = (
     "x-request-id, openai-processing-ms, openai-organization, openai-project, openai-version, "
@@ -4062,7 +4082,7 @@ CORS_EXPOSED_HEADERS = (
 )
 CORS_MAX_AGE_S = 600
 REQUEST_HEADERS_LIST_RE = re.compile(rb"[A-Za-z0-9!#$%&'*+\-.^_`|~, \t]{0,2048}\Z")
-MODEL_IN_BODY_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+
 # OpenAI's top-level resources, so that metric labels stay a bounded set whatever paths clients send.
 METRIC_RESOURCES = frozenset({
     "assistants", "audio", "batches", "chat", "completions", "containers", "conversations", "embeddings", "evals",
@@ -4221,9 +4241,7 @@ def error_response(exc: ApiError, keep_alive: bool, extra_headers: Sequence[tupl
     return json_response(exc.status, payload, keep_alive, [*exc.headers, *extra_headers])
 
 
-def safe_for_log(text: str) -> str:
-    """Escape control characters so client input cannot forge log lines."""
-    return text[:MAX_LOGGED_PATH_CHARS].translate(LOG_ESCAPES)
+
 
 
 def bearer_token(head: RequestHead) -> str:
@@ -4508,11 +4526,7 @@ def preflight_response(state: ServerState, head: RequestHead, origin: str | None
     return plain_response(204, b"", None, head.keep_alive and head.body_kind == "none", headers)
 
 
-def budget_spent() -> ApiError:
-    """429 for a spent budget. Waiting does not help, so no Retry-After, and `x-should-retry: false`
-    tells the official SDKs not to retry it as they would a rate limit."""
-    return ApiError(429, "This token has used its whole token budget (max_tokens_total).", "insufficient_quota",
-                    "insufficient_quota", headers=[("x-should-retry", "false")])
+
 
 
 def check_origin(claims: TokenClaims, head: RequestHead) -> None:
