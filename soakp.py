@@ -5149,7 +5149,16 @@ class TlsOrPlainSniffer(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()  # before the loop's first read: the bytes stay in the socket
+        # Pause on the next turn of the loop, not now: the transport starts reading in a callback
+        # queued after this one, and before Python 3.11.3 it did so even when paused here (the client's
+        # first bytes were then read into this protocol and lost). Pausing later also cancels a read the
+        # loop already queued, so the bytes stay in the socket either way.
+        asyncio.get_running_loop().call_soon(self.pause_and_sniff, transport)
+
+    def pause_and_sniff(self, transport: asyncio.Transport) -> None:
+        if transport.is_closing():
+            return
+        transport.pause_reading()
         task = asyncio.get_running_loop().create_task(self.sniff(transport))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import platform
 import re
+import socket
+import ssl
 import subprocess
 import sys
 import zipfile
@@ -137,6 +139,39 @@ def test_zipapp_serves_mints_and_forwards(
     token = secrets_registry.add(result.stdout.strip().splitlines()[-1])
     assert zipapp_server.request("GET", "/v1/models", token).status == 200
     assert fake_upstream.wait_for_request("/v1/models").header_all("authorization") == [f"Bearer {key}"]
+
+
+def test_zipapp_serves_tls_and_answers_plain_http_on_the_system_python(
+    zipapp: Path, soakp_launcher: SoakpLauncher, fake_upstream: FakeUpstream, bare_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """The TLS port on Debian's python3 (3.11.2 on bookworm, the Docker image's): handshakes complete
+    and a plain-HTTP request gets its 400. Before Python 3.11.3 a transport paused in connection_made
+    still started reading, which swallowed every client's first TLS bytes (the container test's hang)."""
+    certs = tmp_path / "tls"
+    made = subprocess.run([SYSTEM_PYTHON, *BARE, str(zipapp), "selfsigned", "--dir", str(certs)],
+                          capture_output=True, text=True, env=bare_env, timeout=60)
+    assert made.returncode == 0, made.stderr
+    args = ["serve", "--cert-dir", str(certs)]
+    for name, value in soakp_launcher.default_options().items():
+        if value is not None:
+            args += ["--" + name.replace("_", "-"), value]
+    process = ZipappProcess([SYSTEM_PYTHON, *BARE, str(zipapp), *args], soakp_launcher, tmp_path / "tls.log",
+                            bare_env)
+    try:
+        assert process.scheme == "https"
+        context = ssl.create_default_context(cafile=str(certs / "fullchain.pem"))
+        context.check_hostname = False
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", process.port), timeout=10) as raw:
+                with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                    tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                    assert tls.recv(65536).startswith(b"HTTP/1.1 200")
+        with socket.create_connection(("127.0.0.1", process.port), timeout=10) as plain:
+            plain.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert plain.recv(65536).startswith(b"HTTP/1.1 400")
+    finally:
+        assert process.stop() == 0, process.log_text()
 
 
 def elf_machines(archive: Path) -> set[str]:
