@@ -828,9 +828,6 @@ def parse_string_list(name: str, value: object, valid: re.Pattern[str], normalis
     return tuple(dict.fromkeys(items))
 
 
-
-
-
 def normalise_path_pattern(pattern: str) -> str:
     """`/openai/x` is the alias of `/v1/x`; a pattern must be canonical but for a trailing `*`."""
     if pattern.startswith("/openai/"):
@@ -1634,6 +1631,27 @@ def safe_for_log(text: str) -> str:
     return text[:MAX_LOGGED_PATH_CHARS].translate(LOG_ESCAPES)
 
 
+# Headers SOAKP looks at, gathered while parsing so that no one scans the list again.
+INDEXED_HEADERS = frozenset({
+    b"content-length", b"transfer-encoding", b"host", b"connection", b"expect", b"authorization", b"origin",
+    b"content-type", b"content-encoding", b"x-request-id", b"upgrade", b"access-control-request-method",
+    b"access-control-request-headers",
+})
+
+
+def first_value(index: Mapping[bytes, list[bytes]], headers: Sequence[tuple[bytes, bytes]],
+                lower_name: bytes) -> bytes | None:
+    """The first value of a header by lower-case name: from the index for INDEXED_HEADERS (the hot
+    path), by a scan for any other name; None when absent. Requests and answers look up alike."""
+    if lower_name in INDEXED_HEADERS:
+        values = index.get(lower_name)
+        return values[0] if values else None
+    for name, value in headers:
+        if name.lower() == lower_name:
+            return value
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class RequestHead:
     """A parsed, checked request head. `path` is canonical; it and `query` are what gets forwarded."""
@@ -1651,14 +1669,8 @@ class RequestHead:
     index: Mapping[bytes, list[bytes]] = field(default_factory=dict)  # INDEXED_HEADERS' values by name
 
     def header(self, lower_name: bytes) -> bytes | None:
-        """The first value of a header, by lower-case name."""
-        if lower_name in INDEXED_HEADERS:
-            values = self.index.get(lower_name)
-            return values[0] if values else None
-        for name, value in self.headers:
-            if name.lower() == lower_name:
-                return value
-        return None
+        """The first value of a header, by lower-case name (see first_value)."""
+        return first_value(self.index, self.headers, lower_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1674,9 +1686,8 @@ class ResponseHead:
     index: Mapping[bytes, list[bytes]] = field(default_factory=dict)  # INDEXED_HEADERS' values by name
 
     def header(self, lower_name: bytes) -> bytes | None:
-        """The first value of an INDEXED_HEADERS header."""
-        values = self.index.get(lower_name)
-        return values[0] if values else None
+        """The first value of a header, by lower-case name (see first_value)."""
+        return first_value(self.index, self.headers, lower_name)
 
 
 def bad_request(message: str, status: int = 400, param: str | None = None) -> ApiError:
@@ -1719,13 +1730,6 @@ def split_header_lines(lines: Sequence[bytes]) -> tuple[list[tuple[bytes, bytes]
             framing.setdefault(lower, []).append(value)
         headers.append((name, value))
     return headers, framing
-
-
-# Headers SOAKP looks at, gathered while parsing so that no one scans the list again.
-INDEXED_HEADERS = frozenset({
-    b"content-length", b"transfer-encoding", b"host", b"connection", b"expect", b"authorization", b"origin",
-    b"content-type", b"content-encoding", b"x-request-id", b"upgrade",
-})
 
 
 def connection_tokens(framing: Mapping[bytes, list[bytes]]) -> set[bytes]:
@@ -4241,9 +4245,6 @@ def error_response(exc: ApiError, keep_alive: bool, extra_headers: Sequence[tupl
     return json_response(exc.status, payload, keep_alive, [*exc.headers, *extra_headers])
 
 
-
-
-
 def bearer_token(head: RequestHead) -> str:
     """The token from `Authorization: Bearer ...`. Raises ApiError(401)."""
     value = head.header(b"authorization")
@@ -4524,9 +4525,6 @@ def preflight_response(state: ServerState, head: RequestHead, origin: str | None
                ("Access-Control-Allow-Headers", requested.decode("latin-1")),
                ("Access-Control-Max-Age", str(CORS_MAX_AGE_S)), ("Vary", "Origin")]
     return plain_response(204, b"", None, head.keep_alive and head.body_kind == "none", headers)
-
-
-
 
 
 def check_origin(claims: TokenClaims, head: RequestHead) -> None:

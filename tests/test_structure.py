@@ -113,3 +113,11 @@ def test_client_head_follows_the_plan_not_the_upstream() -> None:
     head = soakp.build_client_head(resp, soakp.plan_answer(resp, 1, True, True))
     assert b"Transfer-Encoding: chunked\r\n" in head and b"Content-Length" not in head
     assert resp.body_kind == "length" and resp.content_length == 10  # the upstream's head is left as it was
+
+
+def test_requests_and_answers_look_headers_up_alike() -> None:
+    """ResponseHead.header() used to answer None for any header it had not indexed, present or not."""
+    resp = answer(b"HTTP/1.1 200 OK", b"Content-Length: 0", b"Openai-Processing-Ms: 7")
+    assert resp.header(b"openai-processing-ms") == b"7" and resp.header(b"x-missing") is None
+    head = soakp.parse_request_head(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Custom: 1\r\n\r\n")
+    assert head.header(b"x-custom") == b"1" and head.header(b"host") == b"x"
