@@ -783,7 +783,7 @@ def open_key(ek: str, jti: str, sealing_key: bytes) -> str:
 MAX_LIST_ITEMS = 100
 MAX_RPM = 1_000_000
 MAX_TOKENS_BUDGET = 10**12
-MODEL_RE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,254}[\x21-\x7e])?\Z")
+MODEL_RE = LABEL_RE  # a model name is a header-safe label too
 
 PATH_PATTERN_RE = re.compile(r"/v1/[A-Za-z0-9._~:@!$&'()+,;=\-/]*\*?\Z")
 
