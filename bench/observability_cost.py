@@ -4,10 +4,10 @@
     python bench/observability_cost.py micro      (the same costs in-process, one piece at a time)
 
 On 127.0.0.1 only, it starts:
-  * two upstreams (tests/fake_upstream.py `--profile bench`, no key check): plain asyncio over TLS (a
-    test CA from the same module), HTTP/1.1 keep-alive, each answering every chat completion with the
-    same fixed bytes, one with its `usage` object and one without it (`--no-usage`: padded to the same
-    length, so both relay the same number of bytes);
+  * two upstreams (tests/fake_upstream.py `--profile bench`, no key check): plain asyncio over TLS
+    (a test CA from the same module), HTTP/1.1 keep-alive, each answering every chat completion
+    with the same fixed bytes, one with its `usage` object and one without it (`--no-usage`:
+    padded to the same length, so both relay the same number of bytes);
   * for each measurement a fresh SOAKP (`soakp.py serve`, stderr to a file, as under a service manager),
     and a load client (this script, `client` mode): C keep-alive connections, N requests in all.
 Four variants: `--log-level warning` (no access log) or `info` (the default), times an answer with usage
@@ -116,8 +116,8 @@ def stop(child: subprocess.Popen) -> None:
 
 
 def start_upstream(work: Path, cert: Path, key: Path, with_usage: bool) -> tuple[subprocess.Popen, int]:
-    argv = [sys.executable, str(ROOT / "tests" / "fake_upstream.py"), "--profile", "bench", "--cert",
-            str(cert), "--key", str(key), *([] if with_usage else ["--no-usage"])]
+    argv = [sys.executable, str(ROOT / "tests" / "fake_upstream.py"), "--profile", "bench",
+            "--cert", str(cert), "--key", str(key), *([] if with_usage else ["--no-usage"])]
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     line = child.stdout.readline() if child.stdout else ""
     if not line.startswith("READY "):

@@ -8,8 +8,8 @@ One run starts, on 127.0.0.1 only:
   * the upstreams: nginx serving a fixed chat completion over TLS for the request-rate scenarios (when
     nginx is installed; else the Python one does it), and tests/fake_upstream.py `--profile bench`
     (plain asyncio, one process) for the streaming scenarios: it stamps every SSE event with
-    CLOCK_MONOTONIC when it writes it. Both answer 401 unless the request carries the real key, so a proxy that did not swap it shows
-    up as errors;
+    CLOCK_MONOTONIC when it writes it. Both answer 401 unless the request carries the real key,
+    so a proxy that did not swap it shows up as errors;
   * SOAKP, `PYTHON soakp.py serve` with a test CA as --upstream-ca and a token from `soakp.py mint`;
   * nginx as a plain key-swapping reverse proxy (one worker, verified TLS upstream, keep-alive pool,
     proxy_buffering off) when nginx is installed;

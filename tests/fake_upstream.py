@@ -8,8 +8,8 @@ another behaviour for a path, or for requests that carry `X-Fake-Script: NAME`.
 
  1 Certificates    CertAuthority: a throwaway CA that issues leaf certificates (cryptography)
  2 Records         RecordedRequest, Part: what the upstream saw
- 3 Behaviours      Responder, Gate; json_reply(), openai_error(), sse_reply(), stall(), die_mid_body(),
-                   download(), echo()
+ 3 Behaviours      Responder, Gate, rst(); json_reply(), openai_error(), sse_reply(), stall(),
+                   die_mid_body(), download(), echo()
  4 Default routes  the OpenAI endpoints the tests use
  5 Server          FakeUpstream
  6 Raw client      RawConnection, RawResponse, parse_response(): a bounded HTTP/1.1 client
@@ -355,6 +355,17 @@ class Gate:
         return True
 
 
+def rst(writer: asyncio.StreamWriter) -> None:
+    """Drop the connection with a TCP reset, whatever is still buffered."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    writer.transport.abort()
+
+
 class Responder:
     """Writes one HTTP/1.1 response; a behaviour drives it.
 
@@ -433,10 +444,7 @@ class Responder:
         """Drop the connection with a TCP reset after the bytes written so far."""
         self.keep_alive = False
         await self.flush()
-        sock = self.writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.writer.transport.abort()
+        rst(self.writer)
 
     async def wait_peer_close(self, timeout_s: float) -> bool:
         """Wait until the client closes its side (or timeout_s). Returns whether it closed."""
@@ -1367,7 +1375,7 @@ def exchange(
 
 
 
-# 7. Process mode: a lean server with route tables, for bench/ and tools/. ####################################
+# 7. Process mode: a lean server with route tables, for bench/ and tools/. #########################
 #
 #   python tests/fake_upstream.py --profile bench|reliability --cert CHAIN.pem --key KEY.pem
 #          (--api-key sk-... | --api-key-env NAME) [--port 0] [--no-usage]
@@ -1375,28 +1383,30 @@ def exchange(
 # Prints `READY <tls_port> <control_port>` once both sockets listen, then serves until SIGTERM. No
 # recording and no scripts: a request costs a head split, a dict lookup and one write, so that the
 # upstream is never what a benchmark measures. Both profiles share:
-#   TLS, HTTP/1.1 keep-alive; a request whose Authorization is not `Bearer <key>` gets 401 (counted in
-#   "unauthorised"), so a proxy that forgot to swap the key shows up as errors, never as speed.
+#   TLS, HTTP/1.1 keep-alive; a request whose Authorization is not `Bearer <key>` gets 401 (counted
+#   in "unauthorised"), so a proxy that forgot to swap the key shows up as errors, never as speed.
 #   The control port (plain HTTP on 127.0.0.1, never counted as traffic):
 #     GET /stats       {"accepts", "requests", "open", "by_path", "hold_closed", "unauthorised"}
 #     POST /release    every held stream sends [DONE] and ends; streams opened later are held again
 #     POST /close-idle closes every connection between requests (a load balancer's idle timeout)
 # Profile `bench` (bench/run.py, bench/observability_cost.py), plain asyncio, never uvloop:
-#   POST /v1/chat/completions  BENCH_CHAT_COMPLETION (fixed bytes, the same nginx serves; --no-usage:
-#     a padding field of the same length instead of `usage`), or with "stream": true `bench.chunks`
-#     events (default 20) `bench.interval_ms` apart (default 10), each stamped `"bench_ns":
-#     time.monotonic_ns()` just before its write (CLOCK_MONOTONIC is one clock for every process), then
-#     [DONE]; with `"bench": {"hold": true}` an event every interval until /release or HOLD_MAX_S.
-# Profile `reliability` (tools/reliability.py); answers carry `x-request-id` = the request's x-rel-id:
+#   POST /v1/chat/completions  BENCH_CHAT_COMPLETION (fixed bytes, the same nginx serves;
+#     --no-usage: a padding field of the same length instead of `usage`), or with "stream": true
+#     `bench.chunks` events (default 20) `bench.interval_ms` apart (default 10), each stamped
+#     `"bench_ns": time.monotonic_ns()` just before its write (CLOCK_MONOTONIC is one clock for
+#     every process), then [DONE]; with `"bench": {"hold": true}` an event every interval until
+#     /release or HOLD_MAX_S.
+# Profile `reliability` (tools/reliability.py); answers carry x-request-id = the request's x-rel-id:
 #   POST /v1/chat/completions  a chat completion (JSON), or with "stream":true a 3-event SSE stream;
-#     with "max_completion_tokens" (SOAKP's budget cap) an answer using all of it, slowly, usage last
+#     with "max_completion_tokens" (SOAKP's budget cap) an answer using all of it, slowly, usage
+#     last
 #   GET  /v1/models            a model list
 #   /v1/rel/echo/..., /v1/rel/smuggled   JSON naming the target, Host and body SHA-256 received
 #   /v1/rel/sse?events=N&interval_ms=I   N events, then [DONE]
 #   /v1/rel/hold?interval_ms=I an event now and every I ms until /release or the client leaves (when
 #                              it noticed goes into "hold_closed")
-#   /v1/rel/<fault>            reset-before, close-before, reset-mid, stall-head, stall-body, garbage,
-#                              huge-head, bad-chunk, overflow (see rel_fault())
+#   /v1/rel/<fault>            reset-before, close-before, reset-mid, stall-head, stall-body,
+#                              garbage, huge-head, bad-chunk, overflow (see rel_fault())
 
 PROCESS_HEAD_LIMIT_BYTES = 1024 * 1024
 PROCESS_MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -1414,19 +1424,8 @@ def sse_chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(payload), payload)
 
 
-def rst(writer: asyncio.StreamWriter) -> None:
-    """Drop the connection with a TCP reset, whatever is still buffered."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-    writer.transport.abort()
-
-
 class ProcessState:
-    """Counters and controls shared by a process-mode upstream's connections and its control port."""
+    """Counters and controls shared by a process-mode upstream's connections and control port."""
 
     def __init__(self, expected_auth: bytes | None) -> None:
         self.expected_auth = expected_auth  # None: every request is let in (observability_cost.py)
@@ -1435,7 +1434,8 @@ class ProcessState:
         self.open = 0
         self.unauthorised = 0
         self.by_path: dict[bytes, int] = {}
-        self.hold_closed: list[float] = []  # time.monotonic() when a held stream noticed its client left
+        # time.monotonic() when a held stream noticed that its client left
+        self.hold_closed: list[float] = []
         self.idle: set[asyncio.StreamWriter] = set()
         # /release bumps the generation and wakes every held stream; a stream started in an older
         # generation ends. A fresh Event per generation, so later held streams wait again.
@@ -1458,8 +1458,17 @@ class Call:
 
     __slots__ = ("state", "reader", "writer", "method", "target", "path", "headers", "body")
 
-    def __init__(self, state: ProcessState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 method: bytes, target: bytes, path: bytes, headers: dict[bytes, bytes], body: bytes):
+    def __init__(
+        self,
+        state: ProcessState,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        method: bytes,
+        target: bytes,
+        path: bytes,
+        headers: dict[bytes, bytes],
+        body: bytes,
+    ) -> None:
         self.state = state
         self.reader = reader
         self.writer = writer
@@ -1479,7 +1488,7 @@ class Call:
             return True
 
 
-Route = Callable[[Call], Awaitable[bool]]  # returns whether the connection may carry another request
+Route = Callable[[Call], Awaitable[bool]]  # returns whether the connection may carry another one
 
 
 @dataclass(frozen=True)
@@ -1517,17 +1526,25 @@ async def read_process_body(reader: asyncio.StreamReader, headers: dict[bytes, b
     raise ValueError("too many chunks")
 
 
-UNAUTHORIZED_BODY = (b'{"error":{"message":"fake upstream: wrong key","type":"invalid_request_error",'
-                     b'"param":null,"code":"invalid_api_key"}}')
-UNAUTHORIZED = (b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                % len(UNAUTHORIZED_BODY) + UNAUTHORIZED_BODY)
+UNAUTHORIZED_BODY = (
+    b'{"error":{"message":"fake upstream: wrong key","type":"invalid_request_error",'
+    b'"param":null,"code":"invalid_api_key"}}'
+)
+UNAUTHORIZED = (
+    b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\n\r\n" % len(UNAUTHORIZED_BODY) + UNAUTHORIZED_BODY
+)
 
 
-async def serve_process_connection(profile: Profile, state: ProcessState, reader: asyncio.StreamReader,
-                                   writer: asyncio.StreamWriter) -> None:
+async def serve_process_connection(
+    profile: Profile,
+    state: ProcessState,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
     state.accepts += 1
     state.open += 1
-    routes, by_path = profile.routes, state.by_path
+    routes, by_path, expected_auth = profile.routes, state.by_path, state.expected_auth
     try:
         while True:
             state.idle.add(writer)
@@ -1548,7 +1565,7 @@ async def serve_process_connection(profile: Profile, state: ProcessState, reader
             state.requests += 1
             path = target.split(b"?", 1)[0]
             by_path[path] = by_path.get(path, 0) + 1
-            if state.expected_auth is not None and headers.get(b"authorization") != state.expected_auth:
+            if expected_auth is not None and headers.get(b"authorization") != expected_auth:
                 state.unauthorised += 1
                 writer.write(UNAUTHORIZED)
             else:
@@ -1556,7 +1573,8 @@ async def serve_process_connection(profile: Profile, state: ProcessState, reader
                 if route is None:
                     route = next((r for prefix, r in profile.prefixes if path.startswith(prefix)),
                                  profile.fallback)
-                if not await route(Call(state, reader, writer, method, target, path, headers, body)):
+                call = Call(state, reader, writer, method, target, path, headers, body)
+                if not await route(call):
                     return
             await writer.drain()
             if headers.get(b"connection", b"").lower() == b"close":
@@ -1685,7 +1703,8 @@ def bench_profile(with_usage: bool = True) -> Profile:
 # Profile `reliability`: answers and faults, each answer named by the request's x-rel-id.
 
 REL_CHAT_COMPLETION = json.dumps({
-    "id": "chatcmpl-rel", "object": "chat.completion", "created": 1730000000, "model": "gpt-4o-mini",
+    "id": "chatcmpl-rel", "object": "chat.completion", "created": 1730000000,
+    "model": "gpt-4o-mini",
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"},
                  "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
@@ -1694,17 +1713,22 @@ REL_SMUGGLED_PATH = b"/v1/rel/smuggled"
 
 
 def rel_id(call: Call) -> bytes:
-    return call.headers.get(b"x-rel-id", b"req_rel")  # so a client can tell its answer from another's
+    # So that a client can tell its answer from another's.
+    return call.headers.get(b"x-rel-id", b"req_rel")
 
 
-def rel_send(call: Call, status: int, data: bytes, content_type: bytes = b"application/json") -> None:
-    call.writer.write(b"HTTP/1.1 %d X\r\nContent-Type: %s\r\nContent-Length: %d\r\nx-request-id: %s\r\n\r\n"
-                      % (status, content_type, len(data), rel_id(call)) + data)
+def rel_send(call: Call, status: int, data: bytes, ctype: bytes = b"application/json") -> None:
+    call.writer.write(
+        b"HTTP/1.1 %d X\r\nContent-Type: %s\r\nContent-Length: %d\r\nx-request-id: %s\r\n\r\n"
+        % (status, ctype, len(data), rel_id(call)) + data
+    )
 
 
 def rel_sse_head(call: Call) -> None:
-    call.writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
-                      b"x-request-id: %s\r\n\r\n" % rel_id(call))
+    call.writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+        b"x-request-id: %s\r\n\r\n" % rel_id(call)
+    )
 
 
 def rel_params(call: Call) -> dict[str, str]:
@@ -1721,7 +1745,8 @@ async def rel_chat(call: Call) -> bool:
         if request.get("stream"):
             rel_sse_head(call)
             for n in range(5):
-                writer.write(sse_chunk(b'{"choices":[{"delta":{"content":"%d"}}],"usage":null}' % n))
+                delta = b'{"choices":[{"delta":{"content":"%d"}}],"usage":null}' % n
+                writer.write(sse_chunk(delta))
                 await writer.drain()
                 await asyncio.sleep(0.1)
             writer.write(sse_chunk(json.dumps({"choices": [], "usage": usage}).encode()))
@@ -1817,10 +1842,12 @@ async def rel_fault(call: Call) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 70_000 + b"\r\n\r\n")
         await writer.drain()
         writer.close()
-    elif name == b"overflow":  # a body longer than its Content-Length: a second response rides along
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
-                     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n"
-                     b'{"injected":true}')
+    elif name == b"overflow":  # a body longer than its Content-Length: a second answer rides along
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n"
+            b'{"injected":true}'
+        )
         return True
     elif name == b"bad-chunk":
         rel_sse_head(call)
@@ -1847,7 +1874,9 @@ RELIABILITY_PROFILE = Profile(
 )
 
 
-async def serve_process(profile: Profile, cert: str, key: str, api_key: str | None, port: int = 0) -> None:
+async def serve_process(
+    profile: Profile, cert: str, key: str, api_key: str | None, port: int = 0
+) -> None:
     """Serve `profile` over TLS and the control port until SIGTERM or SIGINT."""
     state = ProcessState(None if api_key is None else b"Bearer " + api_key.encode())
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -1873,7 +1902,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cert", required=True)
     parser.add_argument("--key", required=True)
     keys = parser.add_mutually_exclusive_group()
-    keys.add_argument("--api-key", help="the key requests must carry (a test key; else --api-key-env)")
+    keys.add_argument("--api-key", help="the (test) key requests must carry; none: no check")
     keys.add_argument("--api-key-env", help="the environment variable that holds the key")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--no-usage", action="store_true", help="bench: answers without `usage`")

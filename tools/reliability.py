@@ -3,9 +3,9 @@
     python tools/reliability.py [--quick] [--out REPORT.md] [--json SUMMARY.json]
     make reliability ARGS='--out bench/RELIABILITY.md'
 
-It starts, on 127.0.0.1 only, its own fake OpenAI upstream (TLS, a throwaway CA; tests/fake_upstream.py
-`--profile reliability`, a process of its own: its routes, faults and control port are listed there) and
-SOAKP (`soakp.py serve`, plain HTTP, port 0), then runs:
+It starts, on 127.0.0.1 only, its own fake OpenAI upstream (TLS, a throwaway CA;
+tests/fake_upstream.py `--profile reliability`, a process of its own: its routes, faults and control
+port are listed there) and SOAKP (`soakp.py serve`, plain HTTP, port 0), then runs:
 
  1 Hostile input    smuggling (CL.TE, TE.CL, obfuscated Transfer-Encoding), bad Content-Length, control
                     bytes, bare CR/LF, obs-fold, over-long lines and heads, bad chunks and trailers,
@@ -32,10 +32,10 @@ and prints a Markdown report; --json writes the figures. Exit status 0 when ever
 request was lost, 1 otherwise. Every wait has a deadline, every load a count and a time bound, and every
 process started here is stopped on the way out.
 
-The upstream and the internal subcommands `streams` and `soak` each run as a process of their own, so
-that load never shares a loop or a GIL with SOAKP or with what measures it. The key goes to the upstream
-in RELIABILITY_KEY (--api-key-env), the token to the clients in RELIABILITY_TOKEN; neither is ever on a
-command line.
+The upstream and the internal subcommands `streams` and `soak` each run as a process of their own,
+so that load never shares a loop or a GIL with SOAKP or with what measures it. The key goes to the
+upstream in RELIABILITY_KEY (--api-key-env), the token to the clients in RELIABILITY_TOKEN; neither
+is ever on a command line.
 """
 
 from __future__ import annotations
@@ -397,9 +397,10 @@ class Harness:
             process.stop()
 
     def start_upstream(self) -> None:
-        process = self.start([self.python, str(TESTS_DIR / "fake_upstream.py"), "--profile", "reliability",
-                              "--cert", str(self.cert), "--key", str(self.cert_key),
-                              "--api-key-env", "RELIABILITY_KEY"], "upstream", env={"RELIABILITY_KEY": self.key})
+        argv = [self.python, str(TESTS_DIR / "fake_upstream.py"), "--profile", "reliability",
+                "--cert", str(self.cert), "--key", str(self.cert_key),
+                "--api-key-env", "RELIABILITY_KEY"]
+        process = self.start(argv, "upstream", env={"RELIABILITY_KEY": self.key})
         line = read_line(process, "READY", START_TIMEOUT_S)
         _, tls_port, control_port = line.split()
         self.upstream_port, self.control_port = int(tls_port), int(control_port)
