@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import base64
 import datetime
+import gc
 import hashlib
 import ipaddress
 import itertools
@@ -1890,6 +1891,7 @@ async def serve_process(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    gc.freeze()  # what the imports made (cryptography, for the CA) is never garbage: skip it
     print(f"READY {server.sockets[0].getsockname()[1]} {control.sockets[0].getsockname()[1]}",
           flush=True)
     async with server, control:
