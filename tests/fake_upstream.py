@@ -1454,30 +1454,18 @@ class ProcessState:
                 "hold_closed": self.hold_closed, "unauthorised": self.unauthorised}
 
 
+@dataclass(slots=True)
 class Call:
     """One request in process mode: its head split into bytes, its body read whole."""
 
-    __slots__ = ("state", "reader", "writer", "method", "target", "path", "headers", "body")
-
-    def __init__(
-        self,
-        state: ProcessState,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        method: bytes,
-        target: bytes,
-        path: bytes,
-        headers: dict[bytes, bytes],
-        body: bytes,
-    ) -> None:
-        self.state = state
-        self.reader = reader
-        self.writer = writer
-        self.method = method
-        self.target = target
-        self.path = path
-        self.headers = headers
-        self.body = body
+    state: ProcessState
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    method: bytes
+    target: bytes
+    path: bytes
+    headers: dict[bytes, bytes]
+    body: bytes
 
     async def client_left(self, within_s: float) -> bool:
         """Whether the client closed its side within `within_s` (bytes it sends are dropped)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from deploy_support import stop_processes
 from fake_upstream import (
     BENCH_CHAT_COMPLETION,
     CertAuthority,
@@ -31,7 +31,6 @@ from fake_upstream import (
 
 FAKE_UPSTREAM_PY = Path(__file__).resolve().parent / "fake_upstream.py"
 KEY = "sk-process-test-key"
-START_TIMEOUT_S = 15.0
 
 
 class Process:
@@ -71,12 +70,7 @@ def start(ca: CertAuthority, tmp_path: Path, *args: str) -> Iterator[Process]:
         _, port, control_port = line.split()
         yield Process(popen, int(port), int(control_port), ca)
     finally:
-        popen.send_signal(signal.SIGTERM)
-        try:
-            popen.wait(START_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait(START_TIMEOUT_S)
+        stop_processes(popen)
         if popen.stdout:
             popen.stdout.close()
 
