@@ -4,10 +4,10 @@
     python bench/observability_cost.py micro      (the same costs in-process, one piece at a time)
 
 On 127.0.0.1 only, it starts:
-  * two upstreams (this script, `upstream` mode): plain asyncio over TLS (a test CA from
-    tests/fake_upstream.py), HTTP/1.1 keep-alive, each answering every request with one fixed chat
-    completion, one with its `usage` object and one without it (padded to the same length, so both
-    relay the same number of bytes);
+  * two upstreams (tests/fake_upstream.py `--profile bench`, no key check): plain asyncio over TLS
+    (a test CA from the same module), HTTP/1.1 keep-alive, each answering every chat completion
+    with the same fixed bytes, one with its `usage` object and one without it (`--no-usage`:
+    padded to the same length, so both relay the same number of bytes);
   * for each measurement a fresh SOAKP (`soakp.py serve`, stderr to a file, as under a service manager),
     and a load client (this script, `client` mode): C keep-alive connections, N requests in all.
 Four variants: `--log-level warning` (no access log) or `info` (the default), times an answer with usage
@@ -32,7 +32,6 @@ import json
 import os
 import secrets
 import signal
-import ssl
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,11 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from fake_upstream import CertAuthority, bench_chat_completion  # noqa: E402
+from proc_helpers import listening_port  # noqa: E402
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 15.0
 CLIENT_TIMEOUT_S = 600.0
@@ -50,52 +54,6 @@ REQUEST_TIMEOUT_S = 10.0
 MAX_HEAD_BYTES = 64 * 1024
 CHAT_BODY = (b'{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a helpful assistant."},'
              b'{"role":"user","content":"Say hello."}],"max_tokens":32}')
-USAGE = (b'"usage":{"prompt_tokens":9,"completion_tokens":9,"total_tokens":18,"prompt_tokens_details":'
-         b'{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}')
-
-
-def completion(with_usage: bool) -> bytes:
-    """A chat completion as OpenAI sends it; without usage, a padding field of the same length instead."""
-    field = USAGE if with_usage else b'"x_pad":"' + b"x" * (len(USAGE) - 10) + b'"'
-    assert len(field) == len(USAGE)
-    return (b'{"id":"chatcmpl-bench","object":"chat.completion","created":1730000000,"model":"gpt-4o-mini",'
-            b'"choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?",'
-            b'"refusal":null},"logprobs":null,"finish_reason":"stop"}],' + field + b',"system_fingerprint":"fp"}')
-
-
-# upstream mode ##############################################################################################
-
-async def serve_upstream(cert: str, key: str, with_usage: bool) -> None:
-    body = completion(with_usage)
-    reply = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nx-request-id: req_bench\r\n"
-             b"Content-Length: %d\r\n\r\n" % len(body)) + body
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-
-    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line[:15].lower() == b"content-length:":
-                        length = int(line[15:])
-                await reader.readexactly(length)
-                writer.write(reply)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ssl.SSLError, ValueError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(on_connection, "127.0.0.1", 0, ssl=context, limit=MAX_HEAD_BYTES)
-    print(f"READY {server.sockets[0].getsockname()[1]}", flush=True)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    async with server:
-        await stop.wait()
-
-
 # client mode ################################################################################################
 
 async def run_client(port: int, requests: int, connections: int) -> None:
@@ -143,23 +101,6 @@ def machine_ticks() -> tuple[int, int]:
     return busy, busy + idle + iowait
 
 
-def listening_port(pid: int) -> int | None:
-    """The TCP port a process listens on, from /proc (at --log-level warning SOAKP does not log it)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] == "0A" and fields[9] in inodes:  # state LISTEN
-            return int(fields[1].rsplit(":", 1)[1], 16)
-    return None
-
-
 def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("SOAKP_", "OPENAI_"))}
 
@@ -175,8 +116,9 @@ def stop(child: subprocess.Popen) -> None:
 
 
 def start_upstream(work: Path, cert: Path, key: Path, with_usage: bool) -> tuple[subprocess.Popen, int]:
-    child = subprocess.Popen([sys.executable, __file__, "upstream", "--cert", str(cert), "--key", str(key),
-                              "--usage", "yes" if with_usage else "no"], stdout=subprocess.PIPE, text=True)
+    argv = [sys.executable, str(ROOT / "tests" / "fake_upstream.py"), "--profile", "bench",
+            "--cert", str(cert), "--key", str(key), *([] if with_usage else ["--no-usage"])]
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     line = child.stdout.readline() if child.stdout else ""
     if not line.startswith("READY "):
         stop(child)
@@ -248,9 +190,6 @@ VARIANTS = [  # (label, --log-level, answer carries usage)
 
 
 def measure(args: argparse.Namespace) -> int:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from fake_upstream import CertAuthority
-
     with tempfile.TemporaryDirectory(prefix="soakp-obs-") as tmp:
         work = Path(tmp)
         cert, key = CertAuthority(work / "ca", common_name="SOAKP Bench CA").issue("upstream")
@@ -331,7 +270,7 @@ def micro(number: int) -> int:
     rows = []
     with tempfile.TemporaryFile("w") as sink:
         for with_usage in (False, True):
-            body = completion(with_usage)
+            body = bench_chat_completion(with_usage)
             resp = soakp.parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                                              b"Content-Length: %d\r\n\r\n" % len(body), "POST")
             done = exchange((9, 9) if with_usage else None)
@@ -376,10 +315,6 @@ def uvloop_version(python: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description="SOAKP's CPU cost of access logging and usage accounting.")
     sub = parser.add_subparsers(dest="mode")
-    up = sub.add_parser("upstream")
-    up.add_argument("--cert", required=True)
-    up.add_argument("--key", required=True)
-    up.add_argument("--usage", choices=("yes", "no"), required=True)
     pieces = sub.add_parser("micro")
     pieces.add_argument("--number", type=int, default=20000, help="calls per timeit repeat")
     client = sub.add_parser("client")
@@ -396,9 +331,6 @@ def main() -> int:
     parser.add_argument("--attempts", type=int, default=3, help="at most this many measurements per variant and round")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
-    if args.mode == "upstream":
-        asyncio.run(serve_upstream(args.cert, args.key, args.usage == "yes"))
-        return 0
     if args.mode == "micro":
         return micro(args.number)
     if args.mode == "client":

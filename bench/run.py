@@ -6,10 +6,10 @@
 
 One run starts, on 127.0.0.1 only:
   * the upstreams: nginx serving a fixed chat completion over TLS for the request-rate scenarios (when
-    nginx is installed; else bench/upstream.py does it), and bench/upstream.py (plain asyncio, one
-    process) for the streaming scenarios: it stamps every SSE event with CLOCK_MONOTONIC when it writes
-    it. Both answer 401 unless the request carries the real key, so a proxy that did not swap it shows
-    up as errors;
+    nginx is installed; else the Python one does it), and tests/fake_upstream.py `--profile bench`
+    (plain asyncio, one process) for the streaming scenarios: it stamps every SSE event with
+    CLOCK_MONOTONIC when it writes it. Both answer 401 unless the request carries the real key,
+    so a proxy that did not swap it shows up as errors;
   * SOAKP, `PYTHON soakp.py serve` with a test CA as --upstream-ca and a token from `soakp.py mint`;
   * nginx as a plain key-swapping reverse proxy (one worker, verified TLS upstream, keep-alive pool,
     proxy_buffering off) when nginx is installed;
@@ -60,10 +60,10 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 SOAKP_PY = ROOT / "soakp.py"
 SOAKP_PYZ = ROOT / "dist" / "soakp.pyz"
-sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from upstream import CHAT_COMPLETION  # noqa: E402
+from fake_upstream import BENCH_CHAT_COMPLETION as CHAT_COMPLETION  # noqa: E402
+from proc_helpers import memory_kib  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NCPU = os.cpu_count() or 1
@@ -169,19 +169,6 @@ def proc_children(pid: int) -> list[int]:
     return children
 
 
-def proc_memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
-    figures = {"VmRSS": 0, "VmHWM": 0}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name in figures:
-                figures[name] = int(value.split()[0])
-    except OSError:
-        pass
-    return figures
-
-
 def machine_ticks() -> tuple[int, int]:
     """(busy, total) clock ticks of all CPUs since boot, from the first line of /proc/stat."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
@@ -264,7 +251,7 @@ class Child:
     def memory_kib(self) -> dict[str, int]:
         total = {"VmRSS": 0, "VmHWM": 0}
         for pid in self.pids():
-            for name, value in proc_memory_kib(pid).items():
+            for name, value in memory_kib(pid, missing_ok=True).items():
                 total[name] += value
         return total
 
@@ -451,15 +438,16 @@ class Upstream:
     child: Child
     port: int
     accepts: Callable[[], int]
-    control_port: int = 0  # bench/upstream.py's: /stats and /release
+    control_port: int = 0  # the Python upstream's: /stats and /release
 
 
 def start_python_upstream(h: Harness, cert: Path, key: Path) -> Upstream:
-    child = h.spawn("py-upstream", [sys.executable, str(BENCH_DIR / "upstream.py"), "--cert", str(cert),
-                                     "--key", str(key), "--api-key", h.api_key], pipe_stdout=True)
+    child = h.spawn("py-upstream", [sys.executable, str(ROOT / "tests" / "fake_upstream.py"),
+                                     "--profile", "bench", "--cert", str(cert), "--key", str(key),
+                                     "--api-key", h.api_key], pipe_stdout=True)
     line = child.read_line(START_TIMEOUT_S)
     if not line or not line.startswith("READY "):
-        raise RuntimeError(f"bench/upstream.py did not start: {line!r}\n{child.log_tail()}")
+        raise RuntimeError(f"tests/fake_upstream.py did not start: {line!r}\n{child.log_tail()}")
     port, control_port = (int(p) for p in line.split()[1:3])
 
     def accepts() -> int:

@@ -44,6 +44,7 @@ from fake_upstream import (  # noqa: E402
     build_request,
     exchange,
 )
+from proc_helpers import memory_kib  # noqa: E402
 
 ROOT = TESTS_DIR.parent
 SOAKP_PY = ROOT / "soakp.py"
@@ -92,16 +93,6 @@ def basic_auth(user: str, password: str) -> str:
 def soakp_env() -> dict[str, str]:
     """The environment for a SOAKP child: ours without SOAKP_* (flags are the only input) or OPENAI_*."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("SOAKP_", "OPENAI_"))}
-
-
-def memory_kib(pid: int) -> dict[str, int]:
-    """Return VmRSS and VmHWM (peak RSS) of a process, in KiB, from /proc/PID/status."""
-    figures = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            figures[name] = int(value.split()[0])
-    return figures
 
 
 class SoakpProcess:

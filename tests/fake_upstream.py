@@ -8,30 +8,37 @@ another behaviour for a path, or for requests that carry `X-Fake-Script: NAME`.
 
  1 Certificates    CertAuthority: a throwaway CA that issues leaf certificates (cryptography)
  2 Records         RecordedRequest, Part: what the upstream saw
- 3 Behaviours      Responder, Gate; json_reply(), openai_error(), sse_reply(), stall(), die_mid_body(),
-                   download(), echo()
+ 3 Behaviours      Responder, Gate, rst(); json_reply(), openai_error(), sse_reply(), stall(),
+                   die_mid_body(), download(), echo()
  4 Default routes  the OpenAI endpoints the tests use
  5 Server          FakeUpstream
  6 Raw client      RawConnection, RawResponse, parse_response(): a bounded HTTP/1.1 client
+ 7 Process mode    `python tests/fake_upstream.py --profile bench|reliability`: a lean server with
+                   route tables, run as a process of its own by bench/ and tools/
 
 Nothing here talks to anything but 127.0.0.1, and every wait has a timeout.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import datetime
+import gc
 import hashlib
 import ipaddress
 import itertools
 import json
+import os
 import select
+import signal
 import socket
 import ssl
 import struct
 import threading
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -349,6 +356,17 @@ class Gate:
         return True
 
 
+def rst(writer: asyncio.StreamWriter) -> None:
+    """Drop the connection with a TCP reset, whatever is still buffered."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    writer.transport.abort()
+
+
 class Responder:
     """Writes one HTTP/1.1 response; a behaviour drives it.
 
@@ -427,10 +445,7 @@ class Responder:
         """Drop the connection with a TCP reset after the bytes written so far."""
         self.keep_alive = False
         await self.flush()
-        sock = self.writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.writer.transport.abort()
+        rst(self.writer)
 
     async def wait_peer_close(self, timeout_s: float) -> bool:
         """Wait until the client closes its side (or timeout_s). Returns whether it closed."""
@@ -1359,3 +1374,534 @@ def exchange(
             conn.send(data)
         return conn.read_response(method)
 
+
+
+# 7. Process mode: a lean server with route tables, for bench/ and tools/. #########################
+#
+#   python tests/fake_upstream.py --profile bench|reliability --cert CHAIN.pem --key KEY.pem
+#          (--api-key sk-... | --api-key-env NAME) [--port 0] [--no-usage]
+#
+# Prints `READY <tls_port> <control_port>` once both sockets listen, then serves until SIGTERM. No
+# recording and no scripts: a request costs a head split, a dict lookup and one write, so that the
+# upstream is never what a benchmark measures. Both profiles share:
+#   TLS, HTTP/1.1 keep-alive; a request whose Authorization is not `Bearer <key>` gets 401 (counted
+#   in "unauthorised"), so a proxy that forgot to swap the key shows up as errors, never as speed.
+#   The control port (plain HTTP on 127.0.0.1, never counted as traffic):
+#     GET /stats       {"accepts", "requests", "open", "by_path", "hold_closed", "unauthorised"}
+#     POST /release    every held stream sends [DONE] and ends; streams opened later are held again
+#     POST /close-idle closes every connection between requests (a load balancer's idle timeout)
+# Profile `bench` (bench/run.py, bench/observability_cost.py), plain asyncio, never uvloop:
+#   POST /v1/chat/completions  BENCH_CHAT_COMPLETION (fixed bytes, the same nginx serves;
+#     --no-usage: a padding field of the same length instead of `usage`), or with "stream": true
+#     `bench.chunks` events (default 20) `bench.interval_ms` apart (default 10), each stamped
+#     `"bench_ns": time.monotonic_ns()` just before its write (CLOCK_MONOTONIC is one clock for
+#     every process), then [DONE]; with `"bench": {"hold": true}` an event every interval until
+#     /release or HOLD_MAX_S.
+# Profile `reliability` (tools/reliability.py); answers carry x-request-id = the request's x-rel-id:
+#   POST /v1/chat/completions  a chat completion (JSON), or with "stream":true a 3-event SSE stream;
+#     with "max_completion_tokens" (SOAKP's budget cap) an answer using all of it, slowly, usage
+#     last
+#   GET  /v1/models            a model list
+#   /v1/rel/echo/..., /v1/rel/smuggled   JSON naming the target, Host and body SHA-256 received
+#   /v1/rel/sse?events=N&interval_ms=I   N events, then [DONE]
+#   /v1/rel/hold?interval_ms=I an event now and every I ms until /release or the client leaves (when
+#                              it noticed goes into "hold_closed")
+#   /v1/rel/<fault>            reset-before, close-before, reset-mid, stall-head, stall-body,
+#                              garbage, huge-head, bad-chunk, overflow (see rel_fault())
+
+PROCESS_HEAD_LIMIT_BYTES = 1024 * 1024
+PROCESS_MAX_BODY_BYTES = 16 * 1024 * 1024
+PROCESS_MAX_CHUNKS = 100_000
+PROCESS_IDLE_TIMEOUT_S = 600.0
+HOLD_MAX_S = 900.0  # a held stream ends by itself after this, whatever happens to the control port
+READ_BYTES = 64 * 1024
+SSE_DONE = b"data: [DONE]\n\n"
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def sse_chunk(data: bytes) -> bytes:
+    """`data: <data>` as one SSE event in one HTTP chunk."""
+    payload = b"data: " + data + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+class ProcessState:
+    """Counters and controls shared by a process-mode upstream's connections and control port."""
+
+    def __init__(self, expected_auth: bytes | None) -> None:
+        self.expected_auth = expected_auth  # None: every request is let in (observability_cost.py)
+        self.accepts = 0
+        self.requests = 0
+        self.open = 0
+        self.unauthorised = 0
+        self.by_path: dict[bytes, int] = {}
+        # time.monotonic() when a held stream noticed that its client left
+        self.hold_closed: list[float] = []
+        self.idle: set[asyncio.StreamWriter] = set()
+        # /release bumps the generation and wakes every held stream; a stream started in an older
+        # generation ends. A fresh Event per generation, so later held streams wait again.
+        self.generation = 0
+        self.release = asyncio.Event()
+
+    def release_held(self) -> None:
+        self.generation += 1
+        released, self.release = self.release, asyncio.Event()
+        released.set()
+
+    def stats(self) -> dict[str, Any]:
+        return {"accepts": self.accepts, "requests": self.requests, "open": self.open,
+                "by_path": {path.decode("latin-1"): n for path, n in self.by_path.items()},
+                "hold_closed": self.hold_closed, "unauthorised": self.unauthorised}
+
+
+@dataclass(slots=True)
+class Call:
+    """One request in process mode: its head split into bytes, its body read whole."""
+
+    state: ProcessState
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    method: bytes
+    target: bytes
+    path: bytes
+    headers: dict[bytes, bytes]
+    body: bytes
+
+    async def client_left(self, within_s: float) -> bool:
+        """Whether the client closed its side within `within_s` (bytes it sends are dropped)."""
+        try:
+            return await asyncio.wait_for(self.reader.read(READ_BYTES), within_s) == b""
+        except asyncio.TimeoutError:
+            return False
+        except (ConnectionError, ssl.SSLError):
+            return True
+
+
+Route = Callable[[Call], Awaitable[bool]]  # returns whether the connection may carry another one
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A route table: exact paths first, then prefixes in order, then `fallback`."""
+
+    routes: dict[bytes, Route]
+    prefixes: tuple[tuple[bytes, Route], ...]
+    fallback: Route
+
+
+async def read_process_body(reader: asyncio.StreamReader, headers: dict[bytes, bytes]) -> bytes:
+    """The whole body by Content-Length or chunked framing, bounded in size and chunk count."""
+    length = headers.get(b"content-length")
+    if length is not None:
+        size = int(length)
+        if size > PROCESS_MAX_BODY_BYTES:
+            raise ValueError("body too large")
+        return await reader.readexactly(size) if size else b""
+    if headers.get(b"transfer-encoding", b"").lower() != b"chunked":
+        return b""
+    parts = []
+    total = 0
+    for _ in range(PROCESS_MAX_CHUNKS):
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        if size == 0:
+            while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
+                pass
+            return b"".join(parts)
+        total += size
+        if total > PROCESS_MAX_BODY_BYTES:
+            raise ValueError("body too large")
+        parts.append(await reader.readexactly(size))
+        await reader.readexactly(2)
+    raise ValueError("too many chunks")
+
+
+UNAUTHORIZED_BODY = (
+    b'{"error":{"message":"fake upstream: wrong key","type":"invalid_request_error",'
+    b'"param":null,"code":"invalid_api_key"}}'
+)
+UNAUTHORIZED = (
+    b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\n\r\n" % len(UNAUTHORIZED_BODY) + UNAUTHORIZED_BODY
+)
+
+
+async def serve_process_connection(
+    profile: Profile,
+    state: ProcessState,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    state.accepts += 1
+    state.open += 1
+    routes, by_path, expected_auth = profile.routes, state.by_path, state.expected_auth
+    try:
+        while True:
+            state.idle.add(writer)
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), PROCESS_IDLE_TIMEOUT_S)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
+                    ConnectionError, ssl.SSLError):
+                return
+            state.idle.discard(writer)
+            lines = head.split(b"\r\n")
+            method, target, _ = lines[0].split(b" ", 2)
+            headers = {}
+            for line in lines[1:]:
+                if line:
+                    name, _, value = line.partition(b":")
+                    headers[name.strip().lower()] = value.strip()
+            body = await read_process_body(reader, headers)
+            state.requests += 1
+            path = target.split(b"?", 1)[0]
+            by_path[path] = by_path.get(path, 0) + 1
+            if expected_auth is not None and headers.get(b"authorization") != expected_auth:
+                state.unauthorised += 1
+                writer.write(UNAUTHORIZED)
+            else:
+                route = routes.get(path)
+                if route is None:
+                    route = next((r for prefix, r in profile.prefixes if path.startswith(prefix)),
+                                 profile.fallback)
+                call = Call(state, reader, writer, method, target, path, headers, body)
+                if not await route(call):
+                    return
+            await writer.drain()
+            if headers.get(b"connection", b"").lower() == b"close":
+                return
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
+            ConnectionError, ssl.SSLError, ValueError):
+        return
+    finally:
+        state.idle.discard(writer)
+        state.open -= 1
+        if writer.transport.is_closing():
+            writer.transport.abort()
+        else:
+            writer.close()
+
+
+async def serve_control(state: ProcessState, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
+    try:
+        line = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).split(b"\r\n", 1)[0]
+        target = line.split(b" ")[1] if line.count(b" ") >= 1 else b""
+        if target == b"/release":
+            state.release_held()
+            body = b'{"released":true}'
+        elif target == b"/close-idle":
+            closing = list(state.idle)
+            for idle_writer in closing:
+                idle_writer.close()
+            body = json.dumps({"closed": len(closing)}).encode()
+        else:
+            body = json.dumps(state.stats()).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
+            ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+NOT_FOUND_EMPTY = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+
+
+async def not_found_empty(call: Call) -> bool:
+    call.writer.write(NOT_FOUND_EMPTY)
+    return True
+
+
+# Profile `bench`: fixed bytes, built once.
+
+_BENCH_USAGE = (b'"usage":{"prompt_tokens":9,"completion_tokens":9,"total_tokens":18,'
+                b'"prompt_tokens_details":{"cached_tokens":0},'
+                b'"completion_tokens_details":{"reasoning_tokens":0}}')
+
+
+def bench_chat_completion(with_usage: bool = True) -> bytes:
+    """One chat completion as OpenAI sends it; without usage, a padding field of the same length."""
+    usage = _BENCH_USAGE if with_usage else b'"x_pad":"' + b"x" * (len(_BENCH_USAGE) - 10) + b'"'
+    return (b'{"id":"chatcmpl-bench0000000000000000000000","object":"chat.completion",'
+            b'"created":1730000000,"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,'
+            b'"message":{"role":"assistant","content":"Hello! How can I help you today?",'
+            b'"refusal":null},"logprobs":null,"finish_reason":"stop"}],' + usage
+            + b',"system_fingerprint":"fp_bench"}')
+
+
+BENCH_CHAT_COMPLETION = bench_chat_completion()  # bench/run.py has nginx serve the same bytes
+BENCH_SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
+                  b"Cache-Control: no-cache\r\nx-request-id: req_bench_sse\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+def bench_json_reply(completion: bytes) -> bytes:
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nx-request-id: req_bench\r\n"
+            b"openai-processing-ms: 1\r\nContent-Length: %d\r\n\r\n" % len(completion) + completion)
+
+
+def bench_sse_event(n: int) -> bytes:
+    """One chat.completion.chunk event, stamped with the monotonic clock now, as one HTTP chunk."""
+    event = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1730000000,'
+             b'"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"tok%d"},'
+             b'"finish_reason":null}],"bench_ns":%d}\n\n' % (n, time.monotonic_ns()))
+    return b"%x\r\n%s\r\n" % (len(event), event)
+
+
+async def bench_stream(call: Call, bench: dict[str, Any]) -> None:
+    """Write SSE events paced by the loop's clock; each one stamped just before its write."""
+    writer, state = call.writer, call.state
+    interval_s = max(0.0, float(bench.get("interval_ms", 10))) / 1000
+    hold = bool(bench.get("hold"))
+    chunks = 10**9 if hold else max(1, min(int(bench.get("chunks", 20)), PROCESS_MAX_CHUNKS))
+    writer.write(BENCH_SSE_HEAD + bench_sse_event(0))
+    await writer.drain()
+    deadline = time.monotonic() + HOLD_MAX_S
+    generation = state.generation
+    for n in range(1, chunks):
+        if hold:
+            try:
+                await asyncio.wait_for(state.release.wait(), interval_s)
+            except asyncio.TimeoutError:
+                pass
+            if state.generation != generation or time.monotonic() > deadline:
+                break
+        else:
+            await asyncio.sleep(interval_s)
+        writer.write(bench_sse_event(n))
+        await writer.drain()
+    writer.write(b"%x\r\n%s\r\n" % (len(SSE_DONE), SSE_DONE) + LAST_CHUNK)
+
+
+def bench_profile(with_usage: bool = True) -> Profile:
+    json_reply_bytes = bench_json_reply(bench_chat_completion(with_usage))
+
+    async def chat(call: Call) -> bool:
+        if call.method != b"POST":
+            call.writer.write(NOT_FOUND_EMPTY)
+        elif b'"stream"' in call.body and (document := json.loads(call.body)).get("stream") is True:
+            await bench_stream(call, document.get("bench") or {})
+        else:
+            call.writer.write(json_reply_bytes)
+        return True
+
+    return Profile({b"/v1/chat/completions": chat}, (), not_found_empty)
+
+
+# Profile `reliability`: answers and faults, each answer named by the request's x-rel-id.
+
+REL_CHAT_COMPLETION = json.dumps({
+    "id": "chatcmpl-rel", "object": "chat.completion", "created": 1730000000,
+    "model": "gpt-4o-mini",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"},
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+}, separators=(",", ":")).encode()
+REL_SMUGGLED_PATH = b"/v1/rel/smuggled"
+
+
+def rel_id(call: Call) -> bytes:
+    # So that a client can tell its answer from another's.
+    return call.headers.get(b"x-rel-id", b"req_rel")
+
+
+def rel_send(call: Call, status: int, data: bytes, ctype: bytes = b"application/json") -> None:
+    call.writer.write(
+        b"HTTP/1.1 %d X\r\nContent-Type: %s\r\nContent-Length: %d\r\nx-request-id: %s\r\n\r\n"
+        % (status, ctype, len(data), rel_id(call)) + data
+    )
+
+
+def rel_sse_head(call: Call) -> None:
+    call.writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+        b"x-request-id: %s\r\n\r\n" % rel_id(call)
+    )
+
+
+def rel_params(call: Call) -> dict[str, str]:
+    return dict(urllib.parse.parse_qsl(call.target.decode("latin-1").partition("?")[2]))
+
+
+async def rel_chat(call: Call) -> bool:
+    writer = call.writer
+    if b'"max_completion_tokens"' in call.body:
+        # A budgeted request (SOAKP set its cap): the worst case, an answer that uses its whole cap,
+        # slowly, with the usage OpenAI reports last.
+        request = json.loads(call.body)
+        usage = {"prompt_tokens": 10, "completion_tokens": request["max_completion_tokens"]}
+        if request.get("stream"):
+            rel_sse_head(call)
+            for n in range(5):
+                delta = b'{"choices":[{"delta":{"content":"%d"}}],"usage":null}' % n
+                writer.write(sse_chunk(delta))
+                await writer.drain()
+                await asyncio.sleep(0.1)
+            writer.write(sse_chunk(json.dumps({"choices": [], "usage": usage}).encode()))
+            writer.write(sse_chunk(b"[DONE]") + LAST_CHUNK)
+        else:
+            await asyncio.sleep(0.2)
+            rel_send(call, 200, json.dumps({"choices": [], "usage": usage}).encode())
+    elif b'"stream":true' in call.body.replace(b" ", b""):
+        rel_sse_head(call)
+        for n in range(3):
+            writer.write(sse_chunk(b'{"choices":[{"delta":{"content":"%d"}}]}' % n))
+        writer.write(sse_chunk(b"[DONE]") + LAST_CHUNK)
+    else:
+        rel_send(call, 200, REL_CHAT_COMPLETION)
+    return True
+
+
+async def rel_models(call: Call) -> bool:
+    rel_send(call, 200, b'{"object":"list","data":[{"id":"gpt-4o-mini","object":"model"}]}')
+    return True
+
+
+async def rel_echo(call: Call) -> bool:
+    rel_send(call, 200, json.dumps({
+        "target": call.target.decode("latin-1"),
+        "host": call.headers.get(b"host", b"").decode("latin-1"),
+        "body_sha256": hashlib.sha256(call.body).hexdigest()}).encode())
+    return True
+
+
+async def rel_sse(call: Call) -> bool:
+    params = rel_params(call)
+    rel_sse_head(call)
+    interval_s = int(params.get("interval_ms", "0")) / 1000
+    for n in range(int(params.get("events", "3"))):
+        call.writer.write(sse_chunk(b'{"n":%d}' % n))
+        await call.writer.drain()
+        if interval_s:
+            await asyncio.sleep(interval_s)
+    call.writer.write(sse_chunk(b"[DONE]") + LAST_CHUNK)
+    return True
+
+
+async def rel_hold(call: Call) -> bool:
+    state, writer = call.state, call.writer
+    rel_sse_head(call)
+    interval_s = int(rel_params(call).get("interval_ms", "1000")) / 1000
+    deadline = time.monotonic() + HOLD_MAX_S
+    generation = state.generation
+    n = 0
+    while state.generation == generation and time.monotonic() < deadline:
+        writer.write(sse_chunk(b'{"n":%d}' % n))
+        n += 1
+        try:
+            await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            state.hold_closed.append(time.monotonic())
+            return False
+        if await call.client_left(interval_s):
+            state.hold_closed.append(time.monotonic())
+            return False
+    writer.write(sse_chunk(b"[DONE]") + LAST_CHUNK)
+    return True
+
+
+async def rel_fault(call: Call) -> bool:
+    """The misbehaviours, by the name after /v1/rel/; each but `overflow` ends the connection."""
+    name, writer = call.path[len(b"/v1/rel/"):], call.writer
+    if name == b"reset-before":
+        rst(writer)
+    elif name == b"close-before":
+        writer.close()
+    elif name == b"reset-mid":
+        rel_sse_head(call)
+        writer.write(sse_chunk(b'{"n":0}') + sse_chunk(b'{"n":1}'))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        rst(writer)
+    elif name in (b"stall-head", b"stall-body"):
+        if name == b"stall-body":
+            rel_sse_head(call)
+            writer.write(sse_chunk(b'{"n":0}'))
+            await writer.drain()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not await call.client_left(0.5):
+            pass
+        rst(writer)
+    elif name == b"garbage":
+        writer.write(b"\x00\xff\xfeSSH-2.0-OpenSSH_9.2\r\n\r\n")
+        await writer.drain()
+        writer.close()
+    elif name == b"huge-head":
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 70_000 + b"\r\n\r\n")
+        await writer.drain()
+        writer.close()
+    elif name == b"overflow":  # a body longer than its Content-Length: a second answer rides along
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n"
+            b'{"injected":true}'
+        )
+        return True
+    elif name == b"bad-chunk":
+        rel_sse_head(call)
+        writer.write(sse_chunk(b'{"n":0}') + b"zz\r\nnot a chunk\r\n")
+        await writer.drain()
+        writer.close()
+    else:
+        writer.write(b"HTTP/1.1 404 X\r\nContent-Length: 0\r\n\r\n")
+        return True
+    return False
+
+
+async def rel_not_found(call: Call) -> bool:
+    rel_send(call, 404, b'{"error":{"message":"no such path","type":"invalid_request_error",'
+                        b'"param":null,"code":null}}')
+    return True
+
+
+RELIABILITY_PROFILE = Profile(
+    {b"/v1/chat/completions": rel_chat, b"/v1/models": rel_models, REL_SMUGGLED_PATH: rel_echo,
+     b"/v1/rel/sse": rel_sse, b"/v1/rel/hold": rel_hold},
+    ((b"/v1/rel/echo", rel_echo), (b"/v1/rel/", rel_fault)),
+    rel_not_found,
+)
+
+
+async def serve_process(
+    profile: Profile, cert: str, key: str, api_key: str | None, port: int = 0
+) -> None:
+    """Serve `profile` over TLS and the control port until SIGTERM or SIGINT."""
+    state = ProcessState(None if api_key is None else b"Bearer " + api_key.encode())
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["http/1.1"])
+    server = await asyncio.start_server(
+        lambda r, w: serve_process_connection(profile, state, r, w), LOOPBACK, port, ssl=context,
+        limit=PROCESS_HEAD_LIMIT_BYTES, backlog=4096)
+    control = await asyncio.start_server(lambda r, w: serve_control(state, r, w), LOOPBACK, 0)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    gc.freeze()  # what the imports made (cryptography, for the CA) is never garbage: skip it
+    print(f"READY {server.sockets[0].getsockname()[1]} {control.sockets[0].getsockname()[1]}",
+          flush=True)
+    async with server, control:
+        await stop.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="A fake OpenAI upstream in a process of its own.")
+    parser.add_argument("--profile", choices=("bench", "reliability"), required=True)
+    parser.add_argument("--cert", required=True)
+    parser.add_argument("--key", required=True)
+    keys = parser.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", help="the (test) key requests must carry; none: no check")
+    keys.add_argument("--api-key-env", help="the environment variable that holds the key")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--no-usage", action="store_true", help="bench: answers without `usage`")
+    args = parser.parse_args(argv)
+    api_key = os.environ[args.api_key_env] if args.api_key_env else args.api_key
+    profile = bench_profile(not args.no_usage) if args.profile == "bench" else RELIABILITY_PROFILE
+    asyncio.run(serve_process(profile, args.cert, args.key, api_key, args.port))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime
 import itertools
 import json
-import os
 import secrets
 import signal
 import socket
@@ -24,6 +23,7 @@ from hypothesis import strategies as st
 import soakp
 from conftest import SOAKP_PY, basic_auth, soakp_env
 from fake_upstream import FakeUpstream, build_request, die_mid_body, exchange, sse_reply
+from proc_helpers import listening_port
 
 if TYPE_CHECKING:
     from conftest import SoakpLauncher, SoakpProcess
@@ -230,23 +230,6 @@ def test_502_line_for_an_unreachable_upstream(soakp: Callable[..., SoakpProcess]
     assert line["ttfb_ms"] is None and "usage" not in line
     text = lonely.log_text()
     assert minted.key not in text and minted.token not in text
-
-
-def listening_port(pid: int) -> int | None:
-    """The TCP port a process listens on, from /proc (a quiet SOAKP does not log it)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] == "0A" and fields[9] in inodes:  # state LISTEN
-            return int(fields[1].rsplit(":", 1)[1], 16)
-    return None
 
 
 def test_no_access_log_at_warning(soakp_launcher: SoakpLauncher, fake_upstream: FakeUpstream, tmp_path: Path,

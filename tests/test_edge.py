@@ -26,9 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SecretsRegistry, memory_kib, soakp_env
+from conftest import SecretsRegistry, soakp_env
 from deploy_support import ROOT, free_port, require_tools, stop_processes
 from fake_upstream import CertAuthority, FakeUpstream, RawConnection, build_request, exchange
+from proc_helpers import memory_kib
 from test_certbot import client_verifying_as, mint_over
 
 pytestmark = pytest.mark.edge

@@ -3,8 +3,9 @@
     python tools/reliability.py [--quick] [--out REPORT.md] [--json SUMMARY.json]
     make reliability ARGS='--out bench/RELIABILITY.md'
 
-It starts, on 127.0.0.1 only, its own fake OpenAI upstream (TLS, a throwaway CA; `upstream` below, a
-process of its own) and SOAKP (`soakp.py serve`, plain HTTP, port 0), then runs:
+It starts, on 127.0.0.1 only, its own fake OpenAI upstream (TLS, a throwaway CA;
+tests/fake_upstream.py `--profile reliability`, a process of its own: its routes, faults and control
+port are listed there) and SOAKP (`soakp.py serve`, plain HTTP, port 0), then runs:
 
  1 Hostile input    smuggling (CL.TE, TE.CL, obfuscated Transfer-Encoding), bad Content-Length, control
                     bytes, bare CR/LF, obs-fold, over-long lines and heads, bad chunks and trailers,
@@ -31,9 +32,10 @@ and prints a Markdown report; --json writes the figures. Exit status 0 when ever
 request was lost, 1 otherwise. Every wait has a deadline, every load a count and a time bound, and every
 process started here is stopped on the way out.
 
-Internal subcommands, each its own process so that load never shares a loop or a GIL with SOAKP or with
-what measures it: `upstream`, `streams`, `soak`. The key goes to them in RELIABILITY_KEY, the token in
-RELIABILITY_TOKEN; neither is ever on a command line.
+The upstream and the internal subcommands `streams` and `soak` each run as a process of their own,
+so that load never shares a loop or a GIL with SOAKP or with what measures it. The key goes to the
+upstream in RELIABILITY_KEY (--api-key-env), the token to the clients in RELIABILITY_TOKEN; neither
+is ever on a command line.
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,301 +71,21 @@ TOOLS_DIR = Path(__file__).resolve().parent
 ROOT = TOOLS_DIR.parent
 SOAKP_PY = ROOT / "soakp.py"
 TESTS_DIR = ROOT / "tests"
+sys.path.insert(0, str(TESTS_DIR))
+
+from proc_helpers import descriptors, memory_kib  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 READ_BYTES = 64 * 1024
 START_TIMEOUT_S = 20.0
 CLIENT_TIMEOUT_S = 15.0  # the longest any single client read waits
-HOLD_MAX_S = 900.0  # the upstream ends a held stream by itself after this, whatever happens
 SMUGGLED_PATH = "/v1/rel/smuggled"
 
-CHAT_COMPLETION = json.dumps({
-    "id": "chatcmpl-rel", "object": "chat.completion", "created": 1730000000, "model": "gpt-4o-mini",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
-}, separators=(",", ":")).encode()
 CHAT_BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}]}'
 STREAM_BODY = b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello."}]}'
 
 
-# 1. The fake upstream (subcommand `upstream`) ##############################################################
-#
-# HTTP/1.1 keep-alive over TLS. Every request must carry `Authorization: Bearer RELIABILITY_KEY` (else 401),
-# so a SOAKP that forgot to swap the token shows up as errors. Paths:
-#   POST /v1/chat/completions   a chat completion (JSON), or with "stream":true a 3-event SSE stream
-#   GET  /v1/models             a model list
-#   /v1/rel/echo/...            JSON naming the target and Host it received
-#   /v1/rel/sse?events=N&interval_ms=I   N events, then [DONE]
-#   /v1/rel/hold?interval_ms=I  an event now and every I ms until POST /release on the control port, or
-#                               the client leaves (when it noticed goes into /stats "hold_closed")
-#   /v1/rel/<fault>             reset-before, close-before, reset-mid, stall-head, stall-body, garbage,
-#                               huge-head, bad-chunk, overflow (see fault())
-# The control port (plain HTTP): GET /stats, POST /release, POST /close-idle (closes every connection
-# between requests, as a load balancer's idle timeout does).
-
-
-class UpstreamState:
-    def __init__(self, key: str) -> None:
-        self.expected_auth = f"Bearer {key}".encode()
-        self.requests = 0
-        self.by_path: Counter[str] = Counter()
-        self.accepted = 0
-        self.open = 0
-        self.hold_closed: list[float] = []  # time.monotonic() when a held stream noticed its client left
-        self.generation = 0  # POST /release ends every stream held before it
-        self.idle: set[asyncio.StreamWriter] = set()
-        self.unauthorised = 0
-
-    def stats(self) -> dict[str, Any]:
-        return {"requests": self.requests, "by_path": dict(self.by_path), "accepted": self.accepted,
-                "open": self.open, "hold_closed": self.hold_closed, "unauthorised": self.unauthorised}
-
-
-def rst(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    writer.transport.abort()
-
-
-async def read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[bytes, bytes], bytes] | None:
-    """One request: (method, target, headers by lower-case name, body). None at a clean EOF."""
-    try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 600)
-    except asyncio.IncompleteReadError:
-        return None
-    lines = head[:-4].split(b"\r\n")
-    method, target, _ = lines[0].decode("latin-1").split(" ", 2)
-    headers: dict[bytes, bytes] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers[name.strip().lower()] = value.strip()
-    body = b""
-    if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
-        while True:
-            size = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), 60)).split(b";")[0], 16)
-            if size == 0:
-                while await asyncio.wait_for(reader.readuntil(b"\r\n"), 60) != b"\r\n":
-                    pass
-                break
-            body += (await asyncio.wait_for(reader.readexactly(size + 2), 60))[:-2]
-    elif b"content-length" in headers:
-        body = await asyncio.wait_for(reader.readexactly(int(headers[b"content-length"])), 60)
-    return method, target, headers, body
-
-
-async def answer(state: UpstreamState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, method: str,
-                 target: str, headers: dict[bytes, bytes], body: bytes) -> bool:
-    """Answer one request. Returns whether the connection may carry another."""
-    path, _, query = target.partition("?")
-    params = dict(urllib.parse.parse_qsl(query))
-    request_id = headers.get(b"x-rel-id", b"req_rel")  # so a client can tell its answer from another's
-
-    def send(status: int, data: bytes, content_type: bytes = b"application/json") -> None:
-        writer.write(b"HTTP/1.1 %d X\r\nContent-Type: %s\r\nContent-Length: %d\r\nx-request-id: %s\r\n\r\n"
-                     % (status, content_type, len(data), request_id) + data)
-
-    def sse_head() -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
-                     b"x-request-id: %s\r\n\r\n" % request_id)
-
-    def event(data: bytes) -> None:
-        payload = b"data: " + data + b"\n\n"
-        writer.write(b"%x\r\n%s\r\n" % (len(payload), payload))
-
-    async def client_left(within_s: float) -> bool:
-        try:
-            return await asyncio.wait_for(reader.read(READ_BYTES), within_s) == b""
-        except asyncio.TimeoutError:
-            return False
-        except (ConnectionError, ssl.SSLError):
-            return True
-
-    if path == "/v1/chat/completions" and b'"max_completion_tokens"' in body:
-        # A budgeted request (SOAKP set its cap): the worst case, an answer that uses its whole cap, slowly,
-        # with the usage OpenAI reports last.
-        request = json.loads(body)
-        usage = {"prompt_tokens": 10, "completion_tokens": request["max_completion_tokens"]}
-        if request.get("stream"):
-            sse_head()
-            for n in range(5):
-                event(b'{"choices":[{"delta":{"content":"%d"}}],"usage":null}' % n)
-                await writer.drain()
-                await asyncio.sleep(0.1)
-            event(json.dumps({"choices": [], "usage": usage}).encode())
-            event(b"[DONE]")
-            writer.write(b"0\r\n\r\n")
-        else:
-            await asyncio.sleep(0.2)
-            send(200, json.dumps({"choices": [], "usage": usage}).encode())
-    elif path == "/v1/chat/completions":
-        if b'"stream":true' in body.replace(b" ", b""):
-            sse_head()
-            for n in range(3):
-                event(b'{"choices":[{"delta":{"content":"%d"}}]}' % n)
-            event(b"[DONE]")
-            writer.write(b"0\r\n\r\n")
-        else:
-            send(200, CHAT_COMPLETION)
-    elif path == "/v1/models":
-        send(200, b'{"object":"list","data":[{"id":"gpt-4o-mini","object":"model"}]}')
-    elif path.startswith("/v1/rel/echo") or path == SMUGGLED_PATH:
-        send(200, json.dumps({"target": target, "host": headers.get(b"host", b"").decode("latin-1"),
-                              "body_sha256": hashlib.sha256(body).hexdigest()}).encode())
-    elif path == "/v1/rel/sse":
-        sse_head()
-        interval_s = int(params.get("interval_ms", "0")) / 1000
-        for n in range(int(params.get("events", "3"))):
-            event(b'{"n":%d}' % n)
-            await writer.drain()
-            if interval_s:
-                await asyncio.sleep(interval_s)
-        event(b"[DONE]")
-        writer.write(b"0\r\n\r\n")
-    elif path == "/v1/rel/hold":
-        sse_head()
-        interval_s = int(params.get("interval_ms", "1000")) / 1000
-        deadline = time.monotonic() + HOLD_MAX_S
-        generation = state.generation
-        n = 0
-        while state.generation == generation and time.monotonic() < deadline:
-            event(b'{"n":%d}' % n)
-            n += 1
-            try:
-                await writer.drain()
-            except (ConnectionError, ssl.SSLError):
-                state.hold_closed.append(time.monotonic())
-                return False
-            if await client_left(interval_s):
-                state.hold_closed.append(time.monotonic())
-                return False
-        event(b"[DONE]")
-        writer.write(b"0\r\n\r\n")
-    elif path.startswith("/v1/rel/"):
-        return await fault(path[len("/v1/rel/"):], writer, client_left, sse_head, event)
-    else:
-        send(404, b'{"error":{"message":"no such path","type":"invalid_request_error","param":null,"code":null}}')
-    await writer.drain()
-    return True
-
-
-async def fault(name: str, writer: asyncio.StreamWriter, client_left: Callable[[float], Any],
-                sse_head: Callable[[], None], event: Callable[[bytes], None]) -> bool:
-    """The misbehaviours; each ends the connection."""
-    if name == "reset-before":
-        rst(writer)
-    elif name == "close-before":
-        writer.close()
-    elif name == "reset-mid":
-        sse_head()
-        event(b'{"n":0}')
-        event(b'{"n":1}')
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        rst(writer)
-    elif name in ("stall-head", "stall-body"):
-        if name == "stall-body":
-            sse_head()
-            event(b'{"n":0}')
-            await writer.drain()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not await client_left(0.5):
-            pass
-        rst(writer)
-    elif name == "garbage":
-        writer.write(b"\x00\xff\xfeSSH-2.0-OpenSSH_9.2\r\n\r\n")
-        await writer.drain()
-        writer.close()
-    elif name == "huge-head":
-        writer.write(b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 70_000 + b"\r\n\r\n")
-        await writer.drain()
-        writer.close()
-    elif name == "overflow":  # a body longer than its Content-Length: a second response rides along
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
-                     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n"
-                     b'{"injected":true}')
-        await writer.drain()
-        return True
-    elif name == "bad-chunk":
-        sse_head()
-        event(b'{"n":0}')
-        writer.write(b"zz\r\nnot a chunk\r\n")
-        await writer.drain()
-        writer.close()
-    else:
-        writer.write(b"HTTP/1.1 404 X\r\nContent-Length: 0\r\n\r\n")
-        await writer.drain()
-        return True
-    return False
-
-
-async def serve_upstream(cert: str, key_file: str, key: str) -> None:
-    state = UpstreamState(key)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key_file)
-    context.set_alpn_protocols(["http/1.1"])
-
-    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        state.accepted += 1
-        state.open += 1
-        try:
-            while True:
-                state.idle.add(writer)
-                request = await read_request(reader)
-                state.idle.discard(writer)
-                if request is None:
-                    break
-                method, target, headers, body = request
-                state.requests += 1
-                state.by_path[target.partition("?")[0]] += 1
-                if headers.get(b"authorization") != state.expected_auth:
-                    state.unauthorised += 1
-                    writer.write(b"HTTP/1.1 401 X\r\nContent-Length: 0\r\n\r\n")
-                    await writer.drain()
-                    continue
-                if not await answer(state, reader, writer, method, target, headers, body):
-                    break
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError,
-                ssl.SSLError, ValueError):
-            pass
-        finally:
-            state.idle.discard(writer)
-            state.open -= 1
-            writer.transport.abort() if writer.transport.is_closing() else writer.close()
-
-    async def on_control(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).split(b"\r\n", 1)[0]
-            if b"/release" in line:
-                state.generation += 1  # streams opened from now on are held again
-                body = b"{}"
-            elif b"/close-idle" in line:
-                closing = list(state.idle)
-                for idle_writer in closing:
-                    idle_writer.close()
-                body = json.dumps({"closed": len(closing)}).encode()
-            else:
-                body = json.dumps(state.stats()).encode()
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-            await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(on_connection, LOOPBACK, 0, ssl=context, backlog=4096, limit=1024 * 1024)
-    control = await asyncio.start_server(on_control, LOOPBACK, 0)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    print(f"READY {server.sockets[0].getsockname()[1]} {control.sockets[0].getsockname()[1]}", flush=True)
-    async with server, control:
-        await stop.wait()
-
-
-# 2. Load clients (subcommands `streams` and `soak`) ########################################################
+# 1. Load clients (subcommands `streams` and `soak`) ########################################################
 
 
 CLIENT_ERRORS = (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
@@ -567,7 +288,7 @@ async def run_soak(port: int, requests: int, connections: int, max_s: float) -> 
             "timed_out": sent[0] < requests, "error_samples": errors[:5]}
 
 
-# 3. The orchestrator: processes ###############################################################################
+# 2. The orchestrator: processes ###############################################################################
 
 
 def raise_fd_limit() -> int:
@@ -580,12 +301,7 @@ def raise_fd_limit() -> int:
 
 def proc_status(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM in KiB, and the descriptor count."""
-    figures = {"fds": len(os.listdir(f"/proc/{pid}/fd"))}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            figures[name] = int(value.split()[0])
-    return figures
+    return {"fds": descriptors(pid), **memory_kib(pid)}
 
 
 class Sampler:
@@ -653,7 +369,6 @@ class Harness:
     """Starts and stops every process of the run; knows the secret, key, token and CA."""
 
     def __init__(self, workdir: Path, python: str, soakp_py: Path = SOAKP_PY) -> None:
-        sys.path.insert(0, str(TESTS_DIR))
         from fake_upstream import CertAuthority  # the test suite's throwaway CA
 
         self.workdir = workdir
@@ -682,8 +397,10 @@ class Harness:
             process.stop()
 
     def start_upstream(self) -> None:
-        process = self.start([self.python, str(Path(__file__).resolve()), "upstream", "--cert", str(self.cert),
-                              "--key", str(self.cert_key)], "upstream", env={"RELIABILITY_KEY": self.key})
+        argv = [self.python, str(TESTS_DIR / "fake_upstream.py"), "--profile", "reliability",
+                "--cert", str(self.cert), "--key", str(self.cert_key),
+                "--api-key-env", "RELIABILITY_KEY"]
+        process = self.start(argv, "upstream", env={"RELIABILITY_KEY": self.key})
         line = read_line(process, "READY", START_TIMEOUT_S)
         _, tls_port, control_port = line.split()
         self.upstream_port, self.control_port = int(tls_port), int(control_port)
@@ -769,7 +486,7 @@ def collect(port: int, data: bytes, timeout_s: float = CLIENT_TIMEOUT_S, half_cl
     return raw_collect(port, data, timeout_s=timeout_s, half_close=half_close, enough=enough)
 
 
-# 4. Scenarios ###############################################################################################
+# 3. Scenarios ###############################################################################################
 
 
 @dataclass
@@ -1424,7 +1141,7 @@ def soak(harness: Harness, server: Soakp, report: Report, requests: int, connect
                    "rss_peak_kib": max(start["VmRSS"], sampler.peak_rss_kib)}
 
 
-# 5. The report ###############################################################################################
+# 4. The report ###############################################################################################
 
 
 def machine() -> dict[str, str]:
@@ -1601,9 +1318,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="reliability.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
-    upstream = sub.add_parser("upstream")
-    upstream.add_argument("--cert", required=True)
-    upstream.add_argument("--key", required=True)
     stream_client = sub.add_parser("streams")
     stream_client.add_argument("--port", type=int, required=True)
     stream_client.add_argument("--count", type=int, required=True)
@@ -1628,9 +1342,6 @@ def main(argv: list[str] | None = None) -> int:
         target.add_argument("--out", help="also write the Markdown report here")
         target.add_argument("--json", help="write the figures as JSON here")
     args = parser.parse_args(argv)
-    if args.command == "upstream":
-        asyncio.run(serve_upstream(args.cert, args.key, os.environ["RELIABILITY_KEY"]))
-        return 0
     if args.command == "streams":
         raise_fd_limit()
         print(json.dumps(asyncio.run(run_streams(args.port, args.count, args.interval_ms, args.ramp_per_s,
