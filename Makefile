@@ -29,9 +29,10 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Debian packages the tests use beyond Python: pebble + certbot (a real ACME issuance), wrk + nginx
-# (the benchmark's quick run), chromium (browser tests). `make test` installs the missing ones with
+# (the benchmark's quick run and the balancer of tests/test_shared_state.py), chromium (browser tests),
+# redis-server (private Redis servers and a Redis Cluster for tests/test_shared_state.py). `make test` installs the missing ones with
 # apt-get (through sudo when not root), so one command sets up and runs everything on a fresh machine.
-TEST_PACKAGES ?= pebble certbot wrk nginx chromium
+TEST_PACKAGES ?= pebble certbot wrk nginx chromium redis-server
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 system-deps:
@@ -79,7 +80,9 @@ mint: venv $(SECRET_FILE)
 # For another CPU or Python (an edge device), name the target's wheel platform and version:
 # `make zipapp PLATFORM=manylinux2014_aarch64 PYVER=3.11` (no compiler needed: wheels only).
 # shiv is a build tool: it lives in $(SHIV_VENV), never in the zipapp.
+# `make zipapp EXTRAS=redis` puts redis-py inside too, for `--redis` (several instances, one state).
 ZIPAPP ?= dist/soakp.pyz
+EXTRAS ?=
 PLATFORM ?=
 PYVER ?=
 SHIV_VENV ?= build/shiv-venv
@@ -96,9 +99,10 @@ zipapp: $(SHIV_VENV)/bin/shiv
 	mkdir -p "$$tmp/src" "$(dir $(ZIPAPP))"; \
 	cp soakp.py pyproject.toml README.md "$$tmp/src/"; \
 	$(SHIV_VENV)/bin/python -m pip wheel -q --no-deps -w "$$tmp/wheels" "$$tmp/src"; \
-	$(SHIV_VENV)/bin/python -m pip download -q -d "$$tmp/wheels" $(WHEELS_FOR) "$$tmp"/wheels/soakp-*.whl; \
+	whl=$$(ls "$$tmp"/wheels/soakp-*.whl); \
+	$(SHIV_VENV)/bin/python -m pip download -q -d "$$tmp/wheels" $(WHEELS_FOR) "$$whl$(if $(EXTRAS),[$(EXTRAS)])"; \
 	$(SHIV_VENV)/bin/shiv -q -o "$(ZIPAPP).$$$$.tmp" -e soakp:main -p '/usr/bin/env python3' --reproducible \
-		--no-index --find-links "$$tmp/wheels" $(WHEELS_FOR) soakp; \
+		--no-index --find-links "$$tmp/wheels" $(WHEELS_FOR) 'soakp$(if $(EXTRAS),[$(EXTRAS)])'; \
 	mv "$(ZIPAPP).$$$$.tmp" "$(ZIPAPP)"; \
 	echo "built $(ZIPAPP) ($$(wc -c < "$(ZIPAPP)") bytes) from:"; ls "$$tmp/wheels" | sed 's/^/  /'
 
