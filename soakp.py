@@ -1523,6 +1523,12 @@ RATE, BUDGET, REVOKE, CHAIN, ADMIN = (Script.of(t) for t in (RATE_SCRIPT, BUDGET
                                                                CHAIN_SCRIPT, ADMIN_SCRIPT))
 
 
+def store_error(exc: BaseException) -> str:
+    """A Redis failure for the log: its class and message (which name the address, never the password)."""
+    text = str(exc)[:200].translate({c: " " for c in range(0x20)})
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
+
+
 def chain_key(cid: str, what: str) -> str:
     return f"soakp:{{{cid}}}:{what}"
 
@@ -1583,7 +1589,7 @@ class SharedStore:
     def mark_down(self, exc: BaseException) -> None:
         if self.up:
             self.up = False
-            self.down_reason = exc.__class__.__name__
+            self.down_reason = store_error(exc)
             log.warning("Redis is unreachable (%s): revocations keep the set known now (503 after %.0fs), rpm "
                         "counts per instance, budgets answer 503 unless --budget-fail-open, admin lock-out "
                         "counts per instance; retrying every %.2fs", self.down_reason, self.stale_after_s,
@@ -1861,7 +1867,7 @@ async def open_shared_store(config: Config) -> SharedStore:
         info = await asyncio.wait_for(single.info("cluster"), STORE_TIMEOUT_S * 10)
         cluster = bool(info.get("cluster_enabled"))
     except (RedisError, TimeoutError, OSError) as exc:
-        log.warning("Redis is not reachable at start (%s): starting with the fallbacks", exc.__class__.__name__)
+        log.warning("Redis is not reachable at start (%s): starting with the fallbacks", store_error(exc))
     if cluster:
         client = RedisCluster.from_url(config.redis_url, **options, cluster_error_retry_attempts=0)
     store = SharedStore(client, single, (RedisError,), NoScriptError, config.redis_stale_after_s)

@@ -23,19 +23,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def redis_cli(port: int, *args: str, timeout_s: float = 5.0) -> str:
-    result = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(port), *args], capture_output=True,
-                            text=True, timeout=timeout_s)
+def redis_cli(port: int, *args: str, timeout_s: float = 5.0, how: tuple[str, ...] = ()) -> str:
+    where = how or ("-h", "127.0.0.1", "-p", str(port))
+    result = subprocess.run(["redis-cli", *where, *args], capture_output=True, text=True, timeout=timeout_s)
     return result.stdout.strip()
 
 
 class RedisServer:
     """One redis-server on 127.0.0.1:port, without persistence (so a restart comes back empty)."""
 
-    def __init__(self, workdir: Path, port: int | None = None, cluster: bool = False) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, cluster: bool = False,
+                 extra: tuple[str, ...] = (), cli: tuple[str, ...] = ()) -> None:
+        """`extra`: more redis-server arguments (TLS, a socket, a password); `cli`: how redis-cli then
+        reaches it, instead of -h 127.0.0.1 -p PORT."""
         self.workdir = workdir
         self.port = port or free_port()
         self.cluster = cluster
+        self.extra, self.cli = extra, cli
         self.popen: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
 
@@ -45,7 +49,7 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no"]
+                "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no", *self.extra]
         if self.cluster:
             for name in (self.workdir / "nodes.conf", self.workdir / "dump.rdb"):
                 name.unlink(missing_ok=True)
@@ -54,7 +58,7 @@ class RedisServer:
         with open(self.workdir / "redis.log", "ab") as log:
             self.popen = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
-        while redis_cli(self.port, "PING") != "PONG":
+        while redis_cli(self.port, "PING", how=self.cli) != "PONG":
             if time.monotonic() > deadline or self.popen.poll() is not None:
                 raise RuntimeError(f"redis-server did not start on {self.port}")
             time.sleep(0.05)

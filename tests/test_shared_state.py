@@ -7,6 +7,7 @@ fake upstream reporting usage. Each failure mode of SPEC.md "Shared state" has i
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import threading
 import time
@@ -18,7 +19,7 @@ import pytest
 
 from conftest import basic_auth
 from fake_upstream import RecordedRequest, Responder, build_request, exchange
-from redis_servers import Balancer, RedisServer, redis_cli, start_cluster
+from redis_servers import Balancer, RedisServer, free_port, redis_cli, start_cluster
 from usage_upstream import chat_completion, compact
 
 if TYPE_CHECKING:
@@ -323,6 +324,51 @@ def test_redis_stopped_and_restarted_empty_mid_load(
     assert wait_until(lambda: redis_cli(redis_server.port, "ZCARD", "soakp:{rev}") == "1", 2)
     (late,) = instances(1)
     assert wait_until(lambda: models(late, revoked.token) == 401, 1.0)
+
+
+# Connections: TLS with a verified certificate, a Unix socket, a password ###################################
+
+
+def test_rediss_verifies_the_redis_servers_certificate(soakp: Callable[..., SoakpProcess], tmp_path: Path,
+                                                      test_ca: Any, fake_upstream: FakeUpstream) -> None:
+    """rediss:// with the CA that issued Redis's certificate shares state; with certifi's bundle, which
+    does not know that CA, SOAKP does not talk to the server at all (budgets 503, as when it is down)."""
+    cert, key = test_ca.issue("redis", directory=tmp_path)
+    port = free_port()
+    tls = RedisServer(tmp_path / "tls", port=free_port(), extra=(
+        "--tls-port", str(port), "--port", "0", "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(test_ca.ca_path), "--tls-auth-clients", "no"),
+        cli=("--tls", "--cacert", str(test_ca.ca_path), "-h", "127.0.0.1", "-p", str(port))).start()
+    try:
+        trusted = soakp(redis=f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={test_ca.ca_path}")
+        untrusted = soakp(redis=f"rediss://127.0.0.1:{port}/0")
+        budgeted = trusted.mint(max_tokens_total=100)
+        assert health(trusted)["store"]["redis"] == "up"
+        assert trusted.request("GET", "/v1/models", budgeted).status == 200
+        assert "CERTIFICATE_VERIFY_FAILED" in untrusted.log_text() or "certificate verify failed" in \
+            untrusted.log_text().lower()
+        assert wait_until(lambda: health(untrusted)["store"]["redis"] == "down", 2)
+        assert untrusted.request("GET", "/v1/models", budgeted).status == 503
+    finally:
+        tls.stop()
+
+
+def test_a_unix_socket_with_a_password(soakp: Callable[..., SoakpProcess], tmp_path: Path,
+                                       fake_upstream: FakeUpstream, secrets_registry: Any) -> None:
+    password = secrets_registry.add("redis-pass-" + secrets.token_urlsafe(12))
+    sock = tmp_path / "redis.sock"
+    server = RedisServer(tmp_path / "unix", extra=("--unixsocket", str(sock), "--requirepass", password),
+                         cli=("-s", str(sock), "-a", password, "--no-auth-warning")).start()
+    try:
+        a, b = (soakp(redis=f"unix://:{password}@{sock}") for _ in range(2))
+        wrong = soakp(redis=f"unix://:not-{password}@{sock}")
+        limited = a.mint(rpm=2)
+        assert [models(s, limited) for s in (a, b, a)] == [200, 200, 429]
+        assert health(b)["store"]["redis"] == "up"
+        assert wait_until(lambda: health(wrong)["store"]["redis"] == "down", 2)
+        assert password not in a.log_text()
+    finally:
+        server.stop()
 
 
 # Redis Cluster ##############################################################################################
