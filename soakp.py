@@ -1621,9 +1621,9 @@ class SharedStore:
 
     async def evaluate(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
-            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+            return await self.client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         except self.no_script:  # a restarted Redis forgot its scripts
-            return await self.client.eval(script.text, len(keys), *keys, *args)
+            return await self.client.execute_command("EVAL", script.text, len(keys), *keys, *args)
 
     # Rate limits
     async def acquire_rates(self, rates: Sequence[tuple[str, int]], now: float) -> float:
@@ -4345,6 +4345,13 @@ def budget_left(state: ServerState, claims: TokenClaims, reserved_too: bool = Tr
                 for cid, budget in claims.budgets), default=0)
 
 
+def reserved_later(state: ServerState, head: RequestHead, upstream_path: str) -> bool:
+    """Whether, with --redis, reserve_budget() will check the budget anyway (a capped JSON request), so
+    that checking it before the body is read would only cost another round trip."""
+    return state.shared is not None and head.method == "POST" and upstream_path in CAPPED_ENDPOINTS and \
+        media_type(head.header(b"content-type")) != b"multipart/form-data"
+
+
 async def reserve_budget(state: ServerState, exchange: Exchange, claims: TokenClaims, document: dict[str, Any],
                          upstream_path: str) -> BudgetPlan:
     """Plan a budgeted request (plan_budget) and reserve its output cap on every budgeted chain until
@@ -4506,7 +4513,8 @@ async def handle_proxied(
     exchange.metered = head.method == "POST"
     record_use(state, claims, int(now))
     check_permissions(state, claims, head, upstream_path)
-    await check_budget(state, claims)
+    if not reserved_later(state, head, upstream_path):
+        await check_budget(state, claims)
     if websocket:
         if head.body_kind != "none":
             raise bad_request("A WebSocket handshake has no body.")

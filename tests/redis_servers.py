@@ -53,8 +53,9 @@ class RedisServer:
         if self.cluster:
             for name in (self.workdir / "nodes.conf", self.workdir / "dump.rdb"):
                 name.unlink(missing_ok=True)
+            # The bus port defaults to port + 10000, which may be taken or past 65535: pick one free.
             args += ["--cluster-enabled", "yes", "--cluster-config-file", str(self.workdir / "nodes.conf"),
-                     "--cluster-node-timeout", "2000"]
+                     "--cluster-node-timeout", "2000", "--cluster-port", str(free_port())]
         with open(self.workdir / "redis.log", "ab") as log:
             self.popen = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
