@@ -1428,10 +1428,12 @@ if tat <= now then redis.call('DEL', KEYS[1]) else
   redis.call('SET', KEYS[1], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000)) end
 return '0'
 """
-# A chain's budget. KEYS: spent (tokens), reservations (hash id -> tokens), leases (zset id -> expiry).
-# ARGV: op, budget, amount, reservation id, lease seconds, keep-until. Returns {spent, reserved, granted}.
-# `reserve` grants min(amount, what is left); `settle` frees a reservation and charges what was used;
-# `shrink` lowers a reservation; `renew` extends its lease. Expired leases are freed first.
+# A chain's budget. KEYS: spent (tokens), reservations (hash id -> tokens), leases (zset id -> expiry),
+# and the chain's rate key. ARGV: op, budget, amount, reservation id, lease seconds, keep-until, rpm (0:
+# none). Returns {spent, reserved, granted, seconds to wait}. `reserve` takes one request from the rpm
+# (GCRA, as RATE_SCRIPT) and grants min(amount, what is left), both or neither, so a request with rpm and
+# a budget costs one round trip; `settle` frees a reservation and charges what was used; `shrink` lowers
+# a reservation; `renew` extends its lease. Expired leases are freed first.
 BUDGET_SCRIPT = """
 local t = redis.call('TIME')
 local now, op, id = tonumber(t[1]), ARGV[1], ARGV[4]
@@ -1454,16 +1456,28 @@ if #dead > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now) end
 local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
 local reserved = 0
 for _, n in ipairs(redis.call('HVALS', KEYS[2])) do reserved = reserved + tonumber(n) end
-local granted = 0
+local granted, rpm = 0, tonumber(ARGV[7] or '0')
 if op == 'reserve' then
+  local exact, interval, tat = now + tonumber(t[2]) / 1000000, 0, 0
+  if rpm > 0 then
+    interval = 60 / rpm
+    tat = math.max(tonumber(redis.call('GET', KEYS[4]) or '0'), exact)
+    if tat - exact - (60 - interval) > 1e-9 then
+      return {spent, reserved, 0, string.format('%.3f', tat - exact - (60 - interval))}
+    end
+  end
   granted = math.min(tonumber(ARGV[3]), tonumber(ARGV[2]) - spent - reserved)
   if granted > 0 then
     redis.call('HSET', KEYS[2], id, granted)
     redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), id)
     redis.call('EXPIREAT', KEYS[2], ARGV[6]); redis.call('EXPIREAT', KEYS[3], ARGV[6])
+    if rpm > 0 then
+      redis.call('SET', KEYS[4], string.format('%.6f', tat + interval), 'PX',
+                 math.ceil((tat + interval - exact) * 1000))
+    end
   else granted = 0 end
 end
-return {spent, reserved, granted}
+return {spent, reserved, granted, '0'}
 """
 # KEYS: the revocation set (member `c:<cid>` or `t:<jti>`, score: until when it matters) and its
 # version. ARGV: member, until. Returns 1 when it is new (one refresh of a token wins everywhere).
@@ -1625,31 +1639,60 @@ class SharedStore:
         except self.no_script:  # a restarted Redis forgot its scripts
             return await self.client.execute_command("EVAL", script.text, len(keys), *keys, *args)
 
-    # Rate limits
-    async def acquire_rates(self, rates: Sequence[tuple[str, int]], now: float) -> float:
-        """Take one request from every (chain, rpm), or from none. Returns 0 when allowed, else the
-        seconds to wait. A chain known to be over its limit costs no round trip. Raises StoreDown."""
-        known = max((self.over_limit_until.get(cid, 0.0) - now for cid, _ in rates), default=0.0)
+    # Rate limits and budgets
+    async def admit(self, limits: Sequence[tuple[str, int | None, int | None]], want: int, keep_until: int,
+                    now: float) -> tuple[str, int, dict[str, tuple[int, int]], float]:
+        """One request through the rpm and budget of each of its chains, (cid, budget, rpm), one script per
+        chain, reserving up to `want` tokens on each budgeted one, all the same amount (the least any
+        grants). Returns (reservation id, tokens granted, (spent, reserved) of the budgeted chains, seconds
+        to wait when an rpm refused); nothing is held when it refuses. A chain known to be over its rpm
+        costs no round trip. Raises StoreDown, having given back what it took."""
+        known = max((self.over_limit_until.get(cid, 0.0) - now for cid, _, rpm in limits if rpm), default=0.0)
         if known > 0:
-            return known
-        taken: list[tuple[str, int]] = []
-        for cid, rpm in rates:
-            try:
-                wait_s = float(await self.run(RATE, [chain_key(cid, "rate")], [rpm, 1]))
-            except StoreDown:
-                await self.give_back(taken)
-                raise
-            if wait_s > 0:
-                self.over_limit_until[cid] = now + wait_s
-                await self.give_back(taken)
-                return wait_s
-            taken.append((cid, rpm))
-        return 0.0
+            return "", 0, {}, known
+        rid = b64url_encode(secrets.token_bytes(12)) if want else ""
+        granted, figures, rated, held = want, {}, [], []
+        try:
+            for cid, budget, rpm in limits:
+                if budget is not None and want:
+                    reply = await self.run(BUDGET, [*self.budget_keys(cid), chain_key(cid, "rate")],
+                                           ["reserve", budget, granted, rid, RESERVATION_LEASE_S, keep_until,
+                                            rpm or 0])
+                    figures[cid] = (int(reply[0]), int(reply[1]))
+                    wait_s, got = float(reply[3]), int(reply[2])
+                elif rpm:
+                    wait_s, got = float(await self.run(RATE, [chain_key(cid, "rate")], [rpm, 1])), 1
+                else:
+                    continue
+                if wait_s > 0 or got <= 0:
+                    if wait_s > 0:
+                        self.over_limit_until[cid] = now + wait_s
+                    await self.give_back(rated, held, rid, keep_until)
+                    return "", 0, figures, wait_s
+                rated += [(cid, rpm)] if rpm else []
+                if budget is not None and want:
+                    held.append(cid)
+                    if got < granted:
+                        granted = got
+                        for earlier in held[:-1]:
+                            await self.run(BUDGET, self.budget_keys(earlier), ["shrink", 0, granted, rid,
+                                                                              RESERVATION_LEASE_S, keep_until])
+        except StoreDown:
+            await self.give_back(rated, held, rid, keep_until)
+            raise
+        if rid:
+            self.reservations[rid] = [(cid, budget) for cid, budget, _ in limits if budget is not None]
+        return rid, granted, figures, 0.0
 
-    async def give_back(self, taken: Sequence[tuple[str, int]]) -> None:
-        for cid, rpm in taken:
+    async def give_back(self, rated: Sequence[tuple[str, int]], held: Sequence[str], rid: str,
+                        keep_until: int) -> None:
+        """Undo what admit() took before a refusal: the rpm places at once, the reservations soon."""
+        for cid, rpm in rated:
             with contextlib.suppress(StoreDown):
                 await self.run(RATE, [chain_key(cid, "rate")], [rpm, -1])
+        if held:
+            self.queue_settle([(cid, 0) for cid in held], rid, 0, keep_until)
+            self.start(self.send_soon())
 
     # Budgets
     def budget_keys(self, cid: str) -> list[str]:
@@ -1660,37 +1703,6 @@ class SharedStore:
         replies = await asyncio.gather(*(self.run(BUDGET, self.budget_keys(cid), ["check", budget, 0, "", 0, 0])
                                          for cid, budget in budgets))
         return {cid: (int(reply[0]), int(reply[1])) for (cid, _), reply in zip(budgets, replies, strict=True)}
-
-    async def reserve(self, budgets: Sequence[tuple[str, int]], want: int, keep_until: int
-                      ) -> tuple[str, int, dict[str, tuple[int, int]]]:
-        """Reserve up to `want` tokens on every budgeted chain, one chain at a time, all the same amount
-        (the least any grants). Returns (id, granted, (spent, reserved) by chain); granted 0 holds
-        nothing. Raises StoreDown (having given back what it held)."""
-        rid = b64url_encode(secrets.token_bytes(12))
-        granted, held, figures = want, [], {}
-        try:
-            for cid, budget in budgets:
-                reply = await self.run(BUDGET, self.budget_keys(cid), ["reserve", budget, granted, rid,
-                                                                      RESERVATION_LEASE_S, keep_until])
-                figures[cid] = (int(reply[0]), int(reply[1]))
-                if int(reply[2]) <= 0:
-                    granted = 0
-                    break
-                held.append(cid)
-                if int(reply[2]) < granted:
-                    granted = int(reply[2])
-                    for earlier in held[:-1]:
-                        await self.run(BUDGET, self.budget_keys(earlier), ["shrink", 0, granted, rid,
-                                                                          RESERVATION_LEASE_S, keep_until])
-        except StoreDown:
-            self.queue_settle([(cid, 0) for cid in held], rid, 0, keep_until)
-            raise
-        if not granted:
-            self.queue_settle([(cid, 0) for cid in held], rid, 0, keep_until)
-            self.start(self.send_soon())
-            return "", 0, figures
-        self.reservations[rid] = list(budgets)
-        return rid, granted, figures
 
     def queue_settle(self, budgets: Sequence[tuple[str, int]], rid: str, used: int, keep_until: int) -> None:
         self.pending_settles += [(cid, rid, used, keep_until) for cid, _ in budgets]
@@ -3233,7 +3245,8 @@ async def forward(
     """
     config = state.config
     body = await read_body_ahead(state, exchange, reader, writer, head, claims, upstream_path)
-    await take_rate(state, claims, time.time())  # every other check has passed: now it counts against rpm
+    if not exchange.rate_taken:  # every other check has passed: now it counts against rpm
+        await take_rate(state, claims, time.time())
     # A budgeted answer is read to its end even when the client leaves, so that it is charged.
     exchange.watchdog.finish_upstream = exchange.reserved > 0 or exchange.estimate is not None
     if body.rewritten:  # the whole body, changed: sent with its own Content-Length
@@ -3785,6 +3798,7 @@ class Exchange:
     request_id: str | None = None
     reserved: int = 0  # output tokens of the chain's budget promised to this request until it is settled
     reservation: str | None = None  # its id in Redis (--redis), else the reservation is this instance's
+    rate_taken: bool = False  # counted against rpm already, with its reservation (--redis)
     estimate: tuple[int, int] | None = None  # what a budgeted request is charged if no usage is reported
     revoked: bool = False  # its chain was revoked while it streamed
     upstream_started: float = 0.0
@@ -4363,16 +4377,24 @@ async def reserve_budget(state: ServerState, exchange: Exchange, claims: TokenCl
         want = plan_budget(dict(document), upstream_path, min(budget for _, budget in budgets)).reserved
         if not want:
             return plan_budget(document, upstream_path, 1)  # nothing to cap: charged by its usage
-        try:
-            rid, granted, figures = await shared.reserve(budgets, want, claims.rexp + KEEP_AFTER_S)
+        try:  # the rpm is taken here too: one round trip per chain for both
+            rid, granted, figures, wait_s = await shared.admit(chain_limits_of(claims), want,
+                                                               claims.rexp + KEEP_AFTER_S, time.time())
         except StoreDown:
             if not state.config.budget_fail_open:
                 raise store_unavailable("token budgets") from None
         else:
+            if wait_s:
+                raise rate_limited(claims, wait_s)
             if not granted:
+                missing = [(cid, budget) for cid, budget in budgets if cid not in figures]
+                try:  # refused before it reached every chain: the others' figures, for the right 429
+                    figures.update(await shared.budget_figures(missing) if missing else {})
+                except StoreDown:
+                    raise store_unavailable("token budgets") from None
                 check_budget_figures(claims, figures)
                 raise store_unavailable("token budgets")  # not reached: a refusal has a reason above
-            exchange.reserved, exchange.reservation = granted, rid
+            exchange.reserved, exchange.reservation, exchange.rate_taken = granted, rid, True
             return plan_budget(document, upstream_path, granted)
     plan = plan_budget(document, upstream_path, budget_left(state, claims))
     exchange.reserved = plan.reserved
@@ -4380,6 +4402,19 @@ async def reserve_budget(state: ServerState, exchange: Exchange, claims: TokenCl
         for cid, _ in claims.budgets:
             state.reserved[cid] = state.reserved.get(cid, 0) + plan.reserved
     return plan
+
+
+def chain_limits_of(claims: TokenClaims) -> list[tuple[str, int | None, int | None]]:
+    """(cid, budget, rpm) of the token's own chain and each ancestor's, own first."""
+    budgets, rates = dict(claims.budgets), dict(claims.rates)
+    return [(cid, budgets.get(cid), rates.get(cid)) for cid in claims.chains]
+
+
+def rate_limited(claims: TokenClaims, wait_s: float) -> ApiError:
+    rpm = min(per_minute for _, per_minute in claims.rates)
+    return ApiError(429, f"Rate limit of {rpm} requests per minute reached for this token"
+                         f"{' or a token it descends from' if claims.ancestors else ''}.",
+                    "rate_limit_exceeded", "requests", headers=[("Retry-After", str(math.ceil(wait_s)))])
 
 
 async def take_rate(state: ServerState, claims: TokenClaims, now: float) -> None:
@@ -4390,14 +4425,11 @@ async def take_rate(state: ServerState, claims: TokenClaims, now: float) -> None
         wait_s = None
         if state.shared is not None:
             with contextlib.suppress(StoreDown):
-                wait_s = await state.shared.acquire_rates(rates, now)
+                wait_s = (await state.shared.admit([(cid, None, rpm) for cid, rpm in rates], 0, 0, now))[3]
         if wait_s is None:
             wait_s = state.rate.acquire_all(rates, now)
         if wait_s:
-            rpm = min(per_minute for _, per_minute in rates)
-            raise ApiError(429, f"Rate limit of {rpm} requests per minute reached for this token"
-                                f"{' or a token it descends from' if claims.ancestors else ''}.",
-                           "rate_limit_exceeded", "requests", headers=[("Retry-After", str(math.ceil(wait_s)))])
+            raise rate_limited(claims, wait_s)
 
 
 # SPEC.md, Methods: what the OpenAI API uses; anything else, a lowercase spelling included, is a 501.
