@@ -32,6 +32,7 @@ ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 START_TIMEOUT_S = 15.0
+REQUESTS = 3000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}],"max_tokens":20}'
 
@@ -244,7 +245,7 @@ def available(python: str) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--requests", type=int, default=REQUESTS)
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--soakp", type=Path, default=ROOT / "soakp.py")
     parser.add_argument("--markdown", type=Path)

@@ -235,6 +235,12 @@ def test_usage_and_metrics_show_every_instance(instances: Callable[..., list[Soa
     assert listed.returncode == 0, listed.stderr
     rows = {json.loads(line)["cid"]: json.loads(line) for line in listed.stdout.splitlines()}
     assert rows[minted.jti]["requests"] == 3
+    # `soakp revoke --redis URL` needs no instance and no database: every instance refuses within 1 s.
+    revoked = soakp_cli("revoke", "--redis", redis_server.url, minted.jti)
+    assert revoked.returncode == 0 and json.loads(revoked.stdout)["cid"] == minted.jti, revoked.stderr
+    assert wait_until(lambda: models(a, minted.token) == 401 and models(b, minted.token) == 401, 1.0)
+    unknown = soakp_cli("revoke", "--redis", redis_server.url, "A" * 22)
+    assert unknown.returncode == 1 and "no token or chain" in unknown.stderr
 
 
 def test_admin_lockout_counts_failures_on_every_instance(instances: Callable[..., list[SoakpProcess]],
