@@ -265,16 +265,16 @@ OPTIONS: dict[str, tuple[str, str | None, str]] = {
     "max-connections": ("SOAKP_MAX_CONNECTIONS", "10000", "concurrent client connections; beyond it 503"),
     "shutdown-grace": ("SOAKP_SHUTDOWN_GRACE", "30s", "on SIGTERM, time in-flight requests get to finish"),
     "log-level": ("SOAKP_LOG_LEVEL", "info", "debug, info, warning or error"),
-    "redis": ("SOAKP_REDIS_URL", None, "redis://, rediss:// or unix:// URL of the Redis (or Valkey) that "
-              "several instances share revocations, rpm, budgets and usage through"),
-    "redis-stale-after": ("SOAKP_REDIS_STALE_AFTER", "60s",
-                          "how old the revocations may grow while Redis is unreachable; past it 503"),
-    "budget-fail-open": ("SOAKP_BUDGET_FAIL_OPEN", None,
-                         "1: serve budgeted tokens on per-instance counts while Redis is unreachable"),
+    "redis": ("SOAKP_REDIS_URL", None, "redis://, rediss:// or unix:// URL of the Redis (or "
+              "Valkey) through which several instances share revocations, rpm, budgets, usage"),
+    "redis-stale-after": ("SOAKP_REDIS_STALE_AFTER", "60s", "how old the known revocations may "
+                          "grow while Redis is unreachable; past it 503"),
+    "budget-fail-open": ("SOAKP_BUDGET_FAIL_OPEN", None, "serve budgeted tokens, counted per "
+                         "instance, while Redis is unreachable (variable: 1)"),
 }
 COMMON_OPTIONS = ("secret", "secret-file", "old-secrets", "db", "token-ttl", "max-token-ttl", "log-level")
 SERVE_OPTIONS = tuple(OPTIONS)
-FLAG_OPTIONS = frozenset({"budget-fail-open"})  # on/off: the flag takes no value, its variable 1 or 0
+FLAG_OPTIONS = frozenset({"budget-fail-open"})  # on/off: the flag takes no value, its variable 1/0
 COMMANDS = ("serve", "mint", "revoke", "tokens", "selfsigned")
 
 
@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
             env, default, text = OPTIONS[name]
             shown = f" (env {env}" + (f", default {default})" if default else ")")
             flag = {"action": "store_const", "const": "1"} if name in FLAG_OPTIONS else {}
-            sub.add_argument(f"--{name}", dest=name.replace("-", "_"), default=None, help=text + shown, **flag)
+            sub.add_argument(f"--{name}", dest=name.replace("-", "_"), default=None,
+                             help=text + shown, **flag)
 
     serve = commands.add_parser("serve", help="run the proxy (the default command)")
     add_options(serve, SERVE_OPTIONS)
@@ -1068,8 +1069,8 @@ class TokenCache:
             del self.entries[token]
             raise invalid_token("The token has expired.")
         if now > self.revoked.fresh_until:
-            raise ApiError(503, "SOAKP cannot reach the store of revoked tokens; try again shortly.",
-                           "store_unavailable", headers=[("Retry-After", "1")])
+            raise ApiError(503, "SOAKP cannot reach the store of revoked tokens; try again "
+                                "shortly.", "store_unavailable", headers=[("Retry-After", "1")])
         if self.revoked.revoked(claims):
             raise invalid_token("The token has been revoked.")
         return claims
@@ -1399,17 +1400,19 @@ class RegistryWorker:
 # Each key carries its chain's id as a hash tag, `soakp:{cid}:...`, so a script touches one slot and
 # Redis Cluster works. A child token's request touches its own chain and each ancestor's, which are
 # other slots: one script per chain, taken one by one, the earlier ones given back when a later one
-# refuses. So each chain's rpm and budget hold exactly; a request refused by an ancestor holds a place
-# on its own chain for one round trip, which can only refuse another request, never let one more in.
-# Rate limits and budgets run on Redis's clock (TIME), so the instances' clocks never matter.
-# When Redis fails, each kind of state falls back as SPEC.md says; a background probe brings it back.
+# refuses. So each chain's rpm and budget hold exactly; a request refused by an ancestor holds a
+# place on its own chain for one round trip, which can only refuse another request, never let one
+# more in. Rate limits and budgets run on Redis's clock (TIME), so the instances' clocks never
+# matter. When Redis fails, each kind of state falls back as SPEC.md says; a background probe brings
+# it back.
 
 STORE_TIMEOUT_S = 0.3  # no request waits longer than this on Redis
-SHARED_POLL_S = 0.25  # revocation version check, probe and pending writes: a change is seen within 1 s
-RESERVATION_LEASE_S = 30  # a reservation whose instance died is freed after this (renewed while alive)
+SHARED_POLL_S = 0.25  # revocation version check, probe, pending writes: a change is seen within 1 s
+RESERVATION_LEASE_S = 30  # a reservation whose instance died is freed after this (else renewed)
 RESERVATION_RENEW_S = 10.0
 SHARED_LIST_BATCH = 500
 REVOCATIONS_KEY, REVOCATIONS_VERSION_KEY = "soakp:{rev}", "soakp:{rev}:v"
+REVOCATION_KEYS = [REVOCATIONS_KEY, REVOCATIONS_VERSION_KEY]
 REVOCATIONS_CHANNEL = "soakp:revocations"
 CHAINS_KEY = "soakp:{chains}"  # chain ids by renew-until: what GET /jwt lists
 KEEP_AFTER_S = 86400  # chain keys outlive the chain's renew-until by a day, then Redis drops them
@@ -1422,18 +1425,20 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local interval = 60 / tonumber(ARGV[1])
 local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
 if ARGV[2] == '-1' then tat = tat - interval
-elseif tat - now - (60 - interval) > 1e-9 then return string.format('%.3f', tat - now - (60 - interval))
+elseif tat - now - (60 - interval) > 1e-9 then
+  return string.format('%.3f', tat - now - (60 - interval))
 else tat = tat + interval end
 if tat <= now then redis.call('DEL', KEYS[1]) else
   redis.call('SET', KEYS[1], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000)) end
 return '0'
 """
-# A chain's budget. KEYS: spent (tokens), reservations (hash id -> tokens), leases (zset id -> expiry),
-# and the chain's rate key. ARGV: op, budget, amount, reservation id, lease seconds, keep-until, rpm (0:
-# none). Returns {spent, reserved, granted, seconds to wait}. `reserve` takes one request from the rpm
-# (GCRA, as RATE_SCRIPT) and grants min(amount, what is left), both or neither, so a request with rpm and
-# a budget costs one round trip; `settle` frees a reservation and charges what was used; `shrink` lowers
-# a reservation; `renew` extends its lease. Expired leases are freed first.
+# A chain's budget. KEYS: spent (tokens), reservations (hash id -> tokens), leases (zset id ->
+# expiry), and the chain's rate key. ARGV: op, budget, amount, reservation id, lease seconds,
+# keep-until, rpm (0: none). Returns {spent, reserved, granted, seconds to wait}. `reserve` takes
+# one request from the rpm (GCRA, as RATE_SCRIPT) and grants min(amount, what is left), both or
+# neither, so a request with rpm and a budget costs one round trip; `settle` frees a reservation and
+# charges what was used; `shrink` lowers a reservation; `renew` extends its lease. Expired leases
+# are freed first.
 BUDGET_SCRIPT = """
 local t = redis.call('TIME')
 local now, op, id = tonumber(t[1]), ARGV[1], ARGV[4]
@@ -1488,14 +1493,16 @@ local added = redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1])
 if added == 1 then redis.call('INCR', KEYS[2]) end
 return added
 """
-# KEYS: a chain's metadata hash. ARGV: jti, sub, created_at, expires_at, renew_until, limits, parent,
-# keep-until, then usage: requests, prompt, completion, errors, last_used_at. The newest token's jti
-# and expiry win; usage adds up.
+# KEYS: a chain's metadata hash. ARGV: jti, sub, created_at, expires_at, renew_until, limits,
+# parent, keep-until, then usage: requests, prompt, completion, errors, last_used_at. The newest
+# token's jti and expiry win; usage adds up.
 CHAIN_SCRIPT = """
 if ARGV[3] ~= '' and redis.call('HSETNX', KEYS[1], 'created_at', ARGV[3]) == 1 then
-  redis.call('HSET', KEYS[1], 'sub', ARGV[2], 'renew_until', ARGV[5], 'limits', ARGV[6], 'parent', ARGV[7])
+  redis.call('HSET', KEYS[1], 'sub', ARGV[2], 'renew_until', ARGV[5], 'limits', ARGV[6],
+             'parent', ARGV[7])
 end
-if ARGV[1] ~= '' and tonumber(ARGV[4]) >= tonumber(redis.call('HGET', KEYS[1], 'expires_at') or '0') then
+local newest = tonumber(redis.call('HGET', KEYS[1], 'expires_at') or '0')
+if ARGV[1] ~= '' and tonumber(ARGV[4]) >= newest then
   redis.call('HSET', KEYS[1], 'jti', ARGV[1], 'expires_at', ARGV[4])
 end
 for i, name in ipairs({'requests', 'prompt_tokens', 'completion_tokens', 'errors'}) do
@@ -1507,14 +1514,16 @@ end
 redis.call('EXPIREAT', KEYS[1], ARGV[8])
 return 1
 """
-# Admin lock-out by address. KEYS: failures, lock. ARGV: op (check, ok, fail), allowed, window, lockout.
-# Returns the lock's milliseconds left (check), or the failures counted (fail).
+# Admin lock-out by address. KEYS: failures, lock. ARGV: op (check, ok, fail), allowed, window,
+# lockout. Returns the lock's milliseconds left (check), or the failures counted (fail).
 ADMIN_SCRIPT = """
 if ARGV[1] == 'check' then return redis.call('PTTL', KEYS[2]) end
 if ARGV[1] == 'ok' then redis.call('DEL', KEYS[1]); return 0 end
 local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
-if n >= tonumber(ARGV[2]) then redis.call('SET', KEYS[2], '1', 'EX', ARGV[4]); redis.call('DEL', KEYS[1]) end
+if n >= tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[2], '1', 'EX', ARGV[4]); redis.call('DEL', KEYS[1])
+end
 return n
 """
 
@@ -1530,15 +1539,16 @@ class Script:
 
     @classmethod
     def of(cls, text: str) -> Script:
-        return cls(text, hashlib.sha1(text.encode("utf-8")).hexdigest())  # noqa: S324 - Redis names it so
+        sha = hashlib.sha1(text.encode("utf-8")).hexdigest()  # noqa: S324 - Redis names scripts so
+        return cls(text, sha)
 
 
-RATE, BUDGET, REVOKE, CHAIN, ADMIN = (Script.of(t) for t in (RATE_SCRIPT, BUDGET_SCRIPT, REVOKE_SCRIPT,
-                                                               CHAIN_SCRIPT, ADMIN_SCRIPT))
+RATE, BUDGET, REVOKE, CHAIN, ADMIN = (
+    Script.of(t) for t in (RATE_SCRIPT, BUDGET_SCRIPT, REVOKE_SCRIPT, CHAIN_SCRIPT, ADMIN_SCRIPT))
 
 
 def store_error(exc: BaseException) -> str:
-    """A Redis failure for the log: its class and message (which name the address, never the password)."""
+    """A Redis failure for the log: its class and message (with the address, never a password)."""
     text = str(exc)[:200].translate({c: " " for c in range(0x20)})
     return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
 
@@ -1559,7 +1569,7 @@ def parse_revocation_set(pairs: Sequence[tuple[str, float]]) -> Revocations:
 
 
 def chain_row(cid: str, meta: Mapping[str, str]) -> dict[str, Any]:
-    """A GET /jwt row from a chain's metadata hash in Redis (the shape TokenRegistry.list() gives)."""
+    """A GET /jwt row from a chain's metadata hash in Redis (as TokenRegistry.list() gives it)."""
     def number(name: str) -> int | None:
         value = meta.get(name)
         return int(value) if value not in (None, "") else None
@@ -1576,11 +1586,11 @@ def chain_row(cid: str, meta: Mapping[str, str]) -> dict[str, Any]:
 
 
 class SharedStore:
-    """The Redis side of ServerState: revocations, rate limits, budgets, usage, chain metadata and the
-    admin lock-out that several instances share. Every call is bounded by STORE_TIMEOUT_S; a failure
-    marks Redis down (logged once, metric, /healthz) and raises StoreDown until the probe sees it back.
-    Writes that must not be lost (revocations, registrations, usage, settlements) wait in memory and are
-    sent when Redis is back."""
+    """The Redis side of ServerState: revocations, rate limits, budgets, usage, chain metadata and
+    the admin lock-out that several instances share. Every call is bounded by STORE_TIMEOUT_S; a
+    failure marks Redis down (logged once, metric, /healthz) and raises StoreDown until the probe
+    sees it back. Writes that must not be lost (revocations, registrations, usage, settlements) wait
+    in memory and are sent when Redis is back."""
 
     def __init__(self, client: Any, subscriber: Any, errors: tuple[type[BaseException], ...],
                  no_script: type[BaseException], stale_after_s: float) -> None:
@@ -1591,11 +1601,13 @@ class SharedStore:
         self.down_reason = ""
         self.version: str | None = None  # of the revocation set, as last read
         self.synced_at = time.time()  # when the revocation set was last known to be current
-        self.over_limit_until: dict[str, float] = {}  # cid -> when it may be tried again (wall clock)
-        self.reservations: dict[str, list[tuple[str, int]]] = {}  # id -> budgeted chains, for lease renewal
+        self.over_limit_until: dict[str, float] = {}  # cid -> when to try again (wall clock)
+        # reservation id -> its budgeted chains, for lease renewal
+        self.reservations: dict[str, list[tuple[str, int]]] = {}
         self.pending_revocations: dict[str, int] = {}
         self.pending_chains: list[tuple[str, list[Any]]] = []
-        self.pending_settles: list[tuple[str, str, int, int]] = []  # (cid, reservation, used, keep-until)
+        # (cid, reservation id, tokens used, keep-until)
+        self.pending_settles: list[tuple[str, str, int, int]] = []
         self.sending = asyncio.Lock()
         self.usage: dict[str, UsageDelta] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -1604,10 +1616,10 @@ class SharedStore:
         if self.up:
             self.up = False
             self.down_reason = store_error(exc)
-            log.warning("Redis is unreachable (%s): revocations keep the set known now (503 after %.0fs), rpm "
-                        "counts per instance, budgets answer 503 unless --budget-fail-open, admin lock-out "
-                        "counts per instance; retrying every %.2fs", self.down_reason, self.stale_after_s,
-                        SHARED_POLL_S)
+            log.warning("Redis is unreachable (%s): revocations keep the set known now (503 after "
+                        "%.0fs), rpm counts per instance, budgets answer 503 unless "
+                        "--budget-fail-open, admin lock-out counts per instance; retrying every "
+                        "%.2fs", self.down_reason, self.stale_after_s, SHARED_POLL_S)
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """One script on the slot of its keys, within STORE_TIMEOUT_S. Raises StoreDown."""
@@ -1640,14 +1652,17 @@ class SharedStore:
             return await self.client.execute_command("EVAL", script.text, len(keys), *keys, *args)
 
     # Rate limits and budgets
-    async def admit(self, limits: Sequence[tuple[str, int | None, int | None]], want: int, keep_until: int,
-                    now: float) -> tuple[str, int, dict[str, tuple[int, int]], float]:
-        """One request through the rpm and budget of each of its chains, (cid, budget, rpm), one script per
-        chain, reserving up to `want` tokens on each budgeted one, all the same amount (the least any
-        grants). Returns (reservation id, tokens granted, (spent, reserved) of the budgeted chains, seconds
-        to wait when an rpm refused); nothing is held when it refuses. A chain known to be over its rpm
-        costs no round trip. Raises StoreDown, having given back what it took."""
-        known = max((self.over_limit_until.get(cid, 0.0) - now for cid, _, rpm in limits if rpm), default=0.0)
+    async def admit(self, limits: Sequence[tuple[str, int | None, int | None]], want: int,
+                    keep_until: int, now: float
+                    ) -> tuple[str, int, dict[str, tuple[int, int]], float]:
+        """One request through the rpm and budget of each of its chains, (cid, budget, rpm), one
+        script per chain, reserving up to `want` tokens on each budgeted one, all the same amount
+        (the least any grants). Returns (reservation id, tokens granted, (spent, reserved) of the
+        budgeted chains, seconds to wait when an rpm refused); nothing is held when it refuses. A
+        chain known to be over its rpm costs no round trip. Raises StoreDown, having given back
+        what it took."""
+        known = max((self.over_limit_until.get(cid, 0.0) - now for cid, _, rpm in limits if rpm),
+                    default=0.0)
         if known > 0:
             return "", 0, {}, known
         rid = b64url_encode(secrets.token_bytes(12)) if want else ""
@@ -1655,9 +1670,9 @@ class SharedStore:
         try:
             for cid, budget, rpm in limits:
                 if budget is not None and want:
-                    reply = await self.run(BUDGET, [*self.budget_keys(cid), chain_key(cid, "rate")],
-                                           ["reserve", budget, granted, rid, RESERVATION_LEASE_S, keep_until,
-                                            rpm or 0])
+                    keys = [*self.budget_keys(cid), chain_key(cid, "rate")]
+                    reply = await self.run(BUDGET, keys, [
+                        "reserve", budget, granted, rid, RESERVATION_LEASE_S, keep_until, rpm or 0])
                     figures[cid] = (int(reply[0]), int(reply[1]))
                     wait_s, got = float(reply[3]), int(reply[2])
                 elif rpm:
@@ -1675,18 +1690,19 @@ class SharedStore:
                     if got < granted:
                         granted = got
                         for earlier in held[:-1]:
-                            await self.run(BUDGET, self.budget_keys(earlier), ["shrink", 0, granted, rid,
-                                                                              RESERVATION_LEASE_S, keep_until])
+                            await self.run(BUDGET, self.budget_keys(earlier), [
+                                "shrink", 0, granted, rid, RESERVATION_LEASE_S, keep_until])
         except StoreDown:
             await self.give_back(rated, held, rid, keep_until)
             raise
         if rid:
-            self.reservations[rid] = [(cid, budget) for cid, budget, _ in limits if budget is not None]
+            self.reservations[rid] = [(cid, budget) for cid, budget, _ in limits
+                                      if budget is not None]
         return rid, granted, figures, 0.0
 
     async def give_back(self, rated: Sequence[tuple[str, int]], held: Sequence[str], rid: str,
                         keep_until: int) -> None:
-        """Undo what admit() took before a refusal: the rpm places at once, the reservations soon."""
+        """Undo what admit() took before a refusal: rpm places at once, reservations soon."""
         for cid, rpm in rated:
             with contextlib.suppress(StoreDown):
                 await self.run(RATE, [chain_key(cid, "rate")], [rpm, -1])
@@ -1698,17 +1714,22 @@ class SharedStore:
     def budget_keys(self, cid: str) -> list[str]:
         return [chain_key(cid, "spent"), chain_key(cid, "reserved"), chain_key(cid, "leases")]
 
-    async def budget_figures(self, budgets: Sequence[tuple[str, int]]) -> dict[str, tuple[int, int]]:
+    async def budget_figures(self, budgets: Sequence[tuple[str, int]]
+                             ) -> dict[str, tuple[int, int]]:
         """(spent, reserved) of each budgeted chain. Raises StoreDown."""
-        replies = await asyncio.gather(*(self.run(BUDGET, self.budget_keys(cid), ["check", budget, 0, "", 0, 0])
-                                         for cid, budget in budgets))
-        return {cid: (int(reply[0]), int(reply[1])) for (cid, _), reply in zip(budgets, replies, strict=True)}
+        replies = await asyncio.gather(*(
+            self.run(BUDGET, self.budget_keys(cid), ["check", budget, 0, "", 0, 0])
+            for cid, budget in budgets))
+        return {cid: (int(reply[0]), int(reply[1]))
+                for (cid, _), reply in zip(budgets, replies, strict=True)}
 
-    def queue_settle(self, budgets: Sequence[tuple[str, int]], rid: str, used: int, keep_until: int) -> None:
+    def queue_settle(self, budgets: Sequence[tuple[str, int]], rid: str, used: int,
+                     keep_until: int) -> None:
         self.pending_settles += [(cid, rid, used, keep_until) for cid, _ in budgets]
 
-    def settle(self, budgets: Sequence[tuple[str, int]], rid: str, used: int, keep_until: int) -> None:
-        """Free a reservation and charge what was used, soon (a background task; kept until sent)."""
+    def settle(self, budgets: Sequence[tuple[str, int]], rid: str, used: int,
+               keep_until: int) -> None:
+        """Free a reservation and charge what was used, soon (a background task; kept till sent)."""
         self.reservations.pop(rid, None)
         self.queue_settle(budgets, rid, used, keep_until)
         self.start(self.send_soon())
@@ -1724,22 +1745,23 @@ class SharedStore:
 
     # Revocations
     async def revoke(self, member: str, until: int) -> bool | None:
-        """Store a revocation and tell every instance. Returns whether it is new, or None when Redis is
-        unreachable (it is kept and sent when Redis is back)."""
+        """Store a revocation and tell every instance. Returns whether it is new, or None when Redis
+        is unreachable (it is kept and sent when Redis is back)."""
         try:
-            added = await self.run(REVOKE, [REVOCATIONS_KEY, REVOCATIONS_VERSION_KEY], [member, until])
+            added = await self.run(REVOKE, REVOCATION_KEYS, [member, until])
         except StoreDown:
             self.pending_revocations[member] = until
             return None
         with contextlib.suppress(StoreDown):
             await self.command("PUBLISH", REVOCATIONS_CHANNEL, f"{member} {until}")
             if member.startswith("c:"):
-                await self.command("HSETNX", chain_key(member[2:], "meta"), "revoked_at", int(time.time()))
+                await self.command("HSETNX", chain_key(member[2:], "meta"), "revoked_at",
+                                   int(time.time()))
         return bool(added)
 
     async def sync_revocations(self, known: Revocations) -> Revocations | None:
-        """The whole shared set when its version moved (None when not). A Redis that lost the set (it
-        restarted empty) gets back every revocation this instance knows. Raises StoreDown."""
+        """The whole shared set when its version moved (None when not). A Redis that lost the set
+        (it restarted empty) gets back every revocation this instance knows. Raises StoreDown."""
         version = await self.command("GET", REVOCATIONS_VERSION_KEY)
         self.synced_at = time.time()
         if version is None:
@@ -1747,24 +1769,24 @@ class SharedStore:
         if version is None and (known.chains or known.tokens) and not self.pending_revocations:
             log.warning("Redis has no revocations: it restarted empty; sending the %d known here",
                         len(known.chains) + len(known.tokens))
-            self.pending_revocations.update({f"c:{cid}": until for cid, until in known.chains.items()})
-            self.pending_revocations.update({f"t:{jti}": until for jti, until in known.tokens.items()})
+            for kind, table in (("c", known.chains), ("t", known.tokens)):
+                self.pending_revocations.update({f"{kind}:{i}": t for i, t in table.items()})
             return None
         if version == self.version:
             return None
-        pairs = await self.call(self.client.zrange(REVOCATIONS_KEY, int(time.time()), "+inf", byscore=True,
-                                                   withscores=True))
+        pairs = await self.call(self.client.zrange(REVOCATIONS_KEY, int(time.time()), "+inf",
+                                                   byscore=True, withscores=True))
         self.version = version
         return parse_revocation_set(pairs)
 
     # Chains and usage
-    def chain_args(self, minted: MintedToken, sub: str, created_at: int, limits: str, parent: str | None
-                   ) -> list[Any]:
-        return [minted.jti, sub, created_at, minted.expires_at, minted.renew_until, limits, parent or "",
-                minted.renew_until + KEEP_AFTER_S, 0, 0, 0, 0, 0]
+    def chain_args(self, minted: MintedToken, sub: str, created_at: int, limits: str,
+                   parent: str | None) -> list[Any]:
+        return [minted.jti, sub, created_at, minted.expires_at, minted.renew_until, limits,
+                parent or "", minted.renew_until + KEEP_AFTER_S, 0, 0, 0, 0, 0]
 
     async def register(self, cid: str, args: list[Any]) -> None:
-        """A minted token's chain and jti, so that every instance lists it and can revoke it by id."""
+        """A minted token's chain and jti, so that every instance lists it and revokes it by id."""
         try:
             await self.write_chain(cid, args)
         except StoreDown:
@@ -1774,7 +1796,8 @@ class SharedStore:
         await self.run(CHAIN, [chain_key(cid, "meta")], args)
         await self.command("ZADD", CHAINS_KEY, args[4] or args[7] - KEEP_AFTER_S, cid)
         if args[0] and args[0] != cid:
-            await self.command("SET", chain_key(args[0], "cid"), cid, "EXAT", args[3] + KEEP_AFTER_S)
+            await self.command("SET", chain_key(args[0], "cid"), cid, "EXAT",
+                               args[3] + KEEP_AFTER_S)
 
     def add_usage(self, batch: Mapping[str, UsageDelta]) -> None:
         for cid, delta in batch.items():
@@ -1796,7 +1819,7 @@ class SharedStore:
 
     async def send_pending_now(self) -> None:
         for member, until in list(self.pending_revocations.items()):
-            await self.run(REVOKE, [REVOCATIONS_KEY, REVOCATIONS_VERSION_KEY], [member, until])
+            await self.run(REVOKE, REVOCATION_KEYS, [member, until])
             del self.pending_revocations[member]
             with contextlib.suppress(StoreDown):
                 await self.command("PUBLISH", REVOCATIONS_CHANNEL, f"{member} {until}")
@@ -1810,16 +1833,18 @@ class SharedStore:
         while self.usage:
             cid, delta = next(iter(self.usage.items()))
             keep_until = delta.renew_until + KEEP_AFTER_S
-            args = [delta.jti or "", delta.sub or "", delta.created_at if delta.created_at is not None else "",
-                    delta.expires_at, delta.renew_until, "{}", "", keep_until, delta.requests,
-                    delta.prompt_tokens, delta.completion_tokens, delta.errors, delta.last_used_at]
+            created_at = "" if delta.created_at is None else delta.created_at
+            args = [delta.jti or "", delta.sub or "", created_at, delta.expires_at,
+                    delta.renew_until, "{}", "", keep_until, delta.requests, delta.prompt_tokens,
+                    delta.completion_tokens, delta.errors, delta.last_used_at]
             await self.write_chain(cid, args)
             del self.usage[cid]
 
     async def renew_leases(self) -> None:
         for rid, budgets in list(self.reservations.items()):
             for cid, _ in budgets:
-                await self.run(BUDGET, self.budget_keys(cid), ["renew", 0, 0, rid, RESERVATION_LEASE_S, 0])
+                await self.run(BUDGET, self.budget_keys(cid),
+                               ["renew", 0, 0, rid, RESERVATION_LEASE_S, 0])
 
     async def chain_of(self, token_id: str) -> tuple[str, int] | None:
         """(cid, renew_until) of the chain a jti or cid names, as any instance registered it."""
@@ -1833,14 +1858,17 @@ class SharedStore:
         rows = []
         for start in range(0, len(cids), SHARED_LIST_BATCH):
             batch = cids[start:start + SHARED_LIST_BATCH]
-            metas = await asyncio.gather(*(self.command("HGETALL", chain_key(cid, "meta")) for cid in batch))
+            metas = await asyncio.gather(*(self.command("HGETALL", chain_key(cid, "meta"))
+                                           for cid in batch))
             rows += [chain_row(cid, meta) for cid, meta in zip(batch, metas, strict=True) if meta]
         return sorted(rows, key=lambda row: (row["created_at"] or 0, row["cid"]))
 
     # Admin lock-out
-    async def admin(self, op: str, peer: str, allowed: int, window_s: float, lockout_s: float) -> int:
+    async def admin(self, op: str, peer: str, allowed: int, window_s: float,
+                    lockout_s: float) -> int:
         keys = [f"soakp:{{admin}}:failures:{peer}", f"soakp:{{admin}}:lock:{peer}"]
-        return int(await self.run(ADMIN, keys, [op, allowed, math.ceil(window_s), math.ceil(lockout_s)]))
+        args = [op, allowed, math.ceil(window_s), math.ceil(lockout_s)]
+        return int(await self.run(ADMIN, keys, args))
 
     async def close(self) -> None:
         for task in list(self.tasks):
@@ -1852,8 +1880,8 @@ class SharedStore:
 
 
 async def open_shared_store(config: Config) -> SharedStore:
-    """Connect to the Redis of --redis: a single server or a Cluster (found out from INFO). redis-py is
-    imported only here, so an instance without --redis never loads it. Raises ConfigError."""
+    """Connect to the Redis of --redis: a single server or a Cluster (found out from INFO). redis-py
+    is imported only here, so an instance without --redis never loads it. Raises ConfigError."""
     assert config.redis_url is not None
     try:
         import redis.asyncio as aioredis  # noqa: PLC0415 - the optional extra soakp[redis]
@@ -1863,8 +1891,9 @@ async def open_shared_store(config: Config) -> SharedStore:
         from redis.exceptions import NoScriptError, RedisError  # noqa: PLC0415
     except ImportError:
         raise ConfigError("--redis needs the redis package: pip install 'soakp[redis]'") from None
-    options: dict[str, Any] = {"socket_timeout": STORE_TIMEOUT_S, "socket_connect_timeout": STORE_TIMEOUT_S,
-                               "decode_responses": True, "retry": Retry(NoBackoff(), 0)}
+    options: dict[str, Any] = {"socket_timeout": STORE_TIMEOUT_S, "decode_responses": True,
+                               "socket_connect_timeout": STORE_TIMEOUT_S,
+                               "retry": Retry(NoBackoff(), 0)}
     if config.redis_url.startswith("rediss:"):
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(config.redis_url).query)
         options.update(ssl_cert_reqs="required", ssl_check_hostname=True)
@@ -1879,13 +1908,15 @@ async def open_shared_store(config: Config) -> SharedStore:
         info = await asyncio.wait_for(single.info("cluster"), STORE_TIMEOUT_S * 10)
         cluster = bool(info.get("cluster_enabled"))
     except (RedisError, TimeoutError, OSError) as exc:
-        log.warning("Redis is not reachable at start (%s): starting with the fallbacks", store_error(exc))
+        log.warning("Redis is not reachable at start (%s): starting with the fallbacks",
+                    store_error(exc))
     if cluster:
         client = RedisCluster.from_url(config.redis_url, **options, cluster_error_retry_attempts=0)
     store = SharedStore(client, single, (RedisError,), NoScriptError, config.redis_stale_after_s)
     where = urllib.parse.urlsplit(config.redis_url)
-    log.info("sharing state through Redis%s at %s://%s%s", " Cluster" if cluster else "", where.scheme,
-             where.hostname or "", where.path if where.scheme == "unix" else f":{where.port or 6379}")
+    log.info("sharing state through Redis%s at %s://%s%s", " Cluster" if cluster else "",
+             where.scheme, where.hostname or "",
+             where.path if where.scheme == "unix" else f":{where.port or 6379}")
     return store
 
 
@@ -3797,7 +3828,7 @@ class Exchange:
     model: str | None = None
     request_id: str | None = None
     reserved: int = 0  # output tokens of the chain's budget promised to this request until it is settled
-    reservation: str | None = None  # its id in Redis (--redis), else the reservation is this instance's
+    reservation: str | None = None  # its id in Redis (--redis); None: the reservation is local
     rate_taken: bool = False  # counted against rpm already, with its reservation (--redis)
     estimate: tuple[int, int] | None = None  # what a budgeted request is charged if no usage is reported
     revoked: bool = False  # its chain was revoked while it streamed
@@ -3904,7 +3935,7 @@ class ServerState:
     registry: RegistryWorker
     revoked: Revocations  # shared with `tokens`
     spent: dict[str, int]  # cid -> prompt + completion tokens recorded, for budgets
-    shared: SharedStore | None = None  # --redis: state shared with other instances (else all is here)
+    shared: SharedStore | None = None  # --redis: state shared with other instances
     reserved: dict[str, int] = field(default_factory=dict)  # cid -> output tokens promised to requests in flight
     streams: dict[str, set[Exchange]] = field(default_factory=dict)  # cid -> its answers still streaming
     cors_origins: frozenset[str] = frozenset()
@@ -4038,15 +4069,17 @@ async def check_admin_everywhere(state: ServerState, head: RequestHead, peer: st
         locked_ms = await shared.admin("check", *args)
         if locked_ms > 0:
             raise ApiError(429, "Too many failed admin logins from this address; try again later.",
-                           "rate_limit_exceeded", headers=[("Retry-After", str(math.ceil(locked_ms / 1000)))])
+                           "rate_limit_exceeded",
+                           headers=[("Retry-After", str(math.ceil(locked_ms / 1000)))])
     try:
         check_admin(state, head, peer, time.monotonic())
     except ApiError as exc:
         if exc.status == 401:
             with contextlib.suppress(StoreDown):
                 if await shared.admin("fail", *args) >= ADMIN_FAILURES_ALLOWED:
-                    log.warning("admin logins failed %d times from %s across the instances: locked out for "
-                                "%.0fs", ADMIN_FAILURES_ALLOWED, peer, ADMIN_LOCKOUT_S)
+                    log.warning("admin logins failed %d times from %s across the instances: "
+                                "locked out for %.0fs", ADMIN_FAILURES_ALLOWED, peer,
+                                ADMIN_LOCKOUT_S)
         raise
     with contextlib.suppress(StoreDown):
         await shared.admin("ok", *args)
@@ -4085,9 +4118,11 @@ async def issue_token(state: ServerState, grant: Grant) -> MintedToken:
     minted = new_token(keys, grant, now)
     parent = grant.ancestors[-1].cid if grant.ancestors else None
     limits = chain_limits(grant)
-    await state.registry.call(state.registry.registry.register, minted, grant.sub, keys.kid, now, limits, parent)
+    await state.registry.call(state.registry.registry.register, minted, grant.sub, keys.kid, now,
+                              limits, parent)
     if state.shared is not None:
-        await state.shared.register(minted.cid, state.shared.chain_args(minted, grant.sub, now, limits, parent))
+        args = state.shared.chain_args(minted, grant.sub, now, limits, parent)
+        await state.shared.register(minted.cid, args)
     log.info("minted jti=%s cid=%s sub=%s kid=%s expires_at=%d renew_until=%d", minted.jti, minted.cid,
              safe_for_log(grant.sub), keys.kid, minted.expires_at, minted.renew_until)
     return minted
@@ -4112,9 +4147,10 @@ async def revoke_chain(state: ServerState, cid: str, renew_until: int) -> int:
                                            int(time.time()))
     log.info("revoked cid=%s", safe_label(cid))
     if state.shared is not None and await state.shared.revoke(f"c:{cid}", renew_until) is None:
-        raise ApiError(503, "Revoked on this instance, but the store shared with the other instances is "
-                            "unreachable: they learn of it when it is back (SOAKP keeps retrying). Send the "
-                            "request again to confirm.", "store_unavailable", headers=[("Retry-After", "1")])
+        raise ApiError(503, "Revoked on this instance, but the store shared with the other "
+                            "instances is unreachable: they learn of it when it is back (SOAKP "
+                            "keeps retrying). Send the request again to confirm.",
+                       "store_unavailable", headers=[("Retry-After", "1")])
     return revoked_at
 
 
@@ -4145,7 +4181,8 @@ async def handle_admin(
         if rows is None:  # no --redis, or Redis unreachable: this instance's registry
             rows = await state.registry.call(state.registry.registry.list)
         return 200, json_bytes({"data": rows}), "application/json"
-    metrics = state.metrics if rows is None else dataclasses.replace(state.metrics, tokens_used=sub_usage(rows))
+    metrics = state.metrics if rows is None else \
+        dataclasses.replace(state.metrics, tokens_used=sub_usage(rows))
     text = metrics.render(len(state.connections)) + store_metrics(state)
     return 200, text.encode("utf-8"), "text/plain; version=0.0.4"
 
@@ -4201,9 +4238,10 @@ async def handle_refresh(state: ServerState, reader: asyncio.StreamReader, head:
     check_origin(claims, head)
     await check_budget(state, claims, reserved_too=False)
     await take_rate(state, claims, now)
-    claims = state.tokens.verify(bearer_token(head), time.time())  # the checks above may have waited
+    claims = state.tokens.verify(bearer_token(head), time.time())  # the checks above may wait
     state.revoked.tokens[claims.jti] = claims.exp  # at once, before any await: one refresh per token wins
-    if state.shared is not None and await state.shared.revoke(f"t:{claims.jti}", claims.exp) is False:
+    shared = state.shared
+    if shared is not None and await shared.revoke(f"t:{claims.jti}", claims.exp) is False:
         raise invalid_token("The token has been revoked.")  # another instance refreshed it first
     minted = await issue_token(state, claims.regrant(state.config.max_token_ttl_s))
     await state.registry.call(state.registry.registry.revoke_token, claims.jti, claims.cid, claims.exp, int(now))
@@ -4312,13 +4350,15 @@ def check_permissions(state: ServerState, claims: TokenClaims, head: RequestHead
 
 
 def store_unavailable(what: str) -> ApiError:
-    return ApiError(503, f"SOAKP cannot reach the store shared by its instances, which keeps {what}; "
-                         "try again shortly.", "store_unavailable", headers=[("Retry-After", "1")])
+    return ApiError(503, f"SOAKP cannot reach the store shared by its instances, which keeps "
+                         f"{what}; try again shortly.", "store_unavailable",
+                    headers=[("Retry-After", "1")])
 
 
 async def chain_budgets(state: ServerState, claims: TokenClaims) -> dict[str, tuple[int, int]]:
     """(spent, reserved) of each budgeted chain of a token: from Redis with --redis (while it is
-    unreachable a 503, or this instance's own counts with --budget-fail-open), else this instance's."""
+    unreachable a 503, or this instance's own counts with --budget-fail-open), else this
+    instance's."""
     if state.shared is not None:
         try:
             return await state.shared.budget_figures(claims.budgets)
@@ -4330,56 +4370,61 @@ async def chain_budgets(state: ServerState, claims: TokenClaims) -> dict[str, tu
 
 def check_budget_figures(claims: TokenClaims, figures: Mapping[str, tuple[int, int]],
                          reserved_too: bool = True) -> int:
-    """429 once a budgeted chain (its own or an ancestor's) has spent its whole budget, or (`reserved_too`)
-    promised what is left to requests in flight: those may end under their caps, so that 429 may be
-    retried. Returns what is left: the least any chain has, less (`reserved_too`) what is reserved."""
+    """429 once a budgeted chain (its own or an ancestor's) has spent its whole budget, or
+    (`reserved_too`) promised what is left to requests in flight: those may end under their caps,
+    so that 429 may be retried. Returns what is left: the least any chain has, less
+    (`reserved_too`) what is reserved."""
     budgets = claims.budgets
     if any(figures[cid][0] >= budget for cid, budget in budgets):
         raise budget_spent()
-    left = min((budget - figures[cid][0] - (figures[cid][1] if reserved_too else 0) for cid, budget in budgets),
-               default=0)
+    left = min((budget - figures[cid][0] - (figures[cid][1] if reserved_too else 0)
+                for cid, budget in budgets), default=0)
     if reserved_too and left <= 0:
-        raise ApiError(429, "What is left of this token's budget (max_tokens_total) is reserved by its requests "
-                            "in flight; retry when they have finished.", "budget_reserved", "requests",
-                       headers=[("Retry-After", "1")])
+        raise ApiError(429, "What is left of this token's budget (max_tokens_total) is reserved by "
+                            "its requests in flight; retry when they have finished.",
+                       "budget_reserved", "requests", headers=[("Retry-After", "1")])
     return left
 
 
 async def check_budget(state: ServerState, claims: TokenClaims, reserved_too: bool = True) -> int:
-    """check_budget_figures() on the chains' current figures. Returns what is left (0 without a budget)."""
+    """check_budget_figures() on the chains' current figures. Returns what is left (0 without a
+    budget)."""
     if not claims.budgets:
         return 0
     return check_budget_figures(claims, await chain_budgets(state, claims), reserved_too)
 
 
 def budget_left(state: ServerState, claims: TokenClaims, reserved_too: bool = True) -> int:
-    """What a budgeted token may still spend by this instance's counts: the least any of its chains'
-    budgets has left, less what was spent and (`reserved_too`) what is reserved by requests in flight."""
+    """What a budgeted token may still spend by this instance's counts: the least any of its
+    chains' budgets has left, less what was spent and (`reserved_too`) what is reserved by
+    requests in flight."""
     return min((budget - state.spent.get(cid, 0) - (state.reserved.get(cid, 0) if reserved_too else 0)
                 for cid, budget in claims.budgets), default=0)
 
 
 def reserved_later(state: ServerState, head: RequestHead, upstream_path: str) -> bool:
-    """Whether, with --redis, reserve_budget() will check the budget anyway (a capped JSON request), so
-    that checking it before the body is read would only cost another round trip."""
-    return state.shared is not None and head.method == "POST" and upstream_path in CAPPED_ENDPOINTS and \
-        media_type(head.header(b"content-type")) != b"multipart/form-data"
+    """Whether, with --redis, reserve_budget() will check the budget anyway (a capped JSON
+    request), so that checking it before the body is read would only cost another round trip."""
+    return (state.shared is not None and head.method == "POST" and upstream_path in CAPPED_ENDPOINTS
+            and media_type(head.header(b"content-type")) != b"multipart/form-data")
 
 
-async def reserve_budget(state: ServerState, exchange: Exchange, claims: TokenClaims, document: dict[str, Any],
-                         upstream_path: str) -> BudgetPlan:
-    """Plan a budgeted request (plan_budget) and reserve its output cap on every budgeted chain until
-    record_outcome() settles it: in Redis with --redis, atomically per chain, else in this instance.
-    Raises ApiError 400, 403, 429, or 503 while Redis is unreachable (without --budget-fail-open)."""
+async def reserve_budget(state: ServerState, exchange: Exchange, claims: TokenClaims,
+                         document: dict[str, Any], upstream_path: str) -> BudgetPlan:
+    """Plan a budgeted request (plan_budget) and reserve its output cap on every budgeted chain
+    until record_outcome() settles it: in Redis with --redis, atomically per chain, else in this
+    instance. Raises ApiError 400, 403, 429, or 503 while Redis is unreachable (without
+    --budget-fail-open)."""
     shared = state.shared
     if shared is not None:
         budgets = claims.budgets
-        want = plan_budget(dict(document), upstream_path, min(budget for _, budget in budgets)).reserved
+        least = min(budget for _, budget in budgets)
+        want = plan_budget(dict(document), upstream_path, least).reserved
         if not want:
             return plan_budget(document, upstream_path, 1)  # nothing to cap: charged by its usage
         try:  # the rpm is taken here too: one round trip per chain for both
-            rid, granted, figures, wait_s = await shared.admit(chain_limits_of(claims), want,
-                                                               claims.rexp + KEEP_AFTER_S, time.time())
+            rid, granted, figures, wait_s = await shared.admit(
+                chain_limits_of(claims), want, claims.rexp + KEEP_AFTER_S, time.time())
         except StoreDown:
             if not state.config.budget_fail_open:
                 raise store_unavailable("token budgets") from None
@@ -4387,13 +4432,14 @@ async def reserve_budget(state: ServerState, exchange: Exchange, claims: TokenCl
             if wait_s:
                 raise rate_limited(claims, wait_s)
             if not granted:
+                # Refused before it reached every chain: the others' figures, for the right 429.
                 missing = [(cid, budget) for cid, budget in budgets if cid not in figures]
-                try:  # refused before it reached every chain: the others' figures, for the right 429
+                try:
                     figures.update(await shared.budget_figures(missing) if missing else {})
                 except StoreDown:
                     raise store_unavailable("token budgets") from None
                 check_budget_figures(claims, figures)
-                raise store_unavailable("token budgets")  # not reached: a refusal has a reason above
+                raise store_unavailable("token budgets")  # not reached: a refusal has a reason
             exchange.reserved, exchange.reservation, exchange.rate_taken = granted, rid, True
             return plan_budget(document, upstream_path, granted)
     plan = plan_budget(document, upstream_path, budget_left(state, claims))
@@ -4414,7 +4460,8 @@ def rate_limited(claims: TokenClaims, wait_s: float) -> ApiError:
     rpm = min(per_minute for _, per_minute in claims.rates)
     return ApiError(429, f"Rate limit of {rpm} requests per minute reached for this token"
                          f"{' or a token it descends from' if claims.ancestors else ''}.",
-                    "rate_limit_exceeded", "requests", headers=[("Retry-After", str(math.ceil(wait_s)))])
+                    "rate_limit_exceeded", "requests",
+                    headers=[("Retry-After", str(math.ceil(wait_s)))])
 
 
 async def take_rate(state: ServerState, claims: TokenClaims, now: float) -> None:
@@ -4425,7 +4472,8 @@ async def take_rate(state: ServerState, claims: TokenClaims, now: float) -> None
         wait_s = None
         if state.shared is not None:
             with contextlib.suppress(StoreDown):
-                wait_s = (await state.shared.admit([(cid, None, rpm) for cid, rpm in rates], 0, 0, now))[3]
+                limits = [(cid, None, rpm) for cid, rpm in rates]
+                wait_s = (await state.shared.admit(limits, 0, 0, now))[3]
         if wait_s is None:
             wait_s = state.rate.acquire_all(rates, now)
         if wait_s:
@@ -4498,8 +4546,9 @@ async def handle_request(
         if head.method not in ("GET", "HEAD"):
             raise method_not_allowed("GET, HEAD")
         store = store_health(state)
-        health = {"status": "ok"} if store is None else {"status": "ok" if store["redis"] == "up" else "degraded",
-                                                         "store": store}
+        health: dict[str, Any] = {"status": "ok"}
+        if store is not None:
+            health = {"status": "ok" if store["redis"] == "up" else "degraded", "store": store}
         status, body, content_type = 200, json_bytes(health), "application/json"
     elif path == "/jwt/refresh" and listener.proxy:
         if head.method != "POST":
@@ -4674,7 +4723,8 @@ async def keep_registry(state: ServerState) -> None:
 
 
 def learn_revocations(state: ServerState, found: Revocations) -> None:
-    """Add revocations learnt from Redis to the set every request checks; end the revoked chains' streams."""
+    """Add revocations learnt from Redis to the set every request checks; end the revoked chains'
+    streams."""
     new_chains = [cid for cid in found.chains if cid not in state.revoked.chains]
     state.revoked.chains.update(found.chains)
     state.revoked.tokens.update(found.tokens)
@@ -4682,9 +4732,10 @@ def learn_revocations(state: ServerState, found: Revocations) -> None:
 
 
 async def keep_shared_state(state: ServerState) -> None:
-    """Background, with --redis: every SHARED_POLL_S check the revocation set's version (the backstop for
-    pub/sub, which loses messages while disconnected) and send what waits; while Redis is down, probe it.
-    The revocation set stays trusted for --redis-stale-after after the last check that reached Redis."""
+    """Background, with --redis: every SHARED_POLL_S check the revocation set's version (the
+    backstop for pub/sub, which loses messages while disconnected) and send what waits; while Redis
+    is down, probe it. The revocation set stays trusted for --redis-stale-after after the last check
+    that reached Redis."""
     shared = state.shared
     assert shared is not None
     next_renewal = time.monotonic() + RESERVATION_RENEW_S
@@ -4693,7 +4744,8 @@ async def keep_shared_state(state: ServerState) -> None:
             if not shared.up:
                 await asyncio.wait_for(shared.client.ping(), STORE_TIMEOUT_S)
                 shared.up = True
-                log.warning("Redis is reachable again: revocations, rpm, budgets and lock-out are shared again")
+                log.warning("Redis is reachable again: revocations, rpm, budgets and lock-out are "
+                            "shared again")
             found = await shared.sync_revocations(state.revoked)
             state.revoked.fresh_until = shared.synced_at + state.config.redis_stale_after_s
             if found is not None:
@@ -4702,7 +4754,9 @@ async def keep_shared_state(state: ServerState) -> None:
             if time.monotonic() >= next_renewal:
                 next_renewal = time.monotonic() + RESERVATION_RENEW_S
                 await shared.renew_leases()
-                shared.over_limit_until = {c: t for c, t in shared.over_limit_until.items() if t > time.time()}
+                now = time.time()
+                over = shared.over_limit_until
+                shared.over_limit_until = {cid: until for cid, until in over.items() if until > now}
         except StoreDown:
             pass
         except (*shared.errors, TimeoutError, OSError) as exc:
@@ -4729,8 +4783,8 @@ async def listen_revocations(state: ServerState) -> None:
 
 
 def sub_usage(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], int]:
-    """Tokens used by each `sub`, from every instance's chain rows: a chain's own use, less its children's
-    (which its row includes), as soakp_tokens_used_total counts it on one instance."""
+    """Tokens used by each `sub`, from every instance's chain rows: a chain's own use, less its
+    children's (which its row includes), as soakp_tokens_used_total counts it on one instance."""
     own = {row["cid"]: [row["prompt_tokens"], row["completion_tokens"]] for row in rows}
     for row in rows:
         if row.get("parent") in own:
@@ -4747,25 +4801,26 @@ def sub_usage(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], int]:
 
 
 def store_health(state: ServerState) -> dict[str, Any] | None:
-    """What /healthz says about the shared store: up or down, and what each kind of state does now."""
+    """What /healthz says about the shared store: up or down, and what each state does now."""
     shared = state.shared
     if shared is None:
         return None
     age_s = max(0.0, time.time() - shared.synced_at)
     fallback = "per-instance"
     return {"redis": "up" if shared.up else "down",
-            "revocations": "shared" if shared.up else "stale" if time.time() > state.revoked.fresh_until
-            else f"last known set, {age_s:.0f}s old",
+            "revocations": "shared" if shared.up else "stale"
+            if time.time() > state.revoked.fresh_until else f"last known set, {age_s:.0f}s old",
             "rpm": "shared" if shared.up else fallback,
-            "budgets": "shared" if shared.up else fallback if state.config.budget_fail_open else "503",
+            "budgets": "shared" if shared.up
+            else fallback if state.config.budget_fail_open else "503",
             "admin_lockout": "shared" if shared.up else fallback}
 
 
 def store_metrics(state: ServerState) -> str:
     if state.shared is None:
         return ""
-    return ("# HELP soakp_store_up Whether the Redis shared by the instances answers (1) or the fallbacks are "
-            "in use (0).\n# TYPE soakp_store_up gauge\n"
+    return ("# HELP soakp_store_up Whether the Redis shared by the instances answers (1) or the "
+            "fallbacks are in use (0).\n# TYPE soakp_store_up gauge\n"
             f'soakp_store_up{{store="redis"}} {int(state.shared.up)}\n')
 
 
@@ -5175,8 +5230,8 @@ def run_mint(config: Config, args: argparse.Namespace) -> int:
 
 
 async def shared_command(config: Config, command: str, token_id: str) -> tuple[int, list[Any]]:
-    """`soakp tokens --redis URL` (every instance's chains) and `soakp revoke --redis URL ID` (the chain
-    revoked on every instance). Returns (exit code, lines to print)."""
+    """`soakp tokens --redis URL` (every instance's chains) and `soakp revoke --redis URL ID` (the
+    chain revoked on every instance). Returns (exit code, lines to print)."""
     store = await open_shared_store(config)
     try:
         if command == "tokens":
@@ -5184,7 +5239,7 @@ async def shared_command(config: Config, command: str, token_id: str) -> tuple[i
         chain = await store.chain_of(token_id)
         if chain is None:
             return 1, []
-        await store.run(REVOKE, [REVOCATIONS_KEY, REVOCATIONS_VERSION_KEY], [f"c:{chain[0]}", chain[1]])
+        await store.run(REVOKE, REVOCATION_KEYS, [f"c:{chain[0]}", chain[1]])
         await store.command("PUBLISH", REVOCATIONS_CHANNEL, f"c:{chain[0]} {chain[1]}")
         await store.command("HSETNX", chain_key(chain[0], "meta"), "revoked_at", int(time.time()))
         return 0, [json.dumps({"cid": chain[0], "revoked_at": int(time.time())})]
@@ -5203,7 +5258,8 @@ def run_registry_command(config: Config, args: argparse.Namespace) -> int:
             return 2
         code, lines = asyncio.run(shared_command(config, args.command, token_id))
         if code:
-            print(f"soakp: {lines[0] if lines else f'no token or chain {token_id} in Redis'}", file=sys.stderr)
+            why = lines[0] if lines else f"no token or chain {token_id} in Redis"
+            print(f"soakp: {why}", file=sys.stderr)
             return code
         for line in lines:
             print(line)

@@ -1355,14 +1355,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"\nShared state (--redis): skipped, {why}")
             else:
                 shared = shared_state.measure(args.python, args.soakp, shared_state.REQUESTS)
-                print("\nShared state (--redis): a token with rpm and a budget through a loopback Redis\n")
+                what = "a token with rpm and a budget through a loopback Redis"
+                print(f"\nShared state (--redis): {what}\n")
                 print(shared_state.render(shared))
-                shared_md = ("\n\n### Shared state (--redis)\n\nA token with rpm and a budget through a loopback "
-                             "Redis, c=1, " f"{shared['requests']} requests (bench/shared_state.py):\n\n"
-                             + shared_state.render(shared, True))
+                table = shared_state.render(shared, True)
+                shared_md = (f"\n\n### Shared state (--redis)\n\nFor {what}, c=1, "
+                             f"{shared['requests']} requests (bench/shared_state.py):\n\n{table}")
         if args.markdown:
             args.markdown.write_text(header_text(meta).replace("\n", "  \n") + "\n\n" + render_table(rows, True)
-                                     + "\n\n" + footer_text(meta).replace("\n", "  \n") + shared_md + "\n")
+                                     + "\n\n" + footer_text(meta).replace("\n", "  \n") + shared_md
+                                     + "\n")
         return 0
     except RuntimeError as exc:
         print(f"bench: {exc}", file=sys.stderr)

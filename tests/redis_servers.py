@@ -1,4 +1,5 @@
-"""Private Redis servers (single or Cluster) and an nginx balancer on loopback, for test_shared_state.py.
+"""Private Redis servers (single or Cluster) and an nginx balancer on loopback, for
+test_shared_state.py.
 
 Each is a real process started here and stopped by its own PID; ports are picked free on 127.0.0.1.
 Debian's redis-server and nginx are installed by `make test` (TEST_PACKAGES in the Makefile).
@@ -25,17 +26,25 @@ def free_port() -> int:
 
 def redis_cli(port: int, *args: str, timeout_s: float = 5.0, how: tuple[str, ...] = ()) -> str:
     where = how or ("-h", "127.0.0.1", "-p", str(port))
-    result = subprocess.run(["redis-cli", *where, *args], capture_output=True, text=True, timeout=timeout_s)
+    result = subprocess.run(
+        ["redis-cli", *where, *args], capture_output=True, text=True, timeout=timeout_s
+    )
     return result.stdout.strip()
 
 
 class RedisServer:
     """One redis-server on 127.0.0.1:port, without persistence (so a restart comes back empty)."""
 
-    def __init__(self, workdir: Path, port: int | None = None, cluster: bool = False,
-                 extra: tuple[str, ...] = (), cli: tuple[str, ...] = ()) -> None:
-        """`extra`: more redis-server arguments (TLS, a socket, a password); `cli`: how redis-cli then
-        reaches it, instead of -h 127.0.0.1 -p PORT."""
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        cluster: bool = False,
+        extra: tuple[str, ...] = (),
+        cli: tuple[str, ...] = (),
+    ) -> None:
+        """`extra`: more redis-server arguments (TLS, a socket, a password); `cli`: how redis-cli
+        then reaches it, instead of -h 127.0.0.1 -p PORT."""
         self.workdir = workdir
         self.port = port or free_port()
         self.cluster = cluster
@@ -48,16 +57,41 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}"
 
     def start(self) -> RedisServer:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no", *self.extra]
+        args = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--daemonize",
+            "no",
+            *self.extra,
+        ]
         if self.cluster:
             for name in (self.workdir / "nodes.conf", self.workdir / "dump.rdb"):
                 name.unlink(missing_ok=True)
-            # The bus port defaults to port + 10000, which may be taken or past 65535: pick one free.
-            args += ["--cluster-enabled", "yes", "--cluster-config-file", str(self.workdir / "nodes.conf"),
-                     "--cluster-node-timeout", "2000", "--cluster-port", str(free_port())]
+            # The bus port defaults to port + 10000, which may be taken or past 65535: pick one
+            # free.
+            args += [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(self.workdir / "nodes.conf"),
+                "--cluster-node-timeout",
+                "2000",
+                "--cluster-port",
+                str(free_port()),
+            ]
         with open(self.workdir / "redis.log", "ab") as log:
-            self.popen = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            self.popen = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while redis_cli(self.port, "PING", how=self.cli) != "PONG":
             if time.monotonic() > deadline or self.popen.poll() is not None:
@@ -88,12 +122,24 @@ class RedisServer:
 def start_cluster(workdir: Path, nodes: int = 3) -> list[RedisServer]:
     """Three masters, no replicas: every slot covered, so each chain's keys live on one of them."""
     servers = [RedisServer(workdir / f"node{i}", cluster=True).start() for i in range(nodes)]
-    result = subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in servers),
-                             "--cluster-yes"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [
+            "redis-cli",
+            "--cluster",
+            "create",
+            *(f"127.0.0.1:{s.port}" for s in servers),
+            "--cluster-yes",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if result.returncode:
         for server in servers:
             server.stop()
-        raise RuntimeError(f"redis-cli --cluster create failed: {result.stdout[-500:]} {result.stderr[-500:]}")
+        raise RuntimeError(
+            f"redis-cli --cluster create failed: {result.stdout[-500:]} {result.stderr[-500:]}"
+        )
     deadline = time.monotonic() + START_TIMEOUT_S
     while any("cluster_state:ok" not in redis_cli(s.port, "CLUSTER", "INFO") for s in servers):
         if time.monotonic() > deadline:
@@ -145,8 +191,12 @@ class Balancer:
         user = "user root;\n" if os.geteuid() == 0 else ""
         conf.write_text(user + NGINX_CONF.format(dir=workdir, servers=servers, port=self.port))
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        self.popen = subprocess.Popen([nginx, "-c", str(conf), "-p", str(workdir)], stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.popen = subprocess.Popen(
+            [nginx, "-c", str(conf), "-p", str(workdir)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             try:
@@ -154,7 +204,9 @@ class Balancer:
                 break
             except OSError:
                 if time.monotonic() > deadline or self.popen.poll() is not None:
-                    raise RuntimeError(f"nginx did not start: {(workdir / 'error.log').read_text()[-500:]}")
+                    raise RuntimeError(
+                        f"nginx did not start: {(workdir / 'error.log').read_text()[-500:]}"
+                    )
                 time.sleep(0.05)
 
     def stop(self) -> None:

@@ -1,8 +1,7 @@
 """Issue 13, "Several instances as one": revocations, rpm, budgets, usage and admin lock-out shared
 through Redis, with real processes: private redis-server instances (single and Cluster) on random
-loopback ports, three SOAKP instances behind nginx (round robin, no retry on another instance) and the
-fake upstream reporting usage. Each failure mode of SPEC.md "Shared state" has its test here.
-"""
+loopback ports, three SOAKP instances behind nginx (round robin, no retry on another instance) and
+the fake upstream reporting usage. Each failure mode of SPEC.md "Shared state" has its test here."""
 
 from __future__ import annotations
 
@@ -26,8 +25,10 @@ if TYPE_CHECKING:
     from conftest import SoakpProcess
     from fake_upstream import FakeUpstream, RawResponse
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
-                                reason="redis-server is installed by `make test` (TEST_PACKAGES)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None,
+    reason="redis-server is installed by `make test` (TEST_PACKAGES)",
+)
 
 CHAT = "/v1/chat/completions"
 MODEL = "gpt-fake-1"
@@ -35,7 +36,7 @@ JSON = [("Content-Type", "application/json")]
 STORE_TIMEOUT_S = 0.3  # soakp.STORE_TIMEOUT_S: no request waits longer on Redis
 
 
-# Helpers ####################################################################################################
+# Helpers ##########################################################################################
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, pause_s: float = 0.02) -> bool:
@@ -47,8 +48,13 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, pause_s: float =
     return predicate()
 
 
-def admin_call(server: SoakpProcess, method: str, path: str, payload: Any = None,
-               auth: tuple[str, str] | None = None) -> RawResponse:
+def admin_call(
+    server: SoakpProcess,
+    method: str,
+    path: str,
+    payload: Any = None,
+    auth: tuple[str, str] | None = None,
+) -> RawResponse:
     headers = [("Authorization", basic_auth(*(auth or server.admin)))]
     body = None
     if payload is not None:
@@ -75,14 +81,22 @@ def chat_body(**fields: Any) -> bytes:
     return compact({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **fields})
 
 
-def via(balancer: Balancer, method: str, target: str, token: str, body: bytes | None = None,
-        timeout_s: float = 15.0) -> RawResponse:
+def via(
+    balancer: Balancer,
+    method: str,
+    target: str,
+    token: str,
+    body: bytes | None = None,
+    timeout_s: float = 15.0,
+) -> RawResponse:
     headers = [("Authorization", f"Bearer {token}"), *(JSON if body is not None else [])]
     data = build_request(method, target, headers, body, host=f"127.0.0.1:{balancer.port}")
     return exchange(balancer.port, data, method, timeout_s)
 
 
-def usage_reply(prompt: int, completion_of: Callable[[dict[str, Any]], int], delay_s: float = 0.0) -> Any:
+def usage_reply(
+    prompt: int, completion_of: Callable[[dict[str, Any]], int], delay_s: float = 0.0
+) -> Any:
     async def behaviour(request: RecordedRequest, responder: Responder) -> None:
         import asyncio
 
@@ -104,7 +118,7 @@ def timed(call: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.monotonic() - started
 
 
-# Fixtures ###################################################################################################
+# Fixtures #########################################################################################
 
 
 @pytest.fixture
@@ -115,27 +129,35 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def instances(soakp: Callable[..., SoakpProcess], redis_server: RedisServer) -> Callable[..., list[SoakpProcess]]:
+def instances(
+    soakp: Callable[..., SoakpProcess], redis_server: RedisServer
+) -> Callable[..., list[SoakpProcess]]:
     """instances(n, **options): n SOAKP processes sharing the test's Redis."""
-    def start(n: int = 3, url: str | None = None, *extra: str, **options: str | None) -> list[SoakpProcess]:
+
+    def start(
+        n: int = 3, url: str | None = None, *extra: str, **options: str | None
+    ) -> list[SoakpProcess]:
         return [soakp(*extra, redis=url or redis_server.url, **options) for _ in range(n)]
+
     return start
 
 
 @pytest.fixture
-def balanced(instances: Callable[..., list[SoakpProcess]], tmp_path: Path
-             ) -> Iterator[tuple[Balancer, list[SoakpProcess]]]:
+def balanced(
+    instances: Callable[..., list[SoakpProcess]], tmp_path: Path
+) -> Iterator[tuple[Balancer, list[SoakpProcess]]]:
     servers = instances(3)
     balancer = Balancer(tmp_path / "nginx", [server.port for server in servers])
     yield balancer, servers
     balancer.stop()
 
 
-# What is shared #############################################################################################
+# What is shared ###################################################################################
 
 
 def test_rpm_across_three_instances_behind_a_balancer_holds_the_limit(
-        balanced: tuple[Balancer, list[SoakpProcess]], fake_upstream: FakeUpstream) -> None:
+    balanced: tuple[Balancer, list[SoakpProcess]], fake_upstream: FakeUpstream
+) -> None:
     """An rpm=6 token gets its burst of 6 in total over three instances, not 6 on each (18)."""
     balancer, servers = balanced
     token = servers[0].mint(rpm=6)
@@ -146,18 +168,23 @@ def test_rpm_across_three_instances_behind_a_balancer_holds_the_limit(
 
 
 def test_a_budget_over_three_instances_stays_within_its_bound(
-        balanced: tuple[Balancer, list[SoakpProcess]], fake_upstream: FakeUpstream) -> None:
-    """Budget 1,000 at 100 per answer (+10 prompt), 20 concurrent requests spread over the three: at most
-    1,000 + 20 x 10 is spent (the token-bounds bound), so at most 10 answers get through, and GET /jwt
-    on any instance shows the same total."""
+    balanced: tuple[Balancer, list[SoakpProcess]], fake_upstream: FakeUpstream
+) -> None:
+    """Budget 1,000 at 100 per answer (+10 prompt), 20 concurrent requests spread over the three: at
+    most 1,000 + 20 x 10 is spent (the token-bounds bound), so at most 10 answers get through, and
+    GET /jwt on any instance shows the same total."""
     balancer, servers = balanced
-    fake_upstream.script(CHAT, usage_reply(10, lambda d: min(100, d["max_completion_tokens"]), delay_s=0.3))
+    fake_upstream.script(
+        CHAT, usage_reply(10, lambda d: min(100, d["max_completion_tokens"]), delay_s=0.3)
+    )
     minted = servers[0].mint_data(max_tokens_total=1000)
     statuses: list[int] = []
     lock = threading.Lock()
 
     def one() -> None:
-        status = via(balancer, "POST", CHAT, minted.token, chat_body(max_completion_tokens=100)).status
+        status = via(
+            balancer, "POST", CHAT, minted.token, chat_body(max_completion_tokens=100)
+        ).status
         with lock:
             statuses.append(status)
 
@@ -173,20 +200,28 @@ def test_a_budget_over_three_instances_stays_within_its_bound(
         return row.get("prompt_tokens", 0) + row.get("completion_tokens", 0)
 
     ok = statuses.count(200)
-    assert wait_until(lambda: all(spent(s) == 110 * ok for s in servers), 3), [spent(s) for s in servers]
+    assert wait_until(lambda: all(spent(s) == 110 * ok for s in servers), 3), [
+        spent(s) for s in servers
+    ]
     assert 110 * ok <= 1000 + 20 * 10 and ok <= 10, statuses
-    assert via(balancer, "POST", CHAT, minted.token, chat_body(max_completion_tokens=100)).status == 429
+    assert (
+        via(balancer, "POST", CHAT, minted.token, chat_body(max_completion_tokens=100)).status
+        == 429
+    )
 
 
 def test_a_revocation_sent_to_one_instance_is_refused_on_the_others_within_a_second(
-        instances: Callable[..., list[SoakpProcess]], fake_upstream: FakeUpstream) -> None:
+    instances: Callable[..., list[SoakpProcess]], fake_upstream: FakeUpstream
+) -> None:
     a, b, c = instances(3)
     minted = a.mint_data()
     assert {models(s, minted.token) for s in (a, b, c)} == {200}
     response, took_s = timed(lambda: revoke(a, jti=minted.jti))
     assert response.status == 200 and response.json()["data"]["cid"] == minted.jti
     started = time.monotonic()
-    assert wait_until(lambda: models(b, minted.token) == 401 and models(c, minted.token) == 401, 1.0)
+    assert wait_until(
+        lambda: models(b, minted.token) == 401 and models(c, minted.token) == 401, 1.0
+    )
     assert time.monotonic() - started < 1.0
     # An instance that never saw the token finds it by id in Redis, and GET /jwt shows it revoked.
     other = b.mint_data()
@@ -196,30 +231,48 @@ def test_a_revocation_sent_to_one_instance_is_refused_on_the_others_within_a_sec
 
 
 def test_a_child_minted_on_one_instance_is_limited_and_revoked_on_another(
-        instances: Callable[..., list[SoakpProcess]], fake_upstream: FakeUpstream) -> None:
-    """Issue 18 with several instances: the parent's rpm counts the child's requests on every instance,
-    and revoking the parent on one instance revokes the child on the others."""
+    instances: Callable[..., list[SoakpProcess]], fake_upstream: FakeUpstream
+) -> None:
+    """Issue 18 with several instances: the parent's rpm counts the child's requests on every
+    instance, and revoking the parent on one instance revokes the child on the others."""
     a, b = instances(2)
     parent = a.mint(delegate=1, rpm=4)
     response = a.request("POST", "/jwt/delegate", parent, JSON, compact({"sub": "kid"}))
     assert response.status == 201, response.body[:300]
     child = response.json()["data"]["jwt"]
     a.registry.add(child)
-    statuses = [models(server, tok) for server, tok in ((b, child), (a, child), (b, parent), (a, child),
-                                                         (b, child), (a, parent))]
-    # Minting the child was the parent's first request; three more fill its rpm of 4, wherever they land.
+    statuses = [
+        models(server, tok)
+        for server, tok in (
+            (b, child),
+            (a, child),
+            (b, parent),
+            (a, child),
+            (b, child),
+            (a, parent),
+        )
+    ]
+    # Minting the child was the parent's first request; three more fill its rpm of 4, wherever they
+    # land.
     assert statuses == [200, 200, 200, 429, 429, 429], statuses
     rows = chains(b)
     kid = next(row for row in rows.values() if row["sub"].endswith("/kid"))
-    assert kid["parent"] in rows and kid["requests"] >= 3 or wait_until(
-        lambda: chains(b)[kid["cid"]]["requests"] >= 3, 1.5)
+    assert (
+        kid["parent"] in rows
+        and kid["requests"] >= 3
+        or wait_until(lambda: chains(b)[kid["cid"]]["requests"] >= 3, 1.5)
+    )
     assert revoke(b, jwt=parent).status == 200
     assert wait_until(lambda: models(a, child) == 401, 1.0)
 
 
-def test_usage_and_metrics_show_every_instance(instances: Callable[..., list[SoakpProcess]],
-                                               fake_upstream: FakeUpstream, soakp_cli: Any,
-                                               redis_server: RedisServer, secret: str) -> None:
+def test_usage_and_metrics_show_every_instance(
+    instances: Callable[..., list[SoakpProcess]],
+    fake_upstream: FakeUpstream,
+    soakp_cli: Any,
+    redis_server: RedisServer,
+    secret: str,
+) -> None:
     fake_upstream.script(CHAT, usage_reply(7, lambda d: 3))
     a, b = instances(2)
     minted = a.mint_data(sub="shared-usage")
@@ -235,16 +288,22 @@ def test_usage_and_metrics_show_every_instance(instances: Callable[..., list[Soa
     assert listed.returncode == 0, listed.stderr
     rows = {json.loads(line)["cid"]: json.loads(line) for line in listed.stdout.splitlines()}
     assert rows[minted.jti]["requests"] == 3
-    # `soakp revoke --redis URL` needs no instance and no database: every instance refuses within 1 s.
+    # `soakp revoke --redis URL` needs no instance and no database: every instance refuses within 1
+    # s.
     revoked = soakp_cli("revoke", "--redis", redis_server.url, minted.jti)
-    assert revoked.returncode == 0 and json.loads(revoked.stdout)["cid"] == minted.jti, revoked.stderr
-    assert wait_until(lambda: models(a, minted.token) == 401 and models(b, minted.token) == 401, 1.0)
+    assert (
+        revoked.returncode == 0 and json.loads(revoked.stdout)["cid"] == minted.jti
+    ), revoked.stderr
+    assert wait_until(
+        lambda: models(a, minted.token) == 401 and models(b, minted.token) == 401, 1.0
+    )
     unknown = soakp_cli("revoke", "--redis", redis_server.url, "A" * 22)
     assert unknown.returncode == 1 and "no token or chain" in unknown.stderr
 
 
-def test_admin_lockout_counts_failures_on_every_instance(instances: Callable[..., list[SoakpProcess]],
-                                                         fake_upstream: FakeUpstream) -> None:
+def test_admin_lockout_counts_failures_on_every_instance(
+    instances: Callable[..., list[SoakpProcess]], fake_upstream: FakeUpstream
+) -> None:
     servers = instances(3)
     wrong = (servers[0].admin[0], "not-the-password")
     statuses = [admin_call(servers[i % 3], "GET", "/jwt", auth=wrong).status for i in range(5)]
@@ -252,11 +311,13 @@ def test_admin_lockout_counts_failures_on_every_instance(instances: Callable[...
     assert {admin_call(server, "GET", "/jwt").status for server in servers} == {429}
 
 
-# When Redis fails ###########################################################################################
+# When Redis fails #################################################################################
 
 
 def test_a_chain_revoked_while_redis_is_paused_is_refused_everywhere_within_a_second_of_resuming(
-        instances: Callable[..., list[SoakpProcess]], redis_server: RedisServer, fake_upstream: FakeUpstream
+    instances: Callable[..., list[SoakpProcess]],
+    redis_server: RedisServer,
+    fake_upstream: FakeUpstream,
 ) -> None:
     a, b, c = instances(3)
     minted = a.mint_data()
@@ -270,7 +331,9 @@ def test_a_chain_revoked_while_redis_is_paused_is_refused_everywhere_within_a_se
         assert models(a, minted.token) == 401  # revoked here at once
         # Each kind of state fails its documented way, and no request waits past the store timeout.
         for server in (b, c):
-            status, took_s = timed(lambda: server.request("POST", CHAT, budgeted, JSON, chat_body()).status)
+            status, took_s = timed(
+                lambda: server.request("POST", CHAT, budgeted, JSON, chat_body()).status
+            )
             assert status == 503 and took_s < STORE_TIMEOUT_S + 0.5
             status, took_s = timed(lambda: models(server, limited))
             assert status == 200 and took_s < STORE_TIMEOUT_S + 0.5  # rpm: per instance
@@ -281,15 +344,21 @@ def test_a_chain_revoked_while_redis_is_paused_is_refused_everywhere_within_a_se
     finally:
         redis_server.resume()
     resumed = time.monotonic()
-    assert wait_until(lambda: models(b, minted.token) == 401 and models(c, minted.token) == 401, 1.5)
+    assert wait_until(
+        lambda: models(b, minted.token) == 401 and models(c, minted.token) == 401, 1.5
+    )
     assert time.monotonic() - resumed < 1.5  # the probe (0.25 s), the push and the version check
     assert wait_until(lambda: health(c)["store"]["redis"] == "up", 1.0)
     assert c.request("POST", CHAT, budgeted, JSON, chat_body()).status == 200
-    assert "Redis is unreachable" in a.log_text() and a.log_text().count("Redis is unreachable") == 1
+    assert (
+        "Redis is unreachable" in a.log_text() and a.log_text().count("Redis is unreachable") == 1
+    )
 
 
 def test_revocations_older_than_stale_after_are_a_503_until_redis_returns(
-        instances: Callable[..., list[SoakpProcess]], redis_server: RedisServer, fake_upstream: FakeUpstream
+    instances: Callable[..., list[SoakpProcess]],
+    redis_server: RedisServer,
+    fake_upstream: FakeUpstream,
 ) -> None:
     (a,) = instances(1, redis_stale_after="1s")
     token = a.mint()
@@ -306,11 +375,14 @@ def test_revocations_older_than_stale_after_are_a_503_until_redis_returns(
 
 
 def test_redis_stopped_and_restarted_empty_mid_load(
-        instances: Callable[..., list[SoakpProcess]], redis_server: RedisServer, fake_upstream: FakeUpstream,
-        soakp: Callable[..., SoakpProcess]) -> None:
-    """Stopped: budgets 503 at once (or per instance with --budget-fail-open), rpm per instance. Restarted
-    empty: SOAKP recovers without a restart and sends back the revocations Redis lost, so an instance
-    started afterwards refuses a chain revoked before."""
+    instances: Callable[..., list[SoakpProcess]],
+    redis_server: RedisServer,
+    fake_upstream: FakeUpstream,
+    soakp: Callable[..., SoakpProcess],
+) -> None:
+    """Stopped: budgets 503 at once (or per instance with --budget-fail-open), rpm per instance.
+    Restarted empty: SOAKP recovers without a restart and sends back the revocations Redis lost, so
+    an instance started afterwards refuses a chain revoked before."""
     a, b = instances(2)
     (opened,) = instances(1, None, "--budget-fail-open")
     revoked = a.mint_data()
@@ -319,7 +391,9 @@ def test_redis_stopped_and_restarted_empty_mid_load(
     assert revoke(a, jti=revoked.jti).status == 200
     redis_server.stop()
     for server in (a, b):
-        status, took_s = timed(lambda: server.request("POST", CHAT, budgeted, JSON, chat_body()).status)
+        status, took_s = timed(
+            lambda: server.request("POST", CHAT, budgeted, JSON, chat_body()).status
+        )
         assert status == 503 and took_s < STORE_TIMEOUT_S + 0.5
         assert models(server, revoked.token) == 401
     assert opened.request("POST", CHAT, budgeted, JSON, chat_body()).status == 200
@@ -332,39 +406,65 @@ def test_redis_stopped_and_restarted_empty_mid_load(
     assert wait_until(lambda: models(late, revoked.token) == 401, 1.0)
 
 
-# Connections: TLS with a verified certificate, a Unix socket, a password ###################################
+# Connections: TLS with a verified certificate, a Unix socket, a password ##########################
 
 
-def test_rediss_verifies_the_redis_servers_certificate(soakp: Callable[..., SoakpProcess], tmp_path: Path,
-                                                      test_ca: Any, fake_upstream: FakeUpstream) -> None:
-    """rediss:// with the CA that issued Redis's certificate shares state; with certifi's bundle, which
-    does not know that CA, SOAKP does not talk to the server at all (budgets 503, as when it is down)."""
+def test_rediss_verifies_the_redis_servers_certificate(
+    soakp: Callable[..., SoakpProcess], tmp_path: Path, test_ca: Any, fake_upstream: FakeUpstream
+) -> None:
+    """rediss:// with the CA that issued Redis's certificate shares state; with certifi's bundle,
+    which does not know that CA, SOAKP does not talk to the server at all (budgets 503, as when it
+    is down)."""
     cert, key = test_ca.issue("redis", directory=tmp_path)
     port = free_port()
-    tls = RedisServer(tmp_path / "tls", port=free_port(), extra=(
-        "--tls-port", str(port), "--port", "0", "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-        "--tls-ca-cert-file", str(test_ca.ca_path), "--tls-auth-clients", "no"),
-        cli=("--tls", "--cacert", str(test_ca.ca_path), "-h", "127.0.0.1", "-p", str(port))).start()
+    tls = RedisServer(
+        tmp_path / "tls",
+        port=free_port(),
+        extra=(
+            "--tls-port",
+            str(port),
+            "--port",
+            "0",
+            "--tls-cert-file",
+            str(cert),
+            "--tls-key-file",
+            str(key),
+            "--tls-ca-cert-file",
+            str(test_ca.ca_path),
+            "--tls-auth-clients",
+            "no",
+        ),
+        cli=("--tls", "--cacert", str(test_ca.ca_path), "-h", "127.0.0.1", "-p", str(port)),
+    ).start()
     try:
         trusted = soakp(redis=f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={test_ca.ca_path}")
         untrusted = soakp(redis=f"rediss://127.0.0.1:{port}/0")
         budgeted = trusted.mint(max_tokens_total=100)
         assert health(trusted)["store"]["redis"] == "up"
         assert trusted.request("GET", "/v1/models", budgeted).status == 200
-        assert "CERTIFICATE_VERIFY_FAILED" in untrusted.log_text() or "certificate verify failed" in \
-            untrusted.log_text().lower()
+        assert (
+            "CERTIFICATE_VERIFY_FAILED" in untrusted.log_text()
+            or "certificate verify failed" in untrusted.log_text().lower()
+        )
         assert wait_until(lambda: health(untrusted)["store"]["redis"] == "down", 2)
         assert untrusted.request("GET", "/v1/models", budgeted).status == 503
     finally:
         tls.stop()
 
 
-def test_a_unix_socket_with_a_password(soakp: Callable[..., SoakpProcess], tmp_path: Path,
-                                       fake_upstream: FakeUpstream, secrets_registry: Any) -> None:
+def test_a_unix_socket_with_a_password(
+    soakp: Callable[..., SoakpProcess],
+    tmp_path: Path,
+    fake_upstream: FakeUpstream,
+    secrets_registry: Any,
+) -> None:
     password = secrets_registry.add("redis-pass-" + secrets.token_urlsafe(12))
     sock = tmp_path / "redis.sock"
-    server = RedisServer(tmp_path / "unix", extra=("--unixsocket", str(sock), "--requirepass", password),
-                         cli=("-s", str(sock), "-a", password, "--no-auth-warning")).start()
+    server = RedisServer(
+        tmp_path / "unix",
+        extra=("--unixsocket", str(sock), "--requirepass", password),
+        cli=("-s", str(sock), "-a", password, "--no-auth-warning"),
+    ).start()
     try:
         a, b = (soakp(redis=f"unix://:{password}@{sock}") for _ in range(2))
         wrong = soakp(redis=f"unix://:not-{password}@{sock}")
@@ -377,13 +477,14 @@ def test_a_unix_socket_with_a_password(soakp: Callable[..., SoakpProcess], tmp_p
         server.stop()
 
 
-# Redis Cluster ##############################################################################################
+# Redis Cluster ####################################################################################
 
 
-def test_the_core_holds_on_redis_cluster(instances: Callable[..., list[SoakpProcess]], tmp_path: Path,
-                                         fake_upstream: FakeUpstream) -> None:
-    """Three cluster masters: every script touches one slot (hash tags), so rpm, budgets, revocation,
-    delegation across slots and GET /jwt all work."""
+def test_the_core_holds_on_redis_cluster(
+    instances: Callable[..., list[SoakpProcess]], tmp_path: Path, fake_upstream: FakeUpstream
+) -> None:
+    """Three cluster masters: every script touches one slot (hash tags), so rpm, budgets,
+    revocation, delegation across slots and GET /jwt all work."""
     nodes = start_cluster(tmp_path / "cluster")
     try:
         a, b = instances(2, url=nodes[0].url)
@@ -391,13 +492,22 @@ def test_the_core_holds_on_redis_cluster(instances: Callable[..., list[SoakpProc
         limited = a.mint(rpm=3)
         assert [models(s, limited) for s in (a, b, a, b)] == [200, 200, 200, 429]
         parent = a.mint(delegate=1, max_tokens_total=300)
-        response = a.request("POST", "/jwt/delegate", parent, JSON, compact({"sub": "kid", "rpm": 50}))
+        response = a.request(
+            "POST", "/jwt/delegate", parent, JSON, compact({"sub": "kid", "rpm": 50})
+        )
         assert response.status == 201, response.body[:300]
         child = a.registry.add(response.json()["data"]["jwt"])
         fake_upstream.script(CHAT, usage_reply(10, lambda d: min(100, d["max_completion_tokens"])))
-        statuses = [s.request("POST", CHAT, child, JSON, chat_body(max_completion_tokens=100)).status
-                    for s in (a, b, a, b)]
-        assert statuses == [200, 200, 200, 429], statuses  # 110 + 110 + 90 (capped at 80) spends 310
+        statuses = [
+            s.request("POST", CHAT, child, JSON, chat_body(max_completion_tokens=100)).status
+            for s in (a, b, a, b)
+        ]
+        assert statuses == [
+            200,
+            200,
+            200,
+            429,
+        ], statuses  # 110 + 110 + 90 (capped at 80) spends 310
         minted = b.mint_data()
         assert revoke(a, jti=minted.jti).status == 200
         assert wait_until(lambda: models(b, minted.token) == 401, 1.0)
