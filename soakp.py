@@ -1410,6 +1410,9 @@ STORE_TIMEOUT_S = 0.3  # no request waits longer than this on Redis
 SHARED_POLL_S = 0.25  # revocation version check, probe, pending writes: a change is seen within 1 s
 RESERVATION_LEASE_S = 30  # a reservation whose instance died is freed after this (else renewed)
 RESERVATION_RENEW_S = 10.0
+# Settlements are sent together this long after the first: at c=1 one script per chain per batch
+# instead of one per request. A settled request counts as in flight for this long longer.
+SETTLE_BATCH_S = 0.02
 SHARED_LIST_BATCH = 500
 REVOCATIONS_KEY, REVOCATIONS_VERSION_KEY = "soakp:{rev}", "soakp:{rev}:v"
 REVOCATION_KEYS = [REVOCATIONS_KEY, REVOCATIONS_VERSION_KEY]
@@ -1437,13 +1440,15 @@ return '0'
 # keep-until, rpm (0: none). Returns {spent, reserved, granted, seconds to wait}. `reserve` takes
 # one request from the rpm (GCRA, as RATE_SCRIPT) and grants min(amount, what is left), both or
 # neither, so a request with rpm and a budget costs one round trip; `settle` frees a reservation and
-# charges what was used; `shrink` lowers a reservation; `renew` extends its lease. Expired leases
-# are freed first.
+# charges what was used (several reservation ids at once, separated by spaces, and what they used
+# together); `shrink` lowers a reservation; `renew` extends its lease. Expired leases go first.
 BUDGET_SCRIPT = """
 local t = redis.call('TIME')
 local now, op, id = tonumber(t[1]), ARGV[1], ARGV[4]
 if op == 'settle' then
-  if id ~= '' then redis.call('HDEL', KEYS[2], id); redis.call('ZREM', KEYS[3], id) end
+  for done in string.gmatch(id, '%S+') do
+    redis.call('HDEL', KEYS[2], done); redis.call('ZREM', KEYS[3], done)
+  end
   local spent = redis.call('INCRBY', KEYS[1], ARGV[3])
   redis.call('EXPIREAT', KEYS[1], ARGV[6])
   return {spent, 0, 0}
@@ -1609,6 +1614,7 @@ class SharedStore:
         # (cid, reservation id, tokens used, keep-until)
         self.pending_settles: list[tuple[str, str, int, int]] = []
         self.sending = asyncio.Lock()
+        self.settle_soon = False  # a batch of settlements is due within SETTLE_BATCH_S
         self.usage: dict[str, UsageDelta] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
 
@@ -1729,9 +1735,16 @@ class SharedStore:
 
     def settle(self, budgets: Sequence[tuple[str, int]], rid: str, used: int,
                keep_until: int) -> None:
-        """Free a reservation and charge what was used, soon (a background task; kept till sent)."""
+        """Free a reservation and charge what was used, within SETTLE_BATCH_S: the settlements of
+        that time go together, one script per chain. Until then the reservation stays held."""
         self.reservations.pop(rid, None)
         self.queue_settle(budgets, rid, used, keep_until)
+        if not self.settle_soon:
+            self.settle_soon = True
+            asyncio.get_running_loop().call_later(SETTLE_BATCH_S, self.start_settling)
+
+    def start_settling(self) -> None:
+        self.settle_soon = False
         self.start(self.send_soon())
 
     async def send_soon(self) -> None:
@@ -1823,10 +1836,14 @@ class SharedStore:
             del self.pending_revocations[member]
             with contextlib.suppress(StoreDown):
                 await self.command("PUBLISH", REVOCATIONS_CHANNEL, f"{member} {until}")
-        while self.pending_settles:
-            cid, rid, used, keep_until = self.pending_settles[0]
-            await self.run(BUDGET, self.budget_keys(cid), ["settle", 0, used, rid, 0, keep_until])
-            self.pending_settles.pop(0)
+        while self.pending_settles:  # what each chain's pending settlements add up to, at once
+            cid = self.pending_settles[0][0]
+            batch = [item for item in self.pending_settles if item[0] == cid]
+            rids = " ".join(rid for _, rid, _, _ in batch if rid)
+            used, keep_until = sum(item[2] for item in batch), max(item[3] for item in batch)
+            await self.run(BUDGET, self.budget_keys(cid), ["settle", 0, used, rids, 0, keep_until])
+            done = {id(item) for item in batch}
+            self.pending_settles = [item for item in self.pending_settles if id(item) not in done]
         while self.pending_chains:
             await self.write_chain(*self.pending_chains[0])
             self.pending_chains.pop(0)

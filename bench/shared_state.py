@@ -322,7 +322,7 @@ def render(r: dict[str, float], markdown: bool = False) -> str:
             "Redis scripts (round trips) per request, token with rpm + budget",
             "—",
             f"{r['calls_per_limited_request']:.2f}",
-            "rpm, reserve, settle (after the answer)",
+            "rpm + reservation in one, settlement after the answer",
         ),
         (
             "Redis commands per request (scripts' included), token with neither",
