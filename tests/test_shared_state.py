@@ -386,24 +386,104 @@ def test_redis_stopped_and_restarted_empty_mid_load(
     a, b = instances(2)
     (opened,) = instances(1, None, "--budget-fail-open")
     revoked = a.mint_data()
-    budgeted = a.mint(max_tokens_total=1000)
+    budgeted = a.mint(max_tokens_total=100_000)
+    limited = a.mint(rpm=100_000)
     fake_upstream.script(CHAT, usage_reply(5, lambda d: 5))
     assert revoke(a, jti=revoked.jti).status == 200
+    # The load: requests on b all along, each answered in its documented way within the store
+    # timeout.
+    seen: list[tuple[str, int, float]] = []
+    stop = threading.Event()
+    capped = chat_body(max_completion_tokens=10)  # no request holds the whole budget for itself
+
+    def load() -> None:
+        deadline = time.monotonic() + 20
+        while not stop.is_set() and time.monotonic() < deadline and len(seen) < 2000:
+            for kind, call in (
+                ("rpm", lambda: models(b, limited)),
+                ("budget", lambda: b.request("POST", CHAT, budgeted, JSON, capped).status),
+            ):
+                status, took_s = timed(call)
+                seen.append((kind, status, took_s))
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        check_each_state(
+            a,
+            b,
+            opened,
+            late_instance=lambda: instances(1)[0],
+            redis_server=redis_server,
+            revoked=revoked,
+            budgeted=budgeted,
+            capped=capped,
+        )
+    finally:
+        stop.set()
+        loader.join(30)
+    assert {status for kind, status, _ in seen if kind == "rpm"} == {200}  # per instance meanwhile
+    assert {status for kind, status, _ in seen if kind == "budget"} == {200, 503}
+    assert max(took_s for _, _, took_s in seen) < STORE_TIMEOUT_S + 0.5, max(
+        seen, key=lambda x: x[2]
+    )
+    assert seen[-1][1] == 200  # recovered without a restart
+
+
+def check_each_state(
+    a: SoakpProcess,
+    b: SoakpProcess,
+    opened: SoakpProcess,
+    late_instance: Callable[[], SoakpProcess],
+    redis_server: RedisServer,
+    revoked: Any,
+    budgeted: str,
+    capped: bytes,
+) -> None:
+    """Redis stopped (each state fails its documented way), then restarted empty (recovered)."""
+    time.sleep(0.3)
     redis_server.stop()
     for server in (a, b):
-        status, took_s = timed(
-            lambda: server.request("POST", CHAT, budgeted, JSON, chat_body()).status
-        )
+        status, took_s = timed(lambda: server.request("POST", CHAT, budgeted, JSON, capped).status)
         assert status == 503 and took_s < STORE_TIMEOUT_S + 0.5
         assert models(server, revoked.token) == 401
-    assert opened.request("POST", CHAT, budgeted, JSON, chat_body()).status == 200
+    assert opened.request("POST", CHAT, budgeted, JSON, capped).status == 200
     assert health(opened)["store"]["budgets"] == "per-instance"
     redis_server.start()  # empty: no persistence
     assert wait_until(lambda: all(health(s)["store"]["redis"] == "up" for s in (a, b, opened)), 2)
-    assert a.request("POST", CHAT, budgeted, JSON, chat_body()).status == 200
+    assert a.request("POST", CHAT, budgeted, JSON, capped).status == 200
     assert wait_until(lambda: redis_cli(redis_server.port, "ZCARD", "soakp:{rev}") == "1", 2)
-    (late,) = instances(1)
+    late = late_instance()
     assert wait_until(lambda: models(late, revoked.token) == 401, 1.0)
+
+
+def test_a_reservation_whose_instance_died_is_freed_when_its_lease_ends(
+    redis_server: RedisServer,
+) -> None:
+    """SOAKP's budget script on a real Redis: a reservation not renewed (its instance died) stops
+    counting once its lease ends, on Redis's clock; one renewed in time goes on counting."""
+    import redis
+
+    import soakp
+
+    client = redis.Redis(port=redis_server.port, decode_responses=True)
+    keys = ["soakp:{c}:spent", "soakp:{c}:reserved", "soakp:{c}:leases", "soakp:{c}:rate"]
+    far = int(time.time()) + 3600
+
+    def budget(*args: Any) -> list[Any]:
+        return client.eval(soakp.BUDGET_SCRIPT, len(keys), *keys, *args)
+
+    assert budget("reserve", 1000, 600, "dead", 1, far, 0)[2] == 600
+    assert budget("reserve", 1000, 300, "alive", 3, far, 0)[2] == 300
+    assert budget("reserve", 1000, 500, "refused", 1, far, 0)[2] == 100  # what is left
+    budget("settle", 0, 0, "refused", 0, far)
+    assert budget("check", 1000, 0, "", 0, 0)[:2] == [0, 900]
+    time.sleep(1.5)
+    budget("renew", 0, 0, "alive", 3, 0)
+    assert budget("check", 1000, 0, "", 0, 0)[:2] == [0, 300]  # "dead" freed, "alive" kept
+    budget("settle", 0, 250, "alive", 0, far)
+    assert budget("check", 1000, 0, "", 0, 0)[:2] == [250, 0]
+    client.close()
 
 
 # Connections: TLS with a verified certificate, a Unix socket, a password ##########################
