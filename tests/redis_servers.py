@@ -95,6 +95,7 @@ class RedisServer:
         deadline = time.monotonic() + START_TIMEOUT_S
         while redis_cli(self.port, "PING", how=self.cli) != "PONG":
             if time.monotonic() > deadline or self.popen.poll() is not None:
+                self.stop()
                 raise RuntimeError(f"redis-server did not start on {self.port}")
             time.sleep(0.05)
         return self
@@ -121,7 +122,14 @@ class RedisServer:
 
 def start_cluster(workdir: Path, nodes: int = 3) -> list[RedisServer]:
     """Three masters, no replicas: every slot covered, so each chain's keys live on one of them."""
-    servers = [RedisServer(workdir / f"node{i}", cluster=True).start() for i in range(nodes)]
+    servers: list[RedisServer] = []
+    try:
+        for i in range(nodes):
+            servers.append(RedisServer(workdir / f"node{i}", cluster=True).start())
+    except RuntimeError:
+        for server in servers:  # none is left running when one fails to start
+            server.stop()
+        raise
     result = subprocess.run(
         [
             "redis-cli",
@@ -143,6 +151,8 @@ def start_cluster(workdir: Path, nodes: int = 3) -> list[RedisServer]:
     deadline = time.monotonic() + START_TIMEOUT_S
     while any("cluster_state:ok" not in redis_cli(s.port, "CLUSTER", "INFO") for s in servers):
         if time.monotonic() > deadline:
+            for server in servers:
+                server.stop()
             raise RuntimeError("the cluster did not reach cluster_state:ok")
         time.sleep(0.1)
     return servers
