@@ -214,6 +214,7 @@ class Balancer:
                 break
             except OSError:
                 if time.monotonic() > deadline or self.popen.poll() is not None:
+                    self.stop()
                     raise RuntimeError(
                         f"nginx did not start: {(workdir / 'error.log').read_text()[-500:]}"
                     )
