@@ -39,10 +39,13 @@ $(RUN_STAMP): pyproject.toml
 	touch $@
 
 # Debian packages the tests use beyond Python: pebble + certbot (a real ACME issuance), wrk + nginx
-# (the benchmark's quick run), chromium (browser tests), bind9 + bind9-dnsutils +
-# python3-certbot-dns-rfc2136 (DNS-01 through a real DNS server, tests/test_dns01.py). `make test` installs the missing ones with
-# apt-get (through sudo when not root), so one command sets up and runs everything on a fresh machine.
-TEST_PACKAGES ?= pebble certbot wrk nginx chromium bind9 bind9-dnsutils python3-certbot-dns-rfc2136
+# (the benchmark's quick run and the balancer of tests/test_shared_state.py), chromium (browser tests),
+# bind9 + bind9-dnsutils + python3-certbot-dns-rfc2136 (DNS-01 through a real DNS server,
+# tests/test_dns01.py), redis-server (private Redis servers and a Redis Cluster for
+# tests/test_shared_state.py). `make test` installs the missing ones with apt-get (through sudo when
+# not root), so one command sets up and runs everything on a fresh machine.
+TEST_PACKAGES ?= pebble certbot wrk nginx chromium bind9 bind9-dnsutils python3-certbot-dns-rfc2136 \
+	redis-server
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 system-deps:
@@ -115,7 +118,9 @@ drop-old-secrets:
 # For another CPU or Python (an edge device), name the target's wheel platform and version:
 # `make zipapp PLATFORM=manylinux2014_aarch64 PYVER=3.11` (no compiler needed: wheels only).
 # shiv is a build tool: it lives in $(SHIV_VENV), never in the zipapp.
+# `make zipapp EXTRAS=redis` puts redis-py inside too, for `--redis` (several instances, one state).
 ZIPAPP ?= dist/soakp.pyz
+EXTRAS ?=
 PLATFORM ?=
 PYVER ?=
 SHIV_VENV ?= build/shiv-venv
@@ -132,9 +137,10 @@ zipapp: $(SHIV_VENV)/bin/shiv
 	mkdir -p "$$tmp/src" "$(dir $(ZIPAPP))"; \
 	cp soakp.py pyproject.toml README.md "$$tmp/src/"; \
 	$(SHIV_VENV)/bin/python -m pip wheel -q --no-deps -w "$$tmp/wheels" "$$tmp/src"; \
-	$(SHIV_VENV)/bin/python -m pip download -q -d "$$tmp/wheels" $(WHEELS_FOR) "$$tmp"/wheels/soakp-*.whl; \
+	whl=$$(ls "$$tmp"/wheels/soakp-*.whl); \
+	$(SHIV_VENV)/bin/python -m pip download -q -d "$$tmp/wheels" $(WHEELS_FOR) "$$whl$(if $(EXTRAS),[$(EXTRAS)])"; \
 	$(SHIV_VENV)/bin/shiv -q -o "$(ZIPAPP).$$$$.tmp" -e soakp:main -p '/usr/bin/env python3' --reproducible \
-		--no-index --find-links "$$tmp/wheels" $(WHEELS_FOR) soakp; \
+		--no-index --find-links "$$tmp/wheels" $(WHEELS_FOR) 'soakp$(if $(EXTRAS),[$(EXTRAS)])'; \
 	mv "$(ZIPAPP).$$$$.tmp" "$(ZIPAPP)"; \
 	echo "built $(ZIPAPP) ($$(wc -c < "$(ZIPAPP)") bytes) from:"; ls "$$tmp/wheels" | sed 's/^/  /'
 

@@ -118,6 +118,8 @@ SIZE_UNITS = {
 MIN_SECRET_CHARS = 32
 ORIGIN_RE = re.compile(r"https?://[a-z0-9.\-]+(?::[0-9]{1,5})?\Z")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
 # OpenSSL's reasons for a pair that does not load, in words (the rest are lower-cased as they are).
 SSL_REASONS = {
     "PEM_LIB": "not a PEM certificate or private key",
@@ -279,6 +281,9 @@ class Config:
     log_level: str = "info"
     # Start-up notes for settings SOAKP corrected or ignored; serve() logs them.
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    redis_url: str | None = field(default=None, repr=False)  # may carry a password
+    redis_stale_after_s: float = 60.0
+    budget_fail_open: bool = False
 
     @property
     def tls(self) -> bool:
@@ -313,11 +318,18 @@ OPTIONS: dict[str, tuple[str, str | None, str]] = {
     "max-connections": ("SOAKP_MAX_CONNECTIONS", "10000", "concurrent client connections; beyond it 503"),
     "shutdown-grace": ("SOAKP_SHUTDOWN_GRACE", "30s", "on SIGTERM, time in-flight requests get to finish"),
     "log-level": ("SOAKP_LOG_LEVEL", "info", "debug, info, warning or error"),
+    "redis": ("SOAKP_REDIS_URL", None, "redis://, rediss:// or unix:// URL of the Redis (or "
+              "Valkey) through which several instances share revocations, rpm, budgets, usage"),
+    "redis-stale-after": ("SOAKP_REDIS_STALE_AFTER", "60s", "how old the known revocations may "
+                          "grow while Redis is unreachable; past it 503"),
+    "budget-fail-open": ("SOAKP_BUDGET_FAIL_OPEN", None, "serve budgeted tokens, counted per "
+                         "instance, while Redis is unreachable (variable: 1)"),
 }
 # Every command accepts these (SPEC.md, Commands), so a script may pass them to any command; each
 # command's help lists only the ones it reads (USED_OPTIONS) and accepts the others quietly.
 COMMON_OPTIONS = ("secret", "secret-file", "old-secrets", "db", "token-ttl", "max-token-ttl", "log-level")
 SERVE_OPTIONS = tuple(OPTIONS)
+FLAG_OPTIONS = frozenset({"budget-fail-open"})  # on/off: the flag takes no value, its variable 1/0
 COMMANDS = ("serve", "mint", "revoke", "tokens", "selfsigned")
 USED_OPTIONS = {
     "mint": ("secret", "secret-file", "db", "token-ttl", "max-token-ttl"),
@@ -408,8 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
             env, default, text = OPTIONS[name]
             flags = [f"--{name}", "--key"] if name == "tls-key" else [f"--{name}"]
             where = f" (env {env}" + (f", default {default})" if default else ")")
+            flag = {"action": "store_const", "const": "1"} if name in FLAG_OPTIONS else {}
             sub.add_argument(*flags, dest=name.replace("-", "_"), default=None,
-                             help=text + where if name in shown else argparse.SUPPRESS)
+                             help=text + where if name in shown else argparse.SUPPRESS, **flag)
 
     serve_parser = add_command("serve")
     add_options(serve_parser, SERVE_OPTIONS, SERVE_OPTIONS)
@@ -436,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in ("revoke", "tokens"):
         sub = add_command(name)
-        add_options(sub, COMMON_OPTIONS, USED_OPTIONS[name])
+        add_options(sub, (*COMMON_OPTIONS, "redis"), (*USED_OPTIONS[name], "redis"))
         if name == "revoke":
             sub.add_argument("jti", help="the token's id, as `soakp tokens` shows it")
 
@@ -639,6 +652,15 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
     db = get("db") or ""
     if not db.strip():
         raise ConfigError("--db must name a file (or :memory:), e.g. --db var/soakp.db")
+    redis_url = get("redis") or None
+    if redis_url is not None and urllib.parse.urlsplit(redis_url).scheme not in REDIS_SCHEMES:
+        raise ConfigError("--redis must be a redis://, rediss:// or unix:// URL")
+    redis_stale_after_s = convert("redis-stale-after", parse_duration_s)
+    if redis_stale_after_s <= 0:
+        raise ConfigError("--redis-stale-after must be more than 0")
+    fail_open = (get("budget-fail-open") or "").strip().lower()
+    if fail_open not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise ConfigError("--budget-fail-open must be 1 or 0")
 
     config = Config(
         listen_host=listen_host,
@@ -664,6 +686,9 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
         shutdown_grace_s=durations["shutdown-grace"],
         log_level=log_level,
         warnings=tuple(warnings),
+        redis_url=redis_url,
+        redis_stale_after_s=redis_stale_after_s,
+        budget_fail_open=fail_open in ("1", "true", "yes"),
     )
     return config, args
 
@@ -1228,6 +1253,7 @@ class Revocations:
 
     chains: dict[str, int] = field(default_factory=dict)  # cid -> the chain's renew-until time
     tokens: dict[str, int] = field(default_factory=dict)  # jti -> the token's expiry
+    fresh_until: float = math.inf  # shared (--redis): past this time the set is too old to trust
 
     def revoked(self, claims: TokenClaims) -> bool:
         return claims.jti in self.tokens or self.chain_revoked(claims)
@@ -1266,6 +1292,9 @@ class TokenCache:
         elif claims.exp <= now:
             del self.entries[token]
             raise invalid_token("The token has expired.")
+        if now > self.revoked.fresh_until:
+            raise ApiError(503, "SOAKP cannot reach the store of revoked tokens; try again "
+                                "shortly.", "store_unavailable", headers=[("Retry-After", "1")])
         if self.revoked.revoked(claims):
             raise invalid_token("The token has been revoked.")
         return claims
@@ -1589,6 +1618,548 @@ class RegistryWorker:
     def close(self) -> None:
         self.executor.shutdown(wait=True)
         self.registry.close()
+
+
+# Shared state: with --redis, what several instances must agree on lives in Redis (or Valkey).
+#
+# Each key carries its chain's id as a hash tag, `soakp:{cid}:...`, so a script touches one slot and
+# Redis Cluster works. A child token's request touches its own chain and each ancestor's, which are
+# other slots: one script per chain, taken one by one, the earlier ones given back when a later one
+# refuses. So each chain's rpm and budget hold exactly; a request refused by an ancestor holds a
+# place on its own chain for one round trip, which can only refuse another request, never let one
+# more in. Rate limits and budgets run on Redis's clock (TIME), so the instances' clocks never
+# matter. When Redis fails, each kind of state falls back as SPEC.md says; a background probe brings
+# it back.
+
+STORE_TIMEOUT_S = 0.3  # no request waits longer than this on Redis
+SHARED_POLL_S = 0.25  # revocation version check, probe, pending writes: a change is seen within 1 s
+RESERVATION_LEASE_S = 30  # a reservation whose instance died is freed after this (else renewed)
+RESERVATION_RENEW_S = 10.0
+# Settlements are sent together this long after the first: at c=1 one script per chain per batch
+# instead of one per request. A settled request counts as in flight for this long longer.
+SETTLE_BATCH_S = 0.02
+SHARED_LIST_BATCH = 500
+REVOCATIONS_KEY, REVOCATIONS_VERSION_KEY = "soakp:{rev}", "soakp:{rev}:v"
+REVOCATION_KEYS = [REVOCATIONS_KEY, REVOCATIONS_VERSION_KEY]
+REVOCATIONS_CHANNEL = "soakp:revocations"
+CHAINS_KEY = "soakp:{chains}"  # chain ids by renew-until: what GET /jwt lists
+KEEP_AFTER_S = 86400  # chain keys outlive the chain's renew-until by a day, then Redis drops them
+
+# GCRA, as RateLimiter, on Redis's clock. KEYS: the chain's theoretical arrival time. ARGV: rpm, and
+# 1 to take a request or -1 to give one back. Returns the seconds to wait, "0" when allowed.
+RATE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local interval = 60 / tonumber(ARGV[1])
+local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
+if ARGV[2] == '-1' then tat = tat - interval
+elseif tat - now - (60 - interval) > 1e-9 then
+  return string.format('%.3f', tat - now - (60 - interval))
+else tat = tat + interval end
+if tat <= now then redis.call('DEL', KEYS[1]) else
+  redis.call('SET', KEYS[1], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000)) end
+return '0'
+"""
+# A chain's budget. KEYS: spent (tokens), reservations (hash id -> tokens), leases (zset id ->
+# expiry), and the chain's rate key. ARGV: op, budget, amount, reservation id, lease seconds,
+# keep-until, rpm (0: none). Returns {spent, reserved, granted, seconds to wait}. `reserve` takes
+# one request from the rpm (GCRA, as RATE_SCRIPT) and grants min(amount, what is left), both or
+# neither, so a request with rpm and a budget costs one round trip; `settle` frees a reservation and
+# charges what was used (several reservation ids at once, separated by spaces, and what they used
+# together); `shrink` lowers a reservation; `renew` extends its lease. Expired leases go first.
+BUDGET_SCRIPT = """
+local t = redis.call('TIME')
+local now, op, id = tonumber(t[1]), ARGV[1], ARGV[4]
+if op == 'settle' then
+  for done in string.gmatch(id, '%S+') do
+    redis.call('HDEL', KEYS[2], done); redis.call('ZREM', KEYS[3], done)
+  end
+  local spent = redis.call('INCRBY', KEYS[1], ARGV[3])
+  redis.call('EXPIREAT', KEYS[1], ARGV[6])
+  return {spent, 0, 0}
+end
+if op == 'renew' or op == 'shrink' then
+  if redis.call('ZSCORE', KEYS[3], id) then
+    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), id)
+    if op == 'shrink' then redis.call('HSET', KEYS[2], id, ARGV[3]) end
+  end
+  return {0, 0, 0}
+end
+local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+for _, gone in ipairs(dead) do redis.call('HDEL', KEYS[2], gone) end
+if #dead > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now) end
+local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
+local reserved = 0
+for _, n in ipairs(redis.call('HVALS', KEYS[2])) do reserved = reserved + tonumber(n) end
+local granted, rpm = 0, tonumber(ARGV[7] or '0')
+if op == 'reserve' then
+  local exact, interval, tat = now + tonumber(t[2]) / 1000000, 0, 0
+  if rpm > 0 then
+    interval = 60 / rpm
+    tat = math.max(tonumber(redis.call('GET', KEYS[4]) or '0'), exact)
+    if tat - exact - (60 - interval) > 1e-9 then
+      return {spent, reserved, 0, string.format('%.3f', tat - exact - (60 - interval))}
+    end
+  end
+  granted = math.min(tonumber(ARGV[3]), tonumber(ARGV[2]) - spent - reserved)
+  if granted > 0 then
+    redis.call('HSET', KEYS[2], id, granted)
+    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), id)
+    redis.call('EXPIREAT', KEYS[2], ARGV[6]); redis.call('EXPIREAT', KEYS[3], ARGV[6])
+    if rpm > 0 then
+      redis.call('SET', KEYS[4], string.format('%.6f', tat + interval), 'PX',
+                 math.ceil((tat + interval - exact) * 1000))
+    end
+  else granted = 0 end
+end
+return {spent, reserved, granted, '0'}
+"""
+# KEYS: the revocation set (member `c:<cid>` or `t:<jti>`, score: until when it matters) and its
+# version. ARGV: member, until. Returns 1 when it is new (one refresh of a token wins everywhere).
+REVOKE_SCRIPT = """
+local t = redis.call('TIME')
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', t[1])
+local added = redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1])
+if added == 1 then redis.call('INCR', KEYS[2]) end
+return added
+"""
+# KEYS: a chain's metadata hash. ARGV: jti, sub, created_at, expires_at, renew_until, limits,
+# parent, keep-until, then usage: requests, prompt, completion, errors, last_used_at. The newest
+# token's jti and expiry win; usage adds up.
+CHAIN_SCRIPT = """
+if ARGV[3] ~= '' and redis.call('HSETNX', KEYS[1], 'created_at', ARGV[3]) == 1 then
+  redis.call('HSET', KEYS[1], 'sub', ARGV[2], 'renew_until', ARGV[5], 'limits', ARGV[6],
+             'parent', ARGV[7])
+end
+local newest = tonumber(redis.call('HGET', KEYS[1], 'expires_at') or '0')
+if ARGV[1] ~= '' and tonumber(ARGV[4]) >= newest then
+  redis.call('HSET', KEYS[1], 'jti', ARGV[1], 'expires_at', ARGV[4])
+end
+for i, name in ipairs({'requests', 'prompt_tokens', 'completion_tokens', 'errors'}) do
+  if ARGV[8 + i] ~= '0' then redis.call('HINCRBY', KEYS[1], name, ARGV[8 + i]) end
+end
+if tonumber(ARGV[13]) > tonumber(redis.call('HGET', KEYS[1], 'last_used_at') or '0') then
+  redis.call('HSET', KEYS[1], 'last_used_at', ARGV[13])
+end
+redis.call('EXPIREAT', KEYS[1], ARGV[8])
+return 1
+"""
+# Admin lock-out by address. KEYS: failures, lock. ARGV: op (check, ok, fail), allowed, window,
+# lockout. Returns the lock's milliseconds left (check), or the failures counted (fail).
+ADMIN_SCRIPT = """
+if ARGV[1] == 'check' then return redis.call('PTTL', KEYS[2]) end
+if ARGV[1] == 'ok' then redis.call('DEL', KEYS[1]); return 0 end
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+if n >= tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[2], '1', 'EX', ARGV[4]); redis.call('DEL', KEYS[1])
+end
+return n
+"""
+
+
+class StoreDown(Exception):
+    """Redis did not answer in time, or is known to be down: use the fallback."""
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    text: str
+    sha: str
+
+    @classmethod
+    def of(cls, text: str) -> Script:
+        sha = hashlib.sha1(text.encode("utf-8")).hexdigest()  # noqa: S324 - Redis names scripts so
+        return cls(text, sha)
+
+
+RATE, BUDGET, REVOKE, CHAIN, ADMIN = (
+    Script.of(t) for t in (RATE_SCRIPT, BUDGET_SCRIPT, REVOKE_SCRIPT, CHAIN_SCRIPT, ADMIN_SCRIPT))
+
+
+def store_error(exc: BaseException) -> str:
+    """A Redis failure for the log: its class and message (with the address, never a password)."""
+    text = str(exc)[:200].translate({c: " " for c in range(0x20)})
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
+
+
+def chain_key(cid: str, what: str) -> str:
+    return f"soakp:{{{cid}}}:{what}"
+
+
+def parse_revocation_set(pairs: Sequence[tuple[str, float]]) -> Revocations:
+    """The shared revocation set's members (`c:<cid>`, `t:<jti>`) with their until-times."""
+    found = Revocations()
+    for member, until in pairs:
+        kind, _, token_id = member.partition(":")
+        table = found.chains if kind == "c" else found.tokens if kind == "t" else None
+        if table is not None and TOKEN_ID_RE.match(token_id):
+            table[token_id] = int(until)
+    return found
+
+
+def chain_row(cid: str, meta: Mapping[str, str]) -> dict[str, Any]:
+    """A GET /jwt row from a chain's metadata hash in Redis (as TokenRegistry.list() gives it)."""
+    def number(name: str) -> int | None:
+        value = meta.get(name)
+        return int(value) if value not in (None, "") else None
+
+    row: dict[str, Any] = {"cid": cid, "jti": meta.get("jti"), "sub": meta.get("sub")}
+    for name in ("created_at", "expires_at", "renew_until", "revoked_at", "last_used_at"):
+        row[name] = number(name)
+    for name in ("requests", "prompt_tokens", "completion_tokens", "errors"):
+        row[name] = number(name) or 0
+    limits = json.loads(meta.get("limits") or "{}")
+    row.update({name: limits.get(name) for name in LIMIT_FIELDS})
+    row["parent"] = meta.get("parent") or None
+    return row
+
+
+class SharedStore:
+    """The Redis side of ServerState: revocations, rate limits, budgets, usage, chain metadata and
+    the admin lock-out that several instances share. Every call is bounded by STORE_TIMEOUT_S; a
+    failure marks Redis down (logged once, metric, /healthz) and raises StoreDown until the probe
+    sees it back. Writes that must not be lost (revocations, registrations, usage, settlements) wait
+    in memory and are sent when Redis is back."""
+
+    def __init__(self, client: Any, subscriber: Any, errors: tuple[type[BaseException], ...],
+                 no_script: type[BaseException], stale_after_s: float) -> None:
+        self.client, self.subscriber = client, subscriber
+        self.errors, self.no_script = errors, no_script
+        self.stale_after_s = stale_after_s
+        self.up = True
+        self.down_reason = ""
+        self.version: str | None = None  # of the revocation set, as last read
+        self.synced_at = time.time()  # when the revocation set was last known to be current
+        self.over_limit_until: dict[str, float] = {}  # cid -> when to try again (wall clock)
+        # reservation id -> its budgeted chains, for lease renewal
+        self.reservations: dict[str, list[tuple[str, int]]] = {}
+        self.pending_revocations: dict[str, int] = {}
+        self.pending_chains: list[tuple[str, list[Any]]] = []
+        # (cid, reservation id, tokens used, keep-until)
+        self.pending_settles: list[tuple[str, str, int, int]] = []
+        self.sending = asyncio.Lock()
+        self.settle_soon = False  # a batch of settlements is due within SETTLE_BATCH_S
+        self.usage: dict[str, UsageDelta] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def mark_down(self, exc: BaseException) -> None:
+        if self.up:
+            self.up = False
+            self.down_reason = store_error(exc)
+            log.warning("Redis is unreachable (%s): revocations keep the set known now (503 after "
+                        "%.0fs), rpm counts per instance, budgets answer 503 unless "
+                        "--budget-fail-open, admin lock-out counts per instance; retrying every "
+                        "%.2fs", self.down_reason, self.stale_after_s, SHARED_POLL_S)
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """One script on the slot of its keys, within STORE_TIMEOUT_S. Raises StoreDown."""
+        if not self.up:
+            raise StoreDown
+        try:
+            return await asyncio.wait_for(self.evaluate(script, keys, args), STORE_TIMEOUT_S)
+        except (*self.errors, TimeoutError, OSError) as exc:
+            self.mark_down(exc)
+            raise StoreDown from None
+
+    async def command(self, name: str, *args: Any) -> Any:
+        return await self.call(self.client.execute_command(name, *args))
+
+    async def call(self, awaitable: Any) -> Any:
+        """One redis-py call, within STORE_TIMEOUT_S. Raises StoreDown."""
+        if not self.up:
+            awaitable.close()
+            raise StoreDown
+        try:
+            return await asyncio.wait_for(awaitable, STORE_TIMEOUT_S)
+        except (*self.errors, TimeoutError, OSError) as exc:
+            self.mark_down(exc)
+            raise StoreDown from None
+
+    async def evaluate(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await self.client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except self.no_script:  # a restarted Redis forgot its scripts
+            return await self.client.execute_command("EVAL", script.text, len(keys), *keys, *args)
+
+    # Rate limits and budgets
+    async def admit(self, limits: Sequence[tuple[str, int | None, int | None]], want: int,
+                    keep_until: int, now: float
+                    ) -> tuple[str, int, dict[str, tuple[int, int]], float]:
+        """One request through the rpm and budget of each of its chains, (cid, budget, rpm), one
+        script per chain, reserving up to `want` tokens on each budgeted one, all the same amount
+        (the least any grants). Returns (reservation id, tokens granted, (spent, reserved) of the
+        budgeted chains, seconds to wait when an rpm refused); nothing is held when it refuses. A
+        chain known to be over its rpm costs no round trip. Raises StoreDown, having given back
+        what it took."""
+        known = max((self.over_limit_until.get(cid, 0.0) - now for cid, _, rpm in limits if rpm),
+                    default=0.0)
+        if known > 0:
+            return "", 0, {}, known
+        rid = b64url_encode(secrets.token_bytes(12)) if want else ""
+        granted, figures, rated, held = want, {}, [], []
+        try:
+            for cid, budget, rpm in limits:
+                if budget is not None and want:
+                    keys = [*self.budget_keys(cid), chain_key(cid, "rate")]
+                    reply = await self.run(BUDGET, keys, [
+                        "reserve", budget, granted, rid, RESERVATION_LEASE_S, keep_until, rpm or 0])
+                    figures[cid] = (int(reply[0]), int(reply[1]))
+                    wait_s, got = float(reply[3]), int(reply[2])
+                elif rpm:
+                    wait_s, got = float(await self.run(RATE, [chain_key(cid, "rate")], [rpm, 1])), 1
+                else:
+                    continue
+                if wait_s > 0 or got <= 0:
+                    if wait_s > 0:
+                        self.over_limit_until[cid] = now + wait_s
+                    await self.give_back(rated, held, rid, keep_until)
+                    return "", 0, figures, wait_s
+                rated += [(cid, rpm)] if rpm else []
+                if budget is not None and want:
+                    held.append(cid)
+                    if got < granted:
+                        granted = got
+                        for earlier in held[:-1]:
+                            await self.run(BUDGET, self.budget_keys(earlier), [
+                                "shrink", 0, granted, rid, RESERVATION_LEASE_S, keep_until])
+        except StoreDown:
+            await self.give_back(rated, held, rid, keep_until)
+            raise
+        if rid:
+            self.reservations[rid] = [(cid, budget) for cid, budget, _ in limits
+                                      if budget is not None]
+        return rid, granted, figures, 0.0
+
+    async def give_back(self, rated: Sequence[tuple[str, int]], held: Sequence[str], rid: str,
+                        keep_until: int) -> None:
+        """Undo what admit() took before a refusal: rpm places at once, reservations soon."""
+        for cid, rpm in rated:
+            with contextlib.suppress(StoreDown):
+                await self.run(RATE, [chain_key(cid, "rate")], [rpm, -1])
+        if held:
+            self.queue_settle([(cid, 0) for cid in held], rid, 0, keep_until)
+            self.start(self.send_soon())
+
+    # Budgets
+    def budget_keys(self, cid: str) -> list[str]:
+        return [chain_key(cid, "spent"), chain_key(cid, "reserved"), chain_key(cid, "leases")]
+
+    async def budget_figures(self, budgets: Sequence[tuple[str, int]]
+                             ) -> dict[str, tuple[int, int]]:
+        """(spent, reserved) of each budgeted chain. Raises StoreDown."""
+        replies = await asyncio.gather(*(
+            self.run(BUDGET, self.budget_keys(cid), ["check", budget, 0, "", 0, 0])
+            for cid, budget in budgets))
+        return {cid: (int(reply[0]), int(reply[1]))
+                for (cid, _), reply in zip(budgets, replies, strict=True)}
+
+    def queue_settle(self, budgets: Sequence[tuple[str, int]], rid: str, used: int,
+                     keep_until: int) -> None:
+        self.pending_settles += [(cid, rid, used, keep_until) for cid, _ in budgets]
+
+    def settle(self, budgets: Sequence[tuple[str, int]], rid: str, used: int,
+               keep_until: int) -> None:
+        """Free a reservation and charge what was used, within SETTLE_BATCH_S: the settlements of
+        that time go together, one script per chain. Until then the reservation stays held."""
+        self.reservations.pop(rid, None)
+        self.queue_settle(budgets, rid, used, keep_until)
+        if not self.settle_soon:
+            self.settle_soon = True
+            asyncio.get_running_loop().call_later(SETTLE_BATCH_S, self.start_settling)
+
+    def start_settling(self) -> None:
+        self.settle_soon = False
+        self.start(self.send_soon())
+
+    async def send_soon(self) -> None:
+        with contextlib.suppress(StoreDown):
+            await self.send_pending()
+
+    def start(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # Revocations
+    async def revoke(self, member: str, until: int) -> bool | None:
+        """Store a revocation and tell every instance. Returns whether it is new, or None when Redis
+        is unreachable (it is kept and sent when Redis is back)."""
+        try:
+            added = await self.run(REVOKE, REVOCATION_KEYS, [member, until])
+        except StoreDown:
+            self.pending_revocations[member] = until
+            return None
+        with contextlib.suppress(StoreDown):
+            await self.command("PUBLISH", REVOCATIONS_CHANNEL, f"{member} {until}")
+            if member.startswith("c:"):
+                await self.command("HSETNX", chain_key(member[2:], "meta"), "revoked_at",
+                                   int(time.time()))
+        return bool(added)
+
+    async def sync_revocations(self, known: Revocations) -> Revocations | None:
+        """The whole shared set when its version moved (None when not). A Redis that lost the set
+        (it restarted empty) gets back every revocation this instance knows. Raises StoreDown."""
+        version = await self.command("GET", REVOCATIONS_VERSION_KEY)
+        self.synced_at = time.time()
+        if version is None:
+            self.version = None  # a restarted Redis counts again from the start
+        if version is None and (known.chains or known.tokens) and not self.pending_revocations:
+            log.warning("Redis has no revocations: it restarted empty; sending the %d known here",
+                        len(known.chains) + len(known.tokens))
+            for kind, table in (("c", known.chains), ("t", known.tokens)):
+                self.pending_revocations.update({f"{kind}:{i}": t for i, t in table.items()})
+            return None
+        if version == self.version:
+            return None
+        pairs = await self.call(self.client.zrange(REVOCATIONS_KEY, int(time.time()), "+inf",
+                                                   byscore=True, withscores=True))
+        self.version = version
+        return parse_revocation_set(pairs)
+
+    # Chains and usage
+    def chain_args(self, minted: MintedToken, sub: str, created_at: int, limits: str,
+                   parent: str | None) -> list[Any]:
+        return [minted.jti, sub, created_at, minted.expires_at, minted.renew_until, limits,
+                parent or "", minted.renew_until + KEEP_AFTER_S, 0, 0, 0, 0, 0]
+
+    async def register(self, cid: str, args: list[Any]) -> None:
+        """A minted token's chain and jti, so that every instance lists it and revokes it by id."""
+        try:
+            await self.write_chain(cid, args)
+        except StoreDown:
+            self.pending_chains.append((cid, args))
+
+    async def write_chain(self, cid: str, args: list[Any]) -> None:
+        await self.run(CHAIN, [chain_key(cid, "meta")], args)
+        await self.command("ZADD", CHAINS_KEY, args[4] or args[7] - KEEP_AFTER_S, cid)
+        if args[0] and args[0] != cid:
+            await self.command("SET", chain_key(args[0], "cid"), cid, "EXAT",
+                               args[3] + KEEP_AFTER_S)
+
+    def add_usage(self, batch: Mapping[str, UsageDelta]) -> None:
+        for cid, delta in batch.items():
+            kept = self.usage.get(cid)
+            if kept is None:
+                self.usage[cid] = dataclasses.replace(delta)
+                continue
+            kept.requests += delta.requests
+            kept.prompt_tokens += delta.prompt_tokens
+            kept.completion_tokens += delta.completion_tokens
+            kept.errors += delta.errors
+            kept.last_used_at = max(kept.last_used_at, delta.last_used_at)
+
+    async def send_pending(self) -> None:
+        """Send what waits: revocations first, then settlements, registrations and usage, each once.
+        Raises StoreDown."""
+        async with self.sending:
+            await self.send_pending_now()
+
+    async def send_pending_now(self) -> None:
+        for member, until in list(self.pending_revocations.items()):
+            await self.run(REVOKE, REVOCATION_KEYS, [member, until])
+            del self.pending_revocations[member]
+            with contextlib.suppress(StoreDown):
+                await self.command("PUBLISH", REVOCATIONS_CHANNEL, f"{member} {until}")
+        while self.pending_settles:  # what each chain's pending settlements add up to, at once
+            cid = self.pending_settles[0][0]
+            batch = [item for item in self.pending_settles if item[0] == cid]
+            rids = " ".join(rid for _, rid, _, _ in batch if rid)
+            used, keep_until = sum(item[2] for item in batch), max(item[3] for item in batch)
+            await self.run(BUDGET, self.budget_keys(cid), ["settle", 0, used, rids, 0, keep_until])
+            done = {id(item) for item in batch}
+            self.pending_settles = [item for item in self.pending_settles if id(item) not in done]
+        while self.pending_chains:
+            await self.write_chain(*self.pending_chains[0])
+            self.pending_chains.pop(0)
+        while self.usage:
+            cid, delta = next(iter(self.usage.items()))
+            keep_until = delta.renew_until + KEEP_AFTER_S
+            created_at = "" if delta.created_at is None else delta.created_at
+            args = [delta.jti or "", delta.sub or "", created_at, delta.expires_at,
+                    delta.renew_until, "{}", "", keep_until, delta.requests, delta.prompt_tokens,
+                    delta.completion_tokens, delta.errors, delta.last_used_at]
+            await self.write_chain(cid, args)
+            del self.usage[cid]
+
+    async def renew_leases(self) -> None:
+        for rid, budgets in list(self.reservations.items()):
+            for cid, _ in budgets:
+                await self.run(BUDGET, self.budget_keys(cid),
+                               ["renew", 0, 0, rid, RESERVATION_LEASE_S, 0])
+
+    async def chain_of(self, token_id: str) -> tuple[str, int] | None:
+        """(cid, renew_until) of the chain a jti or cid names, as any instance registered it."""
+        cid = await self.command("GET", chain_key(token_id, "cid")) or token_id
+        renew_until = await self.command("HGET", chain_key(cid, "meta"), "renew_until")
+        return None if renew_until is None else (cid, int(renew_until))
+
+    async def list(self) -> list[dict[str, Any]]:
+        """GET /jwt's rows from every instance. Raises StoreDown."""
+        cids = await self.command("ZRANGE", CHAINS_KEY, int(time.time()), "+inf", "BYSCORE")
+        rows = []
+        for start in range(0, len(cids), SHARED_LIST_BATCH):
+            batch = cids[start:start + SHARED_LIST_BATCH]
+            metas = await asyncio.gather(*(self.command("HGETALL", chain_key(cid, "meta"))
+                                           for cid in batch))
+            rows += [chain_row(cid, meta) for cid, meta in zip(batch, metas, strict=True) if meta]
+        return sorted(rows, key=lambda row: (row["created_at"] or 0, row["cid"]))
+
+    # Admin lock-out
+    async def admin(self, op: str, peer: str, allowed: int, window_s: float,
+                    lockout_s: float) -> int:
+        keys = [f"soakp:{{admin}}:failures:{peer}", f"soakp:{{admin}}:lock:{peer}"]
+        args = [op, allowed, math.ceil(window_s), math.ceil(lockout_s)]
+        return int(await self.run(ADMIN, keys, args))
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for client in (self.subscriber, self.client):
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+
+async def open_shared_store(config: Config) -> SharedStore:
+    """Connect to the Redis of --redis: a single server or a Cluster (found out from INFO). redis-py
+    is imported only here, so an instance without --redis never loads it. Raises ConfigError."""
+    assert config.redis_url is not None
+    try:
+        import redis.asyncio as aioredis  # noqa: PLC0415 - the optional extra soakp[redis]
+        from redis.asyncio.cluster import RedisCluster  # noqa: PLC0415
+        from redis.asyncio.retry import Retry  # noqa: PLC0415
+        from redis.backoff import NoBackoff  # noqa: PLC0415
+        from redis.exceptions import NoScriptError, RedisError  # noqa: PLC0415
+    except ImportError:
+        raise ConfigError("--redis needs the redis package: pip install 'soakp[redis]'") from None
+    options: dict[str, Any] = {"socket_timeout": STORE_TIMEOUT_S, "decode_responses": True,
+                               "socket_connect_timeout": STORE_TIMEOUT_S,
+                               "retry": Retry(NoBackoff(), 0)}
+    if config.redis_url.startswith("rediss:"):
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(config.redis_url).query)
+        options.update(ssl_cert_reqs="required", ssl_check_hostname=True)
+        if "ssl_ca_certs" not in query:
+            options["ssl_ca_certs"] = certifi.where()
+    try:
+        single = aioredis.Redis.from_url(config.redis_url, **options)
+    except ValueError as exc:
+        raise ConfigError(f"--redis: {exc}") from None
+    client, cluster = single, False
+    try:
+        info = await asyncio.wait_for(single.info("cluster"), STORE_TIMEOUT_S * 10)
+        cluster = bool(info.get("cluster_enabled"))
+    except (RedisError, TimeoutError, OSError) as exc:
+        log.warning("Redis is not reachable at start (%s): starting with the fallbacks",
+                    store_error(exc))
+    if cluster:
+        client = RedisCluster.from_url(config.redis_url, **options, cluster_error_retry_attempts=0)
+    store = SharedStore(client, single, (RedisError,), NoScriptError, config.redis_stale_after_s)
+    where = urllib.parse.urlsplit(config.redis_url)
+    log.info("sharing state through Redis%s at %s://%s%s", " Cluster" if cluster else "",
+             where.scheme, where.hostname or "",
+             where.path if where.scheme == "unix" else f":{where.port or 6379}")
+    return store
 
 
 # 4. HTTP parsing: bytes in, RequestHead and ResponseHead out. No sockets, no awaits.
@@ -3085,6 +3656,8 @@ class Exchange:
     model: str | None = None
     request_id: str | None = None
     reserved: int = 0  # output tokens of the chain's budget promised to this request until it is settled
+    reservation: str | None = None  # its id in Redis (--redis); None: the reservation is local
+    rate_taken: bool = False  # counted against rpm already, with its reservation (--redis)
     estimate: tuple[int, int] | None = None  # what a budgeted request is charged if no usage is reported
     revoked: bool = False  # its chain was revoked while it streamed
     upstream_started: float = 0.0
@@ -3557,11 +4130,7 @@ async def budget_body(state: ServerState, exchange: Exchange, claims: TokenClaim
         fields = await asyncio.to_thread(json_fields, data, BUDGET_FIELDS)
     else:
         fields = json_fields(data, BUDGET_FIELDS)
-    plan = plan_budget(fields.values, upstream_path, budget_left(state, claims))
-    exchange.reserved = plan.reserved
-    if plan.reserved:
-        for cid, _ in claims.budgets:
-            state.reserved[cid] = state.reserved.get(cid, 0) + plan.reserved
+    plan = await reserve_budget(state, exchange, claims, fields.values, upstream_path)
     exchange.estimate = (max(1, len(data)), plan.reserved)
     exchange.strip_usage_event = plan.strip_usage_event
     if not plan.changes:
@@ -3627,7 +4196,8 @@ async def forward(
     connection so the client sees a truncated response, never an invented ending.
     """
     body = await read_body_ahead(state, exchange, reader, writer, head, claims, upstream_path)
-    take_rate(state, claims, time.time())  # every other check has passed: now it counts against rpm
+    if not exchange.rate_taken:  # every other check has passed: now it counts against rpm
+        await take_rate(state, claims, time.time())
     # A budgeted answer is read to its end even when the client leaves, so that it is charged.
     exchange.watchdog.finish_upstream = exchange.reserved > 0 or exchange.estimate is not None
     first_write = upstream_request(head, upstream_path, claims, state.config.upstream, body,
@@ -4190,6 +4760,7 @@ class ServerState:
     registry: RegistryWorker
     revoked: Revocations  # shared with `tokens`
     spent: dict[str, int]  # cid -> prompt + completion tokens recorded, for budgets
+    shared: SharedStore | None = None  # --redis: state shared with other instances
     reserved: dict[str, int] = field(default_factory=dict)  # cid -> output tokens promised to requests in flight
     streams: dict[str, set[Exchange]] = field(default_factory=dict)  # cid -> its answers still streaming
     cors_origins: frozenset[str] = frozenset()
@@ -4314,6 +4885,34 @@ def check_admin(state: ServerState, head: RequestHead, peer: str, now: float) ->
                    headers=[("WWW-Authenticate", 'Basic realm="soakp"')])
 
 
+async def check_admin_everywhere(state: ServerState, head: RequestHead, peer: str) -> None:
+    """check_admin(), with --redis also counting failures and locking out across the instances (each
+    instance's own count while Redis is unreachable)."""
+    shared = state.shared
+    if shared is None or state.config.admin_user is None:
+        return check_admin(state, head, peer, time.monotonic())
+    args = (peer, ADMIN_FAILURES_ALLOWED, ADMIN_FAILURE_WINDOW_S, ADMIN_LOCKOUT_S)
+    with contextlib.suppress(StoreDown):
+        locked_ms = await shared.admin("check", *args)
+        if locked_ms > 0:
+            raise ApiError(429, "Too many failed admin logins from this address; try again later.",
+                           "rate_limit_exceeded",
+                           headers=[("Retry-After", str(math.ceil(locked_ms / 1000)))])
+    try:
+        check_admin(state, head, peer, time.monotonic())
+    except ApiError as exc:
+        if exc.status == 401:
+            with contextlib.suppress(StoreDown):
+                if await shared.admin("fail", *args) >= ADMIN_FAILURES_ALLOWED:
+                    log.warning("admin logins failed %d times from %s across the instances: "
+                                "locked out for %.0fs", ADMIN_FAILURES_ALLOWED, peer,
+                                ADMIN_LOCKOUT_S)
+        raise
+    with contextlib.suppress(StoreDown):
+        await shared.admin("ok", *args)
+    return None
+
+
 async def read_json_body(reader: asyncio.StreamReader, head: RequestHead, config: Config,
                          exchange: Exchange) -> dict[str, Any]:
     """Read and parse a small JSON object body (admin endpoints). Raises ApiError 400 or 413."""
@@ -4345,8 +4944,12 @@ async def issue_token(state: ServerState, grant: Grant) -> MintedToken:
     now = int(time.time())
     minted = new_token(keys, grant, now)
     parent = grant.ancestors[-1].cid if grant.ancestors else None
+    limits = chain_limits(grant)
     await state.registry.call(state.registry.registry.register, minted, grant.sub, keys.kid, now,
-                              chain_limits(grant), parent)
+                              limits, parent)
+    if state.shared is not None:
+        args = state.shared.chain_args(minted, grant.sub, now, limits, parent)
+        await state.shared.register(minted.cid, args)
     log.info("minted jti=%s cid=%s sub=%s kid=%s expires_at=%d renew_until=%d", minted.jti, minted.cid,
              safe_for_log(grant.sub), keys.kid, minted.expires_at, minted.renew_until)
     return minted
@@ -4370,6 +4973,11 @@ async def revoke_chain(state: ServerState, cid: str, renew_until: int) -> int:
     revoked_at = await state.registry.call(state.registry.registry.revoke_chain, cid, renew_until,
                                            int(time.time()))
     log.info("revoked cid=%s", safe_label(cid))
+    if state.shared is not None and await state.shared.revoke(f"c:{cid}", renew_until) is None:
+        raise ApiError(503, "Revoked on this instance, but the store shared with the other "
+                            "instances is unreachable: they learn of it when it is back (SOAKP "
+                            "keeps retrying). Send the request again to confirm.",
+                       "store_unavailable", headers=[("Retry-After", "1")])
     return revoked_at
 
 
@@ -4377,7 +4985,7 @@ async def handle_admin(
     state: ServerState, reader: asyncio.StreamReader, head: RequestHead, exchange: Exchange, peer: str
 ) -> tuple[int, bytes, str]:
     """The admin endpoints, behind HTTP Basic. Returns (status, body, content type)."""
-    check_admin(state, head, peer, time.monotonic())
+    await check_admin_everywhere(state, head, peer)
     config = state.config
     if head.path in CONSOLE_ASSETS:
         exchange.body_consumed = head.body_kind == "none"
@@ -4395,10 +5003,19 @@ async def handle_admin(
                                 "data": {"cid": cid, "revoked_at": revoked_at}}), "application/json"
     exchange.body_consumed = head.body_kind == "none"
     await flush_usage(state)
+    rows = None
+    if state.shared is not None:
+        with contextlib.suppress(StoreDown):
+            await state.shared.send_pending()
+            rows = await state.shared.list()
     if head.path == "/jwt":
-        rows = await state.registry.call(state.registry.registry.list)
+        if rows is None:  # no --redis, or Redis unreachable: this instance's registry
+            rows = await state.registry.call(state.registry.registry.list)
         return 200, json_bytes({"data": rows}), "application/json"
-    return 200, state.metrics.render(len(state.connections)).encode("utf-8"), "text/plain; version=0.0.4"
+    metrics = state.metrics if rows is None else \
+        dataclasses.replace(state.metrics, tokens_used=sub_usage(rows))
+    text = metrics.render(len(state.connections)) + store_metrics(state)
+    return 200, text.encode("utf-8"), "text/plain; version=0.0.4"
 
 
 async def revocation_target(state: ServerState, fields: Mapping[str, Any]) -> tuple[str, int]:
@@ -4422,6 +5039,11 @@ async def revocation_target(state: ServerState, fields: Mapping[str, Any]) -> tu
     if not isinstance(value, str) or not TOKEN_ID_RE.match(value):
         raise bad_request(f"'{named[0]}' is not a token id.", param=named[0])
     chain = await state.registry.call(state.registry.registry.chain_of, value)
+    if chain is None and state.shared is not None:
+        try:
+            chain = await state.shared.chain_of(value)
+        except StoreDown:
+            raise store_unavailable("the tokens minted by other instances") from None
     if chain is None:
         raise ApiError(404, f"No token or chain with {named[0]} {value!r} is known here; nothing was revoked. "
                             "Send the whole token as {\"jwt\": \"...\"} to revoke one minted elsewhere.",
@@ -4445,9 +5067,13 @@ async def handle_refresh(state: ServerState, reader: asyncio.StreamReader, head:
         raise invalid_token("This token can no longer be refreshed: its chain's renew-until time has passed "
                             "(mint a new one, with a longer renew_ttl if needed).")
     check_origin(claims, head)
-    check_budget(state, claims, reserved_too=False)
-    take_rate(state, claims, now)
+    await check_budget(state, claims, reserved_too=False)
+    await take_rate(state, claims, now)
+    claims = state.tokens.verify(bearer_token(head), time.time())  # the checks above may wait
     state.revoked.tokens[claims.jti] = claims.exp  # at once, before any await: one refresh per token wins
+    shared = state.shared
+    if shared is not None and await shared.revoke(f"t:{claims.jti}", claims.exp) is False:
+        raise invalid_token("The token has been revoked.")  # another instance refreshed it first
     minted = await issue_token(state, claims.regrant(state.config.max_token_ttl_s))
     await state.registry.call(state.registry.registry.revoke_token, claims.jti, claims.cid, claims.exp, int(now))
     return 201, json_bytes(token_reply(minted)), "application/json"
@@ -4464,10 +5090,9 @@ async def handle_delegate(state: ServerState, reader: asyncio.StreamReader, head
     now = time.time()
     parent = state.tokens.verify(bearer_token(head), now)
     check_origin(parent, head)
-    check_budget(state, parent, reserved_too=False)
-    left = budget_left(state, parent, reserved_too=False) if parent.budgets else None
+    left = await check_budget(state, parent, reserved_too=False) if parent.budgets else None
     grant = delegate_grant(parent, fields, state.config.token_ttl_s, state.config.max_token_ttl_s, int(now), left)
-    take_rate(state, parent, now)
+    await take_rate(state, parent, now)
     minted = await issue_token(state, grant)
     return 201, json_bytes(token_reply(minted)), "application/json"
 
@@ -4541,9 +5166,10 @@ UNMETERED_PREFIXES = ("/v1/batches", "/v1/fine_tuning")
 
 
 def check_permissions(state: ServerState, claims: TokenClaims, head: RequestHead, upstream_path: str) -> None:
-    """Enforce a token's paths, credential endpoints, origins and budget before the body is read.
+    """Enforce a token's paths, credential endpoints and origins before the body is read; the caller
+    then awaits check_budget().
 
-    Raises ApiError 403 or 429. The rate limit is taken later (take_rate), once every check has passed.
+    Raises ApiError 403. The rate limit is taken later (take_rate), once every check has passed.
     """
     permissions = claims.permissions
     if permissions.paths is not None and not path_allowed(permissions.paths, upstream_path):
@@ -4559,42 +5185,137 @@ def check_permissions(state: ServerState, claims: TokenClaims, head: RequestHead
             raise ApiError(403, f"A token with a budget (max_tokens_total) may not use {safe_label(upstream_path)}:"
                                 " its token usage is not reported in the answer, so it could not be counted.",
                            "budget_unmetered_endpoint")
-        check_budget(state, claims)
 
 
-def check_budget(state: ServerState, claims: TokenClaims, reserved_too: bool = True) -> None:
-    """429 once a budgeted chain (its own or an ancestor's) has spent its whole budget, or (`reserved_too`)
-    promised what is left to requests in flight: those may end under their caps, so that 429 may be
-    retried."""
+def store_unavailable(what: str) -> ApiError:
+    return ApiError(503, f"SOAKP cannot reach the store shared by its instances, which keeps "
+                         f"{what}; try again shortly.", "store_unavailable",
+                    headers=[("Retry-After", "1")])
+
+
+async def chain_budgets(state: ServerState, claims: TokenClaims) -> dict[str, tuple[int, int]]:
+    """(spent, reserved) of each budgeted chain of a token: from Redis with --redis (while it is
+    unreachable a 503, or this instance's own counts with --budget-fail-open), else this
+    instance's."""
+    if state.shared is not None:
+        try:
+            return await state.shared.budget_figures(claims.budgets)
+        except StoreDown:
+            if not state.config.budget_fail_open:
+                raise store_unavailable("token budgets") from None
+    return {cid: (state.spent.get(cid, 0), state.reserved.get(cid, 0)) for cid, _ in claims.budgets}
+
+
+def check_budget_figures(claims: TokenClaims, figures: Mapping[str, tuple[int, int]],
+                         reserved_too: bool = True) -> int:
+    """429 once a budgeted chain (its own or an ancestor's) has spent its whole budget, or
+    (`reserved_too`) promised what is left to requests in flight: those may end under their caps,
+    so that 429 may be retried. Returns what is left: the least any chain has, less
+    (`reserved_too`) what is reserved."""
     budgets = claims.budgets
-    if not budgets:
-        return
-    if any(state.spent.get(cid, 0) >= budget for cid, budget in budgets):
+    if any(figures[cid][0] >= budget for cid, budget in budgets):
         raise budget_spent()
-    if reserved_too and budget_left(state, claims) <= 0:
-        raise ApiError(429, "What is left of this token's budget (max_tokens_total) is reserved by its requests "
-                            "in flight; retry when they have finished.", "budget_reserved", "requests",
-                       headers=[("Retry-After", "1")])
+    left = min((budget - figures[cid][0] - (figures[cid][1] if reserved_too else 0)
+                for cid, budget in budgets), default=0)
+    if reserved_too and left <= 0:
+        raise ApiError(429, "What is left of this token's budget (max_tokens_total) is reserved by "
+                            "its requests in flight; retry when they have finished.",
+                       "budget_reserved", "requests", headers=[("Retry-After", "1")])
+    return left
+
+
+async def check_budget(state: ServerState, claims: TokenClaims, reserved_too: bool = True) -> int:
+    """check_budget_figures() on the chains' current figures. Returns what is left (0 without a
+    budget)."""
+    if not claims.budgets:
+        return 0
+    return check_budget_figures(claims, await chain_budgets(state, claims), reserved_too)
 
 
 def budget_left(state: ServerState, claims: TokenClaims, reserved_too: bool = True) -> int:
-    """What a budgeted token may still spend: the least any of its chains' budgets has left, less what
-    was spent and (`reserved_too`) what is reserved by requests in flight."""
+    """What a budgeted token may still spend by this instance's counts: the least any of its
+    chains' budgets has left, less what was spent and (`reserved_too`) what is reserved by
+    requests in flight."""
     return min((budget - state.spent.get(cid, 0) - (state.reserved.get(cid, 0) if reserved_too else 0)
                 for cid, budget in claims.budgets), default=0)
 
 
-def take_rate(state: ServerState, claims: TokenClaims, now: float) -> None:
-    """Count one request against the `rpm` of its chain and of each ancestor. Raises ApiError(429) with
-    Retry-After."""
+def reserved_later(state: ServerState, head: RequestHead, upstream_path: str) -> bool:
+    """Whether, with --redis, reserve_budget() will check the budget anyway (a capped JSON
+    request), so that checking it before the body is read would only cost another round trip."""
+    return (state.shared is not None and head.method == "POST" and upstream_path in CAPPED_ENDPOINTS
+            and media_type(head.header(b"content-type")) != b"multipart/form-data")
+
+
+async def reserve_budget(state: ServerState, exchange: Exchange, claims: TokenClaims,
+                         document: dict[str, Any], upstream_path: str) -> BudgetPlan:
+    """Plan a budgeted request (plan_budget) and reserve its output cap on every budgeted chain
+    until record_outcome() settles it: in Redis with --redis, atomically per chain, else in this
+    instance. Raises ApiError 400, 403, 429, or 503 while Redis is unreachable (without
+    --budget-fail-open)."""
+    shared = state.shared
+    if shared is not None:
+        budgets = claims.budgets
+        least = min(budget for _, budget in budgets)
+        want = plan_budget(dict(document), upstream_path, least).reserved
+        if not want:
+            return plan_budget(document, upstream_path, 1)  # nothing to cap: charged by its usage
+        try:  # the rpm is taken here too: one round trip per chain for both
+            rid, granted, figures, wait_s = await shared.admit(
+                chain_limits_of(claims), want, claims.rexp + KEEP_AFTER_S, time.time())
+        except StoreDown:
+            if not state.config.budget_fail_open:
+                raise store_unavailable("token budgets") from None
+        else:
+            if wait_s:
+                raise rate_limited(claims, wait_s)
+            if not granted:
+                # Refused before it reached every chain: the others' figures, for the right 429.
+                missing = [(cid, budget) for cid, budget in budgets if cid not in figures]
+                try:
+                    figures.update(await shared.budget_figures(missing) if missing else {})
+                except StoreDown:
+                    raise store_unavailable("token budgets") from None
+                check_budget_figures(claims, figures)
+                raise store_unavailable("token budgets")  # not reached: a refusal has a reason
+            exchange.reserved, exchange.reservation, exchange.rate_taken = granted, rid, True
+            return plan_budget(document, upstream_path, granted)
+    plan = plan_budget(document, upstream_path, budget_left(state, claims))
+    exchange.reserved = plan.reserved
+    if plan.reserved:
+        for cid, _ in claims.budgets:
+            state.reserved[cid] = state.reserved.get(cid, 0) + plan.reserved
+    return plan
+
+
+def chain_limits_of(claims: TokenClaims) -> list[tuple[str, int | None, int | None]]:
+    """(cid, budget, rpm) of the token's own chain and each ancestor's, own first."""
+    budgets, rates = dict(claims.budgets), dict(claims.rates)
+    return [(cid, budgets.get(cid), rates.get(cid)) for cid in claims.chains]
+
+
+def rate_limited(claims: TokenClaims, wait_s: float) -> ApiError:
+    rpm = min(per_minute for _, per_minute in claims.rates)
+    return ApiError(429, f"Rate limit of {rpm} requests per minute reached for this token"
+                         f"{' or a token it descends from' if claims.ancestors else ''}.",
+                    "rate_limit_exceeded", "requests",
+                    headers=[("Retry-After", str(math.ceil(wait_s)))])
+
+
+async def take_rate(state: ServerState, claims: TokenClaims, now: float) -> None:
+    """Count one request against the `rpm` of its chain and of each ancestor: in Redis with --redis
+    (this instance's counts while it is unreachable). Raises ApiError(429) with Retry-After."""
     rates = claims.rates
     if rates:
-        wait_s = state.rate.acquire_all(rates, now)
+        wait_s = None
+        if state.shared is not None:
+            with contextlib.suppress(StoreDown):
+                limits = [(cid, None, rpm) for cid, rpm in rates]
+                wait_s = (await state.shared.admit(limits, 0, 0, now))[3]
+        if wait_s is None:
+            wait_s = state.rate.acquire_all(rates, now)
         if wait_s:
-            rpm = min(per_minute for _, per_minute in rates)
-            raise ApiError(429, f"Rate limit of {rpm} requests per minute reached for this token"
-                                f"{' or a token it descends from' if claims.ancestors else ''}.",
-                           "rate_limit_exceeded", "requests", headers=[("Retry-After", str(math.ceil(wait_s)))])
+            raise rate_limited(claims, wait_s)
 
 
 # SPEC.md, Methods: what the OpenAI API uses; anything else, a lowercase spelling included, is a 501.
@@ -4663,7 +5384,11 @@ async def handle_request(
     if path == "/healthz":
         if head.method not in ("GET", "HEAD"):
             raise method_not_allowed("GET, HEAD")
-        status, body, content_type = 200, json_bytes({"status": "ok"}), "application/json"
+        store = store_health(state)
+        health: dict[str, Any] = {"status": "ok"}
+        if store is not None:
+            health = {"status": "ok" if store["redis"] == "up" else "degraded", "store": store}
+        status, body, content_type = 200, json_bytes(health), "application/json"
     elif path == "/jwt/refresh" and listener.proxy:
         if head.method != "POST":
             raise method_not_allowed("POST")
@@ -4711,6 +5436,8 @@ async def handle_proxied(
     exchange.metered = head.method == "POST"
     record_use(state, claims, int(now))
     check_permissions(state, claims, head, upstream_path)
+    if not reserved_later(state, head, upstream_path):
+        await check_budget(state, claims)
     if websocket:
         if head.body_kind != "none":
             raise bad_request("A WebSocket handshake has no body.")
@@ -4718,7 +5445,7 @@ async def handle_proxied(
             raise ApiError(403, "A token with a budget (max_tokens_total) may not open WebSocket sessions: "
                                 "their token usage is not reported to SOAKP.", "budget_unmetered_endpoint")
         exchange.model = websocket_model(claims, upstream_path, head.query)
-        take_rate(state, claims, now)
+        await take_rate(state, claims, now)
         return await tunnel_websocket(state, exchange, reader, writer, head, upstream_path, claims, cors)
     if head.body_kind == "length" and head.content_length > state.config.max_body_bytes:
         raise ApiError(413, f"The request body is over the limit of {state.config.max_body_bytes} bytes.",
@@ -4754,14 +5481,14 @@ def record_outcome(state: ServerState, exchange: Exchange) -> None:
     delta = usage_delta(state, claims)
     if exchange.status >= 400 or exchange.status == 0 or exchange.error_kind not in (None, "client_gone"):
         delta.errors += 1  # an error status, or an answer the upstream broke off
-    if exchange.reserved:
+    if exchange.reserved and exchange.reservation is None:
         for cid, _ in claims.budgets:
             left = state.reserved.get(cid, 0) - exchange.reserved
             if left > 0:
                 state.reserved[cid] = left
             else:
                 state.reserved.pop(cid, None)
-        exchange.reserved = 0
+    exchange.reserved = 0
     usage = exchange.usage
     if usage is None and exchange.estimate is not None and 200 <= exchange.status < 300:
         usage = exchange.estimate  # the upstream reported nothing: charge what it may have cost at most
@@ -4779,6 +5506,10 @@ def record_outcome(state: ServerState, exchange: Exchange) -> None:
             state.spent[cid] = state.spent.get(cid, 0) + prompt + completion
         delta.prompt_tokens += prompt
         delta.completion_tokens += completion
+    if state.shared is not None and (exchange.reservation or usage and claims.budgets):
+        state.shared.settle(claims.budgets, exchange.reservation or "", sum(usage or ()),
+                            claims.rexp + KEEP_AFTER_S)
+    exchange.reservation = None
 
 
 async def flush_usage(state: ServerState) -> None:
@@ -4786,6 +5517,8 @@ async def flush_usage(state: ServerState) -> None:
     if not state.usage:
         return
     batch, state.usage = state.usage, {}
+    if state.shared is not None:  # sent by keep_shared_state(), at most SHARED_POLL_S later
+        state.shared.add_usage(batch)
     try:
         await state.registry.call(state.registry.registry.add_usage, [d.row(cid) for cid, d in batch.items()])
     except sqlite3.Error as exc:
@@ -4829,6 +5562,108 @@ async def keep_registry(state: ServerState) -> None:
                              plural(pruned, "token chain"))
         except sqlite3.Error as exc:
             log.warning("token registry error: %s", exc)
+
+
+def learn_revocations(state: ServerState, found: Revocations) -> None:
+    """Add revocations learnt from Redis to the set every request checks; end the revoked chains'
+    streams."""
+    new_chains = [cid for cid in found.chains if cid not in state.revoked.chains]
+    state.revoked.chains.update(found.chains)
+    state.revoked.tokens.update(found.tokens)
+    end_chain_streams(state, new_chains)
+
+
+async def keep_shared_state(state: ServerState) -> None:
+    """Background, with --redis: every SHARED_POLL_S check the revocation set's version (the
+    backstop for pub/sub, which loses messages while disconnected) and send what waits; while Redis
+    is down, probe it. The revocation set stays trusted for --redis-stale-after after the last check
+    that reached Redis."""
+    shared = state.shared
+    assert shared is not None
+    next_renewal = time.monotonic() + RESERVATION_RENEW_S
+    while True:
+        try:
+            if not shared.up:
+                await asyncio.wait_for(shared.client.ping(), STORE_TIMEOUT_S)
+                shared.up = True
+                log.warning("Redis is reachable again: revocations, rpm, budgets and lock-out are "
+                            "shared again")
+            found = await shared.sync_revocations(state.revoked)
+            state.revoked.fresh_until = shared.synced_at + state.config.redis_stale_after_s
+            if found is not None:
+                learn_revocations(state, found)
+            await shared.send_pending()
+            if time.monotonic() >= next_renewal:
+                next_renewal = time.monotonic() + RESERVATION_RENEW_S
+                await shared.renew_leases()
+                now = time.time()
+                over = shared.over_limit_until
+                shared.over_limit_until = {cid: until for cid, until in over.items() if until > now}
+        except StoreDown:
+            pass
+        except (*shared.errors, TimeoutError, OSError) as exc:
+            shared.mark_down(exc)
+        await asyncio.sleep(SHARED_POLL_S)
+
+
+async def listen_revocations(state: ServerState) -> None:
+    """Background, with --redis: revocations made on other instances, by pub/sub, as they happen."""
+    shared = state.shared
+    assert shared is not None
+    while True:
+        try:
+            async with shared.subscriber.pubsub() as pubsub:
+                await asyncio.wait_for(pubsub.subscribe(REVOCATIONS_CHANNEL), STORE_TIMEOUT_S)
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and isinstance(message.get("data"), str):
+                        member, _, until = message["data"].partition(" ")
+                        if until.isdigit():
+                            learn_revocations(state, parse_revocation_set([(member, float(until))]))
+        except (*shared.errors, TimeoutError, OSError):
+            await asyncio.sleep(SHARED_POLL_S)  # the version check covers what is missed meanwhile
+
+
+def sub_usage(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], int]:
+    """Tokens used by each `sub`, from every instance's chain rows: a chain's own use, less its
+    children's (which its row includes), as soakp_tokens_used_total counts it on one instance."""
+    own = {row["cid"]: [row["prompt_tokens"], row["completion_tokens"]] for row in rows}
+    for row in rows:
+        if row.get("parent") in own:
+            parent = own[row["parent"]]
+            parent[0] -= row["prompt_tokens"]
+            parent[1] -= row["completion_tokens"]
+    totals: dict[tuple[str, str], int] = {}
+    for row in rows:
+        for kind, count in zip(("prompt", "completion"), own[row["cid"]], strict=True):
+            if count > 0:
+                key = (row["sub"] or "", kind)
+                totals[key] = totals.get(key, 0) + count
+    return totals
+
+
+def store_health(state: ServerState) -> dict[str, Any] | None:
+    """What /healthz says about the shared store: up or down, and what each state does now."""
+    shared = state.shared
+    if shared is None:
+        return None
+    age_s = max(0.0, time.time() - shared.synced_at)
+    fallback = "per-instance"
+    return {"redis": "up" if shared.up else "down",
+            "revocations": "shared" if shared.up else "stale"
+            if time.time() > state.revoked.fresh_until else f"last known set, {age_s:.0f}s old",
+            "rpm": "shared" if shared.up else fallback,
+            "budgets": "shared" if shared.up
+            else fallback if state.config.budget_fail_open else "503",
+            "admin_lockout": "shared" if shared.up else fallback}
+
+
+def store_metrics(state: ServerState) -> str:
+    if state.shared is None:
+        return ""
+    return ("# HELP soakp_store_up Whether the Redis shared by the instances answers (1) or the "
+            "fallbacks are in use (0).\n# TYPE soakp_store_up gauge\n"
+            f'soakp_store_up{{store="redis"}} {int(state.shared.up)}\n')
 
 
 LINGER_BYTES = 1024 * 1024
@@ -5222,6 +6057,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     Raises ConfigError when the certificate, database or listen address cannot be used.
     """
     state = build_state(config)
+    if config.redis_url:
+        state.shared = await open_shared_store(config)
     certs = CertReloader(config.cert_file, config.key_file) if config.cert_file and config.key_file else None
     tune_process(config)
     server_tls = certs.front if certs else None
@@ -5253,6 +6090,9 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         option = "--listen" if (host, port) == (config.listen_host, config.listen_port) else "--admin-listen"
         raise ConfigError(f"{option}: cannot listen on {host}:{port}: {describe_error(exc)}") from None
     background = [asyncio.create_task(keep_registry(state))]
+    if state.shared is not None:
+        background += [asyncio.create_task(keep_shared_state(state)),
+                       asyncio.create_task(listen_revocations(state))]
     if certs:
         background.append(asyncio.create_task(certs.watch()))
     for server, (_, listener) in zip(servers, addresses, strict=True):
@@ -5296,6 +6136,10 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         state.access.flush()
         try:
             await flush_usage(state)
+            if state.shared is not None:
+                with contextlib.suppress(StoreDown):
+                    await state.shared.send_pending()
+                await state.shared.close()
         finally:
             state.registry.close()
     finally:
@@ -6357,9 +7201,42 @@ def missing_database(config: Config, args: argparse.Namespace,
             "--db FILE or SOAKP_DB (`make run` uses var/soakp.db)")
 
 
+async def shared_command(config: Config, command: str, token_id: str) -> tuple[int, list[Any]]:
+    """`soakp tokens --redis URL` (every instance's chains) and `soakp revoke --redis URL ID` (the
+    chain revoked on every instance). Returns (exit code, lines to print)."""
+    store = await open_shared_store(config)
+    try:
+        if command == "tokens":
+            return 0, [json.dumps(row) for row in await store.list()]
+        chain = await store.chain_of(token_id)
+        if chain is None:
+            return 1, []
+        await store.run(REVOKE, REVOCATION_KEYS, [f"c:{chain[0]}", chain[1]])
+        await store.command("PUBLISH", REVOCATIONS_CHANNEL, f"c:{chain[0]} {chain[1]}")
+        await store.command("HSETNX", chain_key(chain[0], "meta"), "revoked_at", int(time.time()))
+        return 0, [json.dumps({"cid": chain[0], "revoked_at": int(time.time())})]
+    except StoreDown:
+        return 1, ["Redis did not answer"]
+    finally:
+        await store.close()
+
+
 def run_registry_command(config: Config, args: argparse.Namespace,
                          environ: Mapping[str, str]) -> int:
-    """`soakp revoke JTI` and `soakp tokens`, on the same database a server uses."""
+    """`soakp revoke JTI` and `soakp tokens`, on the same database a server uses (or its Redis)."""
+    if config.redis_url:
+        token_id = getattr(args, "jti", "")
+        if args.command == "revoke" and not TOKEN_ID_RE.match(token_id):
+            print("soakp: that is not a token id (a jti or cid)", file=sys.stderr)
+            return 2
+        code, lines = asyncio.run(shared_command(config, args.command, token_id))
+        if code:
+            why = lines[0] if lines else f"no token or chain {token_id} in Redis"
+            print(f"soakp: {why}", file=sys.stderr)
+            return code
+        for line in lines:
+            print(line)
+        return 0
     problem = missing_database(config, args, environ)
     if problem:
         print(f"soakp: {problem}", file=sys.stderr)

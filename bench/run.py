@@ -1334,9 +1334,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(footer_text(meta))
         if args.json:
             args.json.write_text(json.dumps({**report, "rows": [r.__dict__ for r in rows]}, indent=1, default=str))
+        shared_md = ""
+        if not args.quick:  # what --redis costs (issue 13): bench/shared_state.py, about 15 s
+            import shared_state  # noqa: PLC0415 - bench/ helper, only needed here
+
+            why = shared_state.available(args.python)
+            if why:
+                print(f"\nShared state (--redis): skipped, {why}")
+            else:
+                shared = shared_state.measure(args.python, args.soakp, shared_state.REQUESTS)
+                what = "a token with rpm and a budget through a loopback Redis"
+                print(f"\nShared state (--redis): {what}\n")
+                print(shared_state.render(shared))
+                table = shared_state.render(shared, True)
+                shared_md = (f"\n\n### Shared state (--redis)\n\nFor {what}, c=1, "
+                             f"{shared['requests']} requests (bench/shared_state.py):\n\n{table}")
         if args.markdown:
             args.markdown.write_text(header_text(meta).replace("\n", "  \n") + "\n\n" + render_table(rows, True)
-                                     + "\n\n" + footer_text(meta).replace("\n", "  \n") + "\n")
+                                     + "\n\n" + footer_text(meta).replace("\n", "  \n") + shared_md
+                                     + "\n")
         return 0
     except RuntimeError as exc:
         print(f"bench: {exc}", file=sys.stderr)

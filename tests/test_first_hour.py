@@ -471,8 +471,8 @@ def test_each_command_has_a_description_its_own_options_and_an_example(
             "--db",
         },
         "mint": {"--secret", "--secret-file", "--db", "--key", "--key-file", "--ttl", "--paths"},
-        "revoke": {"--db"},
-        "tokens": {"--db"},
+        "revoke": {"--db", "--redis"},
+        "tokens": {"--db", "--redis"},
         "selfsigned": {"--dir", "--host"},
     }[command]
     assert expected <= flags, flags

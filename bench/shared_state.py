@@ -1,0 +1,377 @@
+"""What sharing state through Redis (`--redis`, issue 13) costs a request, for bench/run.py (its
+last table) or on its own:
+
+    python bench/shared_state.py [--requests 3000] [--python PY] [--markdown FILE]
+
+One SOAKP without --redis, then one with a private redis-server on loopback, each against
+bench/upstream.py. For a token with `rpm` and a budget (`max_tokens_total`): latency at c=1 (one
+keep-alive connection, sequential chat completions) and CPU per request of the SOAKP process. For a
+token with neither: Redis's own `INFO commandstats` over the same number of requests, less what the
+background tasks send meanwhile (measured over an idle stretch as long), which shows that such a
+token costs no round trip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+START_TIMEOUT_S = 15.0
+REQUESTS = 3000
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+BODY = (
+    b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}],"max_tokens":20}'
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection sending the same chat completion again and again."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.request = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (token.encode(), len(BODY), BODY)
+        )
+        self.buffer = b""
+
+    def once(self) -> int:
+        self.sock.sendall(self.request)
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self.recv()
+        head, _, rest = self.buffer.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)[1])
+        while len(rest) < length:
+            rest += self.recv()
+        self.buffer = rest[length:]
+        return int(head.split(b" ", 2)[1])
+
+    def recv(self) -> bytes:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed")
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Run:
+    def __init__(self, python: str, soakp: Path) -> None:
+        self.python, self.soakp = python, soakp
+        self.dir = Path(tempfile.mkdtemp(prefix="soakp-bench-shared-"))
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.api_key = "sk-bench-" + secrets.token_urlsafe(18)
+        (self.dir / "secret").write_text(secrets.token_urlsafe(48))
+        from fake_upstream import CertAuthority  # noqa: PLC0415 - tests/ helper
+
+        self.ca = CertAuthority(self.dir / "ca", common_name="SOAKP Bench CA")
+        cert, key = self.ca.issue("upstream", hosts=("127.0.0.1", "localhost"))
+        upstream = self.spawn(
+            "upstream",
+            [
+                sys.executable,
+                str(BENCH_DIR / "upstream.py"),
+                "--cert",
+                str(cert),
+                "--key",
+                str(key),
+                "--api-key",
+                self.api_key,
+            ],
+            pipe=True,
+        )
+        assert upstream.stdout is not None
+        self.upstream_port = int(upstream.stdout.readline().split()[1])
+
+    def spawn(self, name: str, argv: Sequence[str], pipe: bool = False) -> subprocess.Popen[bytes]:
+        with open(self.dir / f"{name}.log", "ab") as log:
+            child = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if pipe else log,
+                stderr=log,
+                cwd=self.dir,
+            )
+        self.children.append(child)
+        return child
+
+    def mint(self, *flags: str) -> str:
+        done = subprocess.run(
+            [
+                self.python,
+                str(self.soakp),
+                "mint",
+                "--secret-file",
+                str(self.dir / "secret"),
+                "--db",
+                str(self.dir / "mint.db"),
+                "--key",
+                self.api_key,
+                "--ttl",
+                "1d",
+                *flags,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=self.dir,
+        )
+        return done.stdout.strip().splitlines()[-1]
+
+    def redis(self) -> int:
+        port = free_port()
+        self.spawn(
+            "redis",
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while self.redis_cli(port, "PING") != "PONG":
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        return port
+
+    @staticmethod
+    def redis_cli(port: int, *args: str) -> str:
+        return subprocess.run(
+            ["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+
+    def commands(self, port: int, scripts: bool = False) -> int:
+        """Commands Redis ran (those inside scripts included), or (`scripts`) scripts: round
+        trips."""
+        stats = self.redis_cli(port, "INFO", "commandstats")
+        pattern = (
+            r"^cmdstat_(evalsha|eval):calls=(\d+)"
+            if scripts
+            else r"^cmdstat_(?!info)(\w+):calls=(\d+)"
+        )
+        return sum(int(n) for _, n in re.findall(pattern, stats, re.MULTILINE))
+
+    def soakp_serve(self, *flags: str) -> tuple[subprocess.Popen[bytes], int]:
+        port = free_port()
+        child = self.spawn(
+            f"soakp-{port}",
+            [
+                self.python,
+                str(self.soakp),
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--secret-file",
+                str(self.dir / "secret"),
+                "--db",
+                str(self.dir / f"soakp-{port}.db"),
+                "--upstream",
+                f"https://127.0.0.1:{self.upstream_port}",
+                "--upstream-ca",
+                str(self.ca.ca_path),
+                "--log-level",
+                "warning",
+                *flags,
+            ],
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                return child, port
+            except OSError:
+                if time.monotonic() > deadline or child.poll() is not None:
+                    raise RuntimeError(
+                        f"soakp did not start: {(self.dir / f'soakp-{port}.log').read_text()}"
+                    )
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        for child in reversed(self.children):
+            if child.poll() is None:
+                child.terminate()
+                try:
+                    child.wait(10)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def timed_requests(port: int, token: str, pid: int, n: int) -> dict[str, float]:
+    client = Client(port, token)
+    try:
+        for _ in range(min(200, n)):  # warm up: TLS to the upstream, caches, script loading
+            assert client.once() == 200
+        cpu_before, latencies = cpu_s(pid), []
+        for _ in range(n):
+            started = time.perf_counter()
+            status = client.once()
+            latencies.append(time.perf_counter() - started)
+            assert status == 200, status
+        cpu = cpu_s(pid) - cpu_before
+    finally:
+        client.close()
+    latencies.sort()
+    return {
+        "p50_ms": latencies[n // 2] * 1000,
+        "p99_ms": latencies[min(n - 1, n * 99 // 100)] * 1000,
+        "cpu_ms": cpu / n * 1000,
+        "wall_s": sum(latencies),
+    }
+
+
+def measure(python: str, soakp: Path, n: int) -> dict[str, float]:
+    run = Run(python, soakp)
+    try:
+        limited = run.mint(
+            "--rpm", "1000000", "--max-tokens-total", "1000000000", "--sub", "limited"
+        )
+        plain = run.mint("--sub", "plain")
+        child, port = run.soakp_serve()
+        without = timed_requests(port, limited, child.pid, n)
+        child.terminate()
+        child.wait(10)
+        redis_port = run.redis()
+        child, port = run.soakp_serve("--redis", f"redis://127.0.0.1:{redis_port}")
+        with_redis = timed_requests(port, limited, child.pid, n)
+        before = run.commands(redis_port, scripts=True)
+        timed_requests(port, limited, child.pid, n)
+        time.sleep(0.5)  # the last settlements
+        limited_calls = run.commands(redis_port, scripts=True) - before
+        before = run.commands(redis_port)
+        plain_run = timed_requests(port, plain, child.pid, n)
+        busy_calls = run.commands(redis_port) - before
+        before = run.commands(redis_port)
+        time.sleep(plain_run["wall_s"])
+        idle_calls = run.commands(redis_port) - before
+        return {
+            "requests": n,
+            "p50_without_ms": without["p50_ms"],
+            "p50_with_ms": with_redis["p50_ms"],
+            "p99_without_ms": without["p99_ms"],
+            "p99_with_ms": with_redis["p99_ms"],
+            "cpu_without_ms": without["cpu_ms"],
+            "cpu_with_ms": with_redis["cpu_ms"],
+            "calls_per_limited_request": limited_calls / (n + min(200, n)),
+            "calls_plain_busy": busy_calls,
+            "calls_plain_idle": idle_calls,
+            "calls_per_plain_request": max(0, busy_calls - idle_calls) / (n + min(200, n)),
+        }
+    finally:
+        run.close()
+
+
+def render(r: dict[str, float], markdown: bool = False) -> str:
+    rows = [
+        (
+            "c=1 latency, p50 (ms), token with rpm + budget",
+            f"{r['p50_without_ms']:.3f}",
+            f"{r['p50_with_ms']:.3f}",
+            f"+{r['p50_with_ms'] - r['p50_without_ms']:.3f}",
+        ),
+        (
+            "c=1 latency, p99 (ms)",
+            f"{r['p99_without_ms']:.3f}",
+            f"{r['p99_with_ms']:.3f}",
+            f"+{r['p99_with_ms'] - r['p99_without_ms']:.3f}",
+        ),
+        (
+            "SOAKP CPU per request (ms)",
+            f"{r['cpu_without_ms']:.3f}",
+            f"{r['cpu_with_ms']:.3f}",
+            f"+{r['cpu_with_ms'] - r['cpu_without_ms']:.3f}",
+        ),
+        (
+            "Redis scripts (round trips) per request, token with rpm + budget",
+            "—",
+            f"{r['calls_per_limited_request']:.2f}",
+            "rpm + reservation in one, settlement after the answer",
+        ),
+        (
+            "Redis commands per request (scripts' included), token with neither",
+            "—",
+            f"{r['calls_per_plain_request']:.3f}",
+            f"{r['calls_plain_busy']} during {r['requests']} requests, "
+            f"{r['calls_plain_idle']} idle as long",
+        ),
+    ]
+    header = ("metric", "without --redis", "with --redis", "difference")
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in (header, *rows)
+    )
+
+
+def available(python: str) -> str | None:
+    """Why the shared-state rows cannot run here, or None."""
+    if shutil.which("redis-server") is None:
+        return "redis-server is not installed"
+    if subprocess.run([python, "-c", "import redis"], capture_output=True).returncode:
+        return f"{python} has no redis package (pip install 'soakp[redis]')"
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=REQUESTS)
+    parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--soakp", type=Path, default=ROOT / "soakp.py")
+    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    why = available(args.python)
+    if why:
+        print(f"bench/shared_state.py: {why}", file=sys.stderr)
+        return 1
+    result = measure(args.python, args.soakp, args.requests)
+    print(render(result))
+    if args.markdown:
+        args.markdown.write_text(render(result, True) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    ssl.create_default_context()  # fail early on a Python without ssl
+    raise SystemExit(main())
