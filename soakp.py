@@ -570,6 +570,28 @@ def normalise_upstream(upstream: UpstreamTarget) -> tuple[UpstreamTarget, str | 
                    "(or SOAKP_UPSTREAM) to silence this")
 
 
+@dataclass(frozen=True, slots=True)
+class OptionReader:
+    """Reads one command's options: the flag, else its SOAKP_* variable, else the default."""
+
+    args: argparse.Namespace
+    environ: Mapping[str, str]
+
+    def get(self, name: str) -> str | None:
+        if hasattr(self.args, name.replace("-", "_")):
+            return option_value(self.args, self.environ, name)
+        return OPTIONS[name][1]
+
+    def convert(self, name: str, parse: Callable[[str | None], Any]) -> Any:
+        """The option parsed; a ValueError becomes a ConfigError naming where the value came from."""
+        try:
+            return parse(self.get(name))
+        except ValueError as exc:
+            source = option_source(self.args, self.environ, name)
+            named = source if source.startswith("SOAKP_") else f"--{name}"
+            raise ConfigError(f"{named}: {exc}") from None
+
+
 def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config, argparse.Namespace]:
     """Parse the command line and environment into a validated Config plus the command's own arguments.
 
@@ -584,113 +606,97 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config
     args = build_parser().parse_args(argv)
     if args.command == "selfsigned":
         return Config(), args
+    read = OptionReader(args, environ)
     warnings: list[str] = []
+    config = Config(**secret_settings(read), **listener_settings(read, warnings),
+                    **limit_settings(read), **shared_state_settings(read), warnings=tuple(warnings))
+    return config, args
 
-    def get(name: str) -> str | None:
-        return option_value(args, environ, name) if hasattr(args, name.replace("-", "_")) else OPTIONS[name][1]
 
-    def convert(name: str, parse: Any) -> Any:
-        text = get(name)
-        try:
-            return parse(text)
-        except ValueError as exc:
-            source = option_source(args, environ, name)
-            named = source if source.startswith("SOAKP_") else f"--{name}"
-            raise ConfigError(f"{named}: {exc}") from None
-
+def secret_settings(read: OptionReader) -> dict[str, Any]:
+    """The master secret, retired secrets and admin credentials."""
+    args, environ = read.args, read.environ
     if args.command == "mint":
         check_mint_key_source(args, environ)
-    needs_secret = args.command in ("serve", "mint")
-    secret = read_secret(args, environ) if needs_secret else ""
-    old_secrets = tuple(s.strip() for s in (get("old-secrets") or "").split(",") if s.strip())
+    secret = read_secret(args, environ) if args.command in ("serve", "mint") else ""
+    old_secrets = tuple(s.strip() for s in (read.get("old-secrets") or "").split(",") if s.strip())
     if any(len(s) < MIN_SECRET_CHARS for s in old_secrets):
         raise ConfigError(f"--old-secrets: each secret must be at least {MIN_SECRET_CHARS} characters")
-
-    listen_host, listen_port = convert("listen", parse_listen)
-    admin_listen = convert("admin-listen", parse_listen) if get("admin-listen") else None
-    if admin_listen == (listen_host, listen_port):
-        raise ConfigError("--admin-listen must differ from --listen")
-    upstream, upstream_warning = normalise_upstream(convert("upstream", parse_upstream))
-    if upstream_warning:
-        warnings.append(upstream_warning)
-    admin_user, admin_pass = get("admin-user"), get("admin-pass")
+    admin_user, admin_pass = read.get("admin-user"), read.get("admin-pass")
     if (admin_user is None) != (admin_pass is None):
         raise ConfigError("give both --admin-user and --admin-pass, or neither")
     if admin_pass is not None and len(admin_pass) < 8:
         raise ConfigError("--admin-pass must be at least 8 characters")
+    return {"secret": secret, "old_secrets": old_secrets, "admin_user": admin_user,
+            "admin_pass": admin_pass}
 
-    tls_key, tls_key_warning = (tls_key_option(args, environ) if args.command == "serve"
+
+def listener_settings(read: OptionReader, warnings: list[str]) -> dict[str, Any]:
+    """Where SOAKP listens and with what certificate, where it forwards, and its CORS origins."""
+    listen_host, listen_port = read.convert("listen", parse_listen)
+    admin_listen = read.convert("admin-listen", parse_listen) if read.get("admin-listen") else None
+    if admin_listen == (listen_host, listen_port):
+        raise ConfigError("--admin-listen must differ from --listen")
+    upstream, upstream_warning = normalise_upstream(read.convert("upstream", parse_upstream))
+    tls_key, tls_key_warning = (tls_key_option(read.args, read.environ) if read.args.command == "serve"
                                 else (None, None))
-    if tls_key_warning:
-        warnings.append(tls_key_warning)
-    cert_file, key_file = tls_files(get("cert-dir"), get("domain"), get("letsencrypt-dir"),
-                                    get("cert"), tls_key)
-    upstream_ca = get("upstream-ca")
+    warnings.extend(w for w in (upstream_warning, tls_key_warning) if w)
+    cert_file, key_file = tls_files(read.get("cert-dir"), read.get("domain"), read.get("letsencrypt-dir"),
+                                    read.get("cert"), tls_key)
+    upstream_ca = read.get("upstream-ca")
     if upstream_ca is not None and not os.access(upstream_ca, os.R_OK):
         raise ConfigError(f"--upstream-ca: cannot read {upstream_ca}")
+    cors = tuple(o.strip() for o in (read.get("cors-origins") or "").split(",") if o.strip())
+    for origin in cors:
+        if origin != "*" and not ORIGIN_RE.match(origin.lower()):
+            raise ConfigError(f"--cors-origins: {origin!r} is not an origin such as "
+                              "https://app.example.com (no path)")
+    return {"listen_host": listen_host, "listen_port": listen_port, "admin_listen": admin_listen,
+            "upstream": upstream, "upstream_ca": upstream_ca, "cert_file": cert_file,
+            "key_file": key_file, "cors_origins": cors}
 
-    token_ttl_s = convert("token-ttl", parse_ttl_s)
-    max_token_ttl_s = convert("max-token-ttl", parse_ttl_s)
+
+def limit_settings(read: OptionReader) -> dict[str, Any]:
+    """Token lifetimes, time limits, sizes, the connection cap, the database and the log level."""
+    token_ttl_s = read.convert("token-ttl", parse_ttl_s)
+    max_token_ttl_s = read.convert("max-token-ttl", parse_ttl_s)
     if token_ttl_s > max_token_ttl_s:
         raise ConfigError("--token-ttl is longer than --max-token-ttl: shorten one or "
                           "lengthen the other")
     durations = {}
     for name in ("connect-timeout", "read-timeout", "header-timeout", "shutdown-grace"):
-        durations[name] = convert(name, parse_duration_s)
+        durations[name] = read.convert(name, parse_duration_s)
         if durations[name] <= 0 and name != "shutdown-grace":
             raise ConfigError(f"--{name} must be more than 0")
-    max_connections = convert("max-connections", parse_count)
+    max_connections = read.convert("max-connections", parse_count)
     if max_connections < 1:
         raise ConfigError("--max-connections must be at least 1")
-    log_level = (get("log-level") or "").lower()
+    log_level = (read.get("log-level") or "").lower()
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
-    cors = tuple(o.strip() for o in (get("cors-origins") or "").split(",") if o.strip())
-    for origin in cors:
-        if origin != "*" and not ORIGIN_RE.match(origin.lower()):
-            raise ConfigError(f"--cors-origins: {origin!r} is not an origin such as https://app.example.com (no path)")
-    db = get("db") or ""
+    db = read.get("db") or ""
     if not db.strip():
         raise ConfigError("--db must name a file (or :memory:), e.g. --db var/soakp.db")
-    redis_url = get("redis") or None
+    return {"token_ttl_s": token_ttl_s, "max_token_ttl_s": max_token_ttl_s,
+            "max_body_bytes": read.convert("max-body", parse_size_bytes),
+            "connect_timeout_s": durations["connect-timeout"], "read_timeout_s": durations["read-timeout"],
+            "header_timeout_s": durations["header-timeout"], "shutdown_grace_s": durations["shutdown-grace"],
+            "max_connections": max_connections, "log_level": log_level, "db": db}
+
+
+def shared_state_settings(read: OptionReader) -> dict[str, Any]:
+    """--redis and how SOAKP behaves while it cannot reach it."""
+    redis_url = read.get("redis") or None
     if redis_url is not None and urllib.parse.urlsplit(redis_url).scheme not in REDIS_SCHEMES:
         raise ConfigError("--redis must be a redis://, rediss:// or unix:// URL")
-    redis_stale_after_s = convert("redis-stale-after", parse_duration_s)
+    redis_stale_after_s = read.convert("redis-stale-after", parse_duration_s)
     if redis_stale_after_s <= 0:
         raise ConfigError("--redis-stale-after must be more than 0")
-    fail_open = (get("budget-fail-open") or "").strip().lower()
+    fail_open = (read.get("budget-fail-open") or "").strip().lower()
     if fail_open not in ("", "0", "1", "true", "false", "yes", "no"):
         raise ConfigError("--budget-fail-open must be 1 or 0")
-
-    config = Config(
-        listen_host=listen_host,
-        listen_port=listen_port,
-        admin_listen=admin_listen,
-        secret=secret,
-        old_secrets=old_secrets,
-        admin_user=admin_user,
-        admin_pass=admin_pass,
-        upstream=upstream,
-        upstream_ca=upstream_ca,
-        cert_file=cert_file,
-        key_file=key_file,
-        db=db,
-        token_ttl_s=token_ttl_s,
-        max_token_ttl_s=max_token_ttl_s,
-        cors_origins=cors,
-        max_body_bytes=convert("max-body", parse_size_bytes),
-        connect_timeout_s=durations["connect-timeout"],
-        read_timeout_s=durations["read-timeout"],
-        header_timeout_s=durations["header-timeout"],
-        max_connections=max_connections,
-        shutdown_grace_s=durations["shutdown-grace"],
-        log_level=log_level,
-        warnings=tuple(warnings),
-        redis_url=redis_url,
-        redis_stale_after_s=redis_stale_after_s,
-        budget_fail_open=fail_open in ("1", "true", "yes"),
-    )
-    return config, args
+    return {"redis_url": redis_url, "redis_stale_after_s": redis_stale_after_s,
+            "budget_fail_open": fail_open in ("1", "true", "yes")}
 
 
 def tls_files(
@@ -3677,6 +3683,140 @@ class Exchange:
 
 # 6. Forwarding: a checked request in, the upstream's answer streamed back. All upstream I/O lives here.
 
+# The limits that count against state: a budget's spending and reservations and a rate limit, kept
+# by this instance or, with --redis, by every instance together (SharedStore, section 3).
+
+def store_unavailable(what: str) -> ApiError:
+    return ApiError(503, f"SOAKP cannot reach the store shared by its instances, which keeps "
+                         f"{what}; try again shortly.", "store_unavailable",
+                    headers=[("Retry-After", "1")])
+
+
+async def chain_budgets(state: ServerState, claims: TokenClaims) -> dict[str, tuple[int, int]]:
+    """(spent, reserved) of each budgeted chain of a token: from Redis with --redis (while it is
+    unreachable a 503, or this instance's own counts with --budget-fail-open), else this
+    instance's."""
+    if state.shared is not None:
+        try:
+            return await state.shared.budget_figures(claims.budgets)
+        except StoreDown:
+            if not state.config.budget_fail_open:
+                raise store_unavailable("token budgets") from None
+    return {cid: (state.spent.get(cid, 0), state.reserved.get(cid, 0)) for cid, _ in claims.budgets}
+
+
+def check_budget_figures(claims: TokenClaims, figures: Mapping[str, tuple[int, int]],
+                         reserved_too: bool = True) -> int:
+    """429 once a budgeted chain (its own or an ancestor's) has spent its whole budget, or
+    (`reserved_too`) promised what is left to requests in flight: those may end under their caps,
+    so that 429 may be retried. Returns what is left: the least any chain has, less
+    (`reserved_too`) what is reserved."""
+    budgets = claims.budgets
+    if any(figures[cid][0] >= budget for cid, budget in budgets):
+        raise budget_spent()
+    left = min((budget - figures[cid][0] - (figures[cid][1] if reserved_too else 0)
+                for cid, budget in budgets), default=0)
+    if reserved_too and left <= 0:
+        raise ApiError(429, "What is left of this token's budget (max_tokens_total) is reserved by "
+                            "its requests in flight; retry when they have finished.",
+                       "budget_reserved", "requests", headers=[("Retry-After", "1")])
+    return left
+
+
+async def check_budget(state: ServerState, claims: TokenClaims, reserved_too: bool = True) -> int:
+    """check_budget_figures() on the chains' current figures. Returns what is left (0 without a
+    budget)."""
+    if not claims.budgets:
+        return 0
+    return check_budget_figures(claims, await chain_budgets(state, claims), reserved_too)
+
+
+def budget_left(state: ServerState, claims: TokenClaims, reserved_too: bool = True) -> int:
+    """What a budgeted token may still spend by this instance's counts: the least any of its
+    chains' budgets has left, less what was spent and (`reserved_too`) what is reserved by
+    requests in flight."""
+    return min((budget - state.spent.get(cid, 0) - (state.reserved.get(cid, 0) if reserved_too else 0)
+                for cid, budget in claims.budgets), default=0)
+
+
+def reserved_later(state: ServerState, head: RequestHead, upstream_path: str) -> bool:
+    """Whether, with --redis, reserve_budget() will check the budget anyway (a capped JSON
+    request), so that checking it before the body is read would only cost another round trip."""
+    return (state.shared is not None and head.method == "POST" and upstream_path in CAPPED_ENDPOINTS
+            and media_type(head.header(b"content-type")) != b"multipart/form-data")
+
+
+async def reserve_budget(state: ServerState, exchange: Exchange, claims: TokenClaims,
+                         document: dict[str, Any], upstream_path: str) -> BudgetPlan:
+    """Plan a budgeted request (plan_budget) and reserve its output cap on every budgeted chain
+    until record_outcome() settles it: in Redis with --redis, atomically per chain, else in this
+    instance. Raises ApiError 400, 403, 429, or 503 while Redis is unreachable (without
+    --budget-fail-open)."""
+    shared = state.shared
+    if shared is not None:
+        budgets = claims.budgets
+        least = min(budget for _, budget in budgets)
+        want = plan_budget(dict(document), upstream_path, least).reserved
+        if not want:
+            return plan_budget(document, upstream_path, 1)  # nothing to cap: charged by its usage
+        try:  # the rpm is taken here too: one round trip per chain for both
+            rid, granted, figures, wait_s = await shared.admit(
+                chain_limits_of(claims), want, claims.rexp + KEEP_AFTER_S, time.time())
+        except StoreDown:
+            if not state.config.budget_fail_open:
+                raise store_unavailable("token budgets") from None
+        else:
+            if wait_s:
+                raise rate_limited(claims, wait_s)
+            if not granted:
+                # Refused before it reached every chain: the others' figures, for the right 429.
+                missing = [(cid, budget) for cid, budget in budgets if cid not in figures]
+                try:
+                    figures.update(await shared.budget_figures(missing) if missing else {})
+                except StoreDown:
+                    raise store_unavailable("token budgets") from None
+                check_budget_figures(claims, figures)
+                raise store_unavailable("token budgets")  # not reached: a refusal has a reason
+            exchange.reserved, exchange.reservation, exchange.rate_taken = granted, rid, True
+            return plan_budget(document, upstream_path, granted)
+    plan = plan_budget(document, upstream_path, budget_left(state, claims))
+    exchange.reserved = plan.reserved
+    if plan.reserved:
+        for cid, _ in claims.budgets:
+            state.reserved[cid] = state.reserved.get(cid, 0) + plan.reserved
+    return plan
+
+
+def chain_limits_of(claims: TokenClaims) -> list[tuple[str, int | None, int | None]]:
+    """(cid, budget, rpm) of the token's own chain and each ancestor's, own first."""
+    budgets, rates = dict(claims.budgets), dict(claims.rates)
+    return [(cid, budgets.get(cid), rates.get(cid)) for cid in claims.chains]
+
+
+def rate_limited(claims: TokenClaims, wait_s: float) -> ApiError:
+    rpm = min(per_minute for _, per_minute in claims.rates)
+    return ApiError(429, f"Rate limit of {rpm} requests per minute reached for this token"
+                         f"{' or a token it descends from' if claims.ancestors else ''}.",
+                    "rate_limit_exceeded", "requests",
+                    headers=[("Retry-After", str(math.ceil(wait_s)))])
+
+
+async def take_rate(state: ServerState, claims: TokenClaims, now: float) -> None:
+    """Count one request against the `rpm` of its chain and of each ancestor: in Redis with --redis
+    (this instance's counts while it is unreachable). Raises ApiError(429) with Retry-After."""
+    rates = claims.rates
+    if rates:
+        wait_s = None
+        if state.shared is not None:
+            with contextlib.suppress(StoreDown):
+                limits = [(cid, None, rpm) for cid, rpm in rates]
+                wait_s = (await state.shared.admit(limits, 0, 0, now))[3]
+        if wait_s is None:
+            wait_s = state.rate.acquire_all(rates, now)
+        if wait_s:
+            raise rate_limited(claims, wait_s)
+
+
 READ_CHUNK_BYTES = 64 * 1024
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 POOL_MAX_IDLE = 128
@@ -5187,137 +5327,6 @@ def check_permissions(state: ServerState, claims: TokenClaims, head: RequestHead
                            "budget_unmetered_endpoint")
 
 
-def store_unavailable(what: str) -> ApiError:
-    return ApiError(503, f"SOAKP cannot reach the store shared by its instances, which keeps "
-                         f"{what}; try again shortly.", "store_unavailable",
-                    headers=[("Retry-After", "1")])
-
-
-async def chain_budgets(state: ServerState, claims: TokenClaims) -> dict[str, tuple[int, int]]:
-    """(spent, reserved) of each budgeted chain of a token: from Redis with --redis (while it is
-    unreachable a 503, or this instance's own counts with --budget-fail-open), else this
-    instance's."""
-    if state.shared is not None:
-        try:
-            return await state.shared.budget_figures(claims.budgets)
-        except StoreDown:
-            if not state.config.budget_fail_open:
-                raise store_unavailable("token budgets") from None
-    return {cid: (state.spent.get(cid, 0), state.reserved.get(cid, 0)) for cid, _ in claims.budgets}
-
-
-def check_budget_figures(claims: TokenClaims, figures: Mapping[str, tuple[int, int]],
-                         reserved_too: bool = True) -> int:
-    """429 once a budgeted chain (its own or an ancestor's) has spent its whole budget, or
-    (`reserved_too`) promised what is left to requests in flight: those may end under their caps,
-    so that 429 may be retried. Returns what is left: the least any chain has, less
-    (`reserved_too`) what is reserved."""
-    budgets = claims.budgets
-    if any(figures[cid][0] >= budget for cid, budget in budgets):
-        raise budget_spent()
-    left = min((budget - figures[cid][0] - (figures[cid][1] if reserved_too else 0)
-                for cid, budget in budgets), default=0)
-    if reserved_too and left <= 0:
-        raise ApiError(429, "What is left of this token's budget (max_tokens_total) is reserved by "
-                            "its requests in flight; retry when they have finished.",
-                       "budget_reserved", "requests", headers=[("Retry-After", "1")])
-    return left
-
-
-async def check_budget(state: ServerState, claims: TokenClaims, reserved_too: bool = True) -> int:
-    """check_budget_figures() on the chains' current figures. Returns what is left (0 without a
-    budget)."""
-    if not claims.budgets:
-        return 0
-    return check_budget_figures(claims, await chain_budgets(state, claims), reserved_too)
-
-
-def budget_left(state: ServerState, claims: TokenClaims, reserved_too: bool = True) -> int:
-    """What a budgeted token may still spend by this instance's counts: the least any of its
-    chains' budgets has left, less what was spent and (`reserved_too`) what is reserved by
-    requests in flight."""
-    return min((budget - state.spent.get(cid, 0) - (state.reserved.get(cid, 0) if reserved_too else 0)
-                for cid, budget in claims.budgets), default=0)
-
-
-def reserved_later(state: ServerState, head: RequestHead, upstream_path: str) -> bool:
-    """Whether, with --redis, reserve_budget() will check the budget anyway (a capped JSON
-    request), so that checking it before the body is read would only cost another round trip."""
-    return (state.shared is not None and head.method == "POST" and upstream_path in CAPPED_ENDPOINTS
-            and media_type(head.header(b"content-type")) != b"multipart/form-data")
-
-
-async def reserve_budget(state: ServerState, exchange: Exchange, claims: TokenClaims,
-                         document: dict[str, Any], upstream_path: str) -> BudgetPlan:
-    """Plan a budgeted request (plan_budget) and reserve its output cap on every budgeted chain
-    until record_outcome() settles it: in Redis with --redis, atomically per chain, else in this
-    instance. Raises ApiError 400, 403, 429, or 503 while Redis is unreachable (without
-    --budget-fail-open)."""
-    shared = state.shared
-    if shared is not None:
-        budgets = claims.budgets
-        least = min(budget for _, budget in budgets)
-        want = plan_budget(dict(document), upstream_path, least).reserved
-        if not want:
-            return plan_budget(document, upstream_path, 1)  # nothing to cap: charged by its usage
-        try:  # the rpm is taken here too: one round trip per chain for both
-            rid, granted, figures, wait_s = await shared.admit(
-                chain_limits_of(claims), want, claims.rexp + KEEP_AFTER_S, time.time())
-        except StoreDown:
-            if not state.config.budget_fail_open:
-                raise store_unavailable("token budgets") from None
-        else:
-            if wait_s:
-                raise rate_limited(claims, wait_s)
-            if not granted:
-                # Refused before it reached every chain: the others' figures, for the right 429.
-                missing = [(cid, budget) for cid, budget in budgets if cid not in figures]
-                try:
-                    figures.update(await shared.budget_figures(missing) if missing else {})
-                except StoreDown:
-                    raise store_unavailable("token budgets") from None
-                check_budget_figures(claims, figures)
-                raise store_unavailable("token budgets")  # not reached: a refusal has a reason
-            exchange.reserved, exchange.reservation, exchange.rate_taken = granted, rid, True
-            return plan_budget(document, upstream_path, granted)
-    plan = plan_budget(document, upstream_path, budget_left(state, claims))
-    exchange.reserved = plan.reserved
-    if plan.reserved:
-        for cid, _ in claims.budgets:
-            state.reserved[cid] = state.reserved.get(cid, 0) + plan.reserved
-    return plan
-
-
-def chain_limits_of(claims: TokenClaims) -> list[tuple[str, int | None, int | None]]:
-    """(cid, budget, rpm) of the token's own chain and each ancestor's, own first."""
-    budgets, rates = dict(claims.budgets), dict(claims.rates)
-    return [(cid, budgets.get(cid), rates.get(cid)) for cid in claims.chains]
-
-
-def rate_limited(claims: TokenClaims, wait_s: float) -> ApiError:
-    rpm = min(per_minute for _, per_minute in claims.rates)
-    return ApiError(429, f"Rate limit of {rpm} requests per minute reached for this token"
-                         f"{' or a token it descends from' if claims.ancestors else ''}.",
-                    "rate_limit_exceeded", "requests",
-                    headers=[("Retry-After", str(math.ceil(wait_s)))])
-
-
-async def take_rate(state: ServerState, claims: TokenClaims, now: float) -> None:
-    """Count one request against the `rpm` of its chain and of each ancestor: in Redis with --redis
-    (this instance's counts while it is unreachable). Raises ApiError(429) with Retry-After."""
-    rates = claims.rates
-    if rates:
-        wait_s = None
-        if state.shared is not None:
-            with contextlib.suppress(StoreDown):
-                limits = [(cid, None, rpm) for cid, rpm in rates]
-                wait_s = (await state.shared.admit(limits, 0, 0, now))[3]
-        if wait_s is None:
-            wait_s = state.rate.acquire_all(rates, now)
-        if wait_s:
-            raise rate_limited(claims, wait_s)
-
-
 # SPEC.md, Methods: what the OpenAI API uses; anything else, a lowercase spelling included, is a 501.
 FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -6061,11 +6070,36 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         state.shared = await open_shared_store(config)
     certs = CertReloader(config.cert_file, config.key_file) if config.cert_file and config.key_file else None
     tune_process(config)
-    server_tls = certs.front if certs else None
     stop = stop or asyncio.Event()
+    handle_signals(stop, certs)
+    servers = await start_listeners(state, certs.front if certs else None)
+    background = [asyncio.create_task(keep_registry(state))]
+    if state.shared is not None:
+        background += [asyncio.create_task(keep_shared_state(state)),
+                       asyncio.create_task(listen_revocations(state))]
+    if certs:
+        background.append(asyncio.create_task(certs.watch()))
+    log_start_notes(config, state.keyring)
+    if not certs and not is_loopback(config.listen_host):
+        log.warning("serving plain HTTP on a non-loopback address: tokens cross the network unencrypted; "
+                    "give --cert-dir, --domain or --cert/--key")
+    if not config.upstream.tls:
+        log.warning("the upstream is plain http://: the OpenAI key crosses the network unencrypted")
+    try:
+        await stop.wait()
+        await shut_down(state, servers, background)
+    finally:
+        for server in servers:
+            server.close()
+    log.info("stopped")
+    return 0
+
+
+def handle_signals(stop: asyncio.Event, certs: CertReloader | None) -> None:
+    """SIGTERM and SIGINT stop the server; SIGHUP reloads the certificate, and never kills the server
+    (systemd's ExecReload sends it): without TLS it only logs."""
     loop = asyncio.get_running_loop()
     handlers = [(signal.SIGTERM, stop.set), (signal.SIGINT, stop.set),
-                # SIGHUP must never kill the server (systemd's ExecReload sends it): without TLS it only logs.
                 (signal.SIGHUP, (lambda: certs.reload(force=True)) if certs else
                  (lambda: log.info("SIGHUP: no certificate to reload (serving plain HTTP)")))]
     for signum, handler in handlers:
@@ -6074,6 +6108,13 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         except (NotImplementedError, RuntimeError):  # not the main thread (tests) or no signals (Windows)
             pass
 
+
+async def start_listeners(state: ServerState, server_tls: ssl.SSLContext | None) -> list[asyncio.AbstractServer]:
+    """The main listener and, with --admin-listen, the admin one; logs where each listens.
+
+    Raises ConfigError naming the option whose address cannot be used.
+    """
+    config = state.config
     scheme = "https" if server_tls else "http"
     addresses = [((config.listen_host, config.listen_port), Listener(scheme, admin=config.admin_listen is None))]
     if config.admin_listen is not None:
@@ -6089,14 +6130,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         state.registry.close()
         option = "--listen" if (host, port) == (config.listen_host, config.listen_port) else "--admin-listen"
         raise ConfigError(f"{option}: cannot listen on {host}:{port}: {describe_error(exc)}") from None
-    background = [asyncio.create_task(keep_registry(state))]
-    if state.shared is not None:
-        background += [asyncio.create_task(keep_shared_state(state)),
-                       asyncio.create_task(listen_revocations(state))]
-    if certs:
-        background.append(asyncio.create_task(certs.watch()))
     for server, (_, listener) in zip(servers, addresses, strict=True):
-        for sock in server.sockets:
+        for sock in server.sockets:  # type: ignore[attr-defined]
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
             if listener.proxy:
@@ -6104,49 +6139,42 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
                          port, config.upstream.scheme, config.upstream.host_header, config.upstream.base_path)
             else:
                 log.info("admin endpoints listening on %s://%s:%d", scheme, shown, port)
-    log_start_notes(config, state.keyring)
-    if not server_tls and not is_loopback(config.listen_host):
-        log.warning("serving plain HTTP on a non-loopback address: tokens cross the network unencrypted; "
-                    "give --cert-dir, --domain or --cert/--key")
-    if not config.upstream.tls:
-        log.warning("the upstream is plain http://: the OpenAI key crosses the network unencrypted")
+    return servers
 
+
+async def shut_down(state: ServerState, servers: Sequence[asyncio.AbstractServer],
+                    background: Sequence[asyncio.Task[Any]]) -> None:
+    """No new connections; in-flight requests and streams get --shutdown-grace to finish (a new request
+    on an open connection gets 503); then everything is closed and the last usage written."""
+    config = state.config
+    log.info("shutting down: no new connections, %d requests in flight get up to %.0fs",
+             len(state.busy), config.shutdown_grace_s)
+    for server in servers:
+        server.close()
+    state.shutting_down = True
+    deadline = time.monotonic() + config.shutdown_grace_s
+    while state.busy and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if state.busy:
+        log.warning("shutdown grace over: closing %d unfinished requests", len(state.busy))
+    for writer in list(state.connections):
+        if writer in state.busy:
+            writer.transport.abort()  # cut off: the grace is over
+        else:
+            writer.close()  # idle keep-alive connections get a clean close
+    state.pool.close()
+    for task in background:
+        task.cancel()
+    await asyncio.gather(*background, return_exceptions=True)
+    state.access.flush()
     try:
-        await stop.wait()
-        log.info("shutting down: no new connections, %d requests in flight get up to %.0fs",
-                 len(state.busy), config.shutdown_grace_s)
-        for server in servers:
-            server.close()
-        state.shutting_down = True
-        # In-flight requests and streams may finish; a new request on an open connection gets 503.
-        deadline = time.monotonic() + config.shutdown_grace_s
-        while state.busy and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if state.busy:
-            log.warning("shutdown grace over: closing %d unfinished requests", len(state.busy))
-        for writer in list(state.connections):
-            if writer in state.busy:
-                writer.transport.abort()  # cut off: the grace is over
-            else:
-                writer.close()  # idle keep-alive connections get a clean close
-        state.pool.close()
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
-        state.access.flush()
-        try:
-            await flush_usage(state)
-            if state.shared is not None:
-                with contextlib.suppress(StoreDown):
-                    await state.shared.send_pending()
-                await state.shared.close()
-        finally:
-            state.registry.close()
+        await flush_usage(state)
+        if state.shared is not None:
+            with contextlib.suppress(StoreDown):
+                await state.shared.send_pending()
+            await state.shared.close()
     finally:
-        for server in servers:
-            server.close()
-    log.info("stopped")
-    return 0
+        state.registry.close()
 
 
 # The operator console at /admin: one page, its script, style and icon, served by handle_admin()
