@@ -57,8 +57,20 @@ system-deps:
 		$(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends $$missing; \
 	fi
 
-test: venv system-deps
+test: venv system-deps lint
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# `make lint`: ruff (lint rules and the formatter's layout) and mypy over soakp.py; settings in
+# pyproject.toml. `make format` rewrites soakp.py in the formatter's layout.
+.PHONY: lint format
+lint: venv
+	$(BIN)/ruff check soakp.py
+	$(BIN)/ruff format --check soakp.py
+	$(BIN)/mypy
+
+format: venv
+	$(BIN)/ruff format soakp.py
+	$(BIN)/ruff check --fix soakp.py
 
 # 48 random bytes, URL-safe base64: 64 characters, well over SOAKP's minimum of 32.
 # Written to a temporary name first so an interrupted run never leaves a short secret behind.

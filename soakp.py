@@ -21,9 +21,9 @@ import asyncio.selector_events
 import asyncio.sslproto
 import base64
 import binascii
-import contextlib
 import bisect
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -41,8 +41,8 @@ import secrets
 import signal
 import socket
 import sqlite3
-import struct
 import ssl
+import struct
 import sys
 import time
 import urllib.parse
@@ -50,7 +50,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import certifi
 import jwt
@@ -110,10 +110,17 @@ DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\Z")
 DURATION_UNITS_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 SIZE_RE = re.compile(r"(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\Z", re.IGNORECASE)
 SIZE_UNITS = {
-    None: 1, "b": 1,
-    "k": 1024, "kib": 1024, "kb": 1000,
-    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
-    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+    None: 1,
+    "b": 1,
+    "k": 1024,
+    "kib": 1024,
+    "kb": 1000,
+    "m": 1024**2,
+    "mib": 1024**2,
+    "mb": 1000**2,
+    "g": 1024**3,
+    "gib": 1024**3,
+    "gb": 1000**3,
 }
 MIN_SECRET_CHARS = 32
 ORIGIN_RE = re.compile(r"https?://[a-z0-9.\-]+(?::[0-9]{1,5})?\Z")
@@ -264,7 +271,9 @@ class Config:
     old_secrets: tuple[str, ...] = field(default=(), repr=False)
     admin_user: str | None = None
     admin_pass: str | None = field(default=None, repr=False)
-    upstream: UpstreamTarget = field(default_factory=lambda: parse_upstream("https://api.openai.com"))
+    upstream: UpstreamTarget = field(
+        default_factory=lambda: parse_upstream("https://api.openai.com")
+    )
     upstream_ca: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
@@ -293,41 +302,106 @@ class Config:
 # One row per option: flag, variable, default, help. Commands pick the rows they take.
 OPTIONS: dict[str, tuple[str, str | None, str]] = {
     "listen": ("SOAKP_LISTEN", "127.0.0.1:3033", "address:port to serve on"),
-    "admin-listen": ("SOAKP_ADMIN_LISTEN", None,
-                     "address:port serving the admin endpoints alone (the main listener then answers 404 for them)"),
+    "admin-listen": (
+        "SOAKP_ADMIN_LISTEN",
+        None,
+        "address:port serving the admin endpoints alone (the main listener then answers 404 for them)",
+    ),
     "secret": ("SOAKP_SECRET", None, "master secret, at least 32 characters"),
     "secret-file": ("SOAKP_SECRET_FILE", None, "file holding the master secret"),
-    "old-secrets": ("SOAKP_OLD_SECRETS", None, "comma list of retired secrets still accepted for verifying"),
-    "admin-user": ("SOAKP_ADMIN_USER", None, "HTTP Basic user for the admin endpoints (without it they answer 404)"),
+    "old-secrets": (
+        "SOAKP_OLD_SECRETS",
+        None,
+        "comma list of retired secrets still accepted for verifying",
+    ),
+    "admin-user": (
+        "SOAKP_ADMIN_USER",
+        None,
+        "HTTP Basic user for the admin endpoints (without it they answer 404)",
+    ),
     "admin-pass": ("SOAKP_ADMIN_PASS", None, "HTTP Basic password for the admin endpoints"),
     "upstream": ("SOAKP_UPSTREAM", "https://api.openai.com", "base URL requests are forwarded to"),
-    "upstream-ca": ("SOAKP_UPSTREAM_CA", None, "CA file trusted for the upstream (default: certifi's bundle)"),
-    "cert-dir": ("SOAKP_CERT_DIR", None, "Certbot live directory with fullchain.pem and privkey.pem"),
+    "upstream-ca": (
+        "SOAKP_UPSTREAM_CA",
+        None,
+        "CA file trusted for the upstream (default: certifi's bundle)",
+    ),
+    "cert-dir": (
+        "SOAKP_CERT_DIR",
+        None,
+        "Certbot live directory with fullchain.pem and privkey.pem",
+    ),
     "domain": ("SOAKP_DOMAIN", None, "shorthand for --cert-dir LETSENCRYPT_DIR/live/DOMAIN"),
-    "letsencrypt-dir": ("SOAKP_LETSENCRYPT_DIR", "/etc/letsencrypt", "Certbot's configuration directory"),
+    "letsencrypt-dir": (
+        "SOAKP_LETSENCRYPT_DIR",
+        "/etc/letsencrypt",
+        "Certbot's configuration directory",
+    ),
     "cert": ("SOAKP_CERT", None, "PEM certificate chain (with --tls-key)"),
     "tls-key": ("SOAKP_TLS_KEY", None, "PEM private key of --cert (alias --key)"),
-    "db": ("SOAKP_DB", "./soakp.db", "SQLite file of issued-token metadata and revocations (:memory: allowed)"),
+    "db": (
+        "SOAKP_DB",
+        "./soakp.db",
+        "SQLite file of issued-token metadata and revocations (:memory: allowed)",
+    ),
     "token-ttl": ("SOAKP_TOKEN_TTL", "7d", "default lifetime of minted tokens"),
     "max-token-ttl": ("SOAKP_MAX_TOKEN_TTL", "365d", "cap on any requested lifetime"),
     "cors-origins": ("SOAKP_CORS_ORIGINS", None, "comma list of allowed browser origins, or *"),
     "max-body": ("SOAKP_MAX_BODY", "512MiB", "largest request body accepted"),
-    "connect-timeout": ("SOAKP_CONNECT_TIMEOUT", "10s", "connect + TLS handshake to the upstream; past it 502"),
-    "read-timeout": ("SOAKP_READ_TIMEOUT", "600s", "longest silence from the upstream; before headers 504"),
-    "header-timeout": ("SOAKP_HEADER_TIMEOUT", "30s", "time a client has to send a complete request head"),
-    "max-connections": ("SOAKP_MAX_CONNECTIONS", "10000", "concurrent client connections; beyond it 503"),
-    "shutdown-grace": ("SOAKP_SHUTDOWN_GRACE", "30s", "on SIGTERM, time in-flight requests get to finish"),
+    "connect-timeout": (
+        "SOAKP_CONNECT_TIMEOUT",
+        "10s",
+        "connect + TLS handshake to the upstream; past it 502",
+    ),
+    "read-timeout": (
+        "SOAKP_READ_TIMEOUT",
+        "600s",
+        "longest silence from the upstream; before headers 504",
+    ),
+    "header-timeout": (
+        "SOAKP_HEADER_TIMEOUT",
+        "30s",
+        "time a client has to send a complete request head",
+    ),
+    "max-connections": (
+        "SOAKP_MAX_CONNECTIONS",
+        "10000",
+        "concurrent client connections; beyond it 503",
+    ),
+    "shutdown-grace": (
+        "SOAKP_SHUTDOWN_GRACE",
+        "30s",
+        "on SIGTERM, time in-flight requests get to finish",
+    ),
     "log-level": ("SOAKP_LOG_LEVEL", "info", "debug, info, warning or error"),
-    "redis": ("SOAKP_REDIS_URL", None, "redis://, rediss:// or unix:// URL of the Redis (or "
-              "Valkey) through which several instances share revocations, rpm, budgets, usage"),
-    "redis-stale-after": ("SOAKP_REDIS_STALE_AFTER", "60s", "how old the known revocations may "
-                          "grow while Redis is unreachable; past it 503"),
-    "budget-fail-open": ("SOAKP_BUDGET_FAIL_OPEN", None, "serve budgeted tokens, counted per "
-                         "instance, while Redis is unreachable (variable: 1)"),
+    "redis": (
+        "SOAKP_REDIS_URL",
+        None,
+        "redis://, rediss:// or unix:// URL of the Redis (or "
+        "Valkey) through which several instances share revocations, rpm, budgets, usage",
+    ),
+    "redis-stale-after": (
+        "SOAKP_REDIS_STALE_AFTER",
+        "60s",
+        "how old the known revocations may grow while Redis is unreachable; past it 503",
+    ),
+    "budget-fail-open": (
+        "SOAKP_BUDGET_FAIL_OPEN",
+        None,
+        "serve budgeted tokens, counted per instance, while Redis is unreachable (variable: 1)",
+    ),
 }
 # Every command accepts these (SPEC.md, Commands), so a script may pass them to any command; each
 # command's help lists only the ones it reads (USED_OPTIONS) and accepts the others quietly.
-COMMON_OPTIONS = ("secret", "secret-file", "old-secrets", "db", "token-ttl", "max-token-ttl", "log-level")
+COMMON_OPTIONS = (
+    "secret",
+    "secret-file",
+    "old-secrets",
+    "db",
+    "token-ttl",
+    "max-token-ttl",
+    "log-level",
+)
 SERVE_OPTIONS = tuple(OPTIONS)
 FLAG_OPTIONS = frozenset({"budget-fail-open"})  # on/off: the flag takes no value, its variable 1/0
 COMMANDS = ("serve", "mint", "revoke", "tokens", "selfsigned")
@@ -368,29 +442,26 @@ COMMAND_HELP = {
         "examples:\n"
         "  OPENAI_API_KEY=sk-... soakp mint --secret-file var/secret --db var/soakp.db\n"
         "  soakp mint --secret-file var/secret --key-file ~/.openai-key --sub laptop\n"
-        "  printf %s \"$KEY\" | soakp mint --secret-file var/secret --key - --ttl 12h",
+        '  printf %s "$KEY" | soakp mint --secret-file var/secret --key - --ttl 12h',
     ),
     "revoke": (
         "revoke a token by its jti",
         "Revoke a token by its jti in the database a server uses (the one its --db\n"
         "names); the running server refuses the token within 2 seconds.",
-        "example:\n"
-        "  soakp revoke --db var/soakp.db fifmjanSvJA-mZ0eYcvi3A",
+        "example:\n  soakp revoke --db var/soakp.db fifmjanSvJA-mZ0eYcvi3A",
     ),
     "tokens": (
         "list issued tokens as JSON lines",
         "List the tokens in the database a server uses, one JSON object per line: jti,\n"
         "sub, times, requests and usage (never the key or the token).",
-        "example:\n"
-        "  soakp tokens --db var/soakp.db",
+        "example:\n  soakp tokens --db var/soakp.db",
     ),
     "selfsigned": (
         "write a development certificate in Certbot's layout",
         "Write a self-signed certificate and its key (fullchain.pem, privkey.pem, mode\n"
         "600) into a directory, for development; it names --host, localhost, 127.0.0.1\n"
         "and ::1.",
-        "example:\n"
-        "  soakp selfsigned --dir var/tls --host localhost",
+        "example:\n  soakp selfsigned --dir var/tls --host localhost",
     ),
 }
 
@@ -404,48 +475,79 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: `soakp [COMMAND] [OPTIONS]`, serve being the default command."""
-    parser = _Parser(prog="soakp", description="SOAKP, the Secure OpenAI Key Proxy.",
-                     epilog=MAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="soakp",
+        description="SOAKP, the Secure OpenAI Key Proxy.",
+        epilog=MAIN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-V", "--version", action="version", version=f"soakp {__version__}")
     commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
     def add_command(name: str) -> argparse.ArgumentParser:
         summary, description, example = COMMAND_HELP[name]
-        return commands.add_parser(name, help=summary, description=description, epilog=example,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+        return commands.add_parser(
+            name,
+            help=summary,
+            description=description,
+            epilog=example,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
-    def add_options(sub: argparse.ArgumentParser, names: Sequence[str],
-                    shown: Sequence[str]) -> None:
+    def add_options(
+        sub: argparse.ArgumentParser, names: Sequence[str], shown: Sequence[str]
+    ) -> None:
         for name in names:
             env, default, text = OPTIONS[name]
             flags = [f"--{name}", "--key"] if name == "tls-key" else [f"--{name}"]
             where = f" (env {env}" + (f", default {default})" if default else ")")
-            flag = {"action": "store_const", "const": "1"} if name in FLAG_OPTIONS else {}
-            sub.add_argument(*flags, dest=name.replace("-", "_"), default=None,
-                             help=text + where if name in shown else argparse.SUPPRESS, **flag)
+            flag: dict[str, Any] = (
+                {"action": "store_const", "const": "1"} if name in FLAG_OPTIONS else {}
+            )
+            sub.add_argument(
+                *flags,
+                dest=name.replace("-", "_"),
+                default=None,
+                help=text + where if name in shown else argparse.SUPPRESS,
+                **flag,
+            )
 
     serve_parser = add_command("serve")
     add_options(serve_parser, SERVE_OPTIONS, SERVE_OPTIONS)
 
     mint = add_command("mint")
     add_options(mint, COMMON_OPTIONS, USED_OPTIONS["mint"])
-    mint.add_argument("--key", dest="api_key", metavar="KEY",
-                      help="the OpenAI key to seal into the token; - reads it from standard input")
+    mint.add_argument(
+        "--key",
+        dest="api_key",
+        metavar="KEY",
+        help="the OpenAI key to seal into the token; - reads it from standard input",
+    )
     mint.add_argument("--key-file", metavar="FILE", help="a file holding the OpenAI key")
     mint.add_argument("--org", help="OpenAI-Organization the token sends")
     mint.add_argument("--project", help="OpenAI-Project the token sends")
     mint.add_argument("--ttl", help="lifetime (90s, 15m, 12h, 7d or seconds; default --token-ttl)")
     mint.add_argument("--sub", help="a label for the token's holder (default 'default')")
-    mint.add_argument("--paths", help="comma list of allowed /v1/... paths (a trailing * matches a prefix)")
+    mint.add_argument(
+        "--paths", help="comma list of allowed /v1/... paths (a trailing * matches a prefix)"
+    )
     mint.add_argument("--models", help="comma list of allowed models")
     mint.add_argument("--rpm", help="requests per minute allowed")
     mint.add_argument("--origins", help="comma list of allowed browser origins")
-    mint.add_argument("--max-tokens-total", dest="max_tokens_total",
-                      help="budget of prompt + completion tokens, from the upstream's usage")
-    mint.add_argument("--renew-ttl", dest="renew_ttl",
-                      help="how long the token may be refreshed, from now (at least --ttl; default: "
-                           "not past its first expiry)")
-    mint.add_argument("--delegate", help="generations of child tokens it may mint (POST /jwt/delegate)")
+    mint.add_argument(
+        "--max-tokens-total",
+        dest="max_tokens_total",
+        help="budget of prompt + completion tokens, from the upstream's usage",
+    )
+    mint.add_argument(
+        "--renew-ttl",
+        dest="renew_ttl",
+        help="how long the token may be refreshed, from now (at least --ttl; default: "
+        "not past its first expiry)",
+    )
+    mint.add_argument(
+        "--delegate", help="generations of child tokens it may mint (POST /jwt/delegate)"
+    )
 
     for name in ("revoke", "tokens"):
         sub = add_command(name)
@@ -455,8 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     selfsigned = add_command("selfsigned")
     add_options(selfsigned, COMMON_OPTIONS, USED_OPTIONS["selfsigned"])
-    selfsigned.add_argument("--dir", required=True, help="directory for fullchain.pem and privkey.pem")
-    selfsigned.add_argument("--host", default="localhost", help="name the certificate is for (default localhost)")
+    selfsigned.add_argument(
+        "--dir", required=True, help="directory for fullchain.pem and privkey.pem"
+    )
+    selfsigned.add_argument(
+        "--host", default="localhost", help="name the certificate is for (default localhost)"
+    )
     return parser
 
 
@@ -491,21 +597,28 @@ def read_secret(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
         try:
             secret = Path(path).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{source}: cannot read the secret file {path}: "
-                              f"{describe_error(exc)}") from None
+            raise ConfigError(
+                f"{source}: cannot read the secret file {path}: {describe_error(exc)}"
+            ) from None
     else:
         source = "--secret" if args.secret is not None else "SOAKP_SECRET"
     if secret is None:
-        raise ConfigError("a master secret is required: give --secret-file FILE "
-                          "(or SOAKP_SECRET_FILE), or --secret (SOAKP_SECRET)")
+        raise ConfigError(
+            "a master secret is required: give --secret-file FILE "
+            "(or SOAKP_SECRET_FILE), or --secret (SOAKP_SECRET)"
+        )
     if len(secret) < MIN_SECRET_CHARS:
-        raise ConfigError(f"{source}: the master secret must be at least {MIN_SECRET_CHARS} "
-                          "characters; make one with: "
-                          "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'")
+        raise ConfigError(
+            f"{source}: the master secret must be at least {MIN_SECRET_CHARS} "
+            "characters; make one with: "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
+        )
     if weak_secret(secret):
-        raise ConfigError(f"{source}: the master secret is too easy to guess (it repeats a few "
-                          "characters); make a new one with: "
-                          "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'")
+        raise ConfigError(
+            f"{source}: the master secret is too easy to guess (it repeats a few "
+            "characters); make a new one with: "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
+        )
     return secret
 
 
@@ -527,8 +640,9 @@ def weak_secret(secret: str) -> bool:
     return len(secret) - border[-1] <= len(secret) // 2
 
 
-def tls_key_option(args: argparse.Namespace,
-                   environ: Mapping[str, str]) -> tuple[str | None, str | None]:
+def tls_key_option(
+    args: argparse.Namespace, environ: Mapping[str, str]
+) -> tuple[str | None, str | None]:
     """The TLS private key from --tls-key (alias --key), SOAKP_TLS_KEY or, as before, SOAKP_KEY.
 
     SOAKP_KEY once named the TLS key and looks like a place for the OpenAI key: it is taken only
@@ -539,11 +653,14 @@ def tls_key_option(args: argparse.Namespace,
     if path is not None or not old:
         return path, None
     if os.path.isfile(old) and os.access(old, os.R_OK):
-        return old, ("SOAKP_KEY names the TLS private key: rename it SOAKP_TLS_KEY "
-                     "(SOAKP_KEY will go away)")
-    return None, ("SOAKP_KEY is set but is not a readable file, so it is ignored: the TLS "
-                  "private key is SOAKP_TLS_KEY, and `soakp mint` reads the OpenAI key from "
-                  "OPENAI_API_KEY")
+        return old, (
+            "SOAKP_KEY names the TLS private key: rename it SOAKP_TLS_KEY (SOAKP_KEY will go away)"
+        )
+    return None, (
+        "SOAKP_KEY is set but is not a readable file, so it is ignored: the TLS "
+        "private key is SOAKP_TLS_KEY, and `soakp mint` reads the OpenAI key from "
+        "OPENAI_API_KEY"
+    )
 
 
 def check_mint_key_source(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
@@ -551,8 +668,10 @@ def check_mint_key_source(args: argparse.Namespace, environ: Mapping[str, str]) 
     if args.api_key is not None and args.key_file is not None:
         raise ConfigError("give --key or --key-file, not both")
     if args.api_key is None and args.key_file is None and not environ.get("OPENAI_API_KEY"):
-        raise ConfigError("soakp mint needs the OpenAI key: set OPENAI_API_KEY, or give "
-                          "--key-file FILE, --key - (read from standard input) or --key KEY")
+        raise ConfigError(
+            "soakp mint needs the OpenAI key: set OPENAI_API_KEY, or give "
+            "--key-file FILE, --key - (read from standard input) or --key KEY"
+        )
 
 
 def normalise_upstream(upstream: UpstreamTarget) -> tuple[UpstreamTarget, str | None]:
@@ -563,142 +682,202 @@ def normalise_upstream(upstream: UpstreamTarget) -> tuple[UpstreamTarget, str | 
     """
     if not upstream.base_path.endswith("/v1"):
         return upstream, None
-    fixed = dataclasses.replace(upstream, base_path=upstream.base_path[:-len("/v1")])
+    fixed = dataclasses.replace(upstream, base_path=upstream.base_path[: -len("/v1")])
     shown = f"{fixed.scheme}://{fixed.host_header}{fixed.base_path}"
-    return fixed, (f"--upstream ends in /v1, which SOAKP adds to every request itself: "
-                   f"forwarding to {shown}/v1/...; drop the /v1 from --upstream "
-                   "(or SOAKP_UPSTREAM) to silence this")
+    return fixed, (
+        f"--upstream ends in /v1, which SOAKP adds to every request itself: "
+        f"forwarding to {shown}/v1/...; drop the /v1 from --upstream "
+        "(or SOAKP_UPSTREAM) to silence this"
+    )
 
 
-def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config, argparse.Namespace]:
+@dataclass(frozen=True, slots=True)
+class OptionReader:
+    """Reads one command's options: the flag, else its SOAKP_* variable, else the default."""
+
+    args: argparse.Namespace
+    environ: Mapping[str, str]
+
+    def get(self, name: str) -> str | None:
+        if hasattr(self.args, name.replace("-", "_")):
+            return option_value(self.args, self.environ, name)
+        return OPTIONS[name][1]
+
+    def convert(self, name: str, parse: Callable[[Any], Any]) -> Any:
+        """The option parsed; a ValueError becomes a ConfigError naming where the value came from."""
+        try:
+            return parse(self.get(name))
+        except ValueError as exc:
+            source = option_source(self.args, self.environ, name)
+            named = source if source.startswith("SOAKP_") else f"--{name}"
+            raise ConfigError(f"{named}: {exc}") from None
+
+
+def load_config(
+    argv: Sequence[str], environ: Mapping[str, str]
+) -> tuple[Config, argparse.Namespace]:
     """Parse the command line and environment into a validated Config plus the command's own arguments.
 
     Raises ConfigError with one line for any bad value.
     """
     argv = list(argv)
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
-        raise ConfigError(f"unknown command {safe_label(argv[0])!r}; the commands are "
-                          f"{', '.join(COMMANDS)} (see soakp --help)")
+        raise ConfigError(
+            f"unknown command {safe_label(argv[0])!r}; the commands are "
+            f"{', '.join(COMMANDS)} (see soakp --help)"
+        )
     if not argv or argv[0] not in COMMANDS and argv[0] not in HELP_FLAGS:
         argv.insert(0, "serve")
     args = build_parser().parse_args(argv)
     if args.command == "selfsigned":
         return Config(), args
+    read = OptionReader(args, environ)
     warnings: list[str] = []
-
-    def get(name: str) -> str | None:
-        return option_value(args, environ, name) if hasattr(args, name.replace("-", "_")) else OPTIONS[name][1]
-
-    def convert(name: str, parse: Any) -> Any:
-        text = get(name)
-        try:
-            return parse(text)
-        except ValueError as exc:
-            source = option_source(args, environ, name)
-            named = source if source.startswith("SOAKP_") else f"--{name}"
-            raise ConfigError(f"{named}: {exc}") from None
-
-    if args.command == "mint":
-        check_mint_key_source(args, environ)
-    needs_secret = args.command in ("serve", "mint")
-    secret = read_secret(args, environ) if needs_secret else ""
-    old_secrets = tuple(s.strip() for s in (get("old-secrets") or "").split(",") if s.strip())
-    if any(len(s) < MIN_SECRET_CHARS for s in old_secrets):
-        raise ConfigError(f"--old-secrets: each secret must be at least {MIN_SECRET_CHARS} characters")
-
-    listen_host, listen_port = convert("listen", parse_listen)
-    admin_listen = convert("admin-listen", parse_listen) if get("admin-listen") else None
-    if admin_listen == (listen_host, listen_port):
-        raise ConfigError("--admin-listen must differ from --listen")
-    upstream, upstream_warning = normalise_upstream(convert("upstream", parse_upstream))
-    if upstream_warning:
-        warnings.append(upstream_warning)
-    admin_user, admin_pass = get("admin-user"), get("admin-pass")
-    if (admin_user is None) != (admin_pass is None):
-        raise ConfigError("give both --admin-user and --admin-pass, or neither")
-    if admin_pass is not None and len(admin_pass) < 8:
-        raise ConfigError("--admin-pass must be at least 8 characters")
-
-    tls_key, tls_key_warning = (tls_key_option(args, environ) if args.command == "serve"
-                                else (None, None))
-    if tls_key_warning:
-        warnings.append(tls_key_warning)
-    cert_file, key_file = tls_files(get("cert-dir"), get("domain"), get("letsencrypt-dir"),
-                                    get("cert"), tls_key)
-    upstream_ca = get("upstream-ca")
-    if upstream_ca is not None and not os.access(upstream_ca, os.R_OK):
-        raise ConfigError(f"--upstream-ca: cannot read {upstream_ca}")
-
-    token_ttl_s = convert("token-ttl", parse_ttl_s)
-    max_token_ttl_s = convert("max-token-ttl", parse_ttl_s)
-    if token_ttl_s > max_token_ttl_s:
-        raise ConfigError("--token-ttl is longer than --max-token-ttl: shorten one or "
-                          "lengthen the other")
-    durations = {}
-    for name in ("connect-timeout", "read-timeout", "header-timeout", "shutdown-grace"):
-        durations[name] = convert(name, parse_duration_s)
-        if durations[name] <= 0 and name != "shutdown-grace":
-            raise ConfigError(f"--{name} must be more than 0")
-    max_connections = convert("max-connections", parse_count)
-    if max_connections < 1:
-        raise ConfigError("--max-connections must be at least 1")
-    log_level = (get("log-level") or "").lower()
-    if log_level not in LOG_LEVELS:
-        raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
-    cors = tuple(o.strip() for o in (get("cors-origins") or "").split(",") if o.strip())
-    for origin in cors:
-        if origin != "*" and not ORIGIN_RE.match(origin.lower()):
-            raise ConfigError(f"--cors-origins: {origin!r} is not an origin such as https://app.example.com (no path)")
-    db = get("db") or ""
-    if not db.strip():
-        raise ConfigError("--db must name a file (or :memory:), e.g. --db var/soakp.db")
-    redis_url = get("redis") or None
-    if redis_url is not None and urllib.parse.urlsplit(redis_url).scheme not in REDIS_SCHEMES:
-        raise ConfigError("--redis must be a redis://, rediss:// or unix:// URL")
-    redis_stale_after_s = convert("redis-stale-after", parse_duration_s)
-    if redis_stale_after_s <= 0:
-        raise ConfigError("--redis-stale-after must be more than 0")
-    fail_open = (get("budget-fail-open") or "").strip().lower()
-    if fail_open not in ("", "0", "1", "true", "false", "yes", "no"):
-        raise ConfigError("--budget-fail-open must be 1 or 0")
-
     config = Config(
-        listen_host=listen_host,
-        listen_port=listen_port,
-        admin_listen=admin_listen,
-        secret=secret,
-        old_secrets=old_secrets,
-        admin_user=admin_user,
-        admin_pass=admin_pass,
-        upstream=upstream,
-        upstream_ca=upstream_ca,
-        cert_file=cert_file,
-        key_file=key_file,
-        db=db,
-        token_ttl_s=token_ttl_s,
-        max_token_ttl_s=max_token_ttl_s,
-        cors_origins=cors,
-        max_body_bytes=convert("max-body", parse_size_bytes),
-        connect_timeout_s=durations["connect-timeout"],
-        read_timeout_s=durations["read-timeout"],
-        header_timeout_s=durations["header-timeout"],
-        max_connections=max_connections,
-        shutdown_grace_s=durations["shutdown-grace"],
-        log_level=log_level,
+        **secret_settings(read),
+        **listener_settings(read, warnings),
+        **limit_settings(read),
+        **shared_state_settings(read),
         warnings=tuple(warnings),
-        redis_url=redis_url,
-        redis_stale_after_s=redis_stale_after_s,
-        budget_fail_open=fail_open in ("1", "true", "yes"),
     )
     return config, args
 
 
+def secret_settings(read: OptionReader) -> dict[str, Any]:
+    """The master secret, retired secrets and admin credentials."""
+    args, environ = read.args, read.environ
+    if args.command == "mint":
+        check_mint_key_source(args, environ)
+    secret = read_secret(args, environ) if args.command in ("serve", "mint") else ""
+    old_secrets = tuple(s.strip() for s in (read.get("old-secrets") or "").split(",") if s.strip())
+    if any(len(s) < MIN_SECRET_CHARS for s in old_secrets):
+        raise ConfigError(
+            f"--old-secrets: each secret must be at least {MIN_SECRET_CHARS} characters"
+        )
+    admin_user, admin_pass = read.get("admin-user"), read.get("admin-pass")
+    if (admin_user is None) != (admin_pass is None):
+        raise ConfigError("give both --admin-user and --admin-pass, or neither")
+    if admin_pass is not None and len(admin_pass) < 8:
+        raise ConfigError("--admin-pass must be at least 8 characters")
+    return {
+        "secret": secret,
+        "old_secrets": old_secrets,
+        "admin_user": admin_user,
+        "admin_pass": admin_pass,
+    }
+
+
+def listener_settings(read: OptionReader, warnings: list[str]) -> dict[str, Any]:
+    """Where SOAKP listens and with what certificate, where it forwards, and its CORS origins."""
+    listen_host, listen_port = read.convert("listen", parse_listen)
+    admin_listen = read.convert("admin-listen", parse_listen) if read.get("admin-listen") else None
+    if admin_listen == (listen_host, listen_port):
+        raise ConfigError("--admin-listen must differ from --listen")
+    upstream, upstream_warning = normalise_upstream(read.convert("upstream", parse_upstream))
+    tls_key, tls_key_warning = (
+        tls_key_option(read.args, read.environ) if read.args.command == "serve" else (None, None)
+    )
+    warnings.extend(w for w in (upstream_warning, tls_key_warning) if w)
+    cert_file, key_file = tls_files(
+        read.get("cert-dir"),
+        read.get("domain"),
+        read.get("letsencrypt-dir"),
+        read.get("cert"),
+        tls_key,
+    )
+    upstream_ca = read.get("upstream-ca")
+    if upstream_ca is not None and not os.access(upstream_ca, os.R_OK):
+        raise ConfigError(f"--upstream-ca: cannot read {upstream_ca}")
+    cors = tuple(o.strip() for o in (read.get("cors-origins") or "").split(",") if o.strip())
+    for origin in cors:
+        if origin != "*" and not ORIGIN_RE.match(origin.lower()):
+            raise ConfigError(
+                f"--cors-origins: {origin!r} is not an origin such as "
+                "https://app.example.com (no path)"
+            )
+    return {
+        "listen_host": listen_host,
+        "listen_port": listen_port,
+        "admin_listen": admin_listen,
+        "upstream": upstream,
+        "upstream_ca": upstream_ca,
+        "cert_file": cert_file,
+        "key_file": key_file,
+        "cors_origins": cors,
+    }
+
+
+def limit_settings(read: OptionReader) -> dict[str, Any]:
+    """Token lifetimes, time limits, sizes, the connection cap, the database and the log level."""
+    token_ttl_s = read.convert("token-ttl", parse_ttl_s)
+    max_token_ttl_s = read.convert("max-token-ttl", parse_ttl_s)
+    if token_ttl_s > max_token_ttl_s:
+        raise ConfigError(
+            "--token-ttl is longer than --max-token-ttl: shorten one or lengthen the other"
+        )
+    durations = {}
+    for name in ("connect-timeout", "read-timeout", "header-timeout", "shutdown-grace"):
+        durations[name] = read.convert(name, parse_duration_s)
+        if durations[name] <= 0 and name != "shutdown-grace":
+            raise ConfigError(f"--{name} must be more than 0")
+    max_connections = read.convert("max-connections", parse_count)
+    if max_connections < 1:
+        raise ConfigError("--max-connections must be at least 1")
+    log_level = (read.get("log-level") or "").lower()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+    db = read.get("db") or ""
+    if not db.strip():
+        raise ConfigError("--db must name a file (or :memory:), e.g. --db var/soakp.db")
+    return {
+        "token_ttl_s": token_ttl_s,
+        "max_token_ttl_s": max_token_ttl_s,
+        "max_body_bytes": read.convert("max-body", parse_size_bytes),
+        "connect_timeout_s": durations["connect-timeout"],
+        "read_timeout_s": durations["read-timeout"],
+        "header_timeout_s": durations["header-timeout"],
+        "shutdown_grace_s": durations["shutdown-grace"],
+        "max_connections": max_connections,
+        "log_level": log_level,
+        "db": db,
+    }
+
+
+def shared_state_settings(read: OptionReader) -> dict[str, Any]:
+    """--redis and how SOAKP behaves while it cannot reach it."""
+    redis_url = read.get("redis") or None
+    if redis_url is not None and urllib.parse.urlsplit(redis_url).scheme not in REDIS_SCHEMES:
+        raise ConfigError("--redis must be a redis://, rediss:// or unix:// URL")
+    redis_stale_after_s = read.convert("redis-stale-after", parse_duration_s)
+    if redis_stale_after_s <= 0:
+        raise ConfigError("--redis-stale-after must be more than 0")
+    fail_open = (read.get("budget-fail-open") or "").strip().lower()
+    if fail_open not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise ConfigError("--budget-fail-open must be 1 or 0")
+    return {
+        "redis_url": redis_url,
+        "redis_stale_after_s": redis_stale_after_s,
+        "budget_fail_open": fail_open in ("1", "true", "yes"),
+    }
+
+
 def tls_files(
-    cert_dir: str | None, domain: str | None, letsencrypt_dir: str | None, cert: str | None, key: str | None
+    cert_dir: str | None,
+    domain: str | None,
+    letsencrypt_dir: str | None,
+    cert: str | None,
+    key: str | None,
 ) -> tuple[str | None, str | None]:
     """Resolve the three ways of naming a certificate to (fullchain, privkey) paths, or (None, None)."""
-    ways = [name for name, given in (("--cert-dir", cert_dir), ("--domain", domain),
-                                     ("--cert/--tls-key", cert or key)) if given]
+    ways = [
+        name
+        for name, given in (
+            ("--cert-dir", cert_dir),
+            ("--domain", domain),
+            ("--cert/--tls-key", cert or key),
+        )
+        if given
+    ]
     if len(ways) > 1:
         raise ConfigError(f"choose one way to name the certificate, not {' and '.join(ways)}")
     way = ways[0] if ways else ""
@@ -710,12 +889,14 @@ def tls_files(
     if cert_dir is not None:
         cert, key = os.path.join(cert_dir, "fullchain.pem"), os.path.join(cert_dir, "privkey.pem")
     if (cert is None) != (key is None):
-        raise ConfigError("--cert and --tls-key go together: give both, or --cert-dir for a "
-                          "Certbot directory")
+        raise ConfigError(
+            "--cert and --tls-key go together: give both, or --cert-dir for a Certbot directory"
+        )
     for path in (cert, key):
         if path is not None and not os.access(path, os.R_OK):
-            raise ConfigError(f"{way}: cannot read the TLS file {path} "
-                              "(check the path and its permissions)")
+            raise ConfigError(
+                f"{way}: cannot read the TLS file {path} (check the path and its permissions)"
+            )
     return cert, key
 
 
@@ -796,7 +977,9 @@ def open_key(ek: str, jti: str, sealing_key: bytes) -> str:
         raw = b64url_decode(ek)
         if len(raw) <= GCM_NONCE_BYTES + 16:
             raise ValueError("sealed key too short")
-        plain = AESGCM(sealing_key).decrypt(raw[:GCM_NONCE_BYTES], raw[GCM_NONCE_BYTES:], jti.encode("ascii"))
+        plain = AESGCM(sealing_key).decrypt(
+            raw[:GCM_NONCE_BYTES], raw[GCM_NONCE_BYTES:], jti.encode("ascii")
+        )
         key = plain.decode("ascii")
     except (InvalidTag, UnicodeError, binascii.Error) as exc:
         raise ValueError("sealed key does not open") from exc
@@ -824,20 +1007,25 @@ class Permissions:
     max_tokens_total: int | None = None  # budget of prompt + completion tokens
 
     def as_claims(self) -> dict[str, Any]:
-        return {name: list(value) if isinstance(value, tuple) else value
-                for name in PERMISSION_CLAIMS if (value := getattr(self, name)) is not None}
+        return {
+            name: list(value) if isinstance(value, tuple) else value
+            for name in PERMISSION_CLAIMS
+            if (value := getattr(self, name)) is not None
+        }
 
 
 # What each list's entries look like, for the message that refuses one.
 LIST_ENTRY_FORMS = {
     "paths": "each entry is a path in its /v1/... form, e.g. /v1/chat/completions "
-             "(a trailing * matches a prefix: /v1/files*)",
+    "(a trailing * matches a prefix: /v1/files*)",
     "models": "each entry is a model name, e.g. gpt-4o-mini",
     "origins": "each entry is an origin, e.g. https://app.example.com (no path)",
 }
 
 
-def parse_string_list(name: str, value: object, valid: re.Pattern[str], normalise: Any = None) -> tuple[str, ...]:
+def parse_string_list(
+    name: str, value: object, valid: re.Pattern[str], normalise: Any = None
+) -> tuple[str, ...]:
     """A non-empty JSON list of strings that each match `valid` (after `normalise`). Raises ValueError."""
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_LIST_ITEMS:
         raise ValueError(f"'{name}' must be a list of 1 to {MAX_LIST_ITEMS} strings")
@@ -847,8 +1035,10 @@ def parse_string_list(name: str, value: object, valid: re.Pattern[str], normalis
             raise ValueError(f"'{name}' must be a list of strings")
         item = normalise(item) if normalise else item
         if not valid.match(item):
-            raise ValueError(f"'{name}' has an invalid entry {safe_label(item)!r}: "
-                             f"{LIST_ENTRY_FORMS.get(name, 'see the README')}")
+            raise ValueError(
+                f"'{name}' has an invalid entry {safe_label(item)!r}: "
+                f"{LIST_ENTRY_FORMS.get(name, 'see the README')}"
+            )
         items.append(item)
     return tuple(dict.fromkeys(items))
 
@@ -856,10 +1046,14 @@ def parse_string_list(name: str, value: object, valid: re.Pattern[str], normalis
 def normalise_path_pattern(pattern: str) -> str:
     """`/openai/x` is the alias of `/v1/x`; a pattern must be canonical but for a trailing `*`."""
     if pattern.startswith("/openai/"):
-        pattern = "/v1/" + pattern[len("/openai/"):]
+        pattern = "/v1/" + pattern[len("/openai/") :]
     stem = pattern[:-1] if pattern.endswith("*") else pattern
     segments = stem[1:].split("/")
-    if any(seg in (".", "..") for seg in segments) or any(seg == "" for seg in segments[:-1]) or "%" in stem:
+    if (
+        any(seg in (".", "..") for seg in segments)
+        or any(seg == "" for seg in segments[:-1])
+        or "%" in stem
+    ):
         return ""  # fails PATH_PATTERN_RE
     return pattern
 
@@ -874,13 +1068,18 @@ def parse_permissions(fields: Mapping[str, Any]) -> Permissions:
     """Permission claims from a mint request or a token's payload. Raises ValueError naming the claim."""
     get = fields.get
     return Permissions(
-        paths=None if get("paths") is None else parse_string_list("paths", get("paths"), PATH_PATTERN_RE,
-                                                                    normalise_path_pattern),
-        models=None if get("models") is None else parse_string_list("models", get("models"), MODEL_RE),
+        paths=None
+        if get("paths") is None
+        else parse_string_list("paths", get("paths"), PATH_PATTERN_RE, normalise_path_pattern),
+        models=None
+        if get("models") is None
+        else parse_string_list("models", get("models"), MODEL_RE),
         rpm=None if get("rpm") is None else parse_int_claim("rpm", get("rpm"), MAX_RPM),
-        origins=None if get("origins") is None else parse_string_list("origins", get("origins"), ORIGIN_RE,
-                                                                      str.lower),
-        max_tokens_total=None if get("max_tokens_total") is None
+        origins=None
+        if get("origins") is None
+        else parse_string_list("origins", get("origins"), ORIGIN_RE, str.lower),
+        max_tokens_total=None
+        if get("max_tokens_total") is None
         else parse_int_claim("max_tokens_total", get("max_tokens_total"), MAX_TOKENS_BUDGET),
     )
 
@@ -905,7 +1104,9 @@ class Grant:
     org: str | None = None
     project: str | None = None
     permissions: Permissions = Permissions()
-    renew_ttl_s: int | None = None  # how long the chain may be refreshed, from now; None: not past exp
+    renew_ttl_s: int | None = (
+        None  # how long the chain may be refreshed, from now; None: not past exp
+    )
     chain: tuple[str, int] | None = None  # (cid, rexp) of the chain a refreshed token continues
     delegate: int = 0  # how many generations of child tokens this one may mint (claim `dlg`)
     ancestors: tuple[Ancestor, ...] = ()  # a child token's ancestor chains, nearest last
@@ -921,12 +1122,16 @@ def parse_grant(fields: Mapping[str, Any], default_ttl_s: int, max_ttl_s: int) -
         raise ApiError(400, f"unknown field {safe_label(unknown[0])!r}", "invalid_field")
     key = fields.get("key")
     if not isinstance(key, str) or not KEY_RE.match(key):
-        raise ApiError(400, "'key' must be 1 to 512 visible ASCII characters without spaces", "invalid_key")
+        raise ApiError(
+            400, "'key' must be 1 to 512 visible ASCII characters without spaces", "invalid_key"
+        )
     labels: dict[str, str | None] = {}
     for name in ("sub", "org", "project"):
         value = fields.get(name)
         if value is not None and (not isinstance(value, str) or not LABEL_RE.match(value)):
-            raise ApiError(400, f"'{name}' must be 1 to 256 printable ASCII characters", "invalid_field")
+            raise ApiError(
+                400, f"'{name}' must be 1 to 256 printable ASCII characters", "invalid_field"
+            )
         labels[name] = value
     ttl_s = default_ttl_s
     if fields.get("ttl") is not None:
@@ -943,21 +1148,45 @@ def parse_grant(fields: Mapping[str, Any], default_ttl_s: int, max_ttl_s: int) -
         except ValueError as exc:
             raise ApiError(400, f"'renew_ttl': {exc}", "invalid_ttl", param="renew_ttl") from None
         if renew_ttl_s < ttl_s:
-            raise ApiError(400, f"'renew_ttl' ({renew_ttl_s} s) must be at least the token's ttl ({ttl_s} s)",
-                           "invalid_ttl", param="renew_ttl")
+            raise ApiError(
+                400,
+                f"'renew_ttl' ({renew_ttl_s} s) must be at least the token's ttl ({ttl_s} s)",
+                "invalid_ttl",
+                param="renew_ttl",
+            )
         if renew_ttl_s > max_ttl_s:
-            raise ApiError(400, f"'renew_ttl' is over the maximum of {max_ttl_s} seconds (--max-token-ttl)",
-                           "ttl_too_long", param="renew_ttl")
+            raise ApiError(
+                400,
+                f"'renew_ttl' is over the maximum of {max_ttl_s} seconds (--max-token-ttl)",
+                "ttl_too_long",
+                param="renew_ttl",
+            )
     delegate = fields.get("delegate", 0)
-    if isinstance(delegate, bool) or not isinstance(delegate, int) or not 0 <= delegate <= MAX_DELEGATION_DEPTH:
-        raise ApiError(400, f"'delegate' must be a whole number from 0 to {MAX_DELEGATION_DEPTH}", "invalid_field",
-                       param="delegate")
+    if (
+        isinstance(delegate, bool)
+        or not isinstance(delegate, int)
+        or not 0 <= delegate <= MAX_DELEGATION_DEPTH
+    ):
+        raise ApiError(
+            400,
+            f"'delegate' must be a whole number from 0 to {MAX_DELEGATION_DEPTH}",
+            "invalid_field",
+            param="delegate",
+        )
     try:
         permissions = parse_permissions(fields)
     except ValueError as exc:
         raise ApiError(400, str(exc), "invalid_field") from None
-    return Grant(key=key, ttl_s=ttl_s, sub=labels["sub"] or "default", org=labels["org"],
-                 project=labels["project"], permissions=permissions, renew_ttl_s=renew_ttl_s, delegate=delegate)
+    return Grant(
+        key=key,
+        ttl_s=ttl_s,
+        sub=labels["sub"] or "default",
+        org=labels["org"],
+        project=labels["project"],
+        permissions=permissions,
+        renew_ttl_s=renew_ttl_s,
+        delegate=delegate,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -1007,7 +1236,13 @@ def mint_token(keys: SecretKeys, grant: Grant, now: int, jti: str, nonce: bytes)
 
 def new_token(keys: SecretKeys, grant: Grant, now: int) -> MintedToken:
     """mint_token() with a fresh 128-bit jti and GCM nonce."""
-    return mint_token(keys, grant, now, b64url_encode(secrets.token_bytes(16)), secrets.token_bytes(GCM_NONCE_BYTES))
+    return mint_token(
+        keys,
+        grant,
+        now,
+        b64url_encode(secrets.token_bytes(16)),
+        secrets.token_bytes(GCM_NONCE_BYTES),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -1031,15 +1266,29 @@ class TokenClaims:
     def regrant(self, max_ttl_s: int) -> Grant:
         """The grant for a refreshed token: the same claims and chain, the same lifetime (capped by
         max_ttl_s); mint_token() keeps it within the chain's renew-until time."""
-        return Grant(key=self.key, ttl_s=max(1, min(self.exp - self.iat, max_ttl_s)), sub=self.sub, org=self.org,
-                     project=self.project, permissions=self.permissions, chain=(self.cid, self.rexp),
-                     delegate=self.dlg, ancestors=self.ancestors)
+        return Grant(
+            key=self.key,
+            ttl_s=max(1, min(self.exp - self.iat, max_ttl_s)),
+            sub=self.sub,
+            org=self.org,
+            project=self.project,
+            permissions=self.permissions,
+            chain=(self.cid, self.rexp),
+            delegate=self.dlg,
+            ancestors=self.ancestors,
+        )
 
     @property
     def budgets(self) -> list[tuple[str, int]]:
         """(chain id, max_tokens_total) of its own chain and each ancestor that has a budget."""
-        own = [(self.cid, self.permissions.max_tokens_total)] if self.permissions.max_tokens_total else []
-        return own + [(a.cid, a.max_tokens_total) for a in self.ancestors if a.max_tokens_total is not None]
+        own = (
+            [(self.cid, self.permissions.max_tokens_total)]
+            if self.permissions.max_tokens_total
+            else []
+        )
+        return own + [
+            (a.cid, a.max_tokens_total) for a in self.ancestors if a.max_tokens_total is not None
+        ]
 
     @property
     def rates(self) -> list[tuple[str, int]]:
@@ -1059,8 +1308,13 @@ class TokenClaims:
 def budget_spent() -> ApiError:
     """429 for a spent budget. Waiting does not help, so no Retry-After, and `x-should-retry: false`
     tells the official SDKs not to retry it as they would a rate limit."""
-    return ApiError(429, "This token has used its whole token budget (max_tokens_total).", "insufficient_quota",
-                    "insufficient_quota", headers=[("x-should-retry", "false")])
+    return ApiError(
+        429,
+        "This token has used its whole token budget (max_tokens_total).",
+        "insufficient_quota",
+        "insufficient_quota",
+        headers=[("x-should-retry", "false")],
+    )
 
 
 def pattern_covered(child: str, parents: Sequence[str]) -> bool:
@@ -1072,18 +1326,33 @@ def pattern_covered(child: str, parents: Sequence[str]) -> bool:
         if not parent.endswith("*"):
             continue
         base = parent[:-1]
-        if base.endswith("/") and stem.startswith(base) or stem == base or stem.startswith(base + "/"):
+        if (
+            base.endswith("/")
+            and stem.startswith(base)
+            or stem == base
+            or stem.startswith(base + "/")
+        ):
             return True
     return False
 
 
 def widened(field_name: str, why: str) -> ApiError:
-    return ApiError(400, f"'{field_name}' would widen the parent token's limit: {why}.", "limit_widened",
-                    param=field_name)
+    return ApiError(
+        400,
+        f"'{field_name}' would widen the parent token's limit: {why}.",
+        "limit_widened",
+        param=field_name,
+    )
 
 
-def delegate_grant(parent: TokenClaims, fields: Mapping[str, Any], default_ttl_s: int, max_ttl_s: int,
-                   now: int, parent_left: int | None) -> Grant:
+def delegate_grant(
+    parent: TokenClaims,
+    fields: Mapping[str, Any],
+    default_ttl_s: int,
+    max_ttl_s: int,
+    now: int,
+    parent_left: int | None,
+) -> Grant:
     """The grant of a child token that `parent` asks for (POST /jwt/delegate), every limit within the
     parent's: an omitted limit is inherited, a wider one is a 400 naming the field.
 
@@ -1091,28 +1360,55 @@ def delegate_grant(parent: TokenClaims, fields: Mapping[str, Any], default_ttl_s
     ApiError 400 or 403.
     """
     if parent.dlg < 1:
-        raise ApiError(403, "This token may not mint child tokens (it was minted with delegate 0).",
-                       "delegation_not_allowed")
+        raise ApiError(
+            403,
+            "This token may not mint child tokens (it was minted with delegate 0).",
+            "delegation_not_allowed",
+        )
     for name in ("key", "org", "project"):
         if name in fields:
-            raise ApiError(400, f"'{name}' is inherited from the parent token and cannot be given.",
-                           "invalid_field", param=name)
+            raise ApiError(
+                400,
+                f"'{name}' is inherited from the parent token and cannot be given.",
+                "invalid_field",
+                param=name,
+            )
     unknown = sorted(set(fields) - set(DELEGATE_FIELDS))
     if unknown:
-        raise ApiError(400, f"unknown field {safe_label(unknown[0])!r}", "invalid_field", param=unknown[0])
+        raise ApiError(
+            400, f"unknown field {safe_label(unknown[0])!r}", "invalid_field", param=unknown[0]
+        )
     left_s = parent.exp - now
     ttl = fields.get("ttl")
-    asked = parse_grant({**fields, "key": parent.key, "ttl": ttl if ttl is not None else max(1, min(
-        default_ttl_s, left_s)), "renew_ttl": None}, default_ttl_s, max_ttl_s)
+    asked = parse_grant(
+        {
+            **fields,
+            "key": parent.key,
+            "ttl": ttl if ttl is not None else max(1, min(default_ttl_s, left_s)),
+            "renew_ttl": None,
+        },
+        default_ttl_s,
+        max_ttl_s,
+    )
     if now + asked.ttl_s > parent.exp:
-        raise widened("ttl", f"the child would outlive its parent token, which expires in {max(0, left_s)} s")
+        raise widened(
+            "ttl", f"the child would outlive its parent token, which expires in {max(0, left_s)} s"
+        )
     renew = fields.get("renew_ttl")
     renew_ttl_s = parent.rexp - now
     if renew is not None:
-        renew_ttl_s = parse_grant({"key": parent.key, "ttl": asked.ttl_s, "renew_ttl": renew}, default_ttl_s,
-                                  max_ttl_s).renew_ttl_s or 0
+        renew_ttl_s = (
+            parse_grant(
+                {"key": parent.key, "ttl": asked.ttl_s, "renew_ttl": renew},
+                default_ttl_s,
+                max_ttl_s,
+            ).renew_ttl_s
+            or 0
+        )
         if now + renew_ttl_s > parent.rexp:
-            raise widened("renew_ttl", "the child's chain would outlive its parent's renew-until time")
+            raise widened(
+                "renew_ttl", "the child's chain would outlive its parent's renew-until time"
+            )
     if asked.delegate > parent.dlg - 1:
         raise widened("delegate", f"a child may delegate at most {parent.dlg - 1} more generations")
     mine, wanted = parent.permissions, asked.permissions
@@ -1140,25 +1436,43 @@ def delegate_grant(parent: TokenClaims, fields: Mapping[str, Any], default_ttl_s
             raise widened("max_tokens_total", f"the parent has {max(0, parent_left)} tokens left")
         budget = wanted.max_tokens_total
     if budget is not None and budget < 1:
-        raise ApiError(429, "The parent token has used its whole token budget (max_tokens_total).",
-                       "insufficient_quota", "insufficient_quota", headers=[("x-should-retry", "false")])
+        raise ApiError(
+            429,
+            "The parent token has used its whole token budget (max_tokens_total).",
+            "insufficient_quota",
+            "insufficient_quota",
+            headers=[("x-should-retry", "false")],
+        )
     sub = f"{parent.sub}/{asked.sub}"
     if not LABEL_RE.match(sub):
-        raise ApiError(400, "'sub': the parent's sub + '/' + this one must be at most 256 printable characters",
-                       "invalid_field", param="sub")
-    return Grant(key=parent.key, ttl_s=asked.ttl_s, sub=sub, org=parent.org, project=parent.project,
-                 permissions=Permissions(paths=paths, models=models, rpm=rpm, origins=origins,
-                                         max_tokens_total=budget),
-                 renew_ttl_s=max(renew_ttl_s, asked.ttl_s), delegate=asked.delegate,
-                 ancestors=(*parent.ancestors, parent.as_ancestor()))
+        raise ApiError(
+            400,
+            "'sub': the parent's sub + '/' + this one must be at most 256 printable characters",
+            "invalid_field",
+            param="sub",
+        )
+    return Grant(
+        key=parent.key,
+        ttl_s=asked.ttl_s,
+        sub=sub,
+        org=parent.org,
+        project=parent.project,
+        permissions=Permissions(
+            paths=paths, models=models, rpm=rpm, origins=origins, max_tokens_total=budget
+        ),
+        renew_ttl_s=max(renew_ttl_s, asked.ttl_s),
+        delegate=asked.delegate,
+        ancestors=(*parent.ancestors, parent.as_ancestor()),
+    )
 
 
 def invalid_token(message: str) -> ApiError:
     return ApiError(401, message, "invalid_api_key")
 
 
-def verify_token(token: str, keyring: Mapping[str, SecretKeys], now: float,
-                 allow_expired: bool = False) -> TokenClaims:
+def verify_token(
+    token: str, keyring: Mapping[str, SecretKeys], now: float, allow_expired: bool = False
+) -> TokenClaims:
     """Check a token's signature (HS256 only), issuer, audience and expiry, and open its key.
 
     `allow_expired` skips the expiry check only (an expired token may still be revoked by its text).
@@ -1166,7 +1480,9 @@ def verify_token(token: str, keyring: Mapping[str, SecretKeys], now: float,
     """
     if len(token) > MAX_TOKEN_CHARS:
         raise invalid_token("The token is too long.")
-    if not JWT_SHAPE_RE.match(token):  # exactly one spelling per token: no padding, spaces or other bytes
+    if not JWT_SHAPE_RE.match(
+        token
+    ):  # exactly one spelling per token: no padding, spaces or other bytes
         raise invalid_token("The token is not a SOAKP token.")
     try:
         header = jwt.get_unverified_header(token)
@@ -1184,8 +1500,12 @@ def verify_token(token: str, keyring: Mapping[str, SecretKeys], now: float,
             audience=TOKEN_AUDIENCE,
             issuer=TOKEN_ISSUER,
             # Expiry is checked below against the caller's clock, without leeway.
-            options={"require": ["iss", "aud", "sub", "iat", "exp", "jti"], "verify_exp": False,
-                     "verify_iat": False, "verify_nbf": False},
+            options={
+                "require": ["iss", "aud", "sub", "iat", "exp", "jti"],
+                "verify_exp": False,
+                "verify_iat": False,
+                "verify_nbf": False,
+            },
         )
     except jwt.InvalidTokenError:
         raise invalid_token("The token's signature or claims are invalid.") from None
@@ -1194,13 +1514,22 @@ def verify_token(token: str, keyring: Mapping[str, SecretKeys], now: float,
     cid, rexp = claims.get("cid", jti), claims.get("rexp", exp)
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in (exp, iat, rexp)):
         raise invalid_token("The token's times are invalid.")
+    exp, iat, rexp = cast(int, exp), cast(int, iat), cast(int, rexp)
     if exp <= now and not allow_expired:
         raise invalid_token("The token has expired.")
     if iat > now + MAX_FUTURE_IAT_S:
-        raise invalid_token("The token was issued in the future: check the clocks of this server and the "
-                            "one that minted it.")
-    if not (isinstance(jti, str) and jti.isascii() and isinstance(sub, str) and isinstance(ek, str)
-            and isinstance(cid, str) and TOKEN_ID_RE.match(cid)):
+        raise invalid_token(
+            "The token was issued in the future: check the clocks of this server and the "
+            "one that minted it."
+        )
+    if not (
+        isinstance(jti, str)
+        and jti.isascii()
+        and isinstance(sub, str)
+        and isinstance(ek, str)
+        and isinstance(cid, str)
+        and TOKEN_ID_RE.match(cid)
+    ):
         raise invalid_token("The token's claims are invalid.")
     org, project = claims.get("org"), claims.get("project")
     for label in (org, project):
@@ -1219,8 +1548,21 @@ def verify_token(token: str, keyring: Mapping[str, SecretKeys], now: float,
         dlg, ancestors = parse_lineage(claims)
     except ValueError:
         raise invalid_token("The token's delegation claims are invalid.") from None
-    return TokenClaims(jti=jti, kid=keys.kid, sub=sub, iat=iat, exp=exp, key=key, org=org, project=project,
-                       permissions=permissions, cid=cid, rexp=rexp, dlg=dlg, ancestors=ancestors)
+    return TokenClaims(
+        jti=jti,
+        kid=keys.kid,
+        sub=sub,
+        iat=iat,
+        exp=exp,
+        key=key,
+        org=org,
+        project=project,
+        permissions=permissions,
+        cid=cid,
+        rexp=rexp,
+        dlg=dlg,
+        ancestors=ancestors,
+    )
 
 
 def parse_lineage(claims: Mapping[str, Any]) -> tuple[int, tuple[Ancestor, ...]]:
@@ -1229,17 +1571,30 @@ def parse_lineage(claims: Mapping[str, Any]) -> tuple[int, tuple[Ancestor, ...]]
     if isinstance(dlg, bool) or not isinstance(dlg, int) or not 0 <= dlg <= MAX_DELEGATION_DEPTH:
         raise ValueError("dlg")
     anc, alim = claims.get("anc", []), claims.get("alim", [])
-    if not isinstance(anc, list) or not isinstance(alim, list) or len(anc) != len(alim) \
-            or len(anc) > MAX_DELEGATION_DEPTH:
+    if (
+        not isinstance(anc, list)
+        or not isinstance(alim, list)
+        or len(anc) != len(alim)
+        or len(anc) > MAX_DELEGATION_DEPTH
+    ):
         raise ValueError("anc")
     ancestors = []
     for cid, limits in zip(anc, alim, strict=True):
-        if not isinstance(cid, str) or not TOKEN_ID_RE.match(cid) or not isinstance(limits, list) \
-                or len(limits) != 2:
+        if (
+            not isinstance(cid, str)
+            or not TOKEN_ID_RE.match(cid)
+            or not isinstance(limits, list)
+            or len(limits) != 2
+        ):
             raise ValueError("anc")
         rpm, budget = limits
-        ancestors.append(Ancestor(cid, None if rpm is None else parse_int_claim("rpm", rpm, MAX_RPM),
-                                  None if budget is None else parse_int_claim("budget", budget, MAX_TOKENS_BUDGET)))
+        ancestors.append(
+            Ancestor(
+                cid,
+                None if rpm is None else parse_int_claim("rpm", rpm, MAX_RPM),
+                None if budget is None else parse_int_claim("budget", budget, MAX_TOKENS_BUDGET),
+            )
+        )
     return dlg, tuple(ancestors)
 
 
@@ -1275,7 +1630,9 @@ class TokenCache:
     Bounded; revocation-aware through the shared Revocations; an entry is dropped when its token expires.
     """
 
-    def __init__(self, keyring: Mapping[str, SecretKeys], revoked: Revocations, max_entries: int = 10000) -> None:
+    def __init__(
+        self, keyring: Mapping[str, SecretKeys], revoked: Revocations, max_entries: int = 10000
+    ) -> None:
         self.keyring = keyring
         self.revoked = revoked
         self.max_entries = max_entries
@@ -1293,8 +1650,12 @@ class TokenCache:
             del self.entries[token]
             raise invalid_token("The token has expired.")
         if now > self.revoked.fresh_until:
-            raise ApiError(503, "SOAKP cannot reach the store of revoked tokens; try again "
-                                "shortly.", "store_unavailable", headers=[("Retry-After", "1")])
+            raise ApiError(
+                503,
+                "SOAKP cannot reach the store of revoked tokens; try again shortly.",
+                "store_unavailable",
+                headers=[("Retry-After", "1")],
+            )
         if self.revoked.revoked(claims):
             raise invalid_token("The token has been revoked.")
         return claims
@@ -1318,8 +1679,12 @@ def path_allowed(patterns: Sequence[str], path: str) -> bool:
 
 # Endpoints that hand out a credential, or act with organisation admin rights, outside every SOAKP
 # limit: closed unless a `paths` entry names the endpoint itself (SPEC.md, Limits).
-CREDENTIAL_ENDPOINTS = ("/v1/realtime/client_secrets", "/v1/realtime/sessions",
-                        "/v1/realtime/transcription_sessions", "/v1/organization")
+CREDENTIAL_ENDPOINTS = (
+    "/v1/realtime/client_secrets",
+    "/v1/realtime/sessions",
+    "/v1/realtime/transcription_sessions",
+    "/v1/organization",
+)
 
 
 def credential_endpoint(path: str) -> str | None:
@@ -1334,7 +1699,8 @@ def credential_endpoint_opened(patterns: Sequence[str] | None, endpoint: str) ->
     """Whether a token's `paths` open a credential endpoint: an entry must begin with the endpoint's own
     path (`/v1/organization/*` does, `/v1/*` and `/v1/organization-x` do not)."""
     return patterns is not None and any(
-        p == endpoint or p.startswith(endpoint + "/") or p == endpoint + "*" for p in patterns)
+        p == endpoint or p.startswith(endpoint + "/") or p == endpoint + "*" for p in patterns
+    )
 
 
 class RateLimiter:
@@ -1342,7 +1708,9 @@ class RateLimiter:
     O(1) time and one float per token."""
 
     def __init__(self) -> None:
-        self.next_free: dict[str, float] = {}  # the theoretical arrival time of each key's next request
+        self.next_free: dict[
+            str, float
+        ] = {}  # the theoretical arrival time of each key's next request
 
     def acquire(self, key: str, per_minute: int, now: float) -> float:
         """Take one request. Returns 0 when allowed, else the seconds until one would be."""
@@ -1424,8 +1792,22 @@ MIGRATE_TO_CHAINS_SQL = (
     "FROM tokens",
     "CREATE INDEX IF NOT EXISTS tokens_by_chain ON tokens (cid)",
 )
-CHAIN_COLUMNS = ("cid", "jti", "sub", "created_at", "expires_at", "renew_until", "revoked_at", "last_used_at",
-                 "requests", "prompt_tokens", "completion_tokens", "errors", "limits", "parent")
+CHAIN_COLUMNS = (
+    "cid",
+    "jti",
+    "sub",
+    "created_at",
+    "expires_at",
+    "renew_until",
+    "revoked_at",
+    "last_used_at",
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "errors",
+    "limits",
+    "parent",
+)
 LIST_CHAINS_SQL = f"SELECT {', '.join(CHAIN_COLUMNS)} FROM chains ORDER BY created_at, cid"
 LIMIT_FIELDS = (*PERMISSION_CLAIMS, "org", "project", "delegate")
 # Usage from a batch is added to the chain's row, which is created when the chain was minted elsewhere.
@@ -1467,16 +1849,35 @@ class UsageDelta:
     errors: int = 0
 
     def row(self, cid: str) -> tuple[Any, ...]:
-        return (cid, self.jti, self.sub, self.kid, self.created_at, self.expires_at, self.renew_until,
-                self.last_used_at, self.requests, self.prompt_tokens, self.completion_tokens, self.errors)
+        return (
+            cid,
+            self.jti,
+            self.sub,
+            self.kid,
+            self.created_at,
+            self.expires_at,
+            self.renew_until,
+            self.last_used_at,
+            self.requests,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.errors,
+        )
 
 
 def chain_limits(grant: Grant) -> str:
     """A chain's limits as the registry stores them: JSON of the limit claims it has."""
-    claims = {**grant.permissions.as_claims(), "org": grant.org, "project": grant.project,
-              "delegate": grant.delegate or None}
-    return json.dumps({name: claims[name] for name in LIMIT_FIELDS if claims.get(name) is not None},
-                      separators=(",", ":"), sort_keys=True)
+    claims = {
+        **grant.permissions.as_claims(),
+        "org": grant.org,
+        "project": grant.project,
+        "delegate": grant.delegate or None,
+    }
+    return json.dumps(
+        {name: claims[name] for name in LIMIT_FIELDS if claims.get(name) is not None},
+        separators=(",", ":"),
+        sort_keys=True,
+    )
 
 
 def create_private_file(path: str) -> None:
@@ -1490,8 +1891,10 @@ def create_private_file(path: str) -> None:
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         os.chmod(path, 0o600)
     except OSError as exc:
-        raise ConfigError(f"cannot open the token database {path}: {exc.strerror or exc}; "
-                          "check --db / SOAKP_DB and the folder's permissions") from None
+        raise ConfigError(
+            f"cannot open the token database {path}: {exc.strerror or exc}; "
+            "check --db / SOAKP_DB and the folder's permissions"
+        ) from None
 
 
 class TokenRegistry:
@@ -1502,15 +1905,18 @@ class TokenRegistry:
     def __init__(self, path: str) -> None:
         create_private_file(path)
         try:
-            self.db = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+            self.db = sqlite3.connect(
+                path, timeout=5.0, isolation_level=None, check_same_thread=False
+            )
             if path != ":memory:":
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(REGISTRY_SCHEMA)
             self.migrate()
         except sqlite3.Error as exc:
-            raise ConfigError(f"--db: cannot open the token database {path}: "
-                              f"{describe_error(exc)}") from None
+            raise ConfigError(
+                f"--db: cannot open the token database {path}: {describe_error(exc)}"
+            ) from None
 
     def migrate(self) -> None:
         if self.db.execute("PRAGMA user_version").fetchone()[0] >= REGISTRY_VERSION:
@@ -1524,23 +1930,49 @@ class TokenRegistry:
                 self.db.execute(statement)
             self.db.execute(f"PRAGMA user_version = {REGISTRY_VERSION}")
 
-    def register(self, minted: MintedToken, sub: str, kid: str, created_at: int, limits: str,
-                 parent: str | None = None) -> None:
+    def register(
+        self,
+        minted: MintedToken,
+        sub: str,
+        kid: str,
+        created_at: int,
+        limits: str,
+        parent: str | None = None,
+    ) -> None:
         """Record a new token: its chain's row (created, or moved on to this token) and its jti."""
         with self.db:
             self.db.execute("BEGIN")
-            self.db.execute(REGISTER_CHAIN_SQL, (minted.cid, minted.jti, sub, kid, created_at, minted.expires_at,
-                                                 minted.renew_until, limits, parent))
-            self.db.execute("INSERT OR IGNORE INTO tokens (jti, cid, sub, kid, created_at, expires_at) "
-                            "VALUES (?, ?, ?, ?, ?, ?)",
-                            (minted.jti, minted.cid, sub, kid, created_at, minted.expires_at))
+            self.db.execute(
+                REGISTER_CHAIN_SQL,
+                (
+                    minted.cid,
+                    minted.jti,
+                    sub,
+                    kid,
+                    created_at,
+                    minted.expires_at,
+                    minted.renew_until,
+                    limits,
+                    parent,
+                ),
+            )
+            self.db.execute(
+                "INSERT OR IGNORE INTO tokens (jti, cid, sub, kid, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (minted.jti, minted.cid, sub, kid, created_at, minted.expires_at),
+            )
 
     def chain_of(self, token_id: str) -> tuple[str, int] | None:
         """(cid, renew_until) of the chain a jti or cid names, or None when this registry never saw it."""
-        row = self.db.execute("SELECT cid, renew_until FROM chains WHERE cid = ?", (token_id,)).fetchone()
+        row = self.db.execute(
+            "SELECT cid, renew_until FROM chains WHERE cid = ?", (token_id,)
+        ).fetchone()
         if row is None:
-            row = self.db.execute("SELECT chains.cid, chains.renew_until FROM tokens JOIN chains "
-                                  "ON chains.cid = tokens.cid WHERE tokens.jti = ?", (token_id,)).fetchone()
+            row = self.db.execute(
+                "SELECT chains.cid, chains.renew_until FROM tokens JOIN chains "
+                "ON chains.cid = tokens.cid WHERE tokens.jti = ?",
+                (token_id,),
+            ).fetchone()
         return None if row is None else (row[0], row[1])
 
     def revoke_chain(self, cid: str, renew_until: int, now: int) -> int:
@@ -1562,16 +1994,23 @@ class TokenRegistry:
 
     def revocations(self, now: int) -> Revocations:
         """What is revoked and still matters: chains before their renew-until, tokens before expiry."""
-        chains = self.db.execute("SELECT cid, renew_until FROM chains WHERE revoked_at IS NOT NULL "
-                                 "AND renew_until > ?", (now,))
-        tokens = self.db.execute("SELECT jti, expires_at FROM tokens WHERE revoked_at IS NOT NULL "
-                                 "AND expires_at > ?", (now,))
+        chains = self.db.execute(
+            "SELECT cid, renew_until FROM chains WHERE revoked_at IS NOT NULL AND renew_until > ?",
+            (now,),
+        )
+        tokens = self.db.execute(
+            "SELECT jti, expires_at FROM tokens WHERE revoked_at IS NOT NULL AND expires_at > ?",
+            (now,),
+        )
         return Revocations(dict(chains.fetchall()), dict(tokens.fetchall()))
 
     def spent(self, now: int) -> dict[str, int]:
         """Tokens used so far by each chain that can still be used: what budgets start from."""
-        rows = self.db.execute("SELECT cid, prompt_tokens + completion_tokens FROM chains WHERE renew_until > ? "
-                               "AND prompt_tokens + completion_tokens > 0", (now,))
+        rows = self.db.execute(
+            "SELECT cid, prompt_tokens + completion_tokens FROM chains WHERE renew_until > ? "
+            "AND prompt_tokens + completion_tokens > 0",
+            (now,),
+        )
         return dict(rows.fetchall())
 
     def data_version(self) -> int:
@@ -1610,7 +2049,9 @@ class RegistryWorker:
 
     def __init__(self, registry: TokenRegistry) -> None:
         self.registry = registry
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="soakp-db")
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="soakp-db"
+        )
 
     async def call(self, method: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, method, *args)
@@ -1774,7 +2215,8 @@ class Script:
 
 
 RATE, BUDGET, REVOKE, CHAIN, ADMIN = (
-    Script.of(t) for t in (RATE_SCRIPT, BUDGET_SCRIPT, REVOKE_SCRIPT, CHAIN_SCRIPT, ADMIN_SCRIPT))
+    Script.of(t) for t in (RATE_SCRIPT, BUDGET_SCRIPT, REVOKE_SCRIPT, CHAIN_SCRIPT, ADMIN_SCRIPT)
+)
 
 
 def store_error(exc: BaseException) -> str:
@@ -1800,6 +2242,7 @@ def parse_revocation_set(pairs: Sequence[tuple[str, float]]) -> Revocations:
 
 def chain_row(cid: str, meta: Mapping[str, str]) -> dict[str, Any]:
     """A GET /jwt row from a chain's metadata hash in Redis (as TokenRegistry.list() gives it)."""
+
     def number(name: str) -> int | None:
         value = meta.get(name)
         return int(value) if value not in (None, "") else None
@@ -1822,8 +2265,14 @@ class SharedStore:
     sees it back. Writes that must not be lost (revocations, registrations, usage, settlements) wait
     in memory and are sent when Redis is back."""
 
-    def __init__(self, client: Any, subscriber: Any, errors: tuple[type[BaseException], ...],
-                 no_script: type[BaseException], stale_after_s: float) -> None:
+    def __init__(
+        self,
+        client: Any,
+        subscriber: Any,
+        errors: tuple[type[BaseException], ...],
+        no_script: type[BaseException],
+        stale_after_s: float,
+    ) -> None:
         self.client, self.subscriber = client, subscriber
         self.errors, self.no_script = errors, no_script
         self.stale_after_s = stale_after_s
@@ -1847,10 +2296,15 @@ class SharedStore:
         if self.up:
             self.up = False
             self.down_reason = store_error(exc)
-            log.warning("Redis is unreachable (%s): revocations keep the set known now (503 after "
-                        "%.0fs), rpm counts per instance, budgets answer 503 unless "
-                        "--budget-fail-open, admin lock-out counts per instance; retrying every "
-                        "%.2fs", self.down_reason, self.stale_after_s, SHARED_POLL_S)
+            log.warning(
+                "Redis is unreachable (%s): revocations keep the set known now (503 after "
+                "%.0fs), rpm counts per instance, budgets answer 503 unless "
+                "--budget-fail-open, admin lock-out counts per instance; retrying every "
+                "%.2fs",
+                self.down_reason,
+                self.stale_after_s,
+                SHARED_POLL_S,
+            )
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """One script on the slot of its keys, within STORE_TIMEOUT_S. Raises StoreDown."""
@@ -1858,7 +2312,7 @@ class SharedStore:
             raise StoreDown
         try:
             return await asyncio.wait_for(self.evaluate(script, keys, args), STORE_TIMEOUT_S)
-        except (*self.errors, TimeoutError, OSError) as exc:
+        except (*self.errors, TimeoutError, OSError) as exc:  # type: ignore[misc]
             self.mark_down(exc)
             raise StoreDown from None
 
@@ -1872,7 +2326,7 @@ class SharedStore:
             raise StoreDown
         try:
             return await asyncio.wait_for(awaitable, STORE_TIMEOUT_S)
-        except (*self.errors, TimeoutError, OSError) as exc:
+        except (*self.errors, TimeoutError, OSError) as exc:  # type: ignore[misc]
             self.mark_down(exc)
             raise StoreDown from None
 
@@ -1883,27 +2337,46 @@ class SharedStore:
             return await self.client.execute_command("EVAL", script.text, len(keys), *keys, *args)
 
     # Rate limits and budgets
-    async def admit(self, limits: Sequence[tuple[str, int | None, int | None]], want: int,
-                    keep_until: int, now: float
-                    ) -> tuple[str, int, dict[str, tuple[int, int]], float]:
+    async def admit(
+        self,
+        limits: Sequence[tuple[str, int | None, int | None]],
+        want: int,
+        keep_until: int,
+        now: float,
+    ) -> tuple[str, int, dict[str, tuple[int, int]], float]:
         """One request through the rpm and budget of each of its chains, (cid, budget, rpm), one
         script per chain, reserving up to `want` tokens on each budgeted one, all the same amount
         (the least any grants). Returns (reservation id, tokens granted, (spent, reserved) of the
         budgeted chains, seconds to wait when an rpm refused); nothing is held when it refuses. A
         chain known to be over its rpm costs no round trip. Raises StoreDown, having given back
         what it took."""
-        known = max((self.over_limit_until.get(cid, 0.0) - now for cid, _, rpm in limits if rpm),
-                    default=0.0)
+        known = max(
+            (self.over_limit_until.get(cid, 0.0) - now for cid, _, rpm in limits if rpm),
+            default=0.0,
+        )
         if known > 0:
             return "", 0, {}, known
         rid = b64url_encode(secrets.token_bytes(12)) if want else ""
-        granted, figures, rated, held = want, {}, [], []
+        granted, figures = want, {}
+        rated: list[Any] = []
+        held: list[Any] = []
         try:
             for cid, budget, rpm in limits:
                 if budget is not None and want:
                     keys = [*self.budget_keys(cid), chain_key(cid, "rate")]
-                    reply = await self.run(BUDGET, keys, [
-                        "reserve", budget, granted, rid, RESERVATION_LEASE_S, keep_until, rpm or 0])
+                    reply = await self.run(
+                        BUDGET,
+                        keys,
+                        [
+                            "reserve",
+                            budget,
+                            granted,
+                            rid,
+                            RESERVATION_LEASE_S,
+                            keep_until,
+                            rpm or 0,
+                        ],
+                    )
                     figures[cid] = (int(reply[0]), int(reply[1]))
                     wait_s, got = float(reply[3]), int(reply[2])
                 elif rpm:
@@ -1921,18 +2394,23 @@ class SharedStore:
                     if got < granted:
                         granted = got
                         for earlier in held[:-1]:
-                            await self.run(BUDGET, self.budget_keys(earlier), [
-                                "shrink", 0, granted, rid, RESERVATION_LEASE_S, keep_until])
+                            await self.run(
+                                BUDGET,
+                                self.budget_keys(earlier),
+                                ["shrink", 0, granted, rid, RESERVATION_LEASE_S, keep_until],
+                            )
         except StoreDown:
             await self.give_back(rated, held, rid, keep_until)
             raise
         if rid:
-            self.reservations[rid] = [(cid, budget) for cid, budget, _ in limits
-                                      if budget is not None]
+            self.reservations[rid] = [
+                (cid, budget) for cid, budget, _ in limits if budget is not None
+            ]
         return rid, granted, figures, 0.0
 
-    async def give_back(self, rated: Sequence[tuple[str, int]], held: Sequence[str], rid: str,
-                        keep_until: int) -> None:
+    async def give_back(
+        self, rated: Sequence[tuple[str, int]], held: Sequence[str], rid: str, keep_until: int
+    ) -> None:
         """Undo what admit() took before a refusal: rpm places at once, reservations soon."""
         for cid, rpm in rated:
             with contextlib.suppress(StoreDown):
@@ -1945,21 +2423,29 @@ class SharedStore:
     def budget_keys(self, cid: str) -> list[str]:
         return [chain_key(cid, "spent"), chain_key(cid, "reserved"), chain_key(cid, "leases")]
 
-    async def budget_figures(self, budgets: Sequence[tuple[str, int]]
-                             ) -> dict[str, tuple[int, int]]:
+    async def budget_figures(
+        self, budgets: Sequence[tuple[str, int]]
+    ) -> dict[str, tuple[int, int]]:
         """(spent, reserved) of each budgeted chain. Raises StoreDown."""
-        replies = await asyncio.gather(*(
-            self.run(BUDGET, self.budget_keys(cid), ["check", budget, 0, "", 0, 0])
-            for cid, budget in budgets))
-        return {cid: (int(reply[0]), int(reply[1]))
-                for (cid, _), reply in zip(budgets, replies, strict=True)}
+        replies = await asyncio.gather(
+            *(
+                self.run(BUDGET, self.budget_keys(cid), ["check", budget, 0, "", 0, 0])
+                for cid, budget in budgets
+            )
+        )
+        return {
+            cid: (int(reply[0]), int(reply[1]))
+            for (cid, _), reply in zip(budgets, replies, strict=True)
+        }
 
-    def queue_settle(self, budgets: Sequence[tuple[str, int]], rid: str, used: int,
-                     keep_until: int) -> None:
+    def queue_settle(
+        self, budgets: Sequence[tuple[str, int]], rid: str, used: int, keep_until: int
+    ) -> None:
         self.pending_settles += [(cid, rid, used, keep_until) for cid, _ in budgets]
 
-    def settle(self, budgets: Sequence[tuple[str, int]], rid: str, used: int,
-               keep_until: int) -> None:
+    def settle(
+        self, budgets: Sequence[tuple[str, int]], rid: str, used: int, keep_until: int
+    ) -> None:
         """Free a reservation and charge what was used, within SETTLE_BATCH_S: the settlements of
         that time go together, one script per chain. Until then the reservation stays held."""
         self.reservations.pop(rid, None)
@@ -1993,8 +2479,9 @@ class SharedStore:
         with contextlib.suppress(StoreDown):
             await self.command("PUBLISH", REVOCATIONS_CHANNEL, f"{member} {until}")
             if member.startswith("c:"):
-                await self.command("HSETNX", chain_key(member[2:], "meta"), "revoked_at",
-                                   int(time.time()))
+                await self.command(
+                    "HSETNX", chain_key(member[2:], "meta"), "revoked_at", int(time.time())
+                )
         return bool(added)
 
     async def sync_revocations(self, known: Revocations) -> Revocations | None:
@@ -2005,23 +2492,42 @@ class SharedStore:
         if version is None:
             self.version = None  # a restarted Redis counts again from the start
         if version is None and (known.chains or known.tokens) and not self.pending_revocations:
-            log.warning("Redis has no revocations: it restarted empty; sending the %d known here",
-                        len(known.chains) + len(known.tokens))
+            log.warning(
+                "Redis has no revocations: it restarted empty; sending the %d known here",
+                len(known.chains) + len(known.tokens),
+            )
             for kind, table in (("c", known.chains), ("t", known.tokens)):
                 self.pending_revocations.update({f"{kind}:{i}": t for i, t in table.items()})
             return None
         if version == self.version:
             return None
-        pairs = await self.call(self.client.zrange(REVOCATIONS_KEY, int(time.time()), "+inf",
-                                                   byscore=True, withscores=True))
+        pairs = await self.call(
+            self.client.zrange(
+                REVOCATIONS_KEY, int(time.time()), "+inf", byscore=True, withscores=True
+            )
+        )
         self.version = version
         return parse_revocation_set(pairs)
 
     # Chains and usage
-    def chain_args(self, minted: MintedToken, sub: str, created_at: int, limits: str,
-                   parent: str | None) -> list[Any]:
-        return [minted.jti, sub, created_at, minted.expires_at, minted.renew_until, limits,
-                parent or "", minted.renew_until + KEEP_AFTER_S, 0, 0, 0, 0, 0]
+    def chain_args(
+        self, minted: MintedToken, sub: str, created_at: int, limits: str, parent: str | None
+    ) -> list[Any]:
+        return [
+            minted.jti,
+            sub,
+            created_at,
+            minted.expires_at,
+            minted.renew_until,
+            limits,
+            parent or "",
+            minted.renew_until + KEEP_AFTER_S,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ]
 
     async def register(self, cid: str, args: list[Any]) -> None:
         """A minted token's chain and jti, so that every instance lists it and revokes it by id."""
@@ -2034,8 +2540,9 @@ class SharedStore:
         await self.run(CHAIN, [chain_key(cid, "meta")], args)
         await self.command("ZADD", CHAINS_KEY, args[4] or args[7] - KEEP_AFTER_S, cid)
         if args[0] and args[0] != cid:
-            await self.command("SET", chain_key(args[0], "cid"), cid, "EXAT",
-                               args[3] + KEEP_AFTER_S)
+            await self.command(
+                "SET", chain_key(args[0], "cid"), cid, "EXAT", args[3] + KEEP_AFTER_S
+            )
 
     def add_usage(self, batch: Mapping[str, UsageDelta]) -> None:
         for cid, delta in batch.items():
@@ -2076,17 +2583,30 @@ class SharedStore:
             cid, delta = next(iter(self.usage.items()))
             keep_until = delta.renew_until + KEEP_AFTER_S
             created_at = "" if delta.created_at is None else delta.created_at
-            args = [delta.jti or "", delta.sub or "", created_at, delta.expires_at,
-                    delta.renew_until, "{}", "", keep_until, delta.requests, delta.prompt_tokens,
-                    delta.completion_tokens, delta.errors, delta.last_used_at]
+            args = [
+                delta.jti or "",
+                delta.sub or "",
+                created_at,
+                delta.expires_at,
+                delta.renew_until,
+                "{}",
+                "",
+                keep_until,
+                delta.requests,
+                delta.prompt_tokens,
+                delta.completion_tokens,
+                delta.errors,
+                delta.last_used_at,
+            ]
             await self.write_chain(cid, args)
             del self.usage[cid]
 
     async def renew_leases(self) -> None:
         for rid, budgets in list(self.reservations.items()):
             for cid, _ in budgets:
-                await self.run(BUDGET, self.budget_keys(cid),
-                               ["renew", 0, 0, rid, RESERVATION_LEASE_S, 0])
+                await self.run(
+                    BUDGET, self.budget_keys(cid), ["renew", 0, 0, rid, RESERVATION_LEASE_S, 0]
+                )
 
     async def chain_of(self, token_id: str) -> tuple[str, int] | None:
         """(cid, renew_until) of the chain a jti or cid names, as any instance registered it."""
@@ -2099,15 +2619,17 @@ class SharedStore:
         cids = await self.command("ZRANGE", CHAINS_KEY, int(time.time()), "+inf", "BYSCORE")
         rows = []
         for start in range(0, len(cids), SHARED_LIST_BATCH):
-            batch = cids[start:start + SHARED_LIST_BATCH]
-            metas = await asyncio.gather(*(self.command("HGETALL", chain_key(cid, "meta"))
-                                           for cid in batch))
+            batch = cids[start : start + SHARED_LIST_BATCH]
+            metas = await asyncio.gather(
+                *(self.command("HGETALL", chain_key(cid, "meta")) for cid in batch)
+            )
             rows += [chain_row(cid, meta) for cid, meta in zip(batch, metas, strict=True) if meta]
         return sorted(rows, key=lambda row: (row["created_at"] or 0, row["cid"]))
 
     # Admin lock-out
-    async def admin(self, op: str, peer: str, allowed: int, window_s: float,
-                    lockout_s: float) -> int:
+    async def admin(
+        self, op: str, peer: str, allowed: int, window_s: float, lockout_s: float
+    ) -> int:
         keys = [f"soakp:{{admin}}:failures:{peer}", f"soakp:{{admin}}:lock:{peer}"]
         args = [op, allowed, math.ceil(window_s), math.ceil(lockout_s)]
         return int(await self.run(ADMIN, keys, args))
@@ -2133,9 +2655,12 @@ async def open_shared_store(config: Config) -> SharedStore:
         from redis.exceptions import NoScriptError, RedisError  # noqa: PLC0415
     except ImportError:
         raise ConfigError("--redis needs the redis package: pip install 'soakp[redis]'") from None
-    options: dict[str, Any] = {"socket_timeout": STORE_TIMEOUT_S, "decode_responses": True,
-                               "socket_connect_timeout": STORE_TIMEOUT_S,
-                               "retry": Retry(NoBackoff(), 0)}
+    options: dict[str, Any] = {
+        "socket_timeout": STORE_TIMEOUT_S,
+        "decode_responses": True,
+        "socket_connect_timeout": STORE_TIMEOUT_S,
+        "retry": Retry(NoBackoff(), 0),
+    }
     if config.redis_url.startswith("rediss:"):
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(config.redis_url).query)
         options.update(ssl_cert_reqs="required", ssl_check_hostname=True)
@@ -2145,20 +2670,26 @@ async def open_shared_store(config: Config) -> SharedStore:
         single = aioredis.Redis.from_url(config.redis_url, **options)
     except ValueError as exc:
         raise ConfigError(f"--redis: {exc}") from None
-    client, cluster = single, False
+    client: Any = single
+    cluster = False
     try:
         info = await asyncio.wait_for(single.info("cluster"), STORE_TIMEOUT_S * 10)
         cluster = bool(info.get("cluster_enabled"))
     except (RedisError, TimeoutError, OSError) as exc:
-        log.warning("Redis is not reachable at start (%s): starting with the fallbacks",
-                    store_error(exc))
+        log.warning(
+            "Redis is not reachable at start (%s): starting with the fallbacks", store_error(exc)
+        )
     if cluster:
         client = RedisCluster.from_url(config.redis_url, **options, cluster_error_retry_attempts=0)
     store = SharedStore(client, single, (RedisError,), NoScriptError, config.redis_stale_after_s)
     where = urllib.parse.urlsplit(config.redis_url)
-    log.info("sharing state through Redis%s at %s://%s%s", " Cluster" if cluster else "",
-             where.scheme, where.hostname or "",
-             where.path if where.scheme == "unix" else f":{where.port or 6379}")
+    log.info(
+        "sharing state through Redis%s at %s://%s%s",
+        " Cluster" if cluster else "",
+        where.scheme,
+        where.hostname or "",
+        where.path if where.scheme == "unix" else f":{where.port or 6379}",
+    )
     return store
 
 
@@ -2180,16 +2711,32 @@ FIELD_VALUE_BYTES = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
 REQUEST_LINE_RE = re.compile(rb"(" + TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.([01])\Z")
 STATUS_LINE_RE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: ([\t \x21-\x7e\x80-\xff]*))?\Z")
 # chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS ext-name [ BWS "=" BWS ext-val ] )
-CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})((?:[ \t]*;[ \t]*" + TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + TOKEN
-                           + rb'|"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"))?)*)\Z')
+CHUNK_LINE_RE = re.compile(
+    rb"([0-9A-Fa-f]{1,15})((?:[ \t]*;[ \t]*"
+    + TOKEN
+    + rb"(?:[ \t]*=[ \t]*(?:"
+    + TOKEN
+    + rb'|"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"))?)*)\Z'
+)
 HOST_RE = re.compile(rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=%]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?\Z")
-CONSOLE_PATH = "/admin/"  # SPEC.md names the console with its slash: the one path that may end in one
+CONSOLE_PATH = (
+    "/admin/"  # SPEC.md names the console with its slash: the one path that may end in one
+)
 BAD_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})|%2[fFeE]|%5[cC]|%00")
 # RFC 9110 §7.6.1: these describe one connection and never cross a proxy (nor does any Proxy-* header).
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization", b"te",
-    b"trailer", b"transfer-encoding", b"upgrade",
-})
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
 
 BodyKind = Literal["none", "length", "chunked", "close"]
 
@@ -2203,15 +2750,28 @@ def safe_for_log(text: str) -> str:
 
 
 # Headers SOAKP looks at, gathered while parsing so that no one scans the list again.
-INDEXED_HEADERS = frozenset({
-    b"content-length", b"transfer-encoding", b"host", b"connection", b"expect", b"authorization", b"origin",
-    b"content-type", b"content-encoding", b"x-request-id", b"upgrade", b"access-control-request-method",
-    b"access-control-request-headers",
-})
+INDEXED_HEADERS = frozenset(
+    {
+        b"content-length",
+        b"transfer-encoding",
+        b"host",
+        b"connection",
+        b"expect",
+        b"authorization",
+        b"origin",
+        b"content-type",
+        b"content-encoding",
+        b"x-request-id",
+        b"upgrade",
+        b"access-control-request-method",
+        b"access-control-request-headers",
+    }
+)
 
 
-def first_value(index: Mapping[bytes, list[bytes]], headers: Sequence[tuple[bytes, bytes]],
-                lower_name: bytes) -> bytes | None:
+def first_value(
+    index: Mapping[bytes, list[bytes]], headers: Sequence[tuple[bytes, bytes]], lower_name: bytes
+) -> bytes | None:
     """The first value of a header by lower-case name: from the index for INDEXED_HEADERS (the hot
     path), by a scan for any other name; None when absent. Requests and answers look up alike."""
     if lower_name in INDEXED_HEADERS:
@@ -2236,8 +2796,12 @@ class RequestHead:
     content_length: int
     keep_alive: bool
     expect_continue: bool
-    zero_length_declared: bool = False  # `Content-Length: 0` was sent: forwarded as such (RFC 9110 §8.6)
-    index: Mapping[bytes, list[bytes]] = field(default_factory=dict)  # INDEXED_HEADERS' values by name
+    zero_length_declared: bool = (
+        False  # `Content-Length: 0` was sent: forwarded as such (RFC 9110 §8.6)
+    )
+    index: Mapping[bytes, list[bytes]] = field(
+        default_factory=dict
+    )  # INDEXED_HEADERS' values by name
 
     def header(self, lower_name: bytes) -> bytes | None:
         """The first value of a header, by lower-case name (see first_value)."""
@@ -2254,7 +2818,9 @@ class ResponseHead:
     body_kind: BodyKind
     content_length: int
     keep_alive: bool
-    index: Mapping[bytes, list[bytes]] = field(default_factory=dict)  # INDEXED_HEADERS' values by name
+    index: Mapping[bytes, list[bytes]] = field(
+        default_factory=dict
+    )  # INDEXED_HEADERS' values by name
 
     def header(self, lower_name: bytes) -> bytes | None:
         """The first value of a header, by lower-case name (see first_value)."""
@@ -2274,13 +2840,19 @@ def split_field_line(line: bytes) -> tuple[bytes, bytes] | None:
     19.5 s).
     """
     name, colon, value = line.partition(b":")
-    if not colon or not name or name.translate(None, TCHARS) \
-            or value.translate(None, FIELD_VALUE_BYTES):
+    if (
+        not colon
+        or not name
+        or name.translate(None, TCHARS)
+        or value.translate(None, FIELD_VALUE_BYTES)
+    ):
         return None
     return name, value.strip(b" \t")
 
 
-def split_header_lines(lines: Sequence[bytes]) -> tuple[list[tuple[bytes, bytes]], dict[bytes, list[bytes]]]:
+def split_header_lines(
+    lines: Sequence[bytes],
+) -> tuple[list[tuple[bytes, bytes]], dict[bytes, list[bytes]]]:
     """Parse field lines into (name, value) pairs plus the INDEXED_HEADERS ones by lower-case name.
 
     Raises ApiError(400) for obs-fold, bare CR/LF, control bytes or a malformed name.
@@ -2304,7 +2876,12 @@ def split_header_lines(lines: Sequence[bytes]) -> tuple[list[tuple[bytes, bytes]
 
 
 def connection_tokens(framing: Mapping[bytes, list[bytes]]) -> set[bytes]:
-    return {t.strip().lower() for v in framing.get(b"connection", ()) for t in v.split(b",") if t.strip()}
+    return {
+        t.strip().lower()
+        for v in framing.get(b"connection", ())
+        for t in v.split(b",")
+        if t.strip()
+    }
 
 
 def parse_framing(framing: Mapping[bytes, list[bytes]], http_minor: int) -> tuple[BodyKind, int]:
@@ -2323,7 +2900,11 @@ def parse_framing(framing: Mapping[bytes, list[bytes]], http_minor: int) -> tupl
             raise bad_request("Unsupported Transfer-Encoding.")
         return "chunked", 0
     if lengths:
-        if len(lengths) != 1 or not lengths[0].isdigit() or len(lengths[0]) > MAX_CONTENT_LENGTH_DIGITS:
+        if (
+            len(lengths) != 1
+            or not lengths[0].isdigit()
+            or len(lengths[0]) > MAX_CONTENT_LENGTH_DIGITS
+        ):
             raise bad_request("Invalid Content-Length.")
         length = int(lengths[0])
         return ("length", length) if length else ("none", 0)
@@ -2389,12 +2970,21 @@ def parse_request_head(data: bytes) -> RequestHead:
     method = match[1].decode("ascii")
     http_minor = int(match[3])
     if method == "CONNECT":
-        raise ApiError(405, "CONNECT is not supported: SOAKP only forwards to its upstream.", "method_not_allowed")
+        raise ApiError(
+            405,
+            "CONNECT is not supported: SOAKP only forwards to its upstream.",
+            "method_not_allowed",
+        )
     headers, framing = split_header_lines(lines[1:])
     for name, _ in headers:
         # A server that folds "_" into "-" (some do, from CGI days) would read a second framing header.
-        if b"_" in name and name.lower().replace(b"_", b"-") in (b"content-length", b"transfer-encoding"):
-            raise bad_request("Header names that look like Content-Length or Transfer-Encoding are refused.")
+        if b"_" in name and name.lower().replace(b"_", b"-") in (
+            b"content-length",
+            b"transfer-encoding",
+        ):
+            raise bad_request(
+                "Header names that look like Content-Length or Transfer-Encoding are refused."
+            )
     body_kind, content_length = parse_framing(framing, http_minor)
     hosts = framing.get(b"host", [])
     if len(hosts) > 1 or (http_minor == 1 and not hosts) or (hosts and not HOST_RE.match(hosts[0])):
@@ -2444,13 +3034,27 @@ def parse_response_head(data: bytes, request_method: str) -> ResponseHead:
         if encodings[-1].split(b",")[-1].strip().lower() != b"chunked":
             return ResponseHead(status, match[3] or b"", tuple(headers), "close", 0, False, framing)
         # RFC 9112 §6.3: with both, Transfer-Encoding wins, and the connection must not be reused.
-        return ResponseHead(status, match[3] or b"", tuple(headers), "chunked", 0, keep_alive and not lengths, framing)
+        return ResponseHead(
+            status,
+            match[3] or b"",
+            tuple(headers),
+            "chunked",
+            0,
+            keep_alive and not lengths,
+            framing,
+        )
     if lengths:
         values = {v.strip() for line in lengths for v in line.split(b",")}
-        if len(values) != 1 or not next(iter(values)).isdigit() or len(next(iter(values))) > MAX_CONTENT_LENGTH_DIGITS:
+        if (
+            len(values) != 1
+            or not next(iter(values)).isdigit()
+            or len(next(iter(values))) > MAX_CONTENT_LENGTH_DIGITS
+        ):
             raise UpstreamProtocolError("invalid Content-Length")
         length = int(values.pop())
-        return ResponseHead(status, match[3] or b"", tuple(headers), "length", length, keep_alive, framing)
+        return ResponseHead(
+            status, match[3] or b"", tuple(headers), "length", length, keep_alive, framing
+        )
     return ResponseHead(status, match[3] or b"", tuple(headers), "close", 0, False, framing)
 
 
@@ -2465,7 +3069,9 @@ def parse_chunk_size(line: bytes) -> int:
     return int(match[1], 16)
 
 
-def forwarded_headers(headers: Sequence[tuple[bytes, bytes]], also_drop: frozenset[bytes]) -> list[bytes]:
+def forwarded_headers(
+    headers: Sequence[tuple[bytes, bytes]], also_drop: frozenset[bytes]
+) -> list[bytes]:
     """Header lines to pass on: hop-by-hop ones, those the Connection header names and `also_drop` removed."""
     named: set[bytes] = set()
     for name, value in headers:
@@ -2474,7 +3080,12 @@ def forwarded_headers(headers: Sequence[tuple[bytes, bytes]], also_drop: frozens
     out = []
     for name, value in headers:
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in also_drop or lower in named or lower.startswith(b"proxy-"):
+        if (
+            lower in HOP_BY_HOP
+            or lower in also_drop
+            or lower in named
+            or lower.startswith(b"proxy-")
+        ):
             continue
         out.append(name + b": " + value + b"\r\n")
     return out
@@ -2487,7 +3098,9 @@ def forwarded_headers(headers: Sequence[tuple[bytes, bytes]], also_drop: frozens
 # forwarding section below only moves the bytes these decide about.
 
 MODEL_IN_BODY_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')  # for the access log only
-MODEL_SCAN_LIMIT_BYTES = 32 * 1024**2  # what a models-limited token may have read ahead before forwarding
+MODEL_SCAN_LIMIT_BYTES = (
+    32 * 1024**2
+)  # what a models-limited token may have read ahead before forwarding
 MAX_MODEL_VALUE_BYTES = 1024
 MAX_PART_HEADER_BYTES = 8 * 1024
 MAX_PARAMETERS = 16  # parameters of one Content-Type or Content-Disposition; more is refused
@@ -2507,14 +3120,27 @@ TOKEN_BCHARS = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'
 # reads `filename="a\"; name="model"` as one parameter, another as two), so it is refused; and
 # without ";", since a parser that splits parameters on ";" first would read `x="; boundary=b"` as a
 # boundary.
-QDTEXT_BYTES = bytes([0x09, 0x20, 0x21, *range(0x23, 0x3B), *range(0x3C, 0x5C), *range(0x5D, 0x7F),
-                      *range(0x80, 0x100)])
+QDTEXT_BYTES = bytes(
+    [
+        0x09,
+        0x20,
+        0x21,
+        *range(0x23, 0x3B),
+        *range(0x3C, 0x5C),
+        *range(0x5D, 0x7F),
+        *range(0x80, 0x100),
+    ]
+)
 
 
 # Paths whose JSON body carries a Realtime session: the models limit applies to `session.model` too.
-SESSION_MODEL_PATHS = frozenset({
-    "/v1/realtime/client_secrets", "/v1/realtime/sessions", "/v1/realtime/transcription_sessions",
-})
+SESSION_MODEL_PATHS = frozenset(
+    {
+        "/v1/realtime/client_secrets",
+        "/v1/realtime/sessions",
+        "/v1/realtime/transcription_sessions",
+    }
+)
 JSON_OFF_LOOP_BYTES = 1024**2  # bigger JSON bodies are checked in a thread (JsonWalk)
 
 
@@ -2532,7 +3158,7 @@ JSON_STRING_RUN_RE = re.compile(r'[^"\\\x00-\x1f]*')
 JSON_ESCAPE_RE = re.compile(r'\\(?:["\\/bfnrt]|u[0-9A-Fa-f]{4})')
 
 
-class JsonPairs(list):  # type: ignore[type-arg]
+class JsonPairs(list[tuple[str, Any]]):
     """The (key, value) pairs JsonWalk kept of an object (told apart from a JSON array)."""
 
 
@@ -2548,8 +3174,9 @@ class JsonWalk:
     invalid JSON or a repeated "model" key in any object.
     """
 
-    def __init__(self, text: str, hook: Callable[[list[tuple[str, Any]]], Any],
-                 chunk: int = JSON_CHUNK_CHARS) -> None:
+    def __init__(
+        self, text: str, hook: Callable[[list[tuple[str, Any]]], Any], chunk: int = JSON_CHUNK_CHARS
+    ) -> None:
         self.text = text
         self.chunk = chunk
         decoder = json.JSONDecoder(object_pairs_hook=hook)
@@ -2560,9 +3187,12 @@ class JsonWalk:
 
     def value(self, idx: int, depth: int) -> int:
         """Check the value at idx; returns where it ends."""
-        char = self.text[idx:idx + 1]
-        if len(self.text) - idx <= self.chunk or (char in "[{" and depth >= JSON_MAX_WALK_DEPTH) \
-                or char not in '[{"':
+        char = self.text[idx : idx + 1]
+        if (
+            len(self.text) - idx <= self.chunk
+            or (char in "[{" and depth >= JSON_MAX_WALK_DEPTH)
+            or char not in '[{"'
+        ):
             try:
                 return self.scan_once(self.text, idx)[1]
             except StopIteration:
@@ -2571,14 +3201,14 @@ class JsonWalk:
             return self.string(idx)
         if char == "[":
             idx = self.ws(idx + 1)
-            if self.text[idx:idx + 1] == "]":
+            if self.text[idx : idx + 1] == "]":
                 return idx + 1
             walk_to = idx
             while True:
                 if idx >= walk_to:
                     idx, walk_to = self.elements(idx)
                 idx = self.ws(self.value(idx, depth + 1))
-                char, idx = self.text[idx:idx + 1], idx + 1
+                char, idx = self.text[idx : idx + 1], idx + 1
                 if char == "]":
                     return idx
                 if char != ",":
@@ -2614,7 +3244,7 @@ class JsonWalk:
         while True:
             run = JSON_STRING_RUN_RE.match(self.text, idx, idx + self.chunk)
             idx = run.end()  # type: ignore[union-attr]
-            char = self.text[idx:idx + 1]
+            char = self.text[idx : idx + 1]
             if char == '"':
                 return idx + 1
             if char == "\\":
@@ -2631,19 +3261,19 @@ class JsonWalk:
         kept = JsonPairs()
         models = 0
         idx = self.ws(idx + 1)
-        if self.text[idx:idx + 1] == "}":
+        if self.text[idx : idx + 1] == "}":
             return kept, idx + 1
         while True:
-            if self.text[idx:idx + 1] != '"':
+            if self.text[idx : idx + 1] != '"':
                 raise ValueError("expecting a property name in double quotes")
             key, idx = json.decoder.scanstring(self.text, idx + 1)  # type: ignore[attr-defined]
             models += key == "model"
             idx = self.ws(idx)
-            if self.text[idx:idx + 1] != ":":
+            if self.text[idx : idx + 1] != ":":
                 raise ValueError("expecting ':' delimiter")
             start = self.ws(idx + 1)
             folded = key.casefold()
-            if folded == "session" and "session" in keys and self.text[start:start + 1] == "{":
+            if folded == "session" and "session" in keys and self.text[start : start + 1] == "{":
                 pairs, idx = self.object(start, depth + 1, ("model",))
                 kept.append((key, pairs))
             else:
@@ -2653,7 +3283,7 @@ class JsonWalk:
                     # a value too long to be a model name is kept as "", which no token allows
                     kept.append((key, self.scan_once(self.text, start)[0] if small else ""))
             idx = self.ws(idx)
-            char, idx = self.text[idx:idx + 1], idx + 1
+            char, idx = self.text[idx : idx + 1], idx + 1
             if char == "}":
                 break
             if char != ",":
@@ -2664,8 +3294,9 @@ class JsonWalk:
         return kept, idx
 
 
-def json_models(body: bytes, nested_session: bool = False,
-                chunk: int = JSON_CHUNK_CHARS) -> list[str]:
+def json_models(
+    body: bytes, nested_session: bool = False, chunk: int = JSON_CHUNK_CHARS
+) -> list[str]:
     """Every `model` a JSON body names: the top-level one and, with nested_session, `session.model`.
 
     Returns them in that order ([] for none), "" for a model that is not a string (never an allowed
@@ -2674,6 +3305,7 @@ def json_models(body: bytes, nested_session: bool = False,
     (`MODEL`): parsers disagree on which one counts, and an upstream might read either. Safe to run
     in a thread on a large body: see JsonWalk (`chunk` is its step).
     """
+
     def no_repeated_model(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         if sum(1 for k, _ in pairs if k == "model") > 1:
             raise ValueError("repeated model")
@@ -2684,7 +3316,7 @@ def json_models(body: bytes, nested_session: bool = False,
         text = body.decode(json.detect_encoding(body), "surrogatepass")
         walk = JsonWalk(text, no_repeated_model, chunk)
         start = walk.ws(0)
-        if text[start:start + 1] == "{":
+        if text[start : start + 1] == "{":
             pairs, end = walk.object(start, 0, keys)
         else:
             pairs, end = JsonPairs(), walk.value(start, 0)
@@ -2698,8 +3330,10 @@ def json_models(body: bytes, nested_session: bool = False,
         names = [key for key, _ in scope]
         for key in names:
             if key.casefold() in keys and key != key.casefold():
-                raise bad_request(f"The body names {key!r}: write the key {key.casefold()!r} in "
-                                  "lower case.", param=key.casefold())
+                raise bad_request(
+                    f"The body names {key!r}: write the key {key.casefold()!r} in lower case.",
+                    param=key.casefold(),
+                )
         if names.count("session") > 1:
             raise bad_request("The body names 'session' more than once.", param="session")
         found += [value if isinstance(value, str) else "" for key, value in scope if key == "model"]
@@ -2720,16 +3354,19 @@ class JsonFields:
     def splice(self, changes: Mapping[str, Any]) -> bytes:
         """The body with each changed field's value replaced, and new fields put first."""
         text, added = self.text, []
-        for key, (start, end) in sorted(((k, self.spans[k]) for k in changes if k in self.spans),
-                                        key=lambda item: item[1], reverse=True):
+        for key, (start, end) in sorted(
+            ((k, self.spans[k]) for k in changes if k in self.spans),
+            key=lambda item: item[1],
+            reverse=True,
+        ):
             text = text[:start] + json.dumps(changes[key], separators=(",", ":")) + text[end:]
         for key, value in changes.items():
             if key not in self.spans:
                 added.append(json.dumps(key) + ":" + json.dumps(value, separators=(",", ":")) + ",")
         if added:
-            closed = text[self.brace + 1:].lstrip(" \t\n\r").startswith("}")
+            closed = text[self.brace + 1 :].lstrip(" \t\n\r").startswith("}")
             inserted = "".join(added)[:-1] + ("" if closed else ",")
-            text = text[:self.brace + 1] + inserted + text[self.brace + 1:]
+            text = text[: self.brace + 1] + inserted + text[self.brace + 1 :]
         return text.encode("utf-8", "surrogatepass")
 
 
@@ -2745,17 +3382,17 @@ def json_fields(body: bytes, keys: Collection[str], chunk: int = JSON_CHUNK_CHAR
         text = body.decode(encoding, "surrogatepass")
         walk = JsonWalk(text, dict, chunk)
         brace = walk.ws(0)
-        if text[brace:brace + 1] != "{" or text.startswith("\ufeff"):
+        if text[brace : brace + 1] != "{" or text.startswith("\ufeff"):
             raise ValueError("not an object")
         values: dict[str, Any] = {}
         spans: dict[str, tuple[int, int]] = {}
         idx = walk.ws(brace + 1)
-        while text[idx:idx + 1] != "}":
-            if text[idx:idx + 1] != '"':
+        while text[idx : idx + 1] != "}":
+            if text[idx : idx + 1] != '"':
                 raise ValueError("expecting a property name")
             key, idx = json.decoder.scanstring(text, idx + 1)  # type: ignore[attr-defined]
             idx = walk.ws(idx)
-            if text[idx:idx + 1] != ":":
+            if text[idx : idx + 1] != ":":
                 raise ValueError("expecting ':'")
             start = walk.ws(idx + 1)
             end = walk.value(start, 1)
@@ -2763,15 +3400,17 @@ def json_fields(body: bytes, keys: Collection[str], chunk: int = JSON_CHUNK_CHAR
                 if key in spans:
                     raise bad_request(f"The body names {key!r} more than once.", param=key)
                 if end - start > chunk:
-                    raise bad_request(f"The body's {key!r} is too large to be what it names.", param=key)
+                    raise bad_request(
+                        f"The body's {key!r} is too large to be what it names.", param=key
+                    )
                 values[key] = walk.scan_once(text, start)[0]
                 spans[key] = (start, end)
             idx = walk.ws(end)
-            if text[idx:idx + 1] == ",":
+            if text[idx : idx + 1] == ",":
                 idx = walk.ws(idx + 1)
-                if text[idx:idx + 1] == "}":
+                if text[idx : idx + 1] == "}":
                     raise ValueError("trailing comma")
-            elif text[idx:idx + 1] != "}":
+            elif text[idx : idx + 1] != "}":
                 raise ValueError("expecting ',' or '}'")
         if walk.ws(idx + 1) != len(text):
             raise ValueError("extra data")
@@ -2791,8 +3430,12 @@ def json_model(body: bytes) -> str | None:
 
 def multipart_refused(rule: str) -> ApiError:
     """The 400 for a multipart body a models-limited token may not send, naming the broken rule."""
-    return ApiError(400, "A token limited to certain models sends only multipart bodies SOAKP "
-                         f"reads with certainty (RFC 2046/7578): {rule}.", "multipart_not_strict")
+    return ApiError(
+        400,
+        "A token limited to certain models sends only multipart bodies SOAKP "
+        f"reads with certainty (RFC 2046/7578): {rule}.",
+        "multipart_not_strict",
+    )
 
 
 def parse_parameters(text: bytes) -> list[tuple[bytes, bytes, bool]] | None:
@@ -2818,10 +3461,10 @@ def parse_parameters(text: bytes) -> list[tuple[bytes, bytes, bool]] | None:
             end = rest.find(b'"', 1)
             if end == -1 or rest[1:end].translate(None, QDTEXT_BYTES):
                 return None
-            value, quoted, rest = rest[1:end], True, rest[end + 1:]
+            value, quoted, rest = rest[1:end], True, rest[end + 1 :]
         else:
             after = rest.lstrip(TCHARS)
-            value, quoted, rest = rest[:len(rest) - len(after)], False, after
+            value, quoted, rest = rest[: len(rest) - len(after)], False, after
             if not value:
                 return None
         params.append((name.lower(), value, quoted))
@@ -2841,17 +3484,22 @@ def multipart_boundary(content_type: bytes | None) -> bytes:
         raise multipart_refused("the media type must be written multipart/form-data, in lower case")
     params = parse_parameters(semicolon + params_text)
     if params is None:
-        raise multipart_refused("the Content-Type parameters must be tokens or plain quoted "
-                                "strings")
+        raise multipart_refused(
+            "the Content-Type parameters must be tokens or plain quoted strings"
+        )
     boundaries = [p for p in params if p[0] in (b"boundary", b"boundary*")]
     if len(boundaries) != 1 or boundaries[0][0] != b"boundary":
         raise multipart_refused("the Content-Type must name exactly one boundary")
     _, boundary, quoted = boundaries[0]
     allowed = BCHARS_NO_SPACE + b" " if quoted else TOKEN_BCHARS
-    if not 1 <= len(boundary) <= MAX_BOUNDARY_CHARS or boundary.translate(None, allowed) \
-            or boundary.endswith(b" "):
-        raise multipart_refused("the boundary must be 1 to 70 characters of RFC 2046 bchars, "
-                                "not ending with a space")
+    if (
+        not 1 <= len(boundary) <= MAX_BOUNDARY_CHARS
+        or boundary.translate(None, allowed)
+        or boundary.endswith(b" ")
+    ):
+        raise multipart_refused(
+            "the boundary must be 1 to 70 characters of RFC 2046 bchars, not ending with a space"
+        )
     return boundary
 
 
@@ -2886,16 +3534,18 @@ class MultipartModelScanner:
         dash = self.dash_boundary
         while True:
             if self.state == "start":
-                if self.pending[:len(dash)] != dash[:len(self.pending)]:
-                    raise multipart_refused("the body must begin with the boundary, without a "
-                                            "preamble")
+                if self.pending[: len(dash)] != dash[: len(self.pending)]:
+                    raise multipart_refused(
+                        "the body must begin with the boundary, without a preamble"
+                    )
                 if len(self.pending) < len(dash) + 2:
                     break
                 self.after_boundary(len(dash))
             elif self.state == "headers":
                 if self.pending[:2] == b"\r\n":
-                    raise multipart_refused("each part needs exactly one Content-Disposition "
-                                            "header")
+                    raise multipart_refused(
+                        "each part needs exactly one Content-Disposition header"
+                    )
                 end = self.pending.find(b"\r\n\r\n")
                 bare = (self.pending[:end] if end != -1 else self.pending).replace(b"\r\n", b"")
                 if end == -1 and bare.endswith(b"\r") and self.pending.endswith(b"\r"):
@@ -2904,11 +3554,13 @@ class MultipartModelScanner:
                     raise multipart_refused("part headers must use CRLF line endings")
                 if end == -1 or end > MAX_PART_HEADER_BYTES:
                     if len(self.pending) > MAX_PART_HEADER_BYTES + 4:
-                        raise multipart_refused("part headers must end with a blank line (CRLF "
-                                                f"CRLF) within {MAX_PART_HEADER_BYTES} bytes")
+                        raise multipart_refused(
+                            "part headers must end with a blank line (CRLF "
+                            f"CRLF) within {MAX_PART_HEADER_BYTES} bytes"
+                        )
                     break
                 self.start_part(self.pending[:end])
-                self.pending = self.pending[end + 4:]
+                self.pending = self.pending[end + 4 :]
                 self.state = "body"
             elif self.state == "body":
                 at = self.pending.find(dash)
@@ -2920,10 +3572,11 @@ class MultipartModelScanner:
                     break
                 if len(self.pending) < at + len(dash) + 2:
                     break
-                if at < 2 or self.pending[at - 2:at] != b"\r\n":
-                    raise multipart_refused("the boundary may appear only as a delimiter, after "
-                                            "a CRLF")
-                self.take_value(self.pending[:at - 2])
+                if at < 2 or self.pending[at - 2 : at] != b"\r\n":
+                    raise multipart_refused(
+                        "the boundary may appear only as a delimiter, after a CRLF"
+                    )
+                self.take_value(self.pending[: at - 2])
                 if self.in_model:
                     value = b"".join(self.value)
                     short = len(value) <= MAX_MODEL_VALUE_BYTES
@@ -2937,14 +3590,14 @@ class MultipartModelScanner:
 
     def after_boundary(self, end: int) -> None:
         """Move past `--boundary` ending at `end`: CRLF starts a part, `--` closes the body."""
-        follows = self.pending[end:end + 2]
+        follows = self.pending[end : end + 2]
         if follows == b"--":
             self.state = "epilogue"
         elif follows == b"\r\n":
             self.state = "headers"
         else:
             raise multipart_refused("a boundary must be followed by CRLF or by '--' (no padding)")
-        self.pending = self.pending[end + 2:]
+        self.pending = self.pending[end + 2 :]
 
     def take_value(self, data: bytes) -> None:
         if self.in_model and self.value_bytes <= MAX_MODEL_VALUE_BYTES:
@@ -2964,8 +3617,9 @@ class MultipartModelScanner:
         Raises ApiError(400) when it did not end with a close delimiter.
         """
         if self.state != "epilogue":
-            raise multipart_refused("the body must end with a close delimiter ('--' after the "
-                                    "boundary)")
+            raise multipart_refused(
+                "the body must end with a close delimiter ('--' after the boundary)"
+            )
 
 
 def part_name(block: bytes) -> bytes:
@@ -3014,10 +3668,12 @@ def part_name(block: bytes) -> bytes:
         if any(p[0] in (b"filename", b"filename*") for p in params):
             raise multipart_refused("the model field must not carry a filename")
         for key, value in other:
-            if key == b"content-transfer-encoding" or (key == b"content-type"
-                                                       and not plain_text(value)):
-                raise multipart_refused("the model field may only be text/plain in UTF-8, not "
-                                        "encoded")
+            if key == b"content-transfer-encoding" or (
+                key == b"content-type" and not plain_text(value)
+            ):
+                raise multipart_refused(
+                    "the model field may only be text/plain in UTF-8, not encoded"
+                )
     return name
 
 
@@ -3026,8 +3682,14 @@ def plain_text(content_type: bytes) -> bool:
     charset."""
     kind, semicolon, params_text = content_type.partition(b";")
     params = parse_parameters(semicolon + params_text)
-    return kind.strip().lower() == b"text/plain" and params is not None and all(
-        key == b"charset" and value.lower() in (b"utf-8", b"us-ascii") for key, value, _ in params)
+    return (
+        kind.strip().lower() == b"text/plain"
+        and params is not None
+        and all(
+            key == b"charset" and value.lower() in (b"utf-8", b"us-ascii")
+            for key, value, _ in params
+        )
+    )
 
 
 class FramingError(ValueError):
@@ -3100,7 +3762,7 @@ class ChunkedDecoder:
         while pos < end and self.state != "done":
             if self.state == "data":
                 take = min(self.remaining, end - pos)
-                out.append(buf[pos:pos + take])
+                out.append(buf[pos : pos + take])
                 pos += take
                 self.remaining -= take
                 if not self.remaining:
@@ -3108,7 +3770,7 @@ class ChunkedDecoder:
             elif self.state == "data_end":
                 if end - pos < 2:
                     break
-                if buf[pos:pos + 2] != b"\r\n":
+                if buf[pos : pos + 2] != b"\r\n":
                     raise FramingError("Chunk data is not followed by CRLF.")
                 pos += 2
                 self.state = "size"
@@ -3140,7 +3802,9 @@ class ChunkedDecoder:
             raise FramingError("Malformed chunk size line.") from None
         self.total += size
         if self.max_body_bytes is not None and self.total > self.max_body_bytes:
-            raise FramingError(f"The request body is over the limit of {self.max_body_bytes} bytes.", 413)
+            raise FramingError(
+                f"The request body is over the limit of {self.max_body_bytes} bytes.", 413
+            )
         self.state, self.remaining = ("data", size) if size else ("trailer", 0)
 
     def trailer_field(self, line: bytes) -> None:
@@ -3151,26 +3815,44 @@ class ChunkedDecoder:
             raise FramingError("Malformed header field in the trailer section.")
 
 
-SMALL_BODY_BYTES = 64 * 1024  # bodies up to this are read whole so a request can be retried on a stale connection
+SMALL_BODY_BYTES = (
+    64 * 1024
+)  # bodies up to this are read whole so a request can be retried on a stale connection
 REQUEST_DROP = frozenset({b"host", b"authorization", b"content-length", b"expect"})
 ORG_HEADERS = frozenset({b"openai-organization", b"openai-project"})
-CORS_RESPONSE_HEADERS = frozenset({
-    b"access-control-allow-origin", b"access-control-allow-credentials", b"access-control-expose-headers",
-    b"access-control-allow-methods", b"access-control-allow-headers", b"access-control-max-age",
-})
+CORS_RESPONSE_HEADERS = frozenset(
+    {
+        b"access-control-allow-origin",
+        b"access-control-allow-credentials",
+        b"access-control-expose-headers",
+        b"access-control-allow-methods",
+        b"access-control-allow-headers",
+        b"access-control-max-age",
+    }
+)
 RESPONSE_DROP = frozenset({b"content-length"}) | CORS_RESPONSE_HEADERS
 
 
-def build_upstream_head(head: RequestHead, upstream_path: str, claims: TokenClaims, target: UpstreamTarget,
-                        body_length: int | None = None, extra: bytes = b"",
-                        also_drop: frozenset[bytes] = frozenset()) -> bytes:
+def build_upstream_head(
+    head: RequestHead,
+    upstream_path: str,
+    claims: TokenClaims,
+    target: UpstreamTarget,
+    body_length: int | None = None,
+    extra: bytes = b"",
+    also_drop: frozenset[bytes] = frozenset(),
+) -> bytes:
     """The request head sent upstream: checked path and query, upstream Host, the real key, framing.
 
     Everything else the client sent passes unchanged, except hop-by-hop headers, and the org/project
     headers when the token sets them. `body_length` replaces the client's framing for a rewritten body;
     `extra` header lines replace the headers named in `also_drop` (the WebSocket handshake).
     """
-    drop = REQUEST_DROP | ORG_HEADERS if claims.org is not None or claims.project is not None else REQUEST_DROP
+    drop = (
+        REQUEST_DROP | ORG_HEADERS
+        if claims.org is not None or claims.project is not None
+        else REQUEST_DROP
+    )
     drop |= also_drop
     parts = [
         f"{head.method} {target.base_path}{upstream_path}{head.query} HTTP/1.1\r\n"
@@ -3178,7 +3860,9 @@ def build_upstream_head(head: RequestHead, upstream_path: str, claims: TokenClai
     ]
     if claims.org is not None:
         parts.append(b"OpenAI-Organization: " + claims.org.encode("ascii") + b"\r\n")
-        if claims.project is None:  # a token that names only an org still lets the client pick a project
+        if (
+            claims.project is None
+        ):  # a token that names only an org still lets the client pick a project
             drop = drop - {b"openai-project"}
     if claims.project is not None:
         parts.append(b"OpenAI-Project: " + claims.project.encode("ascii") + b"\r\n")
@@ -3198,7 +3882,9 @@ def build_upstream_head(head: RequestHead, upstream_path: str, claims: TokenClai
     return b"".join(parts)
 
 
-def without_secret(headers: Sequence[tuple[bytes, bytes]], secret: bytes) -> Sequence[tuple[bytes, bytes]]:
+def without_secret(
+    headers: Sequence[tuple[bytes, bytes]], secret: bytes
+) -> Sequence[tuple[bytes, bytes]]:
     """The headers less any that holds the real key: an upstream that echoes what it was sent must not
     hand the key to the client."""
     if not secret or not any(secret in value or secret in name for name, value in headers):
@@ -3206,7 +3892,9 @@ def without_secret(headers: Sequence[tuple[bytes, bytes]], secret: bytes) -> Seq
     return [(name, value) for name, value in headers if secret not in value and secret not in name]
 
 
-def build_client_head(resp: ResponseHead, plan: AnswerPlan, cors: bytes = b"", secret: bytes = b"") -> bytes:
+def build_client_head(
+    resp: ResponseHead, plan: AnswerPlan, cors: bytes = b"", secret: bytes = b""
+) -> bytes:
     """The response head sent to the client: the upstream's status and headers less hop-by-hop ones and
     any that holds `secret` (the real key), framed as `plan` says.
 
@@ -3228,9 +3916,13 @@ def build_client_head(resp: ResponseHead, plan: AnswerPlan, cors: bytes = b"", s
     return b"".join(parts)
 
 
-USAGE_WHOLE_BYTES = 1024 * 1024  # JSON answers up to this are parsed whole; larger ones from their tail
+USAGE_WHOLE_BYTES = (
+    1024 * 1024
+)  # JSON answers up to this are parsed whole; larger ones from their tail
 USAGE_TAIL_BYTES = 64 * 1024
-USAGE_MAX_DECODED_BYTES = 16 * 1024 * 1024  # stop metering a compressed answer that inflates past this
+USAGE_MAX_DECODED_BYTES = (
+    16 * 1024 * 1024
+)  # stop metering a compressed answer that inflates past this
 
 
 def usage_counts(usage: object) -> tuple[int, int] | None:
@@ -3239,9 +3931,11 @@ def usage_counts(usage: object) -> tuple[int, int] | None:
         return None
     prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
     completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (prompt, completion)):
+    if not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (prompt, completion)
+    ):
         return None
-    return prompt, completion
+    return cast(int, prompt), cast(int, completion)
 
 
 def usage_in_document(document: object) -> tuple[int, int] | None:
@@ -3254,7 +3948,7 @@ def usage_in_document(document: object) -> tuple[int, int] | None:
     return found
 
 
-USAGE_VALUE_RE = re.compile(rb'\s*:\s*(?=\{)')
+USAGE_VALUE_RE = re.compile(rb"\s*:\s*(?=\{)")
 JSON_DECODER = json.JSONDecoder()
 
 
@@ -3268,10 +3962,12 @@ def last_usage_object(data: bytes) -> tuple[int, int] | None:
             return None
         end = start
         value_at = USAGE_VALUE_RE.match(data, start + 7)
-        if start and data[start - 1] == 0x5C or value_at is None:  # inside a string, or not an object
+        if (
+            start and data[start - 1] == 0x5C or value_at is None
+        ):  # inside a string, or not an object
             continue
         try:
-            value, _ = JSON_DECODER.raw_decode(data[value_at.end():].decode("utf-8", "replace"))
+            value, _ = JSON_DECODER.raw_decode(data[value_at.end() :].decode("utf-8", "replace"))
         except ValueError:
             continue
         found = usage_counts(value)
@@ -3286,10 +3982,14 @@ class UsageMeter:
 
     def __init__(self, sse: bool, encoding: bytes) -> None:
         self.sse = sse
-        self.inflater = zlib.decompressobj(wbits=47 if encoding == b"gzip" else 15) if encoding else None
+        self.inflater = (
+            zlib.decompressobj(wbits=47 if encoding == b"gzip" else 15) if encoding else None
+        )
         self.decoded_bytes = 0
         self.buffer = bytearray()
-        self.whole = True  # False once a JSON body, or the current SSE line, outgrew USAGE_WHOLE_BYTES
+        self.whole = (
+            True  # False once a JSON body, or the current SSE line, outgrew USAGE_WHOLE_BYTES
+        )
         self.head = b""  # the first bytes of a huge SSE line
         self.found: tuple[int, int] | None = None
 
@@ -3337,7 +4037,7 @@ class UsageMeter:
                     self.head, self.whole = bytes(self.buffer[:8]), False
                     del self.buffer[:-USAGE_TAIL_BYTES]
             return
-        lines, self.buffer = bytes(self.buffer[:end]), self.buffer[end + 1:]
+        lines, self.buffer = bytes(self.buffer[:end]), self.buffer[end + 1 :]
         if not self.whole:  # the end of a huge line: read its usage from the tail
             first, _, lines = lines.partition(b"\n")
             if self.head.startswith(b"data:"):
@@ -3368,15 +4068,21 @@ class RequestBody:
 
     read_ahead: bytes = b""
     rest: AsyncIterator[bytes] | None = None  # None: read_ahead is the whole body
-    inspect: Callable[[bytes], None] | None = None  # sees each streamed piece; raises ApiError to stop
+    inspect: Callable[[bytes], None] | None = (
+        None  # sees each streamed piece; raises ApiError to stop
+    )
     rewritten: bool = False  # read_ahead is the whole body, changed by SOAKP (budget metering)
 
 
 def check_model(allowed: Sequence[str], model: str | None) -> None:
     """Raises ApiError(403) when a models-limited token asks for another model."""
     if model is not None and model not in allowed:
-        raise ApiError(403, f"This token may not use the model {safe_label(model)!r}.", "model_not_allowed",
-                       param="model")
+        raise ApiError(
+            403,
+            f"This token may not use the model {safe_label(model)!r}.",
+            "model_not_allowed",
+            param="model",
+        )
 
 
 # For a budgeted token (SPEC.md, Limits): the output caps each endpoint knows, and the one SOAKP adds
@@ -3393,8 +4099,18 @@ LEGACY_COMPLETIONS_DEFAULT_CAP = 16
 # Endpoints whose answers report usage; a budgeted answer without it is charged the estimate.
 ESTIMATED_ENDPOINTS = frozenset({*CAPPED_ENDPOINTS, "/v1/embeddings"})
 STREAM_USAGE_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions"})
-BUDGET_FIELDS = frozenset({"max_tokens", "max_completion_tokens", "max_output_tokens", "n", "best_of", "stream",
-                           "stream_options", "background"})
+BUDGET_FIELDS = frozenset(
+    {
+        "max_tokens",
+        "max_completion_tokens",
+        "max_output_tokens",
+        "n",
+        "best_of",
+        "stream",
+        "stream_options",
+        "background",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -3421,9 +4137,13 @@ def plan_budget(fields: Mapping[str, Any], upstream_path: str, left: int) -> Bud
     is left.
     """
     if upstream_path == "/v1/responses" and fields.get("background") not in (None, False):
-        raise ApiError(403, "A token with a budget (max_tokens_total) may not start background responses: their "
-                            "token usage is not reported in the answer.", "budget_unmetered_endpoint",
-                       param="background")
+        raise ApiError(
+            403,
+            "A token with a budget (max_tokens_total) may not start background responses: their "
+            "token usage is not reported in the answer.",
+            "budget_unmetered_endpoint",
+            param="background",
+        )
     if upstream_path not in CAPPED_ENDPOINTS:
         return BudgetPlan({}, 0, False)  # embeddings: no output to cap, charged by their usage
     names, added = CAPPED_ENDPOINTS[upstream_path]
@@ -3449,14 +4169,16 @@ def plan_budget(fields: Mapping[str, Any], upstream_path: str, left: int) -> Bud
         options = fields.get("stream_options")
         if options is not None and not isinstance(options, dict):
             raise bad_request("'stream_options' must be an object.", param="stream_options")
-        if not (options or {}).get("include_usage") is True:
+        if (options or {}).get("include_usage") is not True:
             changes["stream_options"] = {**(options or {}), "include_usage": True}
             strip = True
     return BudgetPlan(changes, cap * choices, strip)
 
 
 USAGE_OBJECT_RE = re.compile(rb'"usage"\s*:\s*\{')
-USAGE_NULL_RE = re.compile(rb',\s*"usage"\s*:\s*null')  # what include_usage adds to every other chunk
+USAGE_NULL_RE = re.compile(
+    rb',\s*"usage"\s*:\s*null'
+)  # what include_usage adds to every other chunk
 
 
 # An SSE event ends with a blank line; a line ends with CRLF, LF or CR (the SSE standard).
@@ -3475,7 +4197,9 @@ class SseUsageStripper:
         self.buffer += piece
         ends = list(SSE_EVENT_END_RE.finditer(self.buffer))
         if not ends:
-            if len(self.buffer) > USAGE_WHOLE_BYTES:  # no event boundary in sight: pass it on unchanged
+            if (
+                len(self.buffer) > USAGE_WHOLE_BYTES
+            ):  # no event boundary in sight: pass it on unchanged
                 out, self.buffer = self.buffer, b""
                 return out
             return b""
@@ -3500,8 +4224,11 @@ class SseUsageStripper:
                     document = json.loads(event[5:])
                 except ValueError:
                     document = None
-                if isinstance(document, dict) and document.get("choices") == [] and \
-                        isinstance(document.get("usage"), dict):
+                if (
+                    isinstance(document, dict)
+                    and document.get("choices") == []
+                    and isinstance(document.get("usage"), dict)
+                ):
                     continue
             kept.append(USAGE_NULL_RE.sub(b"", event))
         return b"".join(kept)
@@ -3532,46 +4259,71 @@ class AnswerPlan:
     whole: bool  # small enough to read whole and send in one write
 
 
-def plan_answer(resp: ResponseHead, http_minor: int, keep_alive: bool, strip_usage_event: bool) -> AnswerPlan:
+def plan_answer(
+    resp: ResponseHead, http_minor: int, keep_alive: bool, strip_usage_event: bool
+) -> AnswerPlan:
     """Decide the client's framing for an upstream answer. Pure.
 
     The upstream's own framing is kept where it can be; an answer whose length is unknown (chunked, or
     ended by close) goes to an HTTP/1.1 client chunked and to an HTTP/1.0 client ended by close, and so
     does one whose usage event SOAKP takes out (its length changes).
     """
-    strip = (strip_usage_event and resp.status == 200
-             and (resp.header(b"content-encoding") or b"identity").strip().lower() == b"identity")
+    strip = (
+        strip_usage_event
+        and resp.status == 200
+        and (resp.header(b"content-encoding") or b"identity").strip().lower() == b"identity"
+    )
     if resp.body_kind == "none":
         return AnswerPlan("none", keep_alive, False, True)
     if resp.body_kind == "length" and not strip:
         return AnswerPlan("length", keep_alive, False, resp.content_length <= SMALL_BODY_BYTES)
     if http_minor == 1:
         return AnswerPlan("chunked", keep_alive, strip, False)
-    return AnswerPlan("close", False, strip, False)  # an HTTP/1.0 client learns where it ends by the close
+    return AnswerPlan(
+        "close", False, strip, False
+    )  # an HTTP/1.0 client learns where it ends by the close
 
 
-def upstream_request(head: RequestHead, upstream_path: str, claims: TokenClaims, target: UpstreamTarget,
-                     body: RequestBody, strip_usage_event: bool) -> bytes:
+def upstream_request(
+    head: RequestHead,
+    upstream_path: str,
+    claims: TokenClaims,
+    target: UpstreamTarget,
+    body: RequestBody,
+    strip_usage_event: bool,
+) -> bytes:
     """The bytes of the first upstream write: the head and what was read ahead of the body."""
     if body.rewritten:  # the whole body, changed: sent with its own Content-Length
         # Uncompressed when the usage event SOAKP asked for must be taken out of the stream again.
         drop = frozenset({b"accept-encoding"}) if strip_usage_event else frozenset()
-        return build_upstream_head(head, upstream_path, claims, target, len(body.read_ahead),
-                                   also_drop=drop) + body.read_ahead
+        return (
+            build_upstream_head(
+                head, upstream_path, claims, target, len(body.read_ahead), also_drop=drop
+            )
+            + body.read_ahead
+        )
     return build_upstream_head(head, upstream_path, claims, target) + frame_body(
-        body.read_ahead, head.body_kind == "chunked", final=body.rest is None)
+        body.read_ahead, head.body_kind == "chunked", final=body.rest is None
+    )
 
 
 WEBSOCKET_PATH = "/v1/realtime"
-WEBSOCKET_KEY_PROTOCOL = "openai-insecure-api-key."  # how browsers, which cannot set headers, pass a key
+WEBSOCKET_KEY_PROTOCOL = (
+    "openai-insecure-api-key."  # how browsers, which cannot set headers, pass a key
+)
 WEBSOCKET_MAX_S = 3600.0  # OpenAI ends Realtime sessions within the hour
 WEBSOCKET_DROP = frozenset({b"sec-websocket-protocol"})
 
 
 def offered_subprotocols(head: RequestHead) -> list[str]:
     """The Sec-WebSocket-Protocol values a client offered, in order."""
-    return [p.strip() for name, value in head.headers if name.lower() == b"sec-websocket-protocol"
-            for p in value.decode("latin-1").split(",") if p.strip()]
+    return [
+        p.strip()
+        for name, value in head.headers
+        if name.lower() == b"sec-websocket-protocol"
+        for p in value.decode("latin-1").split(",")
+        if p.strip()
+    ]
 
 
 def websocket_model(claims: TokenClaims, upstream_path: str, query: str) -> str | None:
@@ -3583,15 +4335,22 @@ def websocket_model(claims: TokenClaims, upstream_path: str, query: str) -> str 
     """
     pairs = urllib.parse.parse_qsl(query[1:], keep_blank_values=True)
     models = [value for name, value in pairs if name == "model"]
-    if len(models) > 1 or (len(models) != sum(name.casefold() == "model" for name, _ in pairs) and
-                           claims.permissions.models is not None):
+    if len(models) > 1 or (
+        len(models) != sum(name.casefold() == "model" for name, _ in pairs)
+        and claims.permissions.models is not None
+    ):
         raise bad_request("Name the model once, as `model` in lower case.", param="model")
     model = models[0] if models else None
     allowed = claims.permissions.models
     if allowed is not None:
         if upstream_path != WEBSOCKET_PATH or not model:
-            raise ApiError(403, "This token is limited to certain models: open a Realtime session with "
-                                "/v1/realtime?model=<an allowed model>.", "model_not_allowed", param="model")
+            raise ApiError(
+                403,
+                "This token is limited to certain models: open a Realtime session with "
+                "/v1/realtime?model=<an allowed model>.",
+                "model_not_allowed",
+                param="model",
+            )
         check_model(allowed, model)
     return model
 
@@ -3601,7 +4360,9 @@ def is_websocket_upgrade(head: RequestHead) -> bool:
     return head.method == "GET" and upgrade is not None and upgrade.strip().lower() == b"websocket"
 
 
-def build_switching_head(resp: ResponseHead, offered: Sequence[str], cors: bytes, secret: bytes = b"") -> bytes:
+def build_switching_head(
+    resp: ResponseHead, offered: Sequence[str], cors: bytes, secret: bytes = b""
+) -> bytes:
     """The 101 sent to the client. Its subprotocol is one the client offered that carries no credential:
     the upstream's choice when it is such, else the first such offer."""
     safe = [p for p in offered if not p.startswith(WEBSOCKET_KEY_PROTOCOL)]
@@ -3612,7 +4373,11 @@ def build_switching_head(resp: ResponseHead, offered: Sequence[str], cors: bytes
     if chosen is None and safe:
         chosen = safe[0]
     parts = [b"HTTP/1.1 101 " + (resp.reason or b"Switching Protocols") + b"\r\n"]
-    parts.extend(forwarded_headers(without_secret(resp.headers, secret), WEBSOCKET_DROP | CORS_RESPONSE_HEADERS))
+    parts.extend(
+        forwarded_headers(
+            without_secret(resp.headers, secret), WEBSOCKET_DROP | CORS_RESPONSE_HEADERS
+        )
+    )
     parts.append(b"Upgrade: websocket\r\nConnection: Upgrade\r\n")
     if chosen is not None:
         parts.append(b"Sec-WebSocket-Protocol: " + chosen.encode("latin-1") + b"\r\n")
@@ -3620,20 +4385,26 @@ def build_switching_head(resp: ResponseHead, offered: Sequence[str], cors: bytes
     return b"".join(parts)
 
 
-def upstream_handshake(head: RequestHead, upstream_path: str, claims: TokenClaims,
-                       target: UpstreamTarget) -> bytes:
+def upstream_handshake(
+    head: RequestHead, upstream_path: str, claims: TokenClaims, target: UpstreamTarget
+) -> bytes:
     """The upstream WebSocket handshake: the client's, with the real key where the client put its token.
 
     The real key goes into the upstream's subprotocol only when the client authenticated that way; a
     client that sent Authorization gets Authorization upstream, and its key-shaped offers are dropped.
     """
     by_header = head.header(b"authorization") is not None
-    protocols = [WEBSOCKET_KEY_PROTOCOL + claims.key if p.startswith(WEBSOCKET_KEY_PROTOCOL) else p
-                 for p in offered_subprotocols(head) if not (by_header and p.startswith(WEBSOCKET_KEY_PROTOCOL))]
+    protocols = [
+        WEBSOCKET_KEY_PROTOCOL + claims.key if p.startswith(WEBSOCKET_KEY_PROTOCOL) else p
+        for p in offered_subprotocols(head)
+        if not (by_header and p.startswith(WEBSOCKET_KEY_PROTOCOL))
+    ]
     extra = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
     if protocols:
         extra += b"Sec-WebSocket-Protocol: " + ", ".join(protocols).encode("latin-1") + b"\r\n"
-    return build_upstream_head(head, upstream_path, claims, target, extra=extra, also_drop=WEBSOCKET_DROP)
+    return build_upstream_head(
+        head, upstream_path, claims, target, extra=extra, also_drop=WEBSOCKET_DROP
+    )
 
 
 @dataclass(slots=True, eq=False)
@@ -3655,10 +4426,14 @@ class Exchange:
     usage: tuple[int, int] | None = None
     model: str | None = None
     request_id: str | None = None
-    reserved: int = 0  # output tokens of the chain's budget promised to this request until it is settled
+    reserved: int = (
+        0  # output tokens of the chain's budget promised to this request until it is settled
+    )
     reservation: str | None = None  # its id in Redis (--redis); None: the reservation is local
     rate_taken: bool = False  # counted against rpm already, with its reservation (--redis)
-    estimate: tuple[int, int] | None = None  # what a budgeted request is charged if no usage is reported
+    estimate: tuple[int, int] | None = (
+        None  # what a budgeted request is charged if no usage is reported
+    )
     revoked: bool = False  # its chain was revoked while it streamed
     upstream_started: float = 0.0
     upstream_s: float = 0.0
@@ -3666,7 +4441,9 @@ class Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     error_kind: str | None = None
-    strip_usage_event: bool = False  # SOAKP asked for stream usage itself: hide that event from the client
+    strip_usage_event: bool = (
+        False  # SOAKP asked for stream usage itself: hide that event from the client
+    )
 
     def mark_first_byte(self) -> None:
         """The first response byte is going out: from now on a failure can only cut the answer short."""
@@ -3676,6 +4453,175 @@ class Exchange:
 
 
 # 6. Forwarding: a checked request in, the upstream's answer streamed back. All upstream I/O lives here.
+
+# The limits that count against state: a budget's spending and reservations and a rate limit, kept
+# by this instance or, with --redis, by every instance together (SharedStore, section 3).
+
+
+def store_unavailable(what: str) -> ApiError:
+    return ApiError(
+        503,
+        f"SOAKP cannot reach the store shared by its instances, which keeps "
+        f"{what}; try again shortly.",
+        "store_unavailable",
+        headers=[("Retry-After", "1")],
+    )
+
+
+async def chain_budgets(state: ServerState, claims: TokenClaims) -> dict[str, tuple[int, int]]:
+    """(spent, reserved) of each budgeted chain of a token: from Redis with --redis (while it is
+    unreachable a 503, or this instance's own counts with --budget-fail-open), else this
+    instance's."""
+    if state.shared is not None:
+        try:
+            return await state.shared.budget_figures(claims.budgets)
+        except StoreDown:
+            if not state.config.budget_fail_open:
+                raise store_unavailable("token budgets") from None
+    return {cid: (state.spent.get(cid, 0), state.reserved.get(cid, 0)) for cid, _ in claims.budgets}
+
+
+def check_budget_figures(
+    claims: TokenClaims, figures: Mapping[str, tuple[int, int]], reserved_too: bool = True
+) -> int:
+    """429 once a budgeted chain (its own or an ancestor's) has spent its whole budget, or
+    (`reserved_too`) promised what is left to requests in flight: those may end under their caps,
+    so that 429 may be retried. Returns what is left: the least any chain has, less
+    (`reserved_too`) what is reserved."""
+    budgets = claims.budgets
+    if any(figures[cid][0] >= budget for cid, budget in budgets):
+        raise budget_spent()
+    left = min(
+        (
+            budget - figures[cid][0] - (figures[cid][1] if reserved_too else 0)
+            for cid, budget in budgets
+        ),
+        default=0,
+    )
+    if reserved_too and left <= 0:
+        raise ApiError(
+            429,
+            "What is left of this token's budget (max_tokens_total) is reserved by "
+            "its requests in flight; retry when they have finished.",
+            "budget_reserved",
+            "requests",
+            headers=[("Retry-After", "1")],
+        )
+    return left
+
+
+async def check_budget(state: ServerState, claims: TokenClaims, reserved_too: bool = True) -> int:
+    """check_budget_figures() on the chains' current figures. Returns what is left (0 without a
+    budget)."""
+    if not claims.budgets:
+        return 0
+    return check_budget_figures(claims, await chain_budgets(state, claims), reserved_too)
+
+
+def budget_left(state: ServerState, claims: TokenClaims, reserved_too: bool = True) -> int:
+    """What a budgeted token may still spend by this instance's counts: the least any of its
+    chains' budgets has left, less what was spent and (`reserved_too`) what is reserved by
+    requests in flight."""
+    return min(
+        (
+            budget - state.spent.get(cid, 0) - (state.reserved.get(cid, 0) if reserved_too else 0)
+            for cid, budget in claims.budgets
+        ),
+        default=0,
+    )
+
+
+def reserved_later(state: ServerState, head: RequestHead, upstream_path: str) -> bool:
+    """Whether, with --redis, reserve_budget() will check the budget anyway (a capped JSON
+    request), so that checking it before the body is read would only cost another round trip."""
+    return (
+        state.shared is not None
+        and head.method == "POST"
+        and upstream_path in CAPPED_ENDPOINTS
+        and media_type(head.header(b"content-type")) != b"multipart/form-data"
+    )
+
+
+async def reserve_budget(
+    state: ServerState,
+    exchange: Exchange,
+    claims: TokenClaims,
+    document: dict[str, Any],
+    upstream_path: str,
+) -> BudgetPlan:
+    """Plan a budgeted request (plan_budget) and reserve its output cap on every budgeted chain
+    until record_outcome() settles it: in Redis with --redis, atomically per chain, else in this
+    instance. Raises ApiError 400, 403, 429, or 503 while Redis is unreachable (without
+    --budget-fail-open)."""
+    shared = state.shared
+    if shared is not None:
+        budgets = claims.budgets
+        least = min(budget for _, budget in budgets)
+        want = plan_budget(dict(document), upstream_path, least).reserved
+        if not want:
+            return plan_budget(document, upstream_path, 1)  # nothing to cap: charged by its usage
+        try:  # the rpm is taken here too: one round trip per chain for both
+            rid, granted, figures, wait_s = await shared.admit(
+                chain_limits_of(claims), want, claims.rexp + KEEP_AFTER_S, time.time()
+            )
+        except StoreDown:
+            if not state.config.budget_fail_open:
+                raise store_unavailable("token budgets") from None
+        else:
+            if wait_s:
+                raise rate_limited(claims, wait_s)
+            if not granted:
+                # Refused before it reached every chain: the others' figures, for the right 429.
+                missing = [(cid, budget) for cid, budget in budgets if cid not in figures]
+                try:
+                    figures.update(await shared.budget_figures(missing) if missing else {})
+                except StoreDown:
+                    raise store_unavailable("token budgets") from None
+                check_budget_figures(claims, figures)
+                raise store_unavailable("token budgets")  # not reached: a refusal has a reason
+            exchange.reserved, exchange.reservation, exchange.rate_taken = granted, rid, True
+            return plan_budget(document, upstream_path, granted)
+    plan = plan_budget(document, upstream_path, budget_left(state, claims))
+    exchange.reserved = plan.reserved
+    if plan.reserved:
+        for cid, _ in claims.budgets:
+            state.reserved[cid] = state.reserved.get(cid, 0) + plan.reserved
+    return plan
+
+
+def chain_limits_of(claims: TokenClaims) -> list[tuple[str, int | None, int | None]]:
+    """(cid, budget, rpm) of the token's own chain and each ancestor's, own first."""
+    budgets, rates = dict(claims.budgets), dict(claims.rates)
+    return [(cid, budgets.get(cid), rates.get(cid)) for cid in claims.chains]
+
+
+def rate_limited(claims: TokenClaims, wait_s: float) -> ApiError:
+    rpm = min(per_minute for _, per_minute in claims.rates)
+    return ApiError(
+        429,
+        f"Rate limit of {rpm} requests per minute reached for this token"
+        f"{' or a token it descends from' if claims.ancestors else ''}.",
+        "rate_limit_exceeded",
+        "requests",
+        headers=[("Retry-After", str(math.ceil(wait_s)))],
+    )
+
+
+async def take_rate(state: ServerState, claims: TokenClaims, now: float) -> None:
+    """Count one request against the `rpm` of its chain and of each ancestor: in Redis with --redis
+    (this instance's counts while it is unreachable). Raises ApiError(429) with Retry-After."""
+    rates = claims.rates
+    if rates:
+        wait_s = None
+        if state.shared is not None:
+            with contextlib.suppress(StoreDown):
+                limits = [(cid, None, rpm) for cid, rpm in rates]
+                wait_s = (await state.shared.admit(limits, 0, 0, now))[3]
+        if wait_s is None:
+            wait_s = state.rate.acquire_all(rates, now)
+        if wait_s:
+            raise rate_limited(claims, wait_s)
+
 
 READ_CHUNK_BYTES = 64 * 1024
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -3698,11 +4644,13 @@ class ClientGone(Exception):
 
 
 if sys.version_info >= (3, 11):
+
     async def bounded(awaitable: Any, seconds: float) -> Any:
         """Await with a time limit; TimeoutError past it."""
         async with asyncio.timeout(seconds):
             return await awaitable
 else:  # pragma: no cover - Python 3.10
+
     async def bounded(awaitable: Any, seconds: float) -> Any:
         """Await with a time limit; TimeoutError past it."""
         try:
@@ -3711,7 +4659,9 @@ else:  # pragma: no cover - Python 3.10
             raise TimeoutError from None
 
 
-CLIENT_CHECK_S = 0.5  # while the upstream is silent, how often to look whether the client is still there
+CLIENT_CHECK_S = (
+    0.5  # while the upstream is silent, how often to look whether the client is still there
+)
 
 
 class Watchdog:
@@ -3724,11 +4674,28 @@ class Watchdog:
     for an answer nobody will read: that read ends with ClientGone.
     """
 
-    __slots__ = ("loop", "client", "client_transport", "client_timeout_s", "upstream_timeout_s", "client_deadline",
-                 "client_writing", "client_cut", "upstream_deadline", "upstream", "handle", "finish_upstream")
+    __slots__ = (
+        "loop",
+        "client",
+        "client_transport",
+        "client_timeout_s",
+        "upstream_timeout_s",
+        "client_deadline",
+        "client_writing",
+        "client_cut",
+        "upstream_deadline",
+        "upstream",
+        "handle",
+        "finish_upstream",
+    )
 
-    def __init__(self, client: asyncio.StreamReader, client_transport: asyncio.BaseTransport,
-                 client_timeout_s: float, upstream_timeout_s: float) -> None:
+    def __init__(
+        self,
+        client: asyncio.StreamReader,
+        client_transport: asyncio.BaseTransport,
+        client_timeout_s: float,
+        upstream_timeout_s: float,
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         self.client = client
         self.client_transport = client_transport
@@ -3781,7 +4748,7 @@ class Watchdog:
                 # A client that stopped reading, or whose read went on after being told to stop: only
                 # closing ends the wait.
                 self.client_deadline = None
-                self.client_transport.abort()
+                cast(asyncio.Transport, self.client_transport).abort()
             else:
                 # End the read so that a 408 can still be sent. A stream checks for the exception only when
                 # a read starts: one woken by a byte just now would go on, so look again shortly.
@@ -3792,8 +4759,11 @@ class Watchdog:
         if self.upstream_deadline is not None and upstream is not None:
             if now >= self.upstream_deadline or self.client.at_eof() and not self.finish_upstream:
                 gone = now < self.upstream_deadline
-                upstream.reader.set_exception(ClientGone("the client went away while the upstream was silent")
-                                              if gone else TimeoutError("the upstream was silent too long"))
+                upstream.reader.set_exception(
+                    ClientGone("the client went away while the upstream was silent")
+                    if gone
+                    else TimeoutError("the upstream was silent too long")
+                )
                 upstream.abort()  # also ends a write stuck on an upstream that stopped reading
                 self.disarm_upstream()
             else:
@@ -3836,13 +4806,15 @@ def unread_bytes(reader: asyncio.StreamReader) -> int:
     """Bytes received and not yet read. Past the end of a response there must be none: an upstream that
     sent more than its framing announced would otherwise answer the next request, another client's,
     with them (RFC 9112 §9.3). StreamReader has no public peek; its buffer is the stdlib's own."""
-    return len(reader._buffer)  # noqa: SLF001
+    return len(reader._buffer)  # type: ignore[attr-defined]  # noqa: SLF001
 
 
 class UpstreamPool:
     """Keep-alive connections to the one configured upstream, verified TLS, reused newest first."""
 
-    def __init__(self, target: UpstreamTarget, ssl_context: ssl.SSLContext | None, connect_timeout_s: float) -> None:
+    def __init__(
+        self, target: UpstreamTarget, ssl_context: ssl.SSLContext | None, connect_timeout_s: float
+    ) -> None:
         self.target = target
         self.ssl_context = ssl_context
         self.connect_timeout_s = connect_timeout_s
@@ -3854,8 +4826,12 @@ class UpstreamPool:
         now = time.monotonic()
         while self.idle:
             conn = self.idle.pop()
-            if (conn.reader.at_eof() or conn.writer.transport.is_closing() or now - conn.idle_since > POOL_IDLE_LIMIT_S
-                    or unread_bytes(conn.reader)):  # bytes nobody asked for: the stream is out of step
+            if (
+                conn.reader.at_eof()
+                or conn.writer.transport.is_closing()
+                or now - conn.idle_since > POOL_IDLE_LIMIT_S
+                or unread_bytes(conn.reader)
+            ):  # bytes nobody asked for: the stream is out of step
                 conn.abort()
                 continue
             return conn, True
@@ -3878,20 +4854,32 @@ class UpstreamPool:
         except ssl.SSLCertVerificationError as exc:
             # Never retried without verification: a certificate that does not verify is an attack or a
             # misconfiguration, and the key must not go to whoever holds it.
-            raise UpstreamError(502, f"The upstream's TLS certificate did not verify: {exc.verify_message}.",
-                                "tls_verify") from None
+            raise UpstreamError(
+                502,
+                f"The upstream's TLS certificate did not verify: {exc.verify_message}.",
+                "tls_verify",
+            ) from None
         except TimeoutError:
-            raise UpstreamError(502, "The upstream did not accept a connection in time.", "connect_timeout") from None
+            raise UpstreamError(
+                502, "The upstream did not accept a connection in time.", "connect_timeout"
+            ) from None
         except (OSError, ssl.SSLError) as exc:
-            raise UpstreamError(502, f"The upstream is unreachable ({describe_error(exc)}).",
-                                "connect_failed") from None
+            raise UpstreamError(
+                502, f"The upstream is unreachable ({describe_error(exc)}).", "connect_failed"
+            ) from None
         self.connections_opened += 1
         return UpstreamConnection(reader, writer)
 
     def release(self, conn: UpstreamConnection) -> None:
         """Return a connection whose exchange finished cleanly."""
-        if (len(self.idle) >= POOL_MAX_IDLE or conn.reader.at_eof() or conn.writer.transport.is_closing()
-                or conn.reader.exception() is not None or not conn.reusable or unread_bytes(conn.reader)):
+        if (
+            len(self.idle) >= POOL_MAX_IDLE
+            or conn.reader.at_eof()
+            or conn.writer.transport.is_closing()
+            or conn.reader.exception() is not None
+            or not conn.reusable
+            or unread_bytes(conn.reader)
+        ):
             conn.close()
             return
         conn.idle_since = time.monotonic()
@@ -3910,6 +4898,7 @@ async def read_request_body(
 
     Raises ApiError (400 bad chunking, 413 over the limit, 408 too slow) or ClientGone.
     """
+
     async def client_read(read: Any) -> Any:
         watchdog.arm_client()
         try:
@@ -3940,8 +4929,9 @@ async def read_request_body(
                 if piece:
                     yield piece
     except FramingError as exc:
-        raise ApiError(exc.status, str(exc), "request_too_large" if exc.status == 413 else "invalid_request") \
-            from None
+        raise ApiError(
+            exc.status, str(exc), "request_too_large" if exc.status == 413 else "invalid_request"
+        ) from None
     except TimeoutError:
         raise ApiError(408, "The request body arrived too slowly.", "request_timeout") from None
     except asyncio.LimitOverrunError:
@@ -3952,7 +4942,9 @@ async def read_request_body(
         raise ClientGone("client connection lost") from None
 
 
-async def read_upstream_body(conn: UpstreamConnection, resp: ResponseHead, watchdog: Watchdog) -> AsyncIterator[bytes]:
+async def read_upstream_body(
+    conn: UpstreamConnection, resp: ResponseHead, watchdog: Watchdog
+) -> AsyncIterator[bytes]:
     """Yield the upstream's response body in pieces as they arrive (chunked framing decoded).
 
     Raises UpstreamError if the upstream stalls, breaks its framing or closes early; ClientGone if the
@@ -4003,8 +4995,9 @@ async def read_upstream_body(conn: UpstreamConnection, resp: ResponseHead, watch
         raise UpstreamError(502, "upstream connection broke mid-body", "reset_mid_body") from None
 
 
-async def read_response_head(conn: UpstreamConnection, method: str, watchdog: Watchdog,
-                             upgrade: bool = False) -> ResponseHead:
+async def read_response_head(
+    conn: UpstreamConnection, method: str, watchdog: Watchdog, upgrade: bool = False
+) -> ResponseHead:
     """Read the upstream's final response head, skipping 1xx interim answers (but a 101 when upgrading).
 
     Raises UpstreamError (504 on silence, 502 otherwise) or ConnectionResetError/IncompleteReadError with
@@ -4018,18 +5011,26 @@ async def read_response_head(conn: UpstreamConnection, method: str, watchdog: Wa
             finally:
                 watchdog.disarm_upstream()
         except TimeoutError:
-            raise UpstreamError(504, "The upstream did not answer in time.", "read_timeout") from None
+            raise UpstreamError(
+                504, "The upstream did not answer in time.", "read_timeout"
+            ) from None
         except asyncio.LimitOverrunError:
-            raise UpstreamError(502, "The upstream's response head is too large.", "protocol") from None
+            raise UpstreamError(
+                502, "The upstream's response head is too large.", "protocol"
+            ) from None
         try:
             resp = parse_response_head(data, method)
         except UpstreamProtocolError as exc:
-            raise UpstreamError(502, f"The upstream sent an invalid response ({exc}).", "protocol") from None
+            raise UpstreamError(
+                502, f"The upstream sent an invalid response ({exc}).", "protocol"
+            ) from None
         if not 100 <= resp.status < 200 or upgrade and resp.status == 101:
             return resp
 
 
-async def write_client(writer: asyncio.StreamWriter, data: bytes, watchdog: Watchdog | None = None) -> None:
+async def write_client(
+    writer: asyncio.StreamWriter, data: bytes, watchdog: Watchdog | None = None
+) -> None:
     """Write and wait for the buffer to drain, so a slow client slows the upstream instead of filling memory.
 
     With a watchdog, a client that takes nothing for --header-timeout is disconnected.
@@ -4051,14 +5052,21 @@ async def read_whole(pieces: AsyncIterator[bytes], limit_bytes: int, what: str) 
     async for piece in pieces:
         size += len(piece)
         if size > limit_bytes:
-            raise ApiError(413, f"{what} is over the limit of {limit_bytes} bytes.", "request_too_large")
+            raise ApiError(
+                413, f"{what} is over the limit of {limit_bytes} bytes.", "request_too_large"
+            )
         collected.append(piece)
     return b"".join(collected)
 
 
 async def read_body_ahead(
-    state: ServerState, exchange: Exchange, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-    head: RequestHead, claims: TokenClaims, upstream_path: str,
+    state: ServerState,
+    exchange: Exchange,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    head: RequestHead,
+    claims: TokenClaims,
+    upstream_path: str,
 ) -> RequestBody:
     """Read as much of the request body as forwarding needs before it connects upstream.
 
@@ -4091,15 +5099,21 @@ async def read_body_ahead(
             raise ClientGone("client closed mid-body") from None
         finally:
             exchange.watchdog.disarm_client()
-    elif not multipart and (models is not None or meter_stream or budgeted and upstream_path in ESTIMATED_ENDPOINTS):
-        data = await read_whole(read_request_body(reader, head, config.max_body_bytes, exchange.watchdog),
-                                min(MODEL_SCAN_LIMIT_BYTES, config.max_body_bytes),
-                                "A JSON body sent with a models-limited or budgeted token")
+    elif not multipart and (
+        models is not None or meter_stream or budgeted and upstream_path in ESTIMATED_ENDPOINTS
+    ):
+        data = await read_whole(
+            read_request_body(reader, head, config.max_body_bytes, exchange.watchdog),
+            min(MODEL_SCAN_LIMIT_BYTES, config.max_body_bytes),
+            "A JSON body sent with a models-limited or budgeted token",
+        )
     else:
         pieces = read_request_body(reader, head, config.max_body_bytes, exchange.watchdog)
         if models is None:
             return RequestBody(b"", pieces)
-        return await read_multipart_ahead(exchange, pieces, multipart_boundary(content_type), models)
+        return await read_multipart_ahead(
+            exchange, pieces, multipart_boundary(content_type), models
+        )
 
     exchange.body_consumed = True
     found = MODEL_IN_BODY_RE.search(data)  # for the access log only; checks below parse properly
@@ -4122,8 +5136,9 @@ async def read_body_ahead(
     return RequestBody(data)
 
 
-async def budget_body(state: ServerState, exchange: Exchange, claims: TokenClaims, upstream_path: str,
-                      data: bytes) -> RequestBody:
+async def budget_body(
+    state: ServerState, exchange: Exchange, claims: TokenClaims, upstream_path: str, data: bytes
+) -> RequestBody:
     """A budgeted request's JSON body, its output cap lowered to what the chain's budget has left, and that
     much reserved until the answer's usage settles it (record_outcome). Raises ApiError 400, 403, 429."""
     if len(data) > JSON_OFF_LOOP_BYTES:  # JsonWalk's steps are short: the loop runs between them
@@ -4138,8 +5153,9 @@ async def budget_body(state: ServerState, exchange: Exchange, claims: TokenClaim
     return RequestBody(fields.splice(plan.changes), rewritten=True)
 
 
-def check_multipart_models(exchange: Exchange, allowed: Sequence[str],
-                           scanner: MultipartModelScanner, found: Sequence[str]) -> None:
+def check_multipart_models(
+    exchange: Exchange, allowed: Sequence[str], scanner: MultipartModelScanner, found: Sequence[str]
+) -> None:
     """Check the model values a scanner just reported; a second `model` field is a 400 even when
     allowed.
 
@@ -4152,8 +5168,9 @@ def check_multipart_models(exchange: Exchange, allowed: Sequence[str],
         raise multipart_refused("a body may have at most one model field")
 
 
-async def read_multipart_ahead(exchange: Exchange, pieces: AsyncIterator[bytes], boundary: bytes,
-                               models: Sequence[str]) -> RequestBody:
+async def read_multipart_ahead(
+    exchange: Exchange, pieces: AsyncIterator[bytes], boundary: bytes, models: Sequence[str]
+) -> RequestBody:
     """Read a multipart body up to its `model` field and check it; watch the rest as it streams.
 
     The rest streams one piece behind: the last piece goes upstream only once the scanner has seen
@@ -4187,8 +5204,14 @@ async def read_multipart_ahead(exchange: Exchange, pieces: AsyncIterator[bytes],
 
 
 async def forward(
-    state: ServerState, exchange: Exchange, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-    head: RequestHead, upstream_path: str, claims: TokenClaims, cors: bytes,
+    state: ServerState,
+    exchange: Exchange,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    head: RequestHead,
+    upstream_path: str,
+    claims: TokenClaims,
+    cors: bytes,
 ) -> bool:
     """Send one request upstream and stream the answer back. Returns whether the client connection may be reused.
 
@@ -4200,13 +5223,18 @@ async def forward(
         await take_rate(state, claims, time.time())
     # A budgeted answer is read to its end even when the client leaves, so that it is charged.
     exchange.watchdog.finish_upstream = exchange.reserved > 0 or exchange.estimate is not None
-    first_write = upstream_request(head, upstream_path, claims, state.config.upstream, body,
-                                   exchange.strip_usage_event)
+    first_write = upstream_request(
+        head, upstream_path, claims, state.config.upstream, body, exchange.strip_usage_event
+    )
     exchange.bytes_in = len(body.read_ahead)
     exchange.upstream_started = time.monotonic()
     conn, resp = await send_upstream(state, exchange, head, first_write, body)
-    plan = plan_answer(resp, head.http_minor, head.keep_alive and not state.shutting_down,
-                       exchange.strip_usage_event)
+    plan = plan_answer(
+        resp,
+        head.http_minor,
+        head.keep_alive and not state.shutting_down,
+        exchange.strip_usage_event,
+    )
     exchange.status = resp.status
     note_request_id(exchange, resp)
     meter = UsageMeter.for_response(resp) if exchange.metered else None
@@ -4232,8 +5260,9 @@ async def forward(
     return plan.keep_alive
 
 
-async def send_upstream(state: ServerState, exchange: Exchange, head: RequestHead, first_write: bytes,
-                        body: RequestBody) -> tuple[UpstreamConnection, ResponseHead]:
+async def send_upstream(
+    state: ServerState, exchange: Exchange, head: RequestHead, first_write: bytes, body: RequestBody
+) -> tuple[UpstreamConnection, ResponseHead]:
     """Send the request on a pooled connection and read the answer's head, trying once more on a fresh
     connection when that is safe. Raises UpstreamError (502 reset, 504) or what the body's reading raises.
     """
@@ -4244,8 +5273,9 @@ async def send_upstream(state: ServerState, exchange: Exchange, head: RequestHea
         try:
             conn.writer.write(first_write)
             if body.rest is not None:
-                exchange.bytes_in += await send_rest_of_body(conn, body, head.body_kind == "chunked",
-                                                             exchange.watchdog)
+                exchange.bytes_in += await send_rest_of_body(
+                    conn, body, head.body_kind == "chunked", exchange.watchdog
+                )
                 exchange.body_consumed = True
             return conn, await read_response_head(conn, head.method, exchange.watchdog)
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
@@ -4276,13 +5306,21 @@ def note_request_id(exchange: Exchange, resp: ResponseHead) -> None:
         exchange.request_id = safe_for_log(request_id.decode("latin-1"))
 
 
-async def relay_whole(exchange: Exchange, writer: asyncio.StreamWriter, conn: UpstreamConnection,
-                      resp: ResponseHead, client_head: bytes, meter: UsageMeter | None) -> None:
+async def relay_whole(
+    exchange: Exchange,
+    writer: asyncio.StreamWriter,
+    conn: UpstreamConnection,
+    resp: ResponseHead,
+    client_head: bytes,
+    meter: UsageMeter | None,
+) -> None:
     """A small answer (most JSON responses), or one without a body, in one write: fewer syscalls, and a
     failure while reading it still leaves the client an honest 502."""
     data = b""
     if resp.body_kind != "none":
-        data = b"".join([piece async for piece in read_upstream_body(conn, resp, exchange.watchdog)])
+        data = b"".join(
+            [piece async for piece in read_upstream_body(conn, resp, exchange.watchdog)]
+        )
         if meter:
             meter.feed(data)
             exchange.usage = meter.usage()
@@ -4291,9 +5329,16 @@ async def relay_whole(exchange: Exchange, writer: asyncio.StreamWriter, conn: Up
     exchange.bytes_out = len(client_head) + len(data)
 
 
-async def relay_stream(state: ServerState, exchange: Exchange, writer: asyncio.StreamWriter,
-                       conn: UpstreamConnection, resp: ResponseHead, plan: AnswerPlan, client_head: bytes,
-                       meter: UsageMeter | None) -> None:
+async def relay_stream(
+    state: ServerState,
+    exchange: Exchange,
+    writer: asyncio.StreamWriter,
+    conn: UpstreamConnection,
+    resp: ResponseHead,
+    plan: AnswerPlan,
+    client_head: bytes,
+    meter: UsageMeter | None,
+) -> None:
     """A large or streamed answer, piece by piece as it arrives: one client write per upstream read."""
     claims = exchange.claims
     assert claims is not None
@@ -4388,7 +5433,9 @@ def open_stream(state: ServerState, claims: TokenClaims, exchange: Exchange) -> 
                     del state.streams[cid]
 
 
-async def send_rest_of_body(conn: UpstreamConnection, body: RequestBody, chunked: bool, watchdog: Watchdog) -> int:
+async def send_rest_of_body(
+    conn: UpstreamConnection, body: RequestBody, chunked: bool, watchdog: Watchdog
+) -> int:
     """Stream the rest of a request body upstream piece by piece as it arrives. Returns its size."""
     assert body.rest is not None
     size = 0
@@ -4410,13 +5457,19 @@ async def drain_upstream(conn: UpstreamConnection, watchdog: Watchdog) -> None:
     try:
         await conn.writer.drain()
     except TimeoutError:  # drain() raises what the watchdog set on the connection's reader
-        raise UpstreamError(504, "The upstream stopped taking the request body.", "write_timeout") from None
+        raise UpstreamError(
+            504, "The upstream stopped taking the request body.", "write_timeout"
+        ) from None
     finally:
         watchdog.disarm_upstream()
 
 
-async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, activity: list[float],
-               moved: list[int]) -> None:
+async def pipe(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    activity: list[float],
+    moved: list[int],
+) -> None:
     """Copy bytes one way until EOF or an error; `activity` holds the time of the last byte, `moved` the count."""
     try:
         while piece := await reader.read(READ_CHUNK_BYTES):
@@ -4429,8 +5482,14 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, activ
 
 
 async def tunnel_websocket(
-    state: ServerState, exchange: Exchange, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-    head: RequestHead, upstream_path: str, claims: TokenClaims, cors: bytes,
+    state: ServerState,
+    exchange: Exchange,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    head: RequestHead,
+    upstream_path: str,
+    claims: TokenClaims,
+    cors: bytes,
 ) -> bool:
     """The Realtime API: make the upstream handshake with the real key, relay the 101, then move bytes
     both ways without parsing frames until either side closes, goes idle or the session is too long.
@@ -4448,17 +5507,31 @@ async def tunnel_websocket(
             raise upstream_reset(exc) from None
         exchange.status = resp.status
         note_request_id(exchange, resp)
-        if resp.status != 101:  # a refusal: relay it like any answer, less what the handshake sent upstream
-            data = b"".join([piece async for piece in read_upstream_body(conn, resp, exchange.watchdog)])
-            resp = dataclasses.replace(resp, body_kind="length", content_length=len(data),
-                                       headers=tuple((n, v) for n, v in resp.headers
-                                                     if n.lower() not in WEBSOCKET_DROP))
+        if (
+            resp.status != 101
+        ):  # a refusal: relay it like any answer, less what the handshake sent upstream
+            data = b"".join(
+                [piece async for piece in read_upstream_body(conn, resp, exchange.watchdog)]
+            )
+            resp = dataclasses.replace(
+                resp,
+                body_kind="length",
+                content_length=len(data),
+                headers=tuple((n, v) for n, v in resp.headers if n.lower() not in WEBSOCKET_DROP),
+            )
             exchange.mark_first_byte()
-            await write_client(writer, build_client_head(resp, AnswerPlan("length", False, False, True), cors,
-                                                         claims.key.encode("ascii")) + data)
+            await write_client(
+                writer,
+                build_client_head(
+                    resp, AnswerPlan("length", False, False, True), cors, claims.key.encode("ascii")
+                )
+                + data,
+            )
             return False
         exchange.mark_first_byte()
-        switching = build_switching_head(resp, offered_subprotocols(head), cors, claims.key.encode("ascii"))
+        switching = build_switching_head(
+            resp, offered_subprotocols(head), cors, claims.key.encode("ascii")
+        )
         exchange.bytes_out = len(switching)
         await write_client(writer, switching)
         with open_stream(state, claims, exchange):
@@ -4470,13 +5543,21 @@ async def tunnel_websocket(
         exchange.upstream_s = time.monotonic() - exchange.upstream_started
 
 
-async def relay_frames(state: ServerState, exchange: Exchange, reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter, conn: UpstreamConnection, claims: TokenClaims) -> None:
+async def relay_frames(
+    state: ServerState,
+    exchange: Exchange,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    conn: UpstreamConnection,
+    claims: TokenClaims,
+) -> None:
     """Move a WebSocket session's bytes both ways until either side closes, it goes idle past
     --read-timeout, it lasts WEBSOCKET_MAX_S, or its token is revoked or expires."""
     activity, sent_up, sent_down = [time.monotonic()], [0], [0]
-    tasks = {asyncio.create_task(pipe(reader, conn.writer, activity, sent_up)),
-             asyncio.create_task(pipe(conn.reader, writer, activity, sent_down))}
+    tasks = {
+        asyncio.create_task(pipe(reader, conn.writer, activity, sent_up)),
+        asyncio.create_task(pipe(conn.reader, writer, activity, sent_down)),
+    }
     deadline = time.monotonic() + WEBSOCKET_MAX_S
     try:
         while True:
@@ -4486,7 +5567,10 @@ async def relay_frames(state: ServerState, exchange: Exchange, reader: asyncio.S
                 break
             # A session lives no longer than its token: revoked or expired ends it.
             if state.revoked.chain_revoked(claims) or claims.exp <= time.time():
-                log.info("closing a WebSocket session: its token jti=%s was revoked or expired", claims.jti)
+                log.info(
+                    "closing a WebSocket session: its token jti=%s was revoked or expired",
+                    claims.jti,
+                )
                 break
     finally:
         for task in tasks:
@@ -4496,6 +5580,7 @@ async def relay_frames(state: ServerState, exchange: Exchange, reader: asyncio.S
 
 
 # 7. TLS: PEM files in, SSL contexts out.
+
 
 def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     """A server context for Certbot's fullchain.pem + privkey.pem: TLS 1.2+, ALPN http/1.1.
@@ -4509,9 +5594,11 @@ def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     try:
         context.load_cert_chain(cert_file, key_file)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the TLS pair {cert_file} + {key_file}: "
-                          f"{describe_error(exc)}; check the files --cert-dir, --domain or "
-                          "--cert/--tls-key name") from None
+        raise ConfigError(
+            f"cannot load the TLS pair {cert_file} + {key_file}: "
+            f"{describe_error(exc)}; check the files --cert-dir, --domain or "
+            "--cert/--tls-key name"
+        ) from None
     return context
 
 
@@ -4522,7 +5609,10 @@ NOT_TRIED = object()
 def pair_fingerprint(cert_file: str, key_file: str) -> tuple[tuple[int, int, int], ...] | None:
     """What identifies the files now on disk (through Certbot's symlinks); None if one is missing."""
     try:
-        return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in (os.stat(cert_file), os.stat(key_file)))
+        return tuple(
+            (st.st_ino, st.st_size, st.st_mtime_ns)
+            for st in (os.stat(cert_file), os.stat(key_file))
+        )
     except OSError:
         return None
 
@@ -4530,7 +5620,9 @@ def pair_fingerprint(cert_file: str, key_file: str) -> tuple[tuple[int, int, int
 def certificate_serial(cert_file: str) -> str:
     """The serial of the first certificate in a PEM file, for log lines."""
     try:
-        return format(x509.load_pem_x509_certificate(Path(cert_file).read_bytes()).serial_number, "x")
+        return format(
+            x509.load_pem_x509_certificate(Path(cert_file).read_bytes()).serial_number, "x"
+        )
     except (OSError, ValueError):
         return "?"
 
@@ -4549,12 +5641,16 @@ class CertReloader:
         self.key_file = key_file
         self.current = server_ssl_context(cert_file, key_file)
         self.loaded = pair_fingerprint(cert_file, key_file)
-        self.failed: object = NOT_TRIED  # fingerprint of the last pair that did not load, to log it once
+        self.failed: object = (
+            NOT_TRIED  # fingerprint of the last pair that did not load, to log it once
+        )
         self.front = server_ssl_context(cert_file, key_file)
         self.front.sni_callback = self.pick_context
         log.info("TLS certificate serial %s from %s", certificate_serial(cert_file), cert_file)
 
-    def pick_context(self, ssl_object: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+    def pick_context(
+        self, ssl_object: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext
+    ) -> None:
         ssl_object.context = self.current
 
     def reload(self, force: bool = False) -> bool:
@@ -4566,7 +5662,10 @@ class CertReloader:
             context = server_ssl_context(self.cert_file, self.key_file)
         except ConfigError as exc:
             if seen != self.failed or force:
-                log.warning("keeping the current certificate: the new pair does not load (%s); will retry", exc)
+                log.warning(
+                    "keeping the current certificate: the new pair does not load (%s); will retry",
+                    exc,
+                )
             self.failed = seen
             return False
         self.current, self.loaded, self.failed = context, seen, NOT_TRIED
@@ -4585,8 +5684,9 @@ def upstream_ssl_context(cafile: str | None) -> ssl.SSLContext:
     try:
         context = ssl.create_default_context(cafile=cafile or certifi.where())
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"--upstream-ca: cannot load the CA file {cafile}: "
-                          f"{describe_error(exc)}") from None
+        raise ConfigError(
+            f"--upstream-ca: cannot load the CA file {cafile}: {describe_error(exc)}"
+        ) from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
     return context
@@ -4616,17 +5716,31 @@ def write_selfsigned(directory: str, host: str, now: datetime.datetime) -> None:
         .not_valid_after(now + datetime.timedelta(days=365))
         .add_extension(x509.SubjectAlternativeName(list(dict.fromkeys(names))), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
         .sign(key, hashes.SHA256())
     )
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     key_path = out / "privkey.pem"
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
@@ -4640,7 +5754,9 @@ def write_selfsigned(directory: str, host: str, now: datetime.datetime) -> None:
 # 8. Server: sockets in, one request at a time per connection; every error becomes a response here.
 
 ADMIN_BODY_LIMIT_BYTES = 64 * 1024
-ADMIN_FAILURES_ALLOWED = 5  # SPEC.md: 5 failed Basic attempts within a minute lock the address for a minute
+ADMIN_FAILURES_ALLOWED = (
+    5  # SPEC.md: 5 failed Basic attempts within a minute lock the address for a minute
+)
 ADMIN_FAILURE_WINDOW_S = 60.0
 ADMIN_LOCKOUT_S = 60.0
 ADMIN_TRACKED_ADDRESSES = 10000
@@ -4658,12 +5774,48 @@ CORS_MAX_AGE_S = 600
 REQUEST_HEADERS_LIST_RE = re.compile(rb"[A-Za-z0-9!#$%&'*+\-.^_`|~, \t]{0,2048}\Z")
 
 # OpenAI's top-level resources, so that metric labels stay a bounded set whatever paths clients send.
-METRIC_RESOURCES = frozenset({
-    "assistants", "audio", "batches", "chat", "completions", "containers", "conversations", "embeddings", "evals",
-    "files", "fine_tuning", "images", "models", "moderations", "organization", "realtime", "responses", "threads",
-    "uploads", "vector_stores", "videos",
-})
-LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+METRIC_RESOURCES = frozenset(
+    {
+        "assistants",
+        "audio",
+        "batches",
+        "chat",
+        "completions",
+        "containers",
+        "conversations",
+        "embeddings",
+        "evals",
+        "files",
+        "fine_tuning",
+        "images",
+        "models",
+        "moderations",
+        "organization",
+        "realtime",
+        "responses",
+        "threads",
+        "uploads",
+        "vector_stores",
+        "videos",
+    }
+)
+LATENCY_BUCKETS_S = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
 
 
 class Histogram:
@@ -4713,39 +5865,65 @@ class Metrics:
         if exchange.error_kind == "client_gone":
             self.client_disconnects += 1
         elif exchange.error_kind is not None:
-            self.upstream_errors[exchange.error_kind] = self.upstream_errors.get(exchange.error_kind, 0) + 1
+            self.upstream_errors[exchange.error_kind] = (
+                self.upstream_errors.get(exchange.error_kind, 0) + 1
+            )
         if exchange.usage is not None and exchange.claims is not None:
             for kind, count in zip(("prompt", "completion"), exchange.usage, strict=True):
                 key = (exchange.claims.sub, kind)
                 self.tokens_used[key] = self.tokens_used.get(key, 0) + count
 
     def render(self, connections: int) -> str:
-        lines = ["# HELP soakp_requests_total Requests answered, by route and status class.",
-                 "# TYPE soakp_requests_total counter"]
-        lines += [f'soakp_requests_total{{route="{route}",status="{status}"}} {n}'
-                  for (route, status), n in sorted(self.requests.items())]
+        lines = [
+            "# HELP soakp_requests_total Requests answered, by route and status class.",
+            "# TYPE soakp_requests_total counter",
+        ]
+        lines += [
+            f'soakp_requests_total{{route="{route}",status="{status}"}} {n}'
+            for (route, status), n in sorted(self.requests.items())
+        ]
         for name, what, histograms in (
-            ("soakp_request_duration_seconds", "Time from request head to the end of the response.", self.latency),
-            ("soakp_time_to_first_byte_seconds", "Time from request head to the first response byte.",
-             self.first_byte),
+            (
+                "soakp_request_duration_seconds",
+                "Time from request head to the end of the response.",
+                self.latency,
+            ),
+            (
+                "soakp_time_to_first_byte_seconds",
+                "Time from request head to the first response byte.",
+                self.first_byte,
+            ),
         ):
             lines += [f"# HELP {name} {what}", f"# TYPE {name} histogram"]
             for route, histogram in sorted(histograms.items()):
                 lines += histogram.render(name, f'route="{route}"')
-        lines += ["# HELP soakp_upstream_errors_total Upstream failures, by kind.",
-                  "# TYPE soakp_upstream_errors_total counter"]
-        lines += [f'soakp_upstream_errors_total{{kind="{k}"}} {n}' for k, n in sorted(self.upstream_errors.items())]
-        lines += ["# HELP soakp_client_disconnects_total Requests whose client left before the answer was complete.",
-                  "# TYPE soakp_client_disconnects_total counter",
-                  f"soakp_client_disconnects_total {self.client_disconnects}"]
-        lines += ["# HELP soakp_open_connections Client connections open now.", "# TYPE soakp_open_connections gauge",
-                  f"soakp_open_connections {connections}",
-                  "# HELP soakp_open_streams Responses being streamed now.", "# TYPE soakp_open_streams gauge",
-                  f"soakp_open_streams {self.streams_open}",
-                  "# HELP soakp_tokens_used_total OpenAI tokens used, from the upstream's usage, by token sub.",
-                  "# TYPE soakp_tokens_used_total counter"]
-        lines += [f'soakp_tokens_used_total{{sub="{prom_label(sub)}",kind="{kind}"}} {n}'
-                  for (sub, kind), n in sorted(self.tokens_used.items())]
+        lines += [
+            "# HELP soakp_upstream_errors_total Upstream failures, by kind.",
+            "# TYPE soakp_upstream_errors_total counter",
+        ]
+        lines += [
+            f'soakp_upstream_errors_total{{kind="{k}"}} {n}'
+            for k, n in sorted(self.upstream_errors.items())
+        ]
+        lines += [
+            "# HELP soakp_client_disconnects_total Requests whose client left before the answer was complete.",
+            "# TYPE soakp_client_disconnects_total counter",
+            f"soakp_client_disconnects_total {self.client_disconnects}",
+        ]
+        lines += [
+            "# HELP soakp_open_connections Client connections open now.",
+            "# TYPE soakp_open_connections gauge",
+            f"soakp_open_connections {connections}",
+            "# HELP soakp_open_streams Responses being streamed now.",
+            "# TYPE soakp_open_streams gauge",
+            f"soakp_open_streams {self.streams_open}",
+            "# HELP soakp_tokens_used_total OpenAI tokens used, from the upstream's usage, by token sub.",
+            "# TYPE soakp_tokens_used_total counter",
+        ]
+        lines += [
+            f'soakp_tokens_used_total{{sub="{prom_label(sub)}",kind="{kind}"}} {n}'
+            for (sub, kind), n in sorted(self.tokens_used.items())
+        ]
         return "\n".join(lines) + "\n"
 
 
@@ -4761,8 +5939,12 @@ class ServerState:
     revoked: Revocations  # shared with `tokens`
     spent: dict[str, int]  # cid -> prompt + completion tokens recorded, for budgets
     shared: SharedStore | None = None  # --redis: state shared with other instances
-    reserved: dict[str, int] = field(default_factory=dict)  # cid -> output tokens promised to requests in flight
-    streams: dict[str, set[Exchange]] = field(default_factory=dict)  # cid -> its answers still streaming
+    reserved: dict[str, int] = field(
+        default_factory=dict
+    )  # cid -> output tokens promised to requests in flight
+    streams: dict[str, set[Exchange]] = field(
+        default_factory=dict
+    )  # cid -> its answers still streaming
     cors_origins: frozenset[str] = frozenset()
     rate: RateLimiter = field(default_factory=RateLimiter)
     usage: dict[str, UsageDelta] = field(default_factory=dict)
@@ -4785,15 +5967,33 @@ def json_bytes(payload: Any) -> bytes:
 
 
 STATUS_REASONS = {
-    200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-    404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large",
-    414: "URI Too Long", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
-    500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+    200: "OK",
+    201: "Created",
+    204: "No Content",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
 }
 
 
-def plain_response(status: int, body: bytes, content_type: str | None, keep_alive: bool,
-                   headers: Sequence[tuple[str, str]] = ()) -> bytes:
+def plain_response(
+    status: int,
+    body: bytes,
+    content_type: str | None,
+    keep_alive: bool,
+    headers: Sequence[tuple[str, str]] = (),
+) -> bytes:
     """A complete response SOAKP makes itself."""
     lines = [f"HTTP/1.1 {status} {STATUS_REASONS.get(status, 'Unknown')}"]
     if content_type:
@@ -4806,13 +6006,24 @@ def plain_response(status: int, body: bytes, content_type: str | None, keep_aliv
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def json_response(status: int, payload: Any, keep_alive: bool, headers: Sequence[tuple[str, str]] = ()) -> bytes:
+def json_response(
+    status: int, payload: Any, keep_alive: bool, headers: Sequence[tuple[str, str]] = ()
+) -> bytes:
     return plain_response(status, json_bytes(payload), "application/json", keep_alive, headers)
 
 
-def error_response(exc: ApiError, keep_alive: bool, extra_headers: Sequence[tuple[str, str]] = ()) -> bytes:
+def error_response(
+    exc: ApiError, keep_alive: bool, extra_headers: Sequence[tuple[str, str]] = ()
+) -> bytes:
     """Render any SOAKP error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-    payload = {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}
+    payload = {
+        "error": {
+            "message": exc.message,
+            "type": exc.error_type,
+            "param": exc.param,
+            "code": exc.code,
+        }
+    }
     return json_response(exc.status, payload, keep_alive, [*exc.headers, *extra_headers])
 
 
@@ -4820,7 +6031,9 @@ def bearer_token(head: RequestHead) -> str:
     """The token from `Authorization: Bearer ...`. Raises ApiError(401)."""
     value = head.header(b"authorization")
     if value is None:
-        raise invalid_token("Missing bearer token: send your SOAKP token as 'Authorization: Bearer <token>'.")
+        raise invalid_token(
+            "Missing bearer token: send your SOAKP token as 'Authorization: Bearer <token>'."
+        )
     scheme, _, token = value.partition(b" ")
     if scheme.lower() != b"bearer" or not token.strip():
         raise invalid_token("The Authorization header must be 'Bearer <token>'.")
@@ -4833,9 +6046,11 @@ def websocket_token(head: RequestHead) -> str:
         return bearer_token(head)
     for protocol in offered_subprotocols(head):
         if protocol.startswith(WEBSOCKET_KEY_PROTOCOL):
-            return protocol[len(WEBSOCKET_KEY_PROTOCOL):]
-    raise invalid_token("Missing token: send 'Authorization: Bearer <token>' or the subprotocol "
-                        f"'{WEBSOCKET_KEY_PROTOCOL}<token>'.")
+            return protocol[len(WEBSOCKET_KEY_PROTOCOL) :]
+    raise invalid_token(
+        "Missing token: send 'Authorization: Bearer <token>' or the subprotocol "
+        f"'{WEBSOCKET_KEY_PROTOCOL}<token>'."
+    )
 
 
 def check_admin(state: ServerState, head: RequestHead, peer: str, now: float) -> None:
@@ -4848,14 +6063,22 @@ def check_admin(state: ServerState, head: RequestHead, peer: str, now: float) ->
         raise ApiError(404, "Not found.", "not_found")
     locked_until = state.admin_locked_until.get(peer, 0.0)
     if locked_until > now:
-        raise ApiError(429, "Too many failed admin logins from this address; try again later.",
-                       "rate_limit_exceeded", headers=[("Retry-After", str(math.ceil(locked_until - now)))])
+        raise ApiError(
+            429,
+            "Too many failed admin logins from this address; try again later.",
+            "rate_limit_exceeded",
+            headers=[("Retry-After", str(math.ceil(locked_until - now)))],
+        )
     value = head.header(b"authorization")
     if value is None:
         # Asking without credentials is how a browser learns it must log in (the console's page does it
         # for each endpoint it calls): not a guess, so it does not count towards the lockout.
-        raise ApiError(401, "Admin login required: send HTTP Basic credentials (--admin-user / --admin-pass).",
-                       "invalid_admin_credentials", headers=[("WWW-Authenticate", 'Basic realm="soakp"')])
+        raise ApiError(
+            401,
+            "Admin login required: send HTTP Basic credentials (--admin-user / --admin-pass).",
+            "invalid_admin_credentials",
+            headers=[("WWW-Authenticate", 'Basic realm="soakp"')],
+        )
     scheme, _, encoded = value.partition(b" ")
     try:
         user, sep, password = base64.b64decode(encoded.strip(), validate=True).partition(b":")
@@ -4866,23 +6089,35 @@ def check_admin(state: ServerState, head: RequestHead, peer: str, now: float) ->
     if scheme.lower() == b"basic" and sep and user_ok & pass_ok:
         state.admin_failures.pop(peer, None)
         return
-    failures = [t for t in state.admin_failures.get(peer, ()) if now - t < ADMIN_FAILURE_WINDOW_S] + [now]
+    failures = [
+        t for t in state.admin_failures.get(peer, ()) if now - t < ADMIN_FAILURE_WINDOW_S
+    ] + [now]
     if len(state.admin_failures) >= ADMIN_TRACKED_ADDRESSES and peer not in state.admin_failures:
         del state.admin_failures[next(iter(state.admin_failures))]
     state.admin_failures[peer] = failures
     if len(failures) >= ADMIN_FAILURES_ALLOWED:
         if len(state.admin_locked_until) >= ADMIN_TRACKED_ADDRESSES:
-            state.admin_locked_until = {p: t for p, t in state.admin_locked_until.items() if t > now}
+            state.admin_locked_until = {
+                p: t for p, t in state.admin_locked_until.items() if t > now
+            }
         state.admin_locked_until[peer] = now + ADMIN_LOCKOUT_S
         del state.admin_failures[peer]
-        log.warning("admin login failed %d times from %s: locked out for %.0fs", len(failures), peer,
-                    ADMIN_LOCKOUT_S)
+        log.warning(
+            "admin login failed %d times from %s: locked out for %.0fs",
+            len(failures),
+            peer,
+            ADMIN_LOCKOUT_S,
+        )
     else:
         log.warning("admin login failed from %s", peer)
-    raise ApiError(401, "Wrong admin user or password." if value else
-                   "Admin credentials are required: send the admin user and password (HTTP Basic).",
-                   "invalid_admin_credentials",
-                   headers=[("WWW-Authenticate", 'Basic realm="soakp"')])
+    raise ApiError(
+        401,
+        "Wrong admin user or password."
+        if value
+        else "Admin credentials are required: send the admin user and password (HTTP Basic).",
+        "invalid_admin_credentials",
+        headers=[("WWW-Authenticate", 'Basic realm="soakp"')],
+    )
 
 
 async def check_admin_everywhere(state: ServerState, head: RequestHead, peer: str) -> None:
@@ -4895,33 +6130,44 @@ async def check_admin_everywhere(state: ServerState, head: RequestHead, peer: st
     with contextlib.suppress(StoreDown):
         locked_ms = await shared.admin("check", *args)
         if locked_ms > 0:
-            raise ApiError(429, "Too many failed admin logins from this address; try again later.",
-                           "rate_limit_exceeded",
-                           headers=[("Retry-After", str(math.ceil(locked_ms / 1000)))])
+            raise ApiError(
+                429,
+                "Too many failed admin logins from this address; try again later.",
+                "rate_limit_exceeded",
+                headers=[("Retry-After", str(math.ceil(locked_ms / 1000)))],
+            )
     try:
         check_admin(state, head, peer, time.monotonic())
     except ApiError as exc:
         if exc.status == 401:
             with contextlib.suppress(StoreDown):
                 if await shared.admin("fail", *args) >= ADMIN_FAILURES_ALLOWED:
-                    log.warning("admin logins failed %d times from %s across the instances: "
-                                "locked out for %.0fs", ADMIN_FAILURES_ALLOWED, peer,
-                                ADMIN_LOCKOUT_S)
+                    log.warning(
+                        "admin logins failed %d times from %s across the instances: "
+                        "locked out for %.0fs",
+                        ADMIN_FAILURES_ALLOWED,
+                        peer,
+                        ADMIN_LOCKOUT_S,
+                    )
         raise
     with contextlib.suppress(StoreDown):
         await shared.admin("ok", *args)
     return None
 
 
-async def read_json_body(reader: asyncio.StreamReader, head: RequestHead, config: Config,
-                         exchange: Exchange) -> dict[str, Any]:
+async def read_json_body(
+    reader: asyncio.StreamReader, head: RequestHead, config: Config, exchange: Exchange
+) -> dict[str, Any]:
     """Read and parse a small JSON object body (admin endpoints). Raises ApiError 400 or 413."""
     if head.body_kind == "length" and head.content_length > ADMIN_BODY_LIMIT_BYTES:
         raise ApiError(413, "The request body is too large.", "request_too_large")
     data = b""
     if head.body_kind != "none":
-        data = await read_whole(read_request_body(reader, head, ADMIN_BODY_LIMIT_BYTES, exchange.watchdog),
-                                ADMIN_BODY_LIMIT_BYTES, "The request body")
+        data = await read_whole(
+            read_request_body(reader, head, ADMIN_BODY_LIMIT_BYTES, exchange.watchdog),
+            ADMIN_BODY_LIMIT_BYTES,
+            "The request body",
+        )
     exchange.body_consumed = True
     exchange.bytes_in = len(data)
     try:
@@ -4934,8 +6180,11 @@ async def read_json_body(reader: asyncio.StreamReader, head: RequestHead, config
 
 
 def token_reply(minted: MintedToken) -> dict[str, Any]:
-    return {"status": 201, "message": "JWT added",
-            "data": {"jwt": minted.token, "jti": minted.jti, "expires_at": minted.expires_at}}
+    return {
+        "status": 201,
+        "message": "JWT added",
+        "data": {"jwt": minted.token, "jti": minted.jti, "expires_at": minted.expires_at},
+    }
 
 
 async def issue_token(state: ServerState, grant: Grant) -> MintedToken:
@@ -4945,13 +6194,21 @@ async def issue_token(state: ServerState, grant: Grant) -> MintedToken:
     minted = new_token(keys, grant, now)
     parent = grant.ancestors[-1].cid if grant.ancestors else None
     limits = chain_limits(grant)
-    await state.registry.call(state.registry.registry.register, minted, grant.sub, keys.kid, now,
-                              limits, parent)
+    await state.registry.call(
+        state.registry.registry.register, minted, grant.sub, keys.kid, now, limits, parent
+    )
     if state.shared is not None:
         args = state.shared.chain_args(minted, grant.sub, now, limits, parent)
         await state.shared.register(minted.cid, args)
-    log.info("minted jti=%s cid=%s sub=%s kid=%s expires_at=%d renew_until=%d", minted.jti, minted.cid,
-             safe_for_log(grant.sub), keys.kid, minted.expires_at, minted.renew_until)
+    log.info(
+        "minted jti=%s cid=%s sub=%s kid=%s expires_at=%d renew_until=%d",
+        minted.jti,
+        minted.cid,
+        safe_for_log(grant.sub),
+        keys.kid,
+        minted.expires_at,
+        minted.renew_until,
+    )
     return minted
 
 
@@ -4970,19 +6227,28 @@ async def revoke_chain(state: ServerState, cid: str, renew_until: int) -> int:
     """Revoke a whole chain at once in memory, then durably. Returns revoked_at."""
     state.revoked.chains[cid] = renew_until
     end_chain_streams(state, [cid])
-    revoked_at = await state.registry.call(state.registry.registry.revoke_chain, cid, renew_until,
-                                           int(time.time()))
+    revoked_at = await state.registry.call(
+        state.registry.registry.revoke_chain, cid, renew_until, int(time.time())
+    )
     log.info("revoked cid=%s", safe_label(cid))
     if state.shared is not None and await state.shared.revoke(f"c:{cid}", renew_until) is None:
-        raise ApiError(503, "Revoked on this instance, but the store shared with the other "
-                            "instances is unreachable: they learn of it when it is back (SOAKP "
-                            "keeps retrying). Send the request again to confirm.",
-                       "store_unavailable", headers=[("Retry-After", "1")])
+        raise ApiError(
+            503,
+            "Revoked on this instance, but the store shared with the other "
+            "instances is unreachable: they learn of it when it is back (SOAKP "
+            "keeps retrying). Send the request again to confirm.",
+            "store_unavailable",
+            headers=[("Retry-After", "1")],
+        )
     return revoked_at
 
 
 async def handle_admin(
-    state: ServerState, reader: asyncio.StreamReader, head: RequestHead, exchange: Exchange, peer: str
+    state: ServerState,
+    reader: asyncio.StreamReader,
+    head: RequestHead,
+    exchange: Exchange,
+    peer: str,
 ) -> tuple[int, bytes, str]:
     """The admin endpoints, behind HTTP Basic. Returns (status, body, content type)."""
     await check_admin_everywhere(state, head, peer)
@@ -4993,14 +6259,25 @@ async def handle_admin(
         return 200, asset, content_type
     if head.path in ("/jwt/generate", "/get-jwt"):
         fields = await read_json_body(reader, head, config, exchange)
-        minted = await issue_token(state, parse_grant(fields, config.token_ttl_s, config.max_token_ttl_s))
+        minted = await issue_token(
+            state, parse_grant(fields, config.token_ttl_s, config.max_token_ttl_s)
+        )
         return 201, json_bytes(token_reply(minted)), "application/json"
     if head.path == "/jwt/revoke":
         fields = await read_json_body(reader, head, config, exchange)
         cid, renew_until = await revocation_target(state, fields)
         revoked_at = await revoke_chain(state, cid, renew_until)
-        return 200, json_bytes({"status": 200, "message": "JWT revoked",
-                                "data": {"cid": cid, "revoked_at": revoked_at}}), "application/json"
+        return (
+            200,
+            json_bytes(
+                {
+                    "status": 200,
+                    "message": "JWT revoked",
+                    "data": {"cid": cid, "revoked_at": revoked_at},
+                }
+            ),
+            "application/json",
+        )
     exchange.body_consumed = head.body_kind == "none"
     await flush_usage(state)
     rows = None
@@ -5012,8 +6289,11 @@ async def handle_admin(
         if rows is None:  # no --redis, or Redis unreachable: this instance's registry
             rows = await state.registry.call(state.registry.registry.list)
         return 200, json_bytes({"data": rows}), "application/json"
-    metrics = state.metrics if rows is None else \
-        dataclasses.replace(state.metrics, tokens_used=sub_usage(rows))
+    metrics = (
+        state.metrics
+        if rows is None
+        else dataclasses.replace(state.metrics, tokens_used=sub_usage(rows))
+    )
     text = metrics.render(len(state.connections)) + store_metrics(state)
     return 200, text.encode("utf-8"), "text/plain; version=0.0.4"
 
@@ -5045,14 +6325,19 @@ async def revocation_target(state: ServerState, fields: Mapping[str, Any]) -> tu
         except StoreDown:
             raise store_unavailable("the tokens minted by other instances") from None
     if chain is None:
-        raise ApiError(404, f"No token or chain with {named[0]} {value!r} is known here; nothing was revoked. "
-                            "Send the whole token as {\"jwt\": \"...\"} to revoke one minted elsewhere.",
-                       "token_not_found", param=named[0])
+        raise ApiError(
+            404,
+            f"No token or chain with {named[0]} {value!r} is known here; nothing was revoked. "
+            'Send the whole token as {"jwt": "..."} to revoke one minted elsewhere.',
+            "token_not_found",
+            param=named[0],
+        )
     return chain
 
 
-async def handle_refresh(state: ServerState, reader: asyncio.StreamReader, head: RequestHead,
-                         exchange: Exchange) -> tuple[int, bytes, str]:
+async def handle_refresh(
+    state: ServerState, reader: asyncio.StreamReader, head: RequestHead, exchange: Exchange
+) -> tuple[int, bytes, str]:
     """POST /jwt/refresh: the next token of the same chain; the presented one is revoked.
 
     The chain keeps its id, renew-until time, limits, usage, budget and place in the rate limit, so
@@ -5062,25 +6347,34 @@ async def handle_refresh(state: ServerState, reader: asyncio.StreamReader, head:
     exchange.claims = claims
     await read_json_body(reader, head, state.config, exchange)
     now = time.time()
-    claims = state.tokens.verify(bearer_token(head), now)  # again: a concurrent refresh may have won
+    claims = state.tokens.verify(
+        bearer_token(head), now
+    )  # again: a concurrent refresh may have won
     if now >= claims.rexp:
-        raise invalid_token("This token can no longer be refreshed: its chain's renew-until time has passed "
-                            "(mint a new one, with a longer renew_ttl if needed).")
+        raise invalid_token(
+            "This token can no longer be refreshed: its chain's renew-until time has passed "
+            "(mint a new one, with a longer renew_ttl if needed)."
+        )
     check_origin(claims, head)
     await check_budget(state, claims, reserved_too=False)
     await take_rate(state, claims, now)
     claims = state.tokens.verify(bearer_token(head), time.time())  # the checks above may wait
-    state.revoked.tokens[claims.jti] = claims.exp  # at once, before any await: one refresh per token wins
+    state.revoked.tokens[claims.jti] = (
+        claims.exp
+    )  # at once, before any await: one refresh per token wins
     shared = state.shared
     if shared is not None and await shared.revoke(f"t:{claims.jti}", claims.exp) is False:
         raise invalid_token("The token has been revoked.")  # another instance refreshed it first
     minted = await issue_token(state, claims.regrant(state.config.max_token_ttl_s))
-    await state.registry.call(state.registry.registry.revoke_token, claims.jti, claims.cid, claims.exp, int(now))
+    await state.registry.call(
+        state.registry.registry.revoke_token, claims.jti, claims.cid, claims.exp, int(now)
+    )
     return 201, json_bytes(token_reply(minted)), "application/json"
 
 
-async def handle_delegate(state: ServerState, reader: asyncio.StreamReader, head: RequestHead,
-                          exchange: Exchange) -> tuple[int, bytes, str]:
+async def handle_delegate(
+    state: ServerState, reader: asyncio.StreamReader, head: RequestHead, exchange: Exchange
+) -> tuple[int, bytes, str]:
     """POST /jwt/delegate: a child token for the presented one, every limit within its own (SPEC.md,
     Delegation). The child carries the parent's key, sealed again for the child's jti; the holder of the
     parent never sees it. Minting counts as a request against the parent's `rpm`."""
@@ -5091,7 +6385,9 @@ async def handle_delegate(state: ServerState, reader: asyncio.StreamReader, head
     parent = state.tokens.verify(bearer_token(head), now)
     check_origin(parent, head)
     left = await check_budget(state, parent, reserved_too=False) if parent.budgets else None
-    grant = delegate_grant(parent, fields, state.config.token_ttl_s, state.config.max_token_ttl_s, int(now), left)
+    grant = delegate_grant(
+        parent, fields, state.config.token_ttl_s, state.config.max_token_ttl_s, int(now), left
+    )
     await take_rate(state, parent, now)
     minted = await issue_token(state, grant)
     return 201, json_bytes(token_reply(minted)), "application/json"
@@ -5102,7 +6398,7 @@ def upstream_path_for(path: str) -> str | None:
     if path.startswith("/v1/"):
         return path
     if path.startswith("/openai/"):
-        return "/v1/" + path[len("/openai/"):]
+        return "/v1/" + path[len("/openai/") :]
     return None
 
 
@@ -5111,17 +6407,28 @@ def metric_route(upstream_path: str) -> str:
     return "/v1/" + resource if resource in METRIC_RESOURCES else "/v1/other"
 
 
-ADMIN_ROUTES = {"/jwt/generate": "POST", "/get-jwt": "POST", "/jwt/revoke": "POST", "/jwt": "GET",
-                "/metrics": "GET",
-                # the console's page and assets, CONSOLE_ASSETS
-                "/admin": "GET", CONSOLE_PATH: "GET", "/admin/console.js": "GET", "/admin/console.css": "GET",
-                "/admin/icon.svg": "GET"}
+ADMIN_ROUTES = {
+    "/jwt/generate": "POST",
+    "/get-jwt": "POST",
+    "/jwt/revoke": "POST",
+    "/jwt": "GET",
+    "/metrics": "GET",
+    # the console's page and assets, CONSOLE_ASSETS
+    "/admin": "GET",
+    CONSOLE_PATH: "GET",
+    "/admin/console.js": "GET",
+    "/admin/console.css": "GET",
+    "/admin/icon.svg": "GET",
+}
 # On every admin answer: the console's page may run only its own script and style and talk only to
 # its own origin (the admin endpoints), nothing may frame it, and neither it nor a token is cached.
 ADMIN_RESPONSE_HEADERS = (
-    ("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; "
-                                "connect-src 'self'; img-src 'self'; base-uri 'none'; "
-                                "form-action 'none'; frame-ancestors 'none'"),
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; "
+        "connect-src 'self'; img-src 'self'; base-uri 'none'; "
+        "form-action 'none'; frame-ancestors 'none'",
+    ),
     ("X-Content-Type-Options", "nosniff"),
     ("Cache-Control", "no-store"),
     ("Referrer-Policy", "no-referrer"),
@@ -5142,13 +6449,21 @@ def allowed_cors_origin(state: ServerState, head: RequestHead) -> str | None:
 def preflight_response(state: ServerState, head: RequestHead, origin: str | None) -> bytes:
     """Answer a CORS preflight itself: browsers send it without the token. Raises ApiError(403)."""
     if origin is None:
-        raise ApiError(403, "This origin is not allowed to call SOAKP (see --cors-origins).", "origin_not_allowed")
+        raise ApiError(
+            403,
+            "This origin is not allowed to call SOAKP (see --cors-origins).",
+            "origin_not_allowed",
+        )
     requested = head.header(b"access-control-request-headers") or b"authorization, content-type"
     if not REQUEST_HEADERS_LIST_RE.match(requested):
         raise bad_request("Malformed Access-Control-Request-Headers.")
-    headers = [("Access-Control-Allow-Origin", origin), ("Access-Control-Allow-Methods", CORS_ALLOWED_METHODS),
-               ("Access-Control-Allow-Headers", requested.decode("latin-1")),
-               ("Access-Control-Max-Age", str(CORS_MAX_AGE_S)), ("Vary", "Origin")]
+    headers = [
+        ("Access-Control-Allow-Origin", origin),
+        ("Access-Control-Allow-Methods", CORS_ALLOWED_METHODS),
+        ("Access-Control-Allow-Headers", requested.decode("latin-1")),
+        ("Access-Control-Max-Age", str(CORS_MAX_AGE_S)),
+        ("Vary", "Origin"),
+    ]
     return plain_response(204, b"", None, head.keep_alive and head.body_kind == "none", headers)
 
 
@@ -5158,14 +6473,18 @@ def check_origin(claims: TokenClaims, head: RequestHead) -> None:
     if origins is not None:
         origin = head.header(b"origin")
         if origin is not None and origin.decode("latin-1").lower() not in origins:
-            raise ApiError(403, "This token may not be used from this origin.", "origin_not_allowed")
+            raise ApiError(
+                403, "This token may not be used from this origin.", "origin_not_allowed"
+            )
 
 
 # Endpoints whose token usage is not reported in the answer: a budget could not be kept on them.
 UNMETERED_PREFIXES = ("/v1/batches", "/v1/fine_tuning")
 
 
-def check_permissions(state: ServerState, claims: TokenClaims, head: RequestHead, upstream_path: str) -> None:
+def check_permissions(
+    state: ServerState, claims: TokenClaims, head: RequestHead, upstream_path: str
+) -> None:
     """Enforce a token's paths, credential endpoints and origins before the body is read; the caller
     then awaits check_budget().
 
@@ -5173,149 +6492,26 @@ def check_permissions(state: ServerState, claims: TokenClaims, head: RequestHead
     """
     permissions = claims.permissions
     if permissions.paths is not None and not path_allowed(permissions.paths, upstream_path):
-        raise ApiError(403, f"This token may not call {safe_label(upstream_path)}.", "path_not_allowed")
+        raise ApiError(
+            403, f"This token may not call {safe_label(upstream_path)}.", "path_not_allowed"
+        )
     endpoint = credential_endpoint(upstream_path)
     if endpoint is not None and not credential_endpoint_opened(permissions.paths, endpoint):
-        raise ApiError(403, f"{endpoint} hands out credentials or admin rights outside this token's limits; "
-                            f"it is open only to tokens whose paths name it (for example '{endpoint}*').",
-                       "credential_endpoint")
+        raise ApiError(
+            403,
+            f"{endpoint} hands out credentials or admin rights outside this token's limits; "
+            f"it is open only to tokens whose paths name it (for example '{endpoint}*').",
+            "credential_endpoint",
+        )
     check_origin(claims, head)
     if claims.budgets:
         if any(pattern_matches(prefix + "*", upstream_path) for prefix in UNMETERED_PREFIXES):
-            raise ApiError(403, f"A token with a budget (max_tokens_total) may not use {safe_label(upstream_path)}:"
-                                " its token usage is not reported in the answer, so it could not be counted.",
-                           "budget_unmetered_endpoint")
-
-
-def store_unavailable(what: str) -> ApiError:
-    return ApiError(503, f"SOAKP cannot reach the store shared by its instances, which keeps "
-                         f"{what}; try again shortly.", "store_unavailable",
-                    headers=[("Retry-After", "1")])
-
-
-async def chain_budgets(state: ServerState, claims: TokenClaims) -> dict[str, tuple[int, int]]:
-    """(spent, reserved) of each budgeted chain of a token: from Redis with --redis (while it is
-    unreachable a 503, or this instance's own counts with --budget-fail-open), else this
-    instance's."""
-    if state.shared is not None:
-        try:
-            return await state.shared.budget_figures(claims.budgets)
-        except StoreDown:
-            if not state.config.budget_fail_open:
-                raise store_unavailable("token budgets") from None
-    return {cid: (state.spent.get(cid, 0), state.reserved.get(cid, 0)) for cid, _ in claims.budgets}
-
-
-def check_budget_figures(claims: TokenClaims, figures: Mapping[str, tuple[int, int]],
-                         reserved_too: bool = True) -> int:
-    """429 once a budgeted chain (its own or an ancestor's) has spent its whole budget, or
-    (`reserved_too`) promised what is left to requests in flight: those may end under their caps,
-    so that 429 may be retried. Returns what is left: the least any chain has, less
-    (`reserved_too`) what is reserved."""
-    budgets = claims.budgets
-    if any(figures[cid][0] >= budget for cid, budget in budgets):
-        raise budget_spent()
-    left = min((budget - figures[cid][0] - (figures[cid][1] if reserved_too else 0)
-                for cid, budget in budgets), default=0)
-    if reserved_too and left <= 0:
-        raise ApiError(429, "What is left of this token's budget (max_tokens_total) is reserved by "
-                            "its requests in flight; retry when they have finished.",
-                       "budget_reserved", "requests", headers=[("Retry-After", "1")])
-    return left
-
-
-async def check_budget(state: ServerState, claims: TokenClaims, reserved_too: bool = True) -> int:
-    """check_budget_figures() on the chains' current figures. Returns what is left (0 without a
-    budget)."""
-    if not claims.budgets:
-        return 0
-    return check_budget_figures(claims, await chain_budgets(state, claims), reserved_too)
-
-
-def budget_left(state: ServerState, claims: TokenClaims, reserved_too: bool = True) -> int:
-    """What a budgeted token may still spend by this instance's counts: the least any of its
-    chains' budgets has left, less what was spent and (`reserved_too`) what is reserved by
-    requests in flight."""
-    return min((budget - state.spent.get(cid, 0) - (state.reserved.get(cid, 0) if reserved_too else 0)
-                for cid, budget in claims.budgets), default=0)
-
-
-def reserved_later(state: ServerState, head: RequestHead, upstream_path: str) -> bool:
-    """Whether, with --redis, reserve_budget() will check the budget anyway (a capped JSON
-    request), so that checking it before the body is read would only cost another round trip."""
-    return (state.shared is not None and head.method == "POST" and upstream_path in CAPPED_ENDPOINTS
-            and media_type(head.header(b"content-type")) != b"multipart/form-data")
-
-
-async def reserve_budget(state: ServerState, exchange: Exchange, claims: TokenClaims,
-                         document: dict[str, Any], upstream_path: str) -> BudgetPlan:
-    """Plan a budgeted request (plan_budget) and reserve its output cap on every budgeted chain
-    until record_outcome() settles it: in Redis with --redis, atomically per chain, else in this
-    instance. Raises ApiError 400, 403, 429, or 503 while Redis is unreachable (without
-    --budget-fail-open)."""
-    shared = state.shared
-    if shared is not None:
-        budgets = claims.budgets
-        least = min(budget for _, budget in budgets)
-        want = plan_budget(dict(document), upstream_path, least).reserved
-        if not want:
-            return plan_budget(document, upstream_path, 1)  # nothing to cap: charged by its usage
-        try:  # the rpm is taken here too: one round trip per chain for both
-            rid, granted, figures, wait_s = await shared.admit(
-                chain_limits_of(claims), want, claims.rexp + KEEP_AFTER_S, time.time())
-        except StoreDown:
-            if not state.config.budget_fail_open:
-                raise store_unavailable("token budgets") from None
-        else:
-            if wait_s:
-                raise rate_limited(claims, wait_s)
-            if not granted:
-                # Refused before it reached every chain: the others' figures, for the right 429.
-                missing = [(cid, budget) for cid, budget in budgets if cid not in figures]
-                try:
-                    figures.update(await shared.budget_figures(missing) if missing else {})
-                except StoreDown:
-                    raise store_unavailable("token budgets") from None
-                check_budget_figures(claims, figures)
-                raise store_unavailable("token budgets")  # not reached: a refusal has a reason
-            exchange.reserved, exchange.reservation, exchange.rate_taken = granted, rid, True
-            return plan_budget(document, upstream_path, granted)
-    plan = plan_budget(document, upstream_path, budget_left(state, claims))
-    exchange.reserved = plan.reserved
-    if plan.reserved:
-        for cid, _ in claims.budgets:
-            state.reserved[cid] = state.reserved.get(cid, 0) + plan.reserved
-    return plan
-
-
-def chain_limits_of(claims: TokenClaims) -> list[tuple[str, int | None, int | None]]:
-    """(cid, budget, rpm) of the token's own chain and each ancestor's, own first."""
-    budgets, rates = dict(claims.budgets), dict(claims.rates)
-    return [(cid, budgets.get(cid), rates.get(cid)) for cid in claims.chains]
-
-
-def rate_limited(claims: TokenClaims, wait_s: float) -> ApiError:
-    rpm = min(per_minute for _, per_minute in claims.rates)
-    return ApiError(429, f"Rate limit of {rpm} requests per minute reached for this token"
-                         f"{' or a token it descends from' if claims.ancestors else ''}.",
-                    "rate_limit_exceeded", "requests",
-                    headers=[("Retry-After", str(math.ceil(wait_s)))])
-
-
-async def take_rate(state: ServerState, claims: TokenClaims, now: float) -> None:
-    """Count one request against the `rpm` of its chain and of each ancestor: in Redis with --redis
-    (this instance's counts while it is unreachable). Raises ApiError(429) with Retry-After."""
-    rates = claims.rates
-    if rates:
-        wait_s = None
-        if state.shared is not None:
-            with contextlib.suppress(StoreDown):
-                limits = [(cid, None, rpm) for cid, rpm in rates]
-                wait_s = (await state.shared.admit(limits, 0, 0, now))[3]
-        if wait_s is None:
-            wait_s = state.rate.acquire_all(rates, now)
-        if wait_s:
-            raise rate_limited(claims, wait_s)
+            raise ApiError(
+                403,
+                f"A token with a budget (max_tokens_total) may not use {safe_label(upstream_path)}:"
+                " its token usage is not reported in the answer, so it could not be counted.",
+                "budget_unmetered_endpoint",
+            )
 
 
 # SPEC.md, Methods: what the OpenAI API uses; anything else, a lowercase spelling included, is a 501.
@@ -5344,20 +6540,37 @@ def check_admin_request(head: RequestHead, listener: Listener) -> None:
         host = head.header(b"host") or b""
         own = listener.scheme.encode("ascii") + b"://" + host.strip().lower()
         if origin.strip().lower() != own:
-            raise ApiError(403, "Admin endpoints do not answer requests from other origins.", "origin_not_allowed")
-    if head.method == "POST" and ADMIN_ROUTES.get(head.path) == "POST" \
-            and media_type(head.header(b"content-type")) != b"application/json":
-        raise ApiError(415, "Admin requests must send 'Content-Type: application/json'.",
-                       "unsupported_media_type")
+            raise ApiError(
+                403,
+                "Admin endpoints do not answer requests from other origins.",
+                "origin_not_allowed",
+            )
+    if (
+        head.method == "POST"
+        and ADMIN_ROUTES.get(head.path) == "POST"
+        and media_type(head.header(b"content-type")) != b"application/json"
+    ):
+        raise ApiError(
+            415,
+            "Admin requests must send 'Content-Type: application/json'.",
+            "unsupported_media_type",
+        )
 
 
 async def handle_request(
-    state: ServerState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: RequestHead,
-    exchange: Exchange, peer: str, listener: Listener,
+    state: ServerState,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    head: RequestHead,
+    exchange: Exchange,
+    peer: str,
+    listener: Listener,
 ) -> bool:
     """Route one request and answer it. Returns whether the connection may carry another request."""
     if state.shutting_down:
-        raise ApiError(503, "SOAKP is shutting down.", "shutting_down", headers=[("Retry-After", "1")])
+        raise ApiError(
+            503, "SOAKP is shutting down.", "shutting_down", headers=[("Retry-After", "1")]
+        )
     path = head.path
     if is_admin_path(path):
         # Admin answers never carry CORS headers: no other page may read them.
@@ -5368,19 +6581,28 @@ async def handle_request(
         origin = allowed_cors_origin(state, head)
         cors = b""
         if origin is not None:
-            exchange.cors = (("Access-Control-Allow-Origin", origin),
-                             ("Access-Control-Expose-Headers", CORS_EXPOSED_HEADERS), ("Vary", "Origin"))
+            exchange.cors = (
+                ("Access-Control-Allow-Origin", origin),
+                ("Access-Control-Expose-Headers", CORS_EXPOSED_HEADERS),
+                ("Vary", "Origin"),
+            )
             cors = "".join(f"{n}: {v}\r\n" for n, v in exchange.cors).encode("latin-1")
-        if head.method == "OPTIONS" and head.header(b"access-control-request-method") is not None and \
-                listener.proxy:
+        if (
+            head.method == "OPTIONS"
+            and head.header(b"access-control-request-method") is not None
+            and listener.proxy
+        ):
             exchange.route, exchange.status = "preflight", 204
             await write_client(writer, preflight_response(state, head, origin))
             return head.keep_alive and head.body_kind == "none"
         upstream_path = upstream_path_for(path)
         if upstream_path is not None and listener.proxy:
             return await handle_proxied(state, reader, writer, head, exchange, upstream_path, cors)
-    exchange.route = path if path in ADMIN_ROUTES or path in ("/healthz", "/jwt/refresh", "/jwt/delegate") \
+    exchange.route = (
+        path
+        if path in ADMIN_ROUTES or path in ("/healthz", "/jwt/refresh", "/jwt/delegate")
         else "other"
+    )
     if path == "/healthz":
         if head.method not in ("GET", "HEAD"):
             raise method_not_allowed("GET, HEAD")
@@ -5409,25 +6631,39 @@ async def handle_request(
     if path in ADMIN_ROUTES:
         extra_headers = (*exchange.cors, *ADMIN_RESPONSE_HEADERS)
     response = plain_response(status, body, content_type, keep_alive, extra_headers)
-    await write_client(writer, response[:len(response) - len(body)] if head.method == "HEAD" else response)
+    await write_client(
+        writer, response[: len(response) - len(body)] if head.method == "HEAD" else response
+    )
     exchange.bytes_out = len(response)
     return keep_alive
 
 
 def not_found(path: str) -> ApiError:
-    return ApiError(404, f"Unknown path {safe_for_log(path)!r}: SOAKP forwards /v1/... and /openai/....",
-                    "not_found")
+    return ApiError(
+        404,
+        f"Unknown path {safe_for_log(path)!r}: SOAKP forwards /v1/... and /openai/....",
+        "not_found",
+    )
 
 
 async def handle_proxied(
-    state: ServerState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: RequestHead,
-    exchange: Exchange, upstream_path: str, cors: bytes,
+    state: ServerState,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    head: RequestHead,
+    exchange: Exchange,
+    upstream_path: str,
+    cors: bytes,
 ) -> bool:
     """A /v1/... request: the token, its limits, then forwarding or the WebSocket tunnel."""
     exchange.route = metric_route(upstream_path)
     if head.method not in FORWARDED_METHODS:
-        raise ApiError(501, f"The method {safe_for_log(head.method)!r} is not forwarded: SOAKP forwards "
-                            "GET, HEAD, POST, PUT, PATCH, DELETE and OPTIONS.", "method_not_supported")
+        raise ApiError(
+            501,
+            f"The method {safe_for_log(head.method)!r} is not forwarded: SOAKP forwards "
+            "GET, HEAD, POST, PUT, PATCH, DELETE and OPTIONS.",
+            "method_not_supported",
+        )
     now = time.time()
     websocket = is_websocket_upgrade(head)
     claims = state.tokens.verify(websocket_token(head) if websocket else bearer_token(head), now)
@@ -5442,14 +6678,23 @@ async def handle_proxied(
         if head.body_kind != "none":
             raise bad_request("A WebSocket handshake has no body.")
         if claims.budgets:
-            raise ApiError(403, "A token with a budget (max_tokens_total) may not open WebSocket sessions: "
-                                "their token usage is not reported to SOAKP.", "budget_unmetered_endpoint")
+            raise ApiError(
+                403,
+                "A token with a budget (max_tokens_total) may not open WebSocket sessions: "
+                "their token usage is not reported to SOAKP.",
+                "budget_unmetered_endpoint",
+            )
         exchange.model = websocket_model(claims, upstream_path, head.query)
         await take_rate(state, claims, now)
-        return await tunnel_websocket(state, exchange, reader, writer, head, upstream_path, claims, cors)
+        return await tunnel_websocket(
+            state, exchange, reader, writer, head, upstream_path, claims, cors
+        )
     if head.body_kind == "length" and head.content_length > state.config.max_body_bytes:
-        raise ApiError(413, f"The request body is over the limit of {state.config.max_body_bytes} bytes.",
-                       "request_too_large")
+        raise ApiError(
+            413,
+            f"The request body is over the limit of {state.config.max_body_bytes} bytes.",
+            "request_too_large",
+        )
     return await forward(state, exchange, reader, writer, head, upstream_path, claims, cors)
 
 
@@ -5460,8 +6705,9 @@ def method_not_allowed(allowed: str) -> ApiError:
 def usage_delta(state: ServerState, claims: TokenClaims) -> UsageDelta:
     delta = state.usage.get(claims.cid)
     if delta is None:
-        delta = state.usage[claims.cid] = UsageDelta(claims.jti, claims.sub, claims.kid, claims.iat, claims.exp,
-                                                     claims.rexp)
+        delta = state.usage[claims.cid] = UsageDelta(
+            claims.jti, claims.sub, claims.kid, claims.iat, claims.exp, claims.rexp
+        )
     return delta
 
 
@@ -5479,7 +6725,11 @@ def record_outcome(state: ServerState, exchange: Exchange) -> None:
     if claims is None:
         return
     delta = usage_delta(state, claims)
-    if exchange.status >= 400 or exchange.status == 0 or exchange.error_kind not in (None, "client_gone"):
+    if (
+        exchange.status >= 400
+        or exchange.status == 0
+        or exchange.error_kind not in (None, "client_gone")
+    ):
         delta.errors += 1  # an error status, or an answer the upstream broke off
     if exchange.reserved and exchange.reservation is None:
         for cid, _ in claims.budgets:
@@ -5491,15 +6741,24 @@ def record_outcome(state: ServerState, exchange: Exchange) -> None:
     exchange.reserved = 0
     usage = exchange.usage
     if usage is None and exchange.estimate is not None and 200 <= exchange.status < 300:
-        usage = exchange.estimate  # the upstream reported nothing: charge what it may have cost at most
-        log.info("no usage reported for a budgeted request of cid=%s: charged an estimate of %d tokens",
-                 claims.cid, sum(usage))
+        usage = (
+            exchange.estimate
+        )  # the upstream reported nothing: charge what it may have cost at most
+        log.info(
+            "no usage reported for a budgeted request of cid=%s: charged an estimate of %d tokens",
+            claims.cid,
+            sum(usage),
+        )
     if usage is not None:
         prompt, completion = usage
-        for ancestor in claims.ancestors:  # a child's usage shows in, and is charged to, every ancestor
+        for (
+            ancestor
+        ) in claims.ancestors:  # a child's usage shows in, and is charged to, every ancestor
             upper = state.usage.get(ancestor.cid)
             if upper is None:
-                upper = state.usage[ancestor.cid] = UsageDelta(None, None, None, None, claims.exp, claims.rexp)
+                upper = state.usage[ancestor.cid] = UsageDelta(
+                    None, None, None, None, claims.exp, claims.rexp
+                )
             upper.prompt_tokens += prompt
             upper.completion_tokens += completion
         for cid in claims.chains:
@@ -5507,8 +6766,9 @@ def record_outcome(state: ServerState, exchange: Exchange) -> None:
         delta.prompt_tokens += prompt
         delta.completion_tokens += completion
     if state.shared is not None and (exchange.reservation or usage and claims.budgets):
-        state.shared.settle(claims.budgets, exchange.reservation or "", sum(usage or ()),
-                            claims.rexp + KEEP_AFTER_S)
+        state.shared.settle(
+            claims.budgets, exchange.reservation or "", sum(usage or ()), claims.rexp + KEEP_AFTER_S
+        )
     exchange.reservation = None
 
 
@@ -5520,12 +6780,18 @@ async def flush_usage(state: ServerState) -> None:
     if state.shared is not None:  # sent by keep_shared_state(), at most SHARED_POLL_S later
         state.shared.add_usage(batch)
     try:
-        await state.registry.call(state.registry.registry.add_usage, [d.row(cid) for cid, d in batch.items()])
+        await state.registry.call(
+            state.registry.registry.add_usage, [d.row(cid) for cid, d in batch.items()]
+        )
     except sqlite3.Error as exc:
         log.warning("could not record token usage (%s); will retry", exc)
         for cid, delta in batch.items():  # merge back, so nothing is lost
-            kept = state.usage.setdefault(cid, dataclasses.replace(delta, requests=0, prompt_tokens=0,
-                                                                   completion_tokens=0, errors=0))
+            kept = state.usage.setdefault(
+                cid,
+                dataclasses.replace(
+                    delta, requests=0, prompt_tokens=0, completion_tokens=0, errors=0
+                ),
+            )
             kept.requests += delta.requests
             kept.prompt_tokens += delta.prompt_tokens
             kept.completion_tokens += delta.completion_tokens
@@ -5558,8 +6824,10 @@ async def keep_registry(state: ServerState) -> None:
                 state.revoked.forget_before(now)
                 state.rate.prune(time.time())
                 if pruned:
-                    log.info("pruned %s past their renew-until time from the registry",
-                             plural(pruned, "token chain"))
+                    log.info(
+                        "pruned %s past their renew-until time from the registry",
+                        plural(pruned, "token chain"),
+                    )
         except sqlite3.Error as exc:
             log.warning("token registry error: %s", exc)
 
@@ -5586,8 +6854,10 @@ async def keep_shared_state(state: ServerState) -> None:
             if not shared.up:
                 await asyncio.wait_for(shared.client.ping(), STORE_TIMEOUT_S)
                 shared.up = True
-                log.warning("Redis is reachable again: revocations, rpm, budgets and lock-out are "
-                            "shared again")
+                log.warning(
+                    "Redis is reachable again: revocations, rpm, budgets and lock-out are "
+                    "shared again"
+                )
             found = await shared.sync_revocations(state.revoked)
             state.revoked.fresh_until = shared.synced_at + state.config.redis_stale_after_s
             if found is not None:
@@ -5601,7 +6871,7 @@ async def keep_shared_state(state: ServerState) -> None:
                 shared.over_limit_until = {cid: until for cid, until in over.items() if until > now}
         except StoreDown:
             pass
-        except (*shared.errors, TimeoutError, OSError) as exc:
+        except (*shared.errors, TimeoutError, OSError) as exc:  # type: ignore[misc]
             shared.mark_down(exc)
         await asyncio.sleep(SHARED_POLL_S)
 
@@ -5620,7 +6890,7 @@ async def listen_revocations(state: ServerState) -> None:
                         member, _, until = message["data"].partition(" ")
                         if until.isdigit():
                             learn_revocations(state, parse_revocation_set([(member, float(until))]))
-        except (*shared.errors, TimeoutError, OSError):
+        except (*shared.errors, TimeoutError, OSError):  # type: ignore[misc]
             await asyncio.sleep(SHARED_POLL_S)  # the version check covers what is missed meanwhile
 
 
@@ -5649,29 +6919,40 @@ def store_health(state: ServerState) -> dict[str, Any] | None:
         return None
     age_s = max(0.0, time.time() - shared.synced_at)
     fallback = "per-instance"
-    return {"redis": "up" if shared.up else "down",
-            "revocations": "shared" if shared.up else "stale"
-            if time.time() > state.revoked.fresh_until else f"last known set, {age_s:.0f}s old",
-            "rpm": "shared" if shared.up else fallback,
-            "budgets": "shared" if shared.up
-            else fallback if state.config.budget_fail_open else "503",
-            "admin_lockout": "shared" if shared.up else fallback}
+    return {
+        "redis": "up" if shared.up else "down",
+        "revocations": "shared"
+        if shared.up
+        else "stale"
+        if time.time() > state.revoked.fresh_until
+        else f"last known set, {age_s:.0f}s old",
+        "rpm": "shared" if shared.up else fallback,
+        "budgets": "shared" if shared.up else fallback if state.config.budget_fail_open else "503",
+        "admin_lockout": "shared" if shared.up else fallback,
+    }
 
 
 def store_metrics(state: ServerState) -> str:
     if state.shared is None:
         return ""
-    return ("# HELP soakp_store_up Whether the Redis shared by the instances answers (1) or the "
-            "fallbacks are in use (0).\n# TYPE soakp_store_up gauge\n"
-            f'soakp_store_up{{store="redis"}} {int(state.shared.up)}\n')
+    return (
+        "# HELP soakp_store_up Whether the Redis shared by the instances answers (1) or the "
+        "fallbacks are in use (0).\n# TYPE soakp_store_up gauge\n"
+        f'soakp_store_up{{store="redis"}} {int(state.shared.up)}\n'
+    )
 
 
 LINGER_BYTES = 1024 * 1024
 LINGER_S = 1.0
 
 
-async def answer_error(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exc: ApiError,
-                       keep_alive: bool, extra_headers: Sequence[tuple[str, str]] = ()) -> int:
+async def answer_error(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    exc: ApiError,
+    keep_alive: bool,
+    extra_headers: Sequence[tuple[str, str]] = (),
+) -> int:
     """Send an error response. When the connection is to close with request bytes possibly unread, read
     and discard a little first, so the client receives the answer instead of a reset. Returns bytes sent."""
     response = error_response(exc, keep_alive, extra_headers)
@@ -5706,8 +6987,14 @@ def utc_second(second: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
-def access_log_line(state: ServerState, exchange: Exchange, peer: str, head: RequestHead | None,
-                    elapsed_s: float, now: float) -> str:
+def access_log_line(
+    state: ServerState,
+    exchange: Exchange,
+    peer: str,
+    head: RequestHead | None,
+    elapsed_s: float,
+    now: float,
+) -> str:
     """One JSON line per request: safe to ship anywhere (never the key, a token or a body).
 
     Written out by hand rather than with json.dumps(dict): it runs for every request, and this way costs
@@ -5765,7 +7052,9 @@ class AccessLog:
                 pass
 
 
-def finish_exchange(state: ServerState, exchange: Exchange, peer: str, head: RequestHead | None) -> None:
+def finish_exchange(
+    state: ServerState, exchange: Exchange, peer: str, head: RequestHead | None
+) -> None:
     """Account for one request: metrics, usage and the access log line."""
     elapsed_s = time.monotonic() - exchange.started
     record_outcome(state, exchange)
@@ -5774,8 +7063,12 @@ def finish_exchange(state: ServerState, exchange: Exchange, peer: str, head: Req
         state.access.add(access_log_line(state, exchange, peer, head, elapsed_s, time.time()))
 
 
-async def handle_connection(state: ServerState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                            listener: Listener) -> None:
+async def handle_connection(
+    state: ServerState,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    listener: Listener,
+) -> None:
     """Serve one client connection: request after request until either side closes.
 
     The one place that catches everything: an unexpected error is logged and answered with 500 if no
@@ -5790,8 +7083,17 @@ async def handle_connection(state: ServerState, reader: asyncio.StreamReader, wr
     watchdog = Watchdog(reader, writer.transport, config.header_timeout_s, config.read_timeout_s)
     try:
         if len(state.connections) > config.max_connections:
-            await answer_error(reader, writer, ApiError(503, "SOAKP is at its connection limit; try again.",
-                                                        "overloaded", headers=[("Retry-After", "1")]), False)
+            await answer_error(
+                reader,
+                writer,
+                ApiError(
+                    503,
+                    "SOAKP is at its connection limit; try again.",
+                    "overloaded",
+                    headers=[("Retry-After", "1")],
+                ),
+                False,
+            )
             return
         while True:
             watchdog.arm_client()
@@ -5801,9 +7103,13 @@ async def handle_connection(state: ServerState, reader: asyncio.StreamReader, wr
                 return
             except asyncio.LimitOverrunError:
                 watchdog.disarm_client()
-                exchange, head = Exchange(started=time.monotonic(), watchdog=watchdog, status=431), None
+                exchange, head = (
+                    Exchange(started=time.monotonic(), watchdog=watchdog, status=431),
+                    None,
+                )
                 exchange.bytes_out = await answer_error(
-                    reader, writer, bad_request("The request head is too large.", 431), False)
+                    reader, writer, bad_request("The request head is too large.", 431), False
+                )
                 return
             watchdog.disarm_client()
             exchange, head = Exchange(started=time.monotonic(), watchdog=watchdog), None
@@ -5815,20 +7121,32 @@ async def handle_connection(state: ServerState, reader: asyncio.StreamReader, wr
                 exchange.bytes_out = await answer_error(reader, writer, exc, keep_alive=False)
                 return
             try:
-                keep_alive = await handle_request(state, reader, writer, head, exchange, peer, listener)
+                keep_alive = await handle_request(
+                    state, reader, writer, head, exchange, peer, listener
+                )
             except (ApiError, UpstreamError) as exc:
                 if isinstance(exc, UpstreamError):
                     exchange.error_kind = exc.kind
                     if exchange.response_started:
-                        log.warning("%s %s %s: upstream failed mid-response: %s", peer, head.method,
-                                    safe_for_log(head.path), exc)
+                        log.warning(
+                            "%s %s %s: upstream failed mid-response: %s",
+                            peer,
+                            head.method,
+                            safe_for_log(head.path),
+                            exc,
+                        )
                         return
                     log.warning("upstream error: %s", exc)
                     exc = ApiError(exc.status, str(exc), "upstream_error")
                 exchange.status = exc.status
-                keep_alive = (head.keep_alive and not state.shutting_down
-                              and (exchange.body_consumed or head.body_kind == "none"))
-                exchange.bytes_out = await answer_error(reader, writer, exc, keep_alive, exchange.cors)
+                keep_alive = (
+                    head.keep_alive
+                    and not state.shutting_down
+                    and (exchange.body_consumed or head.body_kind == "none")
+                )
+                exchange.bytes_out = await answer_error(
+                    reader, writer, exc, keep_alive, exchange.cors
+                )
             except ClientGone:
                 exchange.error_kind = exchange.error_kind or "client_gone"
                 return
@@ -5846,7 +7164,9 @@ async def handle_connection(state: ServerState, reader: asyncio.StreamReader, wr
         log.exception("unexpected error serving %s", peer)
         if exchange is not None and not exchange.response_started:
             exchange.status = 500
-            await answer_error(reader, writer, ApiError(500, "Internal error in SOAKP.", "internal_error"), False)
+            await answer_error(
+                reader, writer, ApiError(500, "Internal error in SOAKP.", "internal_error"), False
+            )
     finally:
         watchdog.close()
         if exchange is not None:
@@ -5864,7 +7184,9 @@ def build_state(config: Config) -> ServerState:
     now = int(time.time())
     pruned = registry.prune(now)
     if pruned:
-        log.info("pruned %s past their renew-until time from the registry", plural(pruned, "token chain"))
+        log.info(
+            "pruned %s past their renew-until time from the registry", plural(pruned, "token chain")
+        )
     revoked = registry.revocations(now)
     spent = registry.spent(now)
     return ServerState(
@@ -5904,8 +7226,11 @@ def tune_process(config: Config) -> None:
         except (ValueError, OSError):
             new_soft = soft
         if new_soft < config.max_connections + 64:
-            log.warning("only %d file descriptors: fewer than --max-connections %d needs; raise `ulimit -n`",
-                        new_soft, config.max_connections)
+            log.warning(
+                "only %d file descriptors: fewer than --max-connections %d needs; raise `ulimit -n`",
+                new_soft,
+                config.max_connections,
+            )
 
 
 def is_loopback(host: str) -> bool:
@@ -5934,7 +7259,12 @@ async def peek_first_byte(transport: asyncio.BaseTransport, timeout_s: float) ->
     try:
         dup.setblocking(False)
         readable = loop.create_future()
-        loop.add_reader(dup.fileno(), lambda: readable.done() or readable.set_result(None))
+
+        def wake() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        loop.add_reader(dup.fileno(), wake)
         try:
             await asyncio.wait_for(readable, timeout_s)
             data = dup.recv(1, socket.MSG_PEEK)
@@ -5953,8 +7283,10 @@ class PlainHttpRefusal(asyncio.Protocol):
     the answer before the client read it."""
 
     def __init__(self, transport: asyncio.Transport) -> None:
-        message = ("This port speaks HTTPS, and the request came as plain HTTP: use an https:// "
-                   "URL (with curl, https://; with an SDK, base_url='https://...').")
+        message = (
+            "This port speaks HTTPS, and the request came as plain HTTP: use an https:// "
+            "URL (with curl, https://; with an SDK, base_url='https://...')."
+        )
         transport.write(error_response(ApiError(400, message, "https_required"), keep_alive=False))
         self.closer = asyncio.get_running_loop().call_later(PLAIN_HTTP_LINGER_S, transport.close)
 
@@ -5972,9 +7304,13 @@ class TlsOrPlainSniffer(asyncio.Protocol):
     is a plain-HTTP request on the HTTPS port and gets PlainHttpRefusal, with one log line.
     """
 
-    def __init__(self, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
-                 context: ssl.SSLContext, handshake_timeout_s: float,
-                 tasks: set[asyncio.Task[None]]) -> None:
+    def __init__(
+        self,
+        handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+        context: ssl.SSLContext,
+        handshake_timeout_s: float,
+        tasks: set[asyncio.Task[None]],
+    ) -> None:
         self.handler = handler
         self.context = context
         self.handshake_timeout_s = handshake_timeout_s
@@ -6003,8 +7339,10 @@ class TlsOrPlainSniffer(asyncio.Protocol):
             return
         if first != TLS_HANDSHAKE_RECORD:
             peer = transport.get_extra_info("peername")
-            log.warning("plain HTTP request from %s on the HTTPS port: answered 400 "
-                        "(it needs https://)", peer[0] if isinstance(peer, tuple) else "unix")
+            log.warning(
+                "plain HTTP request from %s on the HTTPS port: answered 400 (it needs https://)",
+                peer[0] if isinstance(peer, tuple) else "unix",
+            )
             transport.set_protocol(PlainHttpRefusal(transport))
             transport.resume_reading()
             return
@@ -6012,17 +7350,29 @@ class TlsOrPlainSniffer(asyncio.Protocol):
         protocol = asyncio.StreamReaderProtocol(reader, self.handler)
         try:
             tls_transport = await asyncio.get_running_loop().start_tls(
-                transport, protocol, self.context, server_side=True,
-                ssl_handshake_timeout=self.handshake_timeout_s)
-        except (OSError, asyncio.TimeoutError) as exc:  # SSLError is an OSError; it closed the socket
+                transport,
+                protocol,
+                self.context,
+                server_side=True,
+                ssl_handshake_timeout=self.handshake_timeout_s,
+            )
+        except (
+            OSError,
+            asyncio.TimeoutError,
+        ) as exc:  # SSLError is an OSError; it closed the socket
             log.debug("TLS handshake failed: %s", describe_error(exc))
             return
+        assert tls_transport is not None  # start_tls raises rather than return None on a server
         protocol.connection_made(tls_transport)  # start_tls leaves that call to the caller
 
 
-async def start_listener(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
-                         host: str, port: int, context: ssl.SSLContext | None,
-                         handshake_timeout_s: float) -> asyncio.AbstractServer:
+async def start_listener(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+    host: str,
+    port: int,
+    context: ssl.SSLContext | None,
+    handshake_timeout_s: float,
+) -> asyncio.AbstractServer:
     """asyncio.start_server(), but a TLS listener answers plain HTTP with a plain-HTTP 400.
 
     On asyncio's own loops only: the sniffer needs the loop to read nothing before connection_made
@@ -6031,12 +7381,21 @@ async def start_listener(handler: Callable[[asyncio.StreamReader, asyncio.Stream
     loop = asyncio.get_running_loop()
     if context is None or not isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
         return await asyncio.start_server(
-            handler, host, port, ssl=context, limit=MAX_HEAD_BYTES, backlog=LISTEN_BACKLOG,
-            ssl_handshake_timeout=handshake_timeout_s if context else None)
+            handler,
+            host,
+            port,
+            ssl=context,
+            limit=MAX_HEAD_BYTES,
+            backlog=LISTEN_BACKLOG,
+            ssl_handshake_timeout=handshake_timeout_s if context else None,
+        )
     tasks: set[asyncio.Task[None]] = set()
     return await loop.create_server(
-        lambda: TlsOrPlainSniffer(handler, context, handshake_timeout_s, tasks), host, port,
-        backlog=LISTEN_BACKLOG)
+        lambda: TlsOrPlainSniffer(handler, context, handshake_timeout_s, tasks),
+        host,
+        port,
+        backlog=LISTEN_BACKLOG,
+    )
 
 
 def log_start_notes(config: Config, keyring: Mapping[str, SecretKeys]) -> None:
@@ -6047,8 +7406,11 @@ def log_start_notes(config: Config, keyring: Mapping[str, SecretKeys]) -> None:
     kids = list(keyring)
     log.info("signing tokens with the secret kid=%s", kids[0])
     if len(kids) > 1:
-        log.info("also accepting tokens of %s (--old-secrets): kid=%s",
-                 plural(len(kids) - 1, "old secret"), ", kid=".join(kids[1:]))
+        log.info(
+            "also accepting tokens of %s (--old-secrets): kid=%s",
+            plural(len(kids) - 1, "old secret"),
+            ", kid=".join(kids[1:]),
+        )
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
@@ -6059,94 +7421,165 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     state = build_state(config)
     if config.redis_url:
         state.shared = await open_shared_store(config)
-    certs = CertReloader(config.cert_file, config.key_file) if config.cert_file and config.key_file else None
+    certs = (
+        CertReloader(config.cert_file, config.key_file)
+        if config.cert_file and config.key_file
+        else None
+    )
     tune_process(config)
-    server_tls = certs.front if certs else None
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    handlers = [(signal.SIGTERM, stop.set), (signal.SIGINT, stop.set),
-                # SIGHUP must never kill the server (systemd's ExecReload sends it): without TLS it only logs.
-                (signal.SIGHUP, (lambda: certs.reload(force=True)) if certs else
-                 (lambda: log.info("SIGHUP: no certificate to reload (serving plain HTTP)")))]
-    for signum, handler in handlers:
-        try:
-            loop.add_signal_handler(signum, handler)
-        except (NotImplementedError, RuntimeError):  # not the main thread (tests) or no signals (Windows)
-            pass
-
-    scheme = "https" if server_tls else "http"
-    addresses = [((config.listen_host, config.listen_port), Listener(scheme, admin=config.admin_listen is None))]
-    if config.admin_listen is not None:
-        addresses.append((config.admin_listen, Listener(scheme, proxy=False)))
-    servers: list[asyncio.AbstractServer] = []
-    try:
-        for (host, port), listener in addresses:
-            servers.append(await start_listener(functools.partial(handle_connection, state, listener=listener),
-                                                host, port, server_tls, config.header_timeout_s))
-    except OSError as exc:
-        for server in servers:
-            server.close()
-        state.registry.close()
-        option = "--listen" if (host, port) == (config.listen_host, config.listen_port) else "--admin-listen"
-        raise ConfigError(f"{option}: cannot listen on {host}:{port}: {describe_error(exc)}") from None
+    handle_signals(stop, certs)
+    servers = await start_listeners(state, certs.front if certs else None)
     background = [asyncio.create_task(keep_registry(state))]
     if state.shared is not None:
-        background += [asyncio.create_task(keep_shared_state(state)),
-                       asyncio.create_task(listen_revocations(state))]
+        background += [
+            asyncio.create_task(keep_shared_state(state)),
+            asyncio.create_task(listen_revocations(state)),
+        ]
     if certs:
         background.append(asyncio.create_task(certs.watch()))
-    for server, (_, listener) in zip(servers, addresses, strict=True):
-        for sock in server.sockets:
-            host, port = sock.getsockname()[:2]
-            shown = f"[{host}]" if ":" in host else host
-            if listener.proxy:
-                log.info("soakp %s listening on %s://%s:%d, forwarding to %s://%s%s", __version__, scheme, shown,
-                         port, config.upstream.scheme, config.upstream.host_header, config.upstream.base_path)
-            else:
-                log.info("admin endpoints listening on %s://%s:%d", scheme, shown, port)
     log_start_notes(config, state.keyring)
-    if not server_tls and not is_loopback(config.listen_host):
-        log.warning("serving plain HTTP on a non-loopback address: tokens cross the network unencrypted; "
-                    "give --cert-dir, --domain or --cert/--key")
+    if not certs and not is_loopback(config.listen_host):
+        log.warning(
+            "serving plain HTTP on a non-loopback address: tokens cross the network unencrypted; "
+            "give --cert-dir, --domain or --cert/--key"
+        )
     if not config.upstream.tls:
         log.warning("the upstream is plain http://: the OpenAI key crosses the network unencrypted")
-
     try:
         await stop.wait()
-        log.info("shutting down: no new connections, %d requests in flight get up to %.0fs",
-                 len(state.busy), config.shutdown_grace_s)
-        for server in servers:
-            server.close()
-        state.shutting_down = True
-        # In-flight requests and streams may finish; a new request on an open connection gets 503.
-        deadline = time.monotonic() + config.shutdown_grace_s
-        while state.busy and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if state.busy:
-            log.warning("shutdown grace over: closing %d unfinished requests", len(state.busy))
-        for writer in list(state.connections):
-            if writer in state.busy:
-                writer.transport.abort()  # cut off: the grace is over
-            else:
-                writer.close()  # idle keep-alive connections get a clean close
-        state.pool.close()
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
-        state.access.flush()
-        try:
-            await flush_usage(state)
-            if state.shared is not None:
-                with contextlib.suppress(StoreDown):
-                    await state.shared.send_pending()
-                await state.shared.close()
-        finally:
-            state.registry.close()
+        await shut_down(state, servers, background)
     finally:
         for server in servers:
             server.close()
     log.info("stopped")
     return 0
+
+
+def handle_signals(stop: asyncio.Event, certs: CertReloader | None) -> None:
+    """SIGTERM and SIGINT stop the server; SIGHUP reloads the certificate, and never kills the server
+    (systemd's ExecReload sends it): without TLS it only logs."""
+    loop = asyncio.get_running_loop()
+    handlers = [
+        (signal.SIGTERM, stop.set),
+        (signal.SIGINT, stop.set),
+        (
+            signal.SIGHUP,
+            (lambda: certs.reload(force=True))
+            if certs
+            else (lambda: log.info("SIGHUP: no certificate to reload (serving plain HTTP)")),
+        ),
+    ]
+    for signum, handler in handlers:
+        try:
+            loop.add_signal_handler(signum, handler)
+        except (
+            NotImplementedError,
+            RuntimeError,
+        ):  # not the main thread (tests) or no signals (Windows)
+            pass
+
+
+async def start_listeners(
+    state: ServerState, server_tls: ssl.SSLContext | None
+) -> list[asyncio.AbstractServer]:
+    """The main listener and, with --admin-listen, the admin one; logs where each listens.
+
+    Raises ConfigError naming the option whose address cannot be used.
+    """
+    config = state.config
+    scheme = "https" if server_tls else "http"
+    addresses = [
+        (
+            (config.listen_host, config.listen_port),
+            Listener(scheme, admin=config.admin_listen is None),
+        )
+    ]
+    if config.admin_listen is not None:
+        addresses.append((config.admin_listen, Listener(scheme, proxy=False)))
+    servers: list[asyncio.AbstractServer] = []
+    try:
+        for (host, port), listener in addresses:
+            servers.append(
+                await start_listener(
+                    functools.partial(handle_connection, state, listener=listener),
+                    host,
+                    port,
+                    server_tls,
+                    config.header_timeout_s,
+                )
+            )
+    except OSError as exc:
+        for server in servers:
+            server.close()
+        state.registry.close()
+        option = (
+            "--listen"
+            if (host, port) == (config.listen_host, config.listen_port)
+            else "--admin-listen"
+        )
+        raise ConfigError(
+            f"{option}: cannot listen on {host}:{port}: {describe_error(exc)}"
+        ) from None
+    for server, (_, listener) in zip(servers, addresses, strict=True):
+        for sock in server.sockets:  # type: ignore[attr-defined]
+            host, port = sock.getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            if listener.proxy:
+                log.info(
+                    "soakp %s listening on %s://%s:%d, forwarding to %s://%s%s",
+                    __version__,
+                    scheme,
+                    shown,
+                    port,
+                    config.upstream.scheme,
+                    config.upstream.host_header,
+                    config.upstream.base_path,
+                )
+            else:
+                log.info("admin endpoints listening on %s://%s:%d", scheme, shown, port)
+    return servers
+
+
+async def shut_down(
+    state: ServerState,
+    servers: Sequence[asyncio.AbstractServer],
+    background: Sequence[asyncio.Task[Any]],
+) -> None:
+    """No new connections; in-flight requests and streams get --shutdown-grace to finish (a new request
+    on an open connection gets 503); then everything is closed and the last usage written."""
+    config = state.config
+    log.info(
+        "shutting down: no new connections, %d requests in flight get up to %.0fs",
+        len(state.busy),
+        config.shutdown_grace_s,
+    )
+    for server in servers:
+        server.close()
+    state.shutting_down = True
+    deadline = time.monotonic() + config.shutdown_grace_s
+    while state.busy and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if state.busy:
+        log.warning("shutdown grace over: closing %d unfinished requests", len(state.busy))
+    for writer in list(state.connections):
+        if writer in state.busy:
+            writer.transport.abort()  # cut off: the grace is over
+        else:
+            writer.close()  # idle keep-alive connections get a clean close
+    state.pool.close()
+    for task in background:
+        task.cancel()
+    await asyncio.gather(*background, return_exceptions=True)
+    state.access.flush()
+    try:
+        await flush_usage(state)
+        if state.shared is not None:
+            with contextlib.suppress(StoreDown):
+                await state.shared.send_pending()
+            await state.shared.close()
+    finally:
+        state.registry.close()
 
 
 # The operator console at /admin: one page, its script, style and icon, served by handle_admin()
@@ -7084,9 +8517,12 @@ CONSOLE_ASSETS = {
 
 # 9. CLI: argv in, an exit code out.
 
+
 def configure_logging(level: str) -> None:
     """Plain lines for events on stderr (the access log, one JSON object per line, is AccessLog's)."""
-    logging.basicConfig(stream=sys.stderr, level=level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        stream=sys.stderr, level=level.upper(), format="%(asctime)s %(levelname)s %(message)s"
+    )
 
 
 def run_event_loop(main_coro: Any) -> int:
@@ -7120,23 +8556,27 @@ def read_api_key(args: argparse.Namespace, environ: Mapping[str, str], stdin: An
         source = "--key -" if args.api_key == STDIN_KEY else "--key-file -"
         key = (stdin.readline() if stdin is not None else "").strip()
         if not key:
-            raise ConfigError(f"{source}: nothing on standard input; pipe the key in, "
-                              f"e.g. printf %s \"$OPENAI_API_KEY\" | soakp mint {source} ...")
+            raise ConfigError(
+                f"{source}: nothing on standard input; pipe the key in, "
+                f'e.g. printf %s "$OPENAI_API_KEY" | soakp mint {source} ...'
+            )
     elif args.key_file is not None:
         source = "--key-file"
         try:
             lines = Path(args.key_file).read_text(encoding="utf-8").strip().splitlines()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"--key-file: cannot read {args.key_file}: "
-                              f"{describe_error(exc)}") from None
+            raise ConfigError(
+                f"--key-file: cannot read {args.key_file}: {describe_error(exc)}"
+            ) from None
         key = lines[0].strip() if lines else ""
         if not key:
             raise ConfigError(f"--key-file: {args.key_file} is empty; put the OpenAI key in it")
     else:
         key, source = environ.get("OPENAI_API_KEY", "").strip(), "OPENAI_API_KEY"
     if key == STDIN_KEY:
-        raise ConfigError(f"{source}: the OpenAI key cannot be '-'; `--key -` reads it from "
-                          "standard input")
+        raise ConfigError(
+            f"{source}: the OpenAI key cannot be '-'; `--key -` reads it from standard input"
+        )
     return key
 
 
@@ -7147,19 +8587,29 @@ def cli_message(exc: ApiError) -> str:
         message = message.replace(f"'{name}'", f"--{name.replace('_', '-')}")
     message = message.replace("--key ", "the OpenAI key (--key, --key-file or OPENAI_API_KEY) ", 1)
     if exc.code == "ttl_too_long":
-        message += (": ask for a shorter --ttl, or raise --max-token-ttl "
-                    "(SOAKP_MAX_TOKEN_TTL, default 365d)")
+        message += (
+            ": ask for a shorter --ttl, or raise --max-token-ttl "
+            "(SOAKP_MAX_TOKEN_TTL, default 365d)"
+        )
     return message
 
 
-def run_mint(config: Config, args: argparse.Namespace, environ: Mapping[str, str],
-             stdin: Any) -> int:
+def run_mint(
+    config: Config, args: argparse.Namespace, environ: Mapping[str, str], stdin: Any
+) -> int:
     """`soakp mint`: print a new token as the last line of stdout and register it in the db."""
     api_key = read_api_key(args, environ, stdin)
-    fields: dict[str, Any] = {"key": api_key, "org": args.org, "project": args.project,
-                              "ttl": args.ttl, "renew_ttl": args.renew_ttl, "sub": args.sub,
-                              "paths": split_list(args.paths), "models": split_list(args.models),
-                              "origins": split_list(args.origins)}
+    fields: dict[str, Any] = {
+        "key": api_key,
+        "org": args.org,
+        "project": args.project,
+        "ttl": args.ttl,
+        "renew_ttl": args.renew_ttl,
+        "sub": args.sub,
+        "paths": split_list(args.paths),
+        "models": split_list(args.models),
+        "origins": split_list(args.origins),
+    }
     for name in ("rpm", "max_tokens_total", "delegate"):
         value = getattr(args, name)
         if value is not None:
@@ -7169,8 +8619,11 @@ def run_mint(config: Config, args: argparse.Namespace, environ: Mapping[str, str
                 return 2
             fields[name] = int(value)
     try:
-        grant = parse_grant({k: v for k, v in fields.items() if v is not None}, config.token_ttl_s,
-                            config.max_token_ttl_s)
+        grant = parse_grant(
+            {k: v for k, v in fields.items() if v is not None},
+            config.token_ttl_s,
+            config.max_token_ttl_s,
+        )
     except ApiError as exc:
         print(f"soakp: {cli_message(exc)}", file=sys.stderr)
         return 2
@@ -7183,22 +8636,27 @@ def run_mint(config: Config, args: argparse.Namespace, environ: Mapping[str, str
     finally:
         registry.close()
     expires = datetime.datetime.fromtimestamp(minted.expires_at, datetime.timezone.utc).isoformat()
-    print(f"# jti={minted.jti} cid={minted.cid} sub={grant.sub} kid={keys.kid} expires_at={minted.expires_at} "
-          f"({expires}) renew_until={minted.renew_until}")
+    print(
+        f"# jti={minted.jti} cid={minted.cid} sub={grant.sub} kid={keys.kid} expires_at={minted.expires_at} "
+        f"({expires}) renew_until={minted.renew_until}"
+    )
     print(minted.token)
     return 0
 
 
-def missing_database(config: Config, args: argparse.Namespace,
-                     environ: Mapping[str, str]) -> str | None:
+def missing_database(
+    config: Config, args: argparse.Namespace, environ: Mapping[str, str]
+) -> str | None:
     """Why `revoke`/`tokens` must not run: a database file that does not exist (opening it would
     create an empty one, so a revocation would land where no server looks). None when it exists."""
     if config.db == ":memory:" or os.path.exists(config.db):
         return None
     source = option_source(args, environ, "db")
     named = "" if source == "the default" else f" (from {source})"
-    return (f"no token database at {config.db}{named}: give the server's database with "
-            "--db FILE or SOAKP_DB (`make run` uses var/soakp.db)")
+    return (
+        f"no token database at {config.db}{named}: give the server's database with "
+        "--db FILE or SOAKP_DB (`make run` uses var/soakp.db)"
+    )
 
 
 async def shared_command(config: Config, command: str, token_id: str) -> tuple[int, list[Any]]:
@@ -7221,8 +8679,9 @@ async def shared_command(config: Config, command: str, token_id: str) -> tuple[i
         await store.close()
 
 
-def run_registry_command(config: Config, args: argparse.Namespace,
-                         environ: Mapping[str, str]) -> int:
+def run_registry_command(
+    config: Config, args: argparse.Namespace, environ: Mapping[str, str]
+) -> int:
     """`soakp revoke JTI` and `soakp tokens`, on the same database a server uses (or its Redis)."""
     if config.redis_url:
         token_id = getattr(args, "jti", "")
@@ -7245,13 +8704,18 @@ def run_registry_command(config: Config, args: argparse.Namespace,
     try:
         if args.command == "revoke":
             if not TOKEN_ID_RE.match(args.jti):
-                print("soakp: that is not a token id (a jti or cid): `soakp tokens` lists them",
-                      file=sys.stderr)
+                print(
+                    "soakp: that is not a token id (a jti or cid): `soakp tokens` lists them",
+                    file=sys.stderr,
+                )
                 return 2
             chain = registry.chain_of(args.jti)
             if chain is None:
-                print(f"soakp: no token or chain {args.jti} in {config.db}; nothing was revoked "
-                      "(is --db / SOAKP_DB the server's database?)", file=sys.stderr)
+                print(
+                    f"soakp: no token or chain {args.jti} in {config.db}; nothing was revoked "
+                    "(is --db / SOAKP_DB the server's database?)",
+                    file=sys.stderr,
+                )
                 return 1
             revoked_at = registry.revoke_chain(*chain, int(time.time()))
             print(json.dumps({"cid": chain[0], "revoked_at": revoked_at}))
@@ -7276,8 +8740,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             try:
                 write_selfsigned(args.dir, args.host, datetime.datetime.now(datetime.timezone.utc))
             except OSError as exc:
-                raise ConfigError(f"--dir: cannot write {args.dir}: "
-                                  f"{describe_error(exc)}") from None
+                raise ConfigError(
+                    f"--dir: cannot write {args.dir}: {describe_error(exc)}"
+                ) from None
             print(f"wrote {args.dir}/fullchain.pem and {args.dir}/privkey.pem for {args.host}")
             return 0
         configure_logging(config.log_level)
@@ -7290,7 +8755,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"soakp: {exc}", file=sys.stderr)
         return 2
     except (OSError, sqlite3.Error) as exc:
-        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        filename = getattr(exc, "filename", None)
+        where = f" ({filename})" if filename else ""
         print(f"soakp: {describe_error(exc)}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,6 +6,10 @@ next pipelined request is never consumed with the body; the answer side feeds wh
 
 from __future__ import annotations
 
+import ast
+import re
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -121,3 +125,76 @@ def test_requests_and_answers_look_headers_up_alike() -> None:
     assert resp.header(b"openai-processing-ms") == b"7" and resp.header(b"x-missing") is None
     head = soakp.parse_request_head(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Custom: 1\r\n\r\n")
     assert head.header(b"x-custom") == b"1" and head.header(b"host") == b"x"
+
+
+# The module's shape (issue 12) ##############################################################################
+
+SOURCE = (Path(__file__).resolve().parents[1] / "soakp.py").read_text()
+MAX_FUNCTION_LINES = 80
+
+
+def top_level_names(node: ast.stmt) -> list[str]:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, ast.Assign):
+        return [t.id for t in node.targets if isinstance(t, ast.Name)]
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+        return [node.target.id]
+    if isinstance(node, ast.If):  # a definition that depends on the Python version
+        return [n for sub in node.body for n in top_level_names(sub)]
+    return []
+
+
+def test_every_name_is_defined_in_its_own_section_or_an_earlier_one() -> None:
+    """Read top to bottom: code in section N uses only names of sections 1..N (annotations aside, which
+    are strings here). A banner `# N. ...` starts each section."""
+    starts = [(number + 1, int(m[1])) for number, line in enumerate(SOURCE.splitlines())
+              if (m := re.match(r"# (\d)\. ", line))]
+    assert [n for _, n in starts] == list(range(1, len(starts) + 1)) and len(starts) >= 8
+
+    def section(line: int) -> int:
+        return max((n for start, n in starts if line >= start), default=0)
+
+    tree = ast.parse(SOURCE)
+    defined = {}
+    for node in tree.body:
+        for name in top_level_names(node):
+            defined.setdefault(name, section(node.lineno))
+
+    class Uses(ast.NodeVisitor):
+        def __init__(self, here: int) -> None:
+            self.here, self.late = here, []
+
+        def visit_arg(self, node: ast.arg) -> None:  # annotations are not run
+            pass
+
+        def visit_AnnAssign(self, node: ast.AnnAssign) -> None:  # noqa: N802
+            if node.value is not None:
+                self.visit(node.value)
+
+        def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:  # noqa: N802
+            for child in (*node.decorator_list, *node.args.defaults, *node.body):
+                self.visit(child)
+            for default in node.args.kw_defaults:
+                if default is not None:
+                    self.visit(default)
+
+        visit_AsyncFunctionDef = visit_FunctionDef  # noqa: N815
+
+        def visit_Name(self, node: ast.Name) -> None:  # noqa: N802
+            if isinstance(node.ctx, ast.Load) and defined.get(node.id, 0) > self.here:
+                self.late.append(f"line {node.lineno}: {node.id} (section {defined[node.id]})")
+
+    late = []
+    for node in tree.body:
+        uses = Uses(section(node.lineno))
+        uses.visit(node)
+        late += uses.late
+    assert late == []
+
+
+def test_no_function_is_longer_than_80_lines() -> None:
+    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(ast.parse(SOURCE))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert long == []
