@@ -517,6 +517,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     mint = add_command("mint")
     add_options(mint, COMMON_OPTIONS, USED_OPTIONS["mint"])
+    add_mint_arguments(mint)
+
+    for name in ("revoke", "tokens"):
+        sub = add_command(name)
+        add_options(sub, (*COMMON_OPTIONS, "redis"), (*USED_OPTIONS[name], "redis"))
+        if name == "revoke":
+            sub.add_argument("jti", help="the token's id, as `soakp tokens` shows it")
+
+    selfsigned = add_command("selfsigned")
+    add_options(selfsigned, COMMON_OPTIONS, USED_OPTIONS["selfsigned"])
+    selfsigned.add_argument(
+        "--dir", required=True, help="directory for fullchain.pem and privkey.pem"
+    )
+    selfsigned.add_argument(
+        "--host", default="localhost", help="name the certificate is for (default localhost)"
+    )
+    return parser
+
+
+def add_mint_arguments(mint: argparse.ArgumentParser) -> None:
+    """`soakp mint`'s own arguments: where the key comes from, and the token's claims."""
     mint.add_argument(
         "--key",
         dest="api_key",
@@ -548,22 +569,6 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument(
         "--delegate", help="generations of child tokens it may mint (POST /jwt/delegate)"
     )
-
-    for name in ("revoke", "tokens"):
-        sub = add_command(name)
-        add_options(sub, (*COMMON_OPTIONS, "redis"), (*USED_OPTIONS[name], "redis"))
-        if name == "revoke":
-            sub.add_argument("jti", help="the token's id, as `soakp tokens` shows it")
-
-    selfsigned = add_command("selfsigned")
-    add_options(selfsigned, COMMON_OPTIONS, USED_OPTIONS["selfsigned"])
-    selfsigned.add_argument(
-        "--dir", required=True, help="directory for fullchain.pem and privkey.pem"
-    )
-    selfsigned.add_argument(
-        "--host", default="localhost", help="name the certificate is for (default localhost)"
-    )
-    return parser
 
 
 def option_value(args: argparse.Namespace, environ: Mapping[str, str], name: str) -> str | None:
@@ -1378,71 +1383,16 @@ def delegate_grant(
         raise ApiError(
             400, f"unknown field {safe_label(unknown[0])!r}", "invalid_field", param=unknown[0]
         )
-    left_s = parent.exp - now
     ttl = fields.get("ttl")
+    default = max(1, min(default_ttl_s, parent.exp - now))
     asked = parse_grant(
-        {
-            **fields,
-            "key": parent.key,
-            "ttl": ttl if ttl is not None else max(1, min(default_ttl_s, left_s)),
-            "renew_ttl": None,
-        },
+        {**fields, "key": parent.key, "ttl": default if ttl is None else ttl, "renew_ttl": None},
         default_ttl_s,
         max_ttl_s,
     )
-    if now + asked.ttl_s > parent.exp:
-        raise widened(
-            "ttl", f"the child would outlive its parent token, which expires in {max(0, left_s)} s"
-        )
-    renew = fields.get("renew_ttl")
-    renew_ttl_s = parent.rexp - now
-    if renew is not None:
-        renew_ttl_s = (
-            parse_grant(
-                {"key": parent.key, "ttl": asked.ttl_s, "renew_ttl": renew},
-                default_ttl_s,
-                max_ttl_s,
-            ).renew_ttl_s
-            or 0
-        )
-        if now + renew_ttl_s > parent.rexp:
-            raise widened(
-                "renew_ttl", "the child's chain would outlive its parent's renew-until time"
-            )
+    renew_ttl_s = child_renew_ttl_s(parent, fields, asked, default_ttl_s, max_ttl_s, now)
     if asked.delegate > parent.dlg - 1:
         raise widened("delegate", f"a child may delegate at most {parent.dlg - 1} more generations")
-    mine, wanted = parent.permissions, asked.permissions
-    paths, models, origins = mine.paths, mine.models, mine.origins
-    if "paths" in fields and wanted.paths is not None:
-        if mine.paths is not None and not all(pattern_covered(p, mine.paths) for p in wanted.paths):
-            raise widened("paths", "each entry must be covered by one of the parent's")
-        paths = wanted.paths
-    if "models" in fields and wanted.models is not None:
-        if mine.models is not None and not set(wanted.models) <= set(mine.models):
-            raise widened("models", "they must be a subset of the parent's")
-        models = wanted.models
-    if "origins" in fields and wanted.origins is not None:
-        if mine.origins is not None and not set(wanted.origins) <= set(mine.origins):
-            raise widened("origins", "they must be a subset of the parent's")
-        origins = wanted.origins
-    rpm = mine.rpm
-    if "rpm" in fields and wanted.rpm is not None:
-        if mine.rpm is not None and wanted.rpm > mine.rpm:
-            raise widened("rpm", f"the parent allows {mine.rpm} requests per minute")
-        rpm = wanted.rpm
-    budget = parent_left
-    if "max_tokens_total" in fields and wanted.max_tokens_total is not None:
-        if parent_left is not None and wanted.max_tokens_total > parent_left:
-            raise widened("max_tokens_total", f"the parent has {max(0, parent_left)} tokens left")
-        budget = wanted.max_tokens_total
-    if budget is not None and budget < 1:
-        raise ApiError(
-            429,
-            "The parent token has used its whole token budget (max_tokens_total).",
-            "insufficient_quota",
-            "insufficient_quota",
-            headers=[("x-should-retry", "false")],
-        )
     sub = f"{parent.sub}/{asked.sub}"
     if not LABEL_RE.match(sub):
         raise ApiError(
@@ -1457,12 +1407,82 @@ def delegate_grant(
         sub=sub,
         org=parent.org,
         project=parent.project,
-        permissions=Permissions(
-            paths=paths, models=models, rpm=rpm, origins=origins, max_tokens_total=budget
-        ),
-        renew_ttl_s=max(renew_ttl_s, asked.ttl_s),
+        permissions=child_permissions(parent.permissions, asked.permissions, fields, parent_left),
+        renew_ttl_s=renew_ttl_s,
         delegate=asked.delegate,
         ancestors=(*parent.ancestors, parent.as_ancestor()),
+    )
+
+
+def child_renew_ttl_s(
+    parent: TokenClaims,
+    fields: Mapping[str, Any],
+    asked: Grant,
+    default_ttl_s: int,
+    max_ttl_s: int,
+    now: int,
+) -> int:
+    """A child's lifetime and renew-until, within its parent's (an omitted renew_ttl inherits the
+    parent's renew-until time). Returns its renew_ttl in seconds. Raises ApiError(400)."""
+    if now + asked.ttl_s > parent.exp:
+        raise widened(
+            "ttl",
+            f"the child would outlive its parent token, which expires in "
+            f"{max(0, parent.exp - now)} s",
+        )
+    renew_ttl_s = parent.rexp - now
+    if fields.get("renew_ttl") is not None:
+        renewal = {"key": parent.key, "ttl": asked.ttl_s, "renew_ttl": fields["renew_ttl"]}
+        renew_ttl_s = parse_grant(renewal, default_ttl_s, max_ttl_s).renew_ttl_s or 0
+        if now + renew_ttl_s > parent.rexp:
+            raise widened(
+                "renew_ttl", "the child's chain would outlive its parent's renew-until time"
+            )
+    return max(renew_ttl_s, asked.ttl_s)
+
+
+def child_permissions(
+    mine: Permissions, wanted: Permissions, fields: Mapping[str, Any], parent_left: int | None
+) -> Permissions:
+    """A child's limits: each one it names must be within its parent's, each one it omits is the
+    parent's (a budget: what the parent has left). Raises ApiError 400, or 429 for a spent budget."""
+    paths, models, origins, rpm, budget = (
+        mine.paths,
+        mine.models,
+        mine.origins,
+        mine.rpm,
+        parent_left,
+    )
+    if "paths" in fields and wanted.paths is not None:
+        if mine.paths is not None and not all(pattern_covered(p, mine.paths) for p in wanted.paths):
+            raise widened("paths", "each entry must be covered by one of the parent's")
+        paths = wanted.paths
+    if "models" in fields and wanted.models is not None:
+        if mine.models is not None and not set(wanted.models) <= set(mine.models):
+            raise widened("models", "they must be a subset of the parent's")
+        models = wanted.models
+    if "origins" in fields and wanted.origins is not None:
+        if mine.origins is not None and not set(wanted.origins) <= set(mine.origins):
+            raise widened("origins", "they must be a subset of the parent's")
+        origins = wanted.origins
+    if "rpm" in fields and wanted.rpm is not None:
+        if mine.rpm is not None and wanted.rpm > mine.rpm:
+            raise widened("rpm", f"the parent allows {mine.rpm} requests per minute")
+        rpm = wanted.rpm
+    if "max_tokens_total" in fields and wanted.max_tokens_total is not None:
+        if parent_left is not None and wanted.max_tokens_total > parent_left:
+            raise widened("max_tokens_total", f"the parent has {max(0, parent_left)} tokens left")
+        budget = wanted.max_tokens_total
+    if budget is not None and budget < 1:
+        raise ApiError(
+            429,
+            "The parent token has used its whole token budget (max_tokens_total).",
+            "insufficient_quota",
+            "insufficient_quota",
+            headers=[("x-should-retry", "false")],
+        )
+    return Permissions(
+        paths=paths, models=models, rpm=rpm, origins=origins, max_tokens_total=budget
     )
 
 
@@ -1478,37 +1498,7 @@ def verify_token(
     `allow_expired` skips the expiry check only (an expired token may still be revoked by its text).
     Raises ApiError(401) for anything wrong; messages never repeat the token.
     """
-    if len(token) > MAX_TOKEN_CHARS:
-        raise invalid_token("The token is too long.")
-    if not JWT_SHAPE_RE.match(
-        token
-    ):  # exactly one spelling per token: no padding, spaces or other bytes
-        raise invalid_token("The token is not a SOAKP token.")
-    try:
-        header = jwt.get_unverified_header(token)
-    except jwt.InvalidTokenError:
-        raise invalid_token("The token is not a SOAKP token.") from None
-    kid = header.get("kid")
-    keys = keyring.get(kid) if isinstance(kid, str) else None
-    if keys is None:
-        raise invalid_token("The token was not signed by a secret this server knows.")
-    try:
-        claims = jwt.decode(
-            token,
-            keys.signing_key,
-            algorithms=[JWT_ALGORITHM],
-            audience=TOKEN_AUDIENCE,
-            issuer=TOKEN_ISSUER,
-            # Expiry is checked below against the caller's clock, without leeway.
-            options={
-                "require": ["iss", "aud", "sub", "iat", "exp", "jti"],
-                "verify_exp": False,
-                "verify_iat": False,
-                "verify_nbf": False,
-            },
-        )
-    except jwt.InvalidTokenError:
-        raise invalid_token("The token's signature or claims are invalid.") from None
+    keys, claims = signed_claims(token, keyring)
     exp, iat, jti, sub, ek = (claims.get(k) for k in ("exp", "iat", "jti", "sub", "ek"))
     # A token minted before chains existed is its own chain, renewable until its own expiry.
     cid, rexp = claims.get("cid", jti), claims.get("rexp", exp)
@@ -1522,16 +1512,15 @@ def verify_token(
             "The token was issued in the future: check the clocks of this server and the "
             "one that minted it."
         )
-    if not (
-        isinstance(jti, str)
-        and jti.isascii()
-        and isinstance(sub, str)
-        and isinstance(ek, str)
-        and isinstance(cid, str)
-        and TOKEN_ID_RE.match(cid)
+    texts = (jti, sub, ek, cid, claims.get("org"), claims.get("project"))
+    if (
+        not all(isinstance(t, str) for t in texts[:4])
+        or not TOKEN_ID_RE.match(cast(str, cid))
+        or not cast(str, jti).isascii()
     ):
         raise invalid_token("The token's claims are invalid.")
-    org, project = claims.get("org"), claims.get("project")
+    jti, sub, ek, cid = cast(str, jti), cast(str, sub), cast(str, ek), cast(str, cid)
+    org, project = texts[4], texts[5]
     for label in (org, project):
         if label is not None and (not isinstance(label, str) or not LABEL_RE.match(label)):
             raise invalid_token("The token's claims are invalid.")
@@ -1563,6 +1552,45 @@ def verify_token(
         dlg=dlg,
         ancestors=ancestors,
     )
+
+
+def signed_claims(
+    token: str, keyring: Mapping[str, SecretKeys]
+) -> tuple[SecretKeys, dict[str, Any]]:
+    """The keys that signed a token (by its `kid`) and its payload, its HS256 signature, issuer and
+    audience checked. Raises ApiError(401)."""
+    if len(token) > MAX_TOKEN_CHARS:
+        raise invalid_token("The token is too long.")
+    # Exactly one spelling per token: no padding, spaces or other bytes.
+    if not JWT_SHAPE_RE.match(token):
+        raise invalid_token("The token is not a SOAKP token.")
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.InvalidTokenError:
+        raise invalid_token("The token is not a SOAKP token.") from None
+    kid = header.get("kid")
+    keys = keyring.get(kid) if isinstance(kid, str) else None
+    if keys is None:
+        raise invalid_token("The token was not signed by a secret this server knows.")
+    try:
+        # Expiry is checked by the caller against its clock, without leeway.
+        options: Any = {
+            "require": ["iss", "aud", "sub", "iat", "exp", "jti"],
+            "verify_exp": False,
+            "verify_iat": False,
+            "verify_nbf": False,
+        }
+        claims = jwt.decode(
+            token,
+            keys.signing_key,
+            algorithms=[JWT_ALGORITHM],
+            audience=TOKEN_AUDIENCE,
+            issuer=TOKEN_ISSUER,
+            options=options,
+        )
+    except jwt.InvalidTokenError:
+        raise invalid_token("The token's signature or claims are invalid.") from None
+    return keys, claims
 
 
 def parse_lineage(claims: Mapping[str, Any]) -> tuple[int, tuple[Ancestor, ...]]:
@@ -7063,6 +7091,49 @@ def finish_exchange(
         state.access.add(access_log_line(state, exchange, peer, head, elapsed_s, time.time()))
 
 
+async def answer_failure(
+    state: ServerState,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    head: RequestHead,
+    exchange: Exchange,
+    exc: ApiError | UpstreamError,
+    peer: str,
+) -> bool | None:
+    """Answer a request that failed with SOAKP's own error, or the upstream's failure as a 502/504;
+    after the answer started, an upstream failure can only cut it short. Returns whether the connection
+    may carry another request, None when it must close at once."""
+    if isinstance(exc, UpstreamError):
+        exchange.error_kind = exc.kind
+        if exchange.response_started:
+            log.warning(
+                "%s %s %s: upstream failed mid-response: %s",
+                peer,
+                head.method,
+                safe_for_log(head.path),
+                exc,
+            )
+            return None
+        log.warning("upstream error: %s", exc)
+        exc = ApiError(exc.status, str(exc), "upstream_error")
+    exchange.status = exc.status
+    keep_alive = (
+        head.keep_alive
+        and not state.shutting_down
+        and (exchange.body_consumed or head.body_kind == "none")
+    )
+    exchange.bytes_out = await answer_error(reader, writer, exc, keep_alive, exchange.cors)
+    return keep_alive
+
+
+@dataclass(slots=True)
+class Turn:
+    """The request a connection is serving, if any: what the catch-all answers and logs."""
+
+    exchange: Exchange | None = None
+    head: RequestHead | None = None
+
+
 async def handle_connection(
     state: ServerState,
     reader: asyncio.StreamReader,
@@ -7078,102 +7149,88 @@ async def handle_connection(
     peername = writer.get_extra_info("peername")
     peer = peername[0] if isinstance(peername, tuple) else "unix"
     state.connections.add(writer)
-    exchange: Exchange | None = None
-    head: RequestHead | None = None
+    turn = Turn()
     watchdog = Watchdog(reader, writer.transport, config.header_timeout_s, config.read_timeout_s)
     try:
         if len(state.connections) > config.max_connections:
-            await answer_error(
-                reader,
-                writer,
-                ApiError(
-                    503,
-                    "SOAKP is at its connection limit; try again.",
-                    "overloaded",
-                    headers=[("Retry-After", "1")],
-                ),
-                False,
+            overloaded = ApiError(
+                503,
+                "SOAKP is at its connection limit; try again.",
+                "overloaded",
+                headers=[("Retry-After", "1")],
             )
+            await answer_error(reader, writer, overloaded, False)
             return
-        while True:
-            watchdog.arm_client()
-            try:
-                raw = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
-                return
-            except asyncio.LimitOverrunError:
-                watchdog.disarm_client()
-                exchange, head = (
-                    Exchange(started=time.monotonic(), watchdog=watchdog, status=431),
-                    None,
-                )
-                exchange.bytes_out = await answer_error(
-                    reader, writer, bad_request("The request head is too large.", 431), False
-                )
-                return
-            watchdog.disarm_client()
-            exchange, head = Exchange(started=time.monotonic(), watchdog=watchdog), None
-            state.busy.add(writer)
-            try:
-                head = parse_request_head(raw)
-            except ApiError as exc:
-                exchange.status = exc.status
-                exchange.bytes_out = await answer_error(reader, writer, exc, keep_alive=False)
-                return
-            try:
-                keep_alive = await handle_request(
-                    state, reader, writer, head, exchange, peer, listener
-                )
-            except (ApiError, UpstreamError) as exc:
-                if isinstance(exc, UpstreamError):
-                    exchange.error_kind = exc.kind
-                    if exchange.response_started:
-                        log.warning(
-                            "%s %s %s: upstream failed mid-response: %s",
-                            peer,
-                            head.method,
-                            safe_for_log(head.path),
-                            exc,
-                        )
-                        return
-                    log.warning("upstream error: %s", exc)
-                    exc = ApiError(exc.status, str(exc), "upstream_error")
-                exchange.status = exc.status
-                keep_alive = (
-                    head.keep_alive
-                    and not state.shutting_down
-                    and (exchange.body_consumed or head.body_kind == "none")
-                )
-                exchange.bytes_out = await answer_error(
-                    reader, writer, exc, keep_alive, exchange.cors
-                )
-            except ClientGone:
-                exchange.error_kind = exchange.error_kind or "client_gone"
-                return
-            finally:
-                state.busy.discard(writer)
-                if exchange.upstream is not None:
-                    exchange.upstream.abort()
-            finish_exchange(state, exchange, peer, head)
-            exchange = None
-            if not keep_alive or state.shutting_down:
-                return
+        while await serve_request(state, reader, writer, watchdog, peer, listener, turn):
+            pass
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unexpected error serving %s", peer)
-        if exchange is not None and not exchange.response_started:
-            exchange.status = 500
-            await answer_error(
-                reader, writer, ApiError(500, "Internal error in SOAKP.", "internal_error"), False
-            )
+        if turn.exchange is not None and not turn.exchange.response_started:
+            turn.exchange.status = 500
+            internal = ApiError(500, "Internal error in SOAKP.", "internal_error")
+            await answer_error(reader, writer, internal, False)
     finally:
         watchdog.close()
-        if exchange is not None:
-            finish_exchange(state, exchange, peer, head)
+        if turn.exchange is not None:
+            finish_exchange(state, turn.exchange, peer, turn.head)
         state.connections.discard(writer)
         state.busy.discard(writer)
         writer.close()
+
+
+async def serve_request(
+    state: ServerState,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    watchdog: Watchdog,
+    peer: str,
+    listener: Listener,
+    turn: Turn,
+) -> bool:
+    """Read one request head, answer the request, log it. Returns whether to read another."""
+    watchdog.arm_client()
+    try:
+        raw = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+        return False
+    except asyncio.LimitOverrunError:
+        watchdog.disarm_client()
+        turn.exchange, turn.head = (
+            Exchange(started=time.monotonic(), watchdog=watchdog, status=431),
+            None,
+        )
+        too_large = bad_request("The request head is too large.", 431)
+        turn.exchange.bytes_out = await answer_error(reader, writer, too_large, False)
+        return False
+    watchdog.disarm_client()
+    exchange = turn.exchange = Exchange(started=time.monotonic(), watchdog=watchdog)
+    turn.head = None
+    state.busy.add(writer)
+    try:
+        head = turn.head = parse_request_head(raw)
+    except ApiError as exc:
+        exchange.status = exc.status
+        exchange.bytes_out = await answer_error(reader, writer, exc, keep_alive=False)
+        return False
+    try:
+        keep_alive = await handle_request(state, reader, writer, head, exchange, peer, listener)
+    except (ApiError, UpstreamError) as exc:
+        answered = await answer_failure(state, reader, writer, head, exchange, exc, peer)
+        if answered is None:
+            return False
+        keep_alive = answered
+    except ClientGone:
+        exchange.error_kind = exchange.error_kind or "client_gone"
+        return False
+    finally:
+        state.busy.discard(writer)
+        if exchange.upstream is not None:
+            exchange.upstream.abort()
+    finish_exchange(state, exchange, peer, head)
+    turn.exchange = None
+    return keep_alive and not state.shutting_down
 
 
 def build_state(config: Config) -> ServerState:

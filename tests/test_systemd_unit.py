@@ -75,7 +75,7 @@ def test_reload_stop_timeout_user_and_port_capability() -> None:
     assert settings["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert settings["KillSignal"] == ["SIGTERM"]
     grace = re.search(
-        r'"shutdown-grace": \("SOAKP_SHUTDOWN_GRACE", "(\d+)s"', (ROOT / "soakp.py").read_text()
+        r'"shutdown-grace": \(\s*"SOAKP_SHUTDOWN_GRACE",\s*"(\d+)s"', (ROOT / "soakp.py").read_text()
     )
     assert grace, "SOAKP's default shutdown grace not found in soakp.py"
     assert int(settings["TimeoutStopSec"][0]) > int(grace[1])
