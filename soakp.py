@@ -2,12 +2,14 @@
 AES-256-GCM; SOAKP checks the token, swaps in the real key and streams the request to the upstream.
 
 Read top to bottom, in the order a request flows; search "# 5." to jump to a section.
- 1 Configuration  Config, load_config()              2 Tokens   derive_keys(), mint_token(), verify_token(),
-                                                                delegate_grant(), Revocations, RateLimiter
- 3 Registry       TokenRegistry (SQLite chains)      4 HTTP     RequestHead, parse_request_head()
+ 1 Configuration  Config, load_config()
+ 2 Tokens         derive_keys(), mint_token(), verify_token(), delegate_grant(), Revocations
+ 3 Registry       TokenRegistry (SQLite chains), SharedStore (Redis, with --redis)
+ 4 HTTP           RequestHead, parse_request_head()
  5 Bodies and answers (pure)  ChunkedDecoder, json_models(), MultipartModelScanner, plan_budget(),
                               plan_answer(), UsageMeter, SseUsageStripper, Exchange
- 6 Forwarding     Watchdog, UpstreamPool, forward(), send_upstream(), relay_stream(), tunnel_websocket()
+ 6 Forwarding     the limits kept in state, Watchdog, UpstreamPool, forward(), send_upstream(),
+                  relay_stream(), tunnel_websocket()
  7 TLS            server_ssl_context(), CertReloader, write_selfsigned()
  8 Server         ServerState, handle_connection(), error_response(), serve(), the /admin/ console
  9 CLI            main()
@@ -72,7 +74,8 @@ class ConfigError(Exception):
 
 
 class ApiError(Exception):
-    """An answer SOAKP gives itself, raised where the problem is found and rendered by error_response()."""
+    """An answer SOAKP gives itself, raised where the problem is found and rendered by
+    error_response()."""
 
     def __init__(
         self,
@@ -104,7 +107,7 @@ ERROR_TYPES = {
 }
 
 
-# 1. Configuration: flags and environment in, a frozen Config out. No sockets, no files but the secret's.
+# 1. Configuration: flags and environment in, a frozen Config out. No sockets, no files but secrets.
 
 DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\Z")
 DURATION_UNITS_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -177,7 +180,8 @@ def parse_duration_s(text: str) -> float:
 
 
 def parse_ttl_s(value: object) -> int:
-    """A token lifetime: whole seconds as an integer or a duration string, at least 1 s. Raises ValueError."""
+    """A token lifetime: whole seconds as an integer or a duration string, at least 1 s. Raises
+    ValueError."""
     if isinstance(value, bool):
         raise ValueError("ttl must be seconds or a duration such as 15m")
     if isinstance(value, int):
@@ -238,7 +242,8 @@ class UpstreamTarget:
 
 
 def parse_upstream(text: str) -> UpstreamTarget:
-    """Parse the upstream base URL (`https://api.openai.com`, `https://host:8443/prefix`). Raises ValueError."""
+    """Parse the upstream base URL (`https://api.openai.com`, `https://host:8443/prefix`). Raises
+    ValueError."""
     parts = urllib.parse.urlsplit(text.strip())
     if parts.scheme not in ("https", "http"):
         raise ValueError(f"upstream must be an https:// URL, got {text!r}")
@@ -305,7 +310,8 @@ OPTIONS: dict[str, tuple[str, str | None, str]] = {
     "admin-listen": (
         "SOAKP_ADMIN_LISTEN",
         None,
-        "address:port serving the admin endpoints alone (the main listener then answers 404 for them)",
+        "address:port serving the admin endpoints alone (the main listener then answers 404 for "
+        "them)",
     ),
     "secret": ("SOAKP_SECRET", None, "master secret, at least 32 characters"),
     "secret-file": ("SOAKP_SECRET_FILE", None, "file holding the master secret"),
@@ -635,7 +641,8 @@ def weak_secret(secret: str) -> bool:
     length: `aaaa...` or `abcdabcd...`. Random secrets (hex, base64) pass easily."""
     if len(set(secret)) < MIN_SECRET_DISTINCT_CHARS:
         return True
-    # The shortest period p with secret[i] == secret[i + p] everywhere, from the prefix function (KMP).
+    # The shortest period p with secret[i] == secret[i + p] everywhere, from the prefix function
+    # (KMP).
     border = [0] * len(secret)
     for i in range(1, len(secret)):
         k = border[i - 1]
@@ -709,7 +716,8 @@ class OptionReader:
         return OPTIONS[name][1]
 
     def convert(self, name: str, parse: Callable[[Any], Any]) -> Any:
-        """The option parsed; a ValueError becomes a ConfigError naming where the value came from."""
+        """The option parsed; a ValueError becomes a ConfigError naming where the value
+        came from."""
         try:
             return parse(self.get(name))
         except ValueError as exc:
@@ -721,7 +729,8 @@ class OptionReader:
 def load_config(
     argv: Sequence[str], environ: Mapping[str, str]
 ) -> tuple[Config, argparse.Namespace]:
-    """Parse the command line and environment into a validated Config plus the command's own arguments.
+    """Parse the command line and environment into a validated Config plus the command's own
+    arguments.
 
     Raises ConfigError with one line for any bad value.
     """
@@ -873,7 +882,8 @@ def tls_files(
     cert: str | None,
     key: str | None,
 ) -> tuple[str | None, str | None]:
-    """Resolve the three ways of naming a certificate to (fullchain, privkey) paths, or (None, None)."""
+    """Resolve the three ways of naming a certificate to (fullchain, privkey) paths, or (None,
+    None)."""
     ways = [
         name
         for name, given in (
@@ -905,7 +915,7 @@ def tls_files(
     return cert, key
 
 
-# 2. Tokens: a secret and a key in, a signed JWT out, and back. Pure: the clock and randomness are arguments.
+# 2. Tokens: a secret and a key in, a signed JWT out, and back. Pure: clock and randomness come in.
 
 JWT_ALGORITHM = "HS256"
 TOKEN_ISSUER = "soakp"
@@ -939,7 +949,8 @@ class SecretKeys:
 
 
 def derive_keys(secret: str) -> SecretKeys:
-    """Derive the JWT signing key and the AES-GCM sealing key from the master secret (HKDF-SHA256, no salt)."""
+    """Derive the JWT signing key and the AES-GCM sealing key from the master secret (HKDF-SHA256,
+    no salt)."""
     material = secret.encode("utf-8")
 
     def hkdf(info: bytes) -> bytes:
@@ -971,13 +982,15 @@ def b64url_decode(text: str) -> bytes:
 
 
 def seal_key(key: str, jti: str, sealing_key: bytes, nonce: bytes) -> str:
-    """Encrypt the OpenAI key with AES-256-GCM bound to the jti: base64url(nonce ‖ ciphertext ‖ tag)."""
+    """Encrypt the OpenAI key with AES-256-GCM bound to the jti: base64url(nonce ‖ ciphertext ‖
+    tag)."""
     sealed = AESGCM(sealing_key).encrypt(nonce, key.encode("ascii"), jti.encode("ascii"))
     return b64url_encode(nonce + sealed)
 
 
 def open_key(ek: str, jti: str, sealing_key: bytes) -> str:
-    """Decrypt a sealed key. Raises ValueError if it was tampered with or sealed for another jti or secret."""
+    """Decrypt a sealed key. Raises ValueError if it was tampered with or sealed for another jti or
+    secret."""
     try:
         raw = b64url_decode(ek)
         if len(raw) <= GCM_NONCE_BYTES + 16:
@@ -1031,7 +1044,8 @@ LIST_ENTRY_FORMS = {
 def parse_string_list(
     name: str, value: object, valid: re.Pattern[str], normalise: Any = None
 ) -> tuple[str, ...]:
-    """A non-empty JSON list of strings that each match `valid` (after `normalise`). Raises ValueError."""
+    """A non-empty JSON list of strings that each match `valid` (after `normalise`). Raises
+    ValueError."""
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_LIST_ITEMS:
         raise ValueError(f"'{name}' must be a list of 1 to {MAX_LIST_ITEMS} strings")
     items = []
@@ -1070,7 +1084,8 @@ def parse_int_claim(name: str, value: object, top: int) -> int:
 
 
 def parse_permissions(fields: Mapping[str, Any]) -> Permissions:
-    """Permission claims from a mint request or a token's payload. Raises ValueError naming the claim."""
+    """Permission claims from a mint request or a token's payload. Raises ValueError naming the
+    claim."""
     get = fields.get
     return Permissions(
         paths=None
@@ -1091,8 +1106,8 @@ def parse_permissions(fields: Mapping[str, Any]) -> Permissions:
 
 @dataclass(frozen=True, slots=True)
 class Ancestor:
-    """A chain a child token descends from, with the limits of it that the child shares: its requests
-    count against the ancestor's `rpm`, its usage against the ancestor's budget."""
+    """A chain a child token descends from, with the limits of it that the child shares: its
+    requests count against the ancestor's `rpm`, its usage against the ancestor's budget."""
 
     cid: str
     rpm: int | None = None
@@ -1101,7 +1116,8 @@ class Ancestor:
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What a new token is for: the key it carries and the claims around it. Built by parse_grant()."""
+    """What a new token is for: the key it carries and the claims around it. Built
+    by parse_grant()."""
 
     key: str = field(repr=False)
     ttl_s: int
@@ -1204,10 +1220,11 @@ class MintedToken:
 
 
 def mint_token(keys: SecretKeys, grant: Grant, now: int, jti: str, nonce: bytes) -> MintedToken:
-    """Sign a token carrying the sealed key. `jti` and `nonce` come from the caller (secrets module).
+    """Sign a token carrying the sealed key. `jti` and `nonce` come from the caller (secrets
+    module).
 
-    A new chain starts with `cid == jti`; its renew-until time is `now + renew_ttl`, or the first token's
-    expiry. A refreshed token keeps its chain's cid and rexp, and never outlives the rexp.
+    A new chain starts with `cid == jti`; its renew-until time is `now + renew_ttl`, or the first
+    token's expiry. A refreshed token keeps its chain's cid and rexp, and never outlives the rexp.
     """
     if grant.chain is None:
         cid, rexp = jti, now + (grant.renew_ttl_s if grant.renew_ttl_s is not None else grant.ttl_s)
@@ -1233,7 +1250,8 @@ def mint_token(keys: SecretKeys, grant: Grant, now: int, jti: str, nonce: bytes)
         claims["dlg"] = grant.delegate
     if grant.ancestors:
         claims["anc"] = [a.cid for a in grant.ancestors]
-        # The ancestors' shared limits travel with the child, so any instance can apply them statelessly.
+        # The ancestors' shared limits travel with the child, so any instance can apply them
+        # statelessly.
         claims["alim"] = [[a.rpm, a.max_tokens_total] for a in grant.ancestors]
     token = jwt.encode(claims, keys.signing_key, algorithm=JWT_ALGORITHM, headers={"kid": keys.kid})
     return MintedToken(token=token, jti=jti, expires_at=claims["exp"], cid=cid, renew_until=rexp)
@@ -1323,7 +1341,8 @@ def budget_spent() -> ApiError:
 
 
 def pattern_covered(child: str, parents: Sequence[str]) -> bool:
-    """Whether every path a child's `paths` entry matches is matched by one of the parent's entries."""
+    """Whether every path a child's `paths` entry matches is matched by one of the
+    parent's entries."""
     if not child.endswith("*"):
         return path_allowed(parents, child)
     stem = child[:-1]
@@ -1358,8 +1377,8 @@ def delegate_grant(
     now: int,
     parent_left: int | None,
 ) -> Grant:
-    """The grant of a child token that `parent` asks for (POST /jwt/delegate), every limit within the
-    parent's: an omitted limit is inherited, a wider one is a 400 naming the field.
+    """The grant of a child token that `parent` asks for (POST /jwt/delegate), every limit within
+    the parent's: an omitted limit is inherited, a wider one is a 400 naming the field.
 
     `parent_left` is what the parent's chain has left of its budget (None without one). Pure; raises
     ApiError 400 or 403.
@@ -1445,7 +1464,8 @@ def child_permissions(
     mine: Permissions, wanted: Permissions, fields: Mapping[str, Any], parent_left: int | None
 ) -> Permissions:
     """A child's limits: each one it names must be within its parent's, each one it omits is the
-    parent's (a budget: what the parent has left). Raises ApiError 400, or 429 for a spent budget."""
+    parent's (a budget: what the parent has left). Raises ApiError 400, or 429 for a spent budget.
+    """
     paths, models, origins, rpm, budget = (
         mine.paths,
         mine.models,
@@ -1594,7 +1614,8 @@ def signed_claims(
 
 
 def parse_lineage(claims: Mapping[str, Any]) -> tuple[int, tuple[Ancestor, ...]]:
-    """`dlg`, and `anc` with the ancestors' limits (`alim`), from a token's payload. Raises ValueError."""
+    """`dlg`, and `anc` with the ancestors' limits (`alim`), from a token's payload. Raises
+    ValueError."""
     dlg = claims.get("dlg", 0)
     if isinstance(dlg, bool) or not isinstance(dlg, int) or not 0 <= dlg <= MAX_DELEGATION_DEPTH:
         raise ValueError("dlg")
@@ -1630,8 +1651,8 @@ def parse_lineage(claims: Mapping[str, Any]) -> tuple[int, tuple[Ancestor, ...]]
 class Revocations:
     """What is revoked, by id, each with the time after which remembering it no longer matters.
 
-    A chain (revoked by an operator) takes every token of it, past and future; a single token is revoked
-    when it is refreshed, and its chain goes on.
+    A chain (revoked by an operator) takes every token of it, past and future; a single token is
+    revoked when it is refreshed, and its chain goes on.
     """
 
     chains: dict[str, int] = field(default_factory=dict)  # cid -> the chain's renew-until time
@@ -1655,7 +1676,8 @@ class Revocations:
 class TokenCache:
     """Verified tokens by their text, so each distinct token pays for HMAC and AES-GCM once.
 
-    Bounded; revocation-aware through the shared Revocations; an entry is dropped when its token expires.
+    Bounded; revocation-aware through the shared Revocations; an entry is dropped when its token
+    expires.
     """
 
     def __init__(
@@ -1690,8 +1712,8 @@ class TokenCache:
 
 
 def pattern_matches(pattern: str, path: str) -> bool:
-    """A `paths` entry against a /v1/... path. A trailing * matches at a segment boundary: `/v1/files*`
-    is `/v1/files` and `/v1/files/...`, never `/v1/filesX`."""
+    """A `paths` entry against a /v1/... path. A trailing * matches at a segment boundary:
+    `/v1/files*` is `/v1/files` and `/v1/files/...`, never `/v1/filesX`."""
     if not pattern.endswith("*"):
         return path == pattern
     stem = pattern[:-1]
@@ -1724,8 +1746,8 @@ def credential_endpoint(path: str) -> str | None:
 
 
 def credential_endpoint_opened(patterns: Sequence[str] | None, endpoint: str) -> bool:
-    """Whether a token's `paths` open a credential endpoint: an entry must begin with the endpoint's own
-    path (`/v1/organization/*` does, `/v1/*` and `/v1/organization-x` do not)."""
+    """Whether a token's `paths` open a credential endpoint: an entry must begin with the endpoint's
+    own path (`/v1/organization/*` does, `/v1/*` and `/v1/organization-x` do not)."""
     return patterns is not None and any(
         p == endpoint or p.startswith(endpoint + "/") or p == endpoint + "*" for p in patterns
     )
@@ -1751,8 +1773,8 @@ class RateLimiter:
         return 0.0
 
     def acquire_all(self, limits: Sequence[tuple[str, int]], now: float) -> float:
-        """Take one request from every (key, per_minute) at once, or from none: returns 0 when all allow
-        it, else the longest wait."""
+        """Take one request from every (key, per_minute) at once, or from none: returns 0 when all
+        allow it, else the longest wait."""
         waits = []
         for key, per_minute in limits:
             interval = 60.0 / per_minute
@@ -1771,8 +1793,8 @@ class RateLimiter:
 
 # 3. Registry: token metadata, usage and revocations in SQLite. Never the key, never a token.
 #
-# The registry is never needed to accept a token (SPEC.md: instances scale out stateless). The server
-# keeps revocations in memory and batches usage, so no request waits on the disk.
+# The registry is never needed to accept a token (SPEC.md: instances scale out stateless). The
+# server keeps revocations in memory and batches usage, so no request waits on the disk.
 
 REGISTRY_SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
@@ -1808,16 +1830,16 @@ CREATE TABLE IF NOT EXISTS chains (
 );
 CREATE INDEX IF NOT EXISTS chains_by_renewal ON chains (renew_until);
 """
-# Version 1 had only `tokens`, one row per token with its usage; version 2 keeps usage per chain and uses
-# `tokens` for the chain of each jti and the revocation of refreshed tokens.
+# Version 1 had only `tokens`, one row per token with its usage; version 2 keeps usage per chain and
+# uses `tokens` for the chain of each jti and the revocation of refreshed tokens.
 REGISTRY_VERSION = 2
 MIGRATE_TO_CHAINS_SQL = (
     "ALTER TABLE tokens ADD COLUMN cid TEXT",
     "UPDATE tokens SET cid = jti WHERE cid IS NULL",
-    "INSERT OR IGNORE INTO chains (cid, jti, sub, kid, created_at, expires_at, renew_until, revoked_at, "
-    "last_used_at, requests, prompt_tokens, completion_tokens, errors) SELECT jti, jti, sub, kid, created_at, "
-    "expires_at, expires_at, revoked_at, last_used_at, requests, prompt_tokens, completion_tokens, errors "
-    "FROM tokens",
+    "INSERT OR IGNORE INTO chains (cid, jti, sub, kid, created_at, expires_at, renew_until, "
+    "revoked_at, last_used_at, requests, prompt_tokens, completion_tokens, errors) "
+    "SELECT jti, jti, sub, kid, created_at, expires_at, expires_at, revoked_at, last_used_at, "
+    "requests, prompt_tokens, completion_tokens, errors FROM tokens",
     "CREATE INDEX IF NOT EXISTS tokens_by_chain ON tokens (cid)",
 )
 CHAIN_COLUMNS = (
@@ -1838,7 +1860,8 @@ CHAIN_COLUMNS = (
 )
 LIST_CHAINS_SQL = f"SELECT {', '.join(CHAIN_COLUMNS)} FROM chains ORDER BY created_at, cid"
 LIMIT_FIELDS = (*PERMISSION_CLAIMS, "org", "project", "delegate")
-# Usage from a batch is added to the chain's row, which is created when the chain was minted elsewhere.
+# Usage from a batch is added to the chain's row, which is created when the chain was minted
+# elsewhere.
 ADD_USAGE_SQL = """
 INSERT INTO chains (cid, jti, sub, kid, created_at, expires_at, renew_until, last_used_at, requests,
                     prompt_tokens, completion_tokens, errors)
@@ -1926,9 +1949,9 @@ def create_private_file(path: str) -> None:
 
 
 class TokenRegistry:
-    """The SQLite file of token chains: who, until when, what limits, what they used, what is revoked.
-    Synchronous: the CLI calls it directly, the server from one worker thread (see RegistryWorker).
-    Parameterised SQL only."""
+    """The SQLite file of token chains: who, until when, what limits, what they used, what is
+    revoked. Synchronous: the CLI calls it directly, the server from one worker thread (see
+    RegistryWorker). Parameterised SQL only."""
 
     def __init__(self, path: str) -> None:
         create_private_file(path)
@@ -1991,7 +2014,8 @@ class TokenRegistry:
             )
 
     def chain_of(self, token_id: str) -> tuple[str, int] | None:
-        """(cid, renew_until) of the chain a jti or cid names, or None when this registry never saw it."""
+        """(cid, renew_until) of the chain a jti or cid names, or None when this registry never saw
+        it."""
         row = self.db.execute(
             "SELECT cid, renew_until FROM chains WHERE cid = ?", (token_id,)
         ).fetchone()
@@ -2007,7 +2031,8 @@ class TokenRegistry:
         """Revoke a chain (creating its row for one minted elsewhere). Returns its revoked_at."""
         self.db.execute(
             "INSERT INTO chains (cid, expires_at, renew_until, revoked_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (cid) DO UPDATE SET revoked_at = COALESCE(revoked_at, excluded.revoked_at)",
+            "ON CONFLICT (cid) DO UPDATE SET "
+            "revoked_at = COALESCE(revoked_at, excluded.revoked_at)",
             (cid, renew_until, renew_until, now),
         )
         return self.db.execute("SELECT revoked_at FROM chains WHERE cid = ?", (cid,)).fetchone()[0]
@@ -2016,12 +2041,14 @@ class TokenRegistry:
         """Revoke one token of a chain (a refreshed one); the chain goes on."""
         self.db.execute(
             "INSERT INTO tokens (jti, cid, expires_at, revoked_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (jti) DO UPDATE SET revoked_at = COALESCE(revoked_at, excluded.revoked_at)",
+            "ON CONFLICT (jti) DO UPDATE SET "
+            "revoked_at = COALESCE(revoked_at, excluded.revoked_at)",
             (jti, cid, expires_at, now),
         )
 
     def revocations(self, now: int) -> Revocations:
-        """What is revoked and still matters: chains before their renew-until, tokens before expiry."""
+        """What is revoked and still matters: chains before their renew-until, tokens
+        before expiry."""
         chains = self.db.execute(
             "SELECT cid, renew_until FROM chains WHERE revoked_at IS NOT NULL AND renew_until > ?",
             (now,),
@@ -2051,15 +2078,16 @@ class TokenRegistry:
             self.db.executemany(ADD_USAGE_SQL, rows)
 
     def prune(self, now: int) -> int:
-        """Delete chains past their renew-until time and expired tokens: none of them can be used again, so
-        their revocation no longer matters. Returns the number of chains deleted."""
+        """Delete chains past their renew-until time and expired tokens: none of them can be used
+        again, so their revocation no longer matters. Returns the number of chains deleted."""
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute("DELETE FROM tokens WHERE expires_at <= ?", (now,))
             return self.db.execute("DELETE FROM chains WHERE renew_until <= ?", (now,)).rowcount
 
     def list(self) -> list[dict[str, Any]]:
-        """One row per chain, newest token's jti and expiry, usage and limits; never a key or a token."""
+        """One row per chain, newest token's jti and expiry, usage and limits; never a key or a
+        token."""
         rows = []
         for row in self.db.execute(LIST_CHAINS_SQL):
             chain = dict(zip(CHAIN_COLUMNS, row, strict=True))
@@ -2738,7 +2766,8 @@ TCHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqr
 FIELD_VALUE_BYTES = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
 REQUEST_LINE_RE = re.compile(rb"(" + TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.([01])\Z")
 STATUS_LINE_RE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: ([\t \x21-\x7e\x80-\xff]*))?\Z")
-# chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS ext-name [ BWS "=" BWS ext-val ] )
+# chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS ext-name [ BWS "=" BWS ext-val ]
+# )
 CHUNK_LINE_RE = re.compile(
     rb"([0-9A-Fa-f]{1,15})((?:[ \t]*;[ \t]*"
     + TOKEN
@@ -2751,7 +2780,8 @@ CONSOLE_PATH = (
     "/admin/"  # SPEC.md names the console with its slash: the one path that may end in one
 )
 BAD_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})|%2[fFeE]|%5[cC]|%00")
-# RFC 9110 §7.6.1: these describe one connection and never cross a proxy (nor does any Proxy-* header).
+# RFC 9110 §7.6.1: these describe one connection and never cross a proxy (nor does any Proxy-*
+# header).
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -2813,7 +2843,8 @@ def first_value(
 
 @dataclass(frozen=True, slots=True)
 class RequestHead:
-    """A parsed, checked request head. `path` is canonical; it and `query` are what gets forwarded."""
+    """A parsed, checked request head. `path` is canonical; it and `query` are what
+    gets forwarded."""
 
     method: str
     path: str
@@ -2892,8 +2923,8 @@ def split_header_lines(
     for line in lines:
         field_line = split_field_line(line)
         if field_line is None:
-            # Covers obs-fold (a line starting with SP/HTAB, RFC 9112 §5.2), whitespace before the colon
-            # (§5.1), bare CR or LF and NUL or other control bytes.
+            # Covers obs-fold (a line starting with SP/HTAB, RFC 9112 §5.2), whitespace before the
+            # colon (§5.1), bare CR or LF and NUL or other control bytes.
             raise bad_request("Malformed header field.")
         name, value = field_line
         lower = name.lower()
@@ -2922,8 +2953,8 @@ def parse_framing(framing: Mapping[bytes, list[bytes]], http_minor: int) -> tupl
     if lengths and encodings:
         raise bad_request("Content-Length and Transfer-Encoding together are not allowed.")
     if encodings:
-        # Only a lone, exact "chunked": anything else ("chunked, identity", "xchunked", a second header)
-        # could be read differently by the next hop.
+        # Only a lone, exact "chunked": anything else ("chunked, identity", "xchunked", a second
+        # header) could be read differently by the next hop.
         if len(encodings) != 1 or encodings[0].lower() != b"chunked" or http_minor == 0:
             raise bad_request("Unsupported Transfer-Encoding.")
         return "chunked", 0
@@ -2942,8 +2973,8 @@ def parse_framing(framing: Mapping[bytes, list[bytes]], http_minor: int) -> tupl
 def check_canonical_path(path: str) -> None:
     """Refuse any path another server might resolve differently from how SOAKP routes it.
 
-    No `.`, `..` or empty segments, no backslash, no percent-encoded `/`, `\\`, `.` or NUL, no malformed
-    percent escape. Raises ApiError(400).
+    No `.`, `..` or empty segments, no backslash, no percent-encoded `/`, `\\`, `.` or NUL, no
+    malformed percent escape. Raises ApiError(400).
     """
     if not path.startswith("/") or "\\" in path or BAD_PERCENT_RE.search(path):
         raise bad_request("The request path is not canonical.")
@@ -3005,7 +3036,8 @@ def parse_request_head(data: bytes) -> RequestHead:
         )
     headers, framing = split_header_lines(lines[1:])
     for name, _ in headers:
-        # A server that folds "_" into "-" (some do, from CGI days) would read a second framing header.
+        # A server that folds "_" into "-" (some do, from CGI days) would read a second framing
+        # header.
         if b"_" in name and name.lower().replace(b"_", b"-") in (
             b"content-length",
             b"transfer-encoding",
@@ -3100,7 +3132,8 @@ def parse_chunk_size(line: bytes) -> int:
 def forwarded_headers(
     headers: Sequence[tuple[bytes, bytes]], also_drop: frozenset[bytes]
 ) -> list[bytes]:
-    """Header lines to pass on: hop-by-hop ones, those the Connection header names and `also_drop` removed."""
+    """Header lines to pass on: hop-by-hop ones, those the Connection header names and `also_drop`
+    removed."""
     named: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
@@ -3121,9 +3154,9 @@ def forwarded_headers(
 
 # 5. Bodies and answers: bytes and heads in, decisions out. No sockets, no awaits.
 #
-# What a request body may hold for a limited token (JSON and multipart read with certainty, budgets),
-# the chunked coding both ways, the heads sent upstream and back, and the usage read from answers. The
-# forwarding section below only moves the bytes these decide about.
+# What a request body may hold for a limited token (JSON and multipart read with certainty,
+# budgets), the chunked coding both ways, the heads sent upstream and back, and the usage read from
+# answers. The forwarding section below only moves the bytes these decide about.
 
 MODEL_IN_BODY_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')  # for the access log only
 MODEL_SCAN_LIMIT_BYTES = (
@@ -3370,8 +3403,8 @@ def json_models(
 
 @dataclass(frozen=True, slots=True)
 class JsonFields:
-    """Some top-level fields of a JSON object, with where each value stands, so that they can be changed
-    in place and every other byte kept (JsonFields.splice)."""
+    """Some top-level fields of a JSON object, with where each value stands, so that they can be
+    changed in place and every other byte kept (JsonFields.splice)."""
 
     text: str
     encoding: str
@@ -3399,11 +3432,11 @@ class JsonFields:
 
 
 def json_fields(body: bytes, keys: Collection[str], chunk: int = JSON_CHUNK_CHARS) -> JsonFields:
-    """The top-level fields named in `keys` of a JSON object body, read as json.loads reads it, a step
-    at a time (see JsonWalk: safe in a thread on a large body).
+    """The top-level fields named in `keys` of a JSON object body, read as json.loads reads it, a
+    step at a time (see JsonWalk: safe in a thread on a large body).
 
-    Raises ApiError(400) for a body that is not a JSON object, or that names one of `keys` twice (parsers
-    disagree on which one counts).
+    Raises ApiError(400) for a body that is not a JSON object, or that names one of `keys` twice
+    (parsers disagree on which one counts).
     """
     try:
         encoding = json.detect_encoding(body)
@@ -3539,8 +3572,8 @@ class MultipartModelScanner:
     or malformed part headers, never hold `--boundary` except as a delimiter, and end with the close
     delimiter (optionally followed by one CRLF); `finish()` checks that last part. Anything else is
     an ApiError(400) naming the rule: SOAKP forwards only bodies that every parser reads as it does.
-    Keeps only what it still needs (a delimiter's length, or one part's headers or model value), so a
-    large file part streams past it.
+    Keeps only what it still needs (a delimiter's length, or one part's headers or model value), so
+    a large file part streams past it.
     """
 
     def __init__(self, boundary: bytes) -> None:
@@ -3721,8 +3754,8 @@ def plain_text(content_type: bytes) -> bool:
 
 
 class FramingError(ValueError):
-    """A body's framing is broken or over a limit. Neutral: the side that reads the body says what it
-    means (a request's: an answer with `status`; an upstream's: a 502)."""
+    """A body's framing is broken or over a limit. Neutral: the side that reads the body says what
+    it means (a request's: an answer with `status`; an upstream's: a 502)."""
 
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
@@ -3730,14 +3763,14 @@ class FramingError(ValueError):
 
 
 class ChunkedDecoder:
-    """Decodes the chunked transfer coding (RFC 9112 §7.1) from pieces as they arrive: request bodies
-    and upstream answers alike.
+    """Decodes the chunked transfer coding (RFC 9112 §7.1) from pieces as they arrive: request
+    bodies and upstream answers alike.
 
-    Data is handed on as soon as it is read, never held for a whole chunk, and a network read that holds
-    several chunks (SSE events) decodes in one call instead of three awaits per chunk. Trailer fields are
-    dropped (hop-by-hop here); with `check_trailers` (a client's request) each must still be a valid
-    field line. `max_body_bytes` bounds the payload (a 413). Bytes after the end are kept in
-    `leftover`: the connection is then not reusable. A reader that must not read past the body (a
+    Data is handed on as soon as it is read, never held for a whole chunk, and a network read that
+    holds several chunks (SSE events) decodes in one call instead of three awaits per chunk. Trailer
+    fields are dropped (hop-by-hop here); with `check_trailers` (a client's request) each must still
+    be a valid field line. `max_body_bytes` bounds the payload (a 413). Bytes after the end are kept
+    in `leftover`: the connection is then not reusable. A reader that must not read past the body (a
     client's next pipelined request) asks `next_read()` how much to read. Raises FramingError.
     """
 
@@ -3758,8 +3791,8 @@ class ChunkedDecoder:
         return self.state == "done"
 
     def next_read(self) -> int:
-        """How many bytes may be read next without passing the end of the body: 0 for a line (read up
-        to and with its CRLF)."""
+        """How many bytes may be read next without passing the end of the body: 0 for a line (read
+        up to and with its CRLF)."""
         if self.state == "data":
             return self.remaining
         if self.state == "data_end":
@@ -3769,8 +3802,8 @@ class ChunkedDecoder:
     def feed(self, data: bytes) -> bytes:
         """Returns the payload bytes that `data` completes (possibly b"").
 
-        Broken framing raises FramingError, but only once the payload before it has been handed on: a
-        stream that breaks after good events still delivers them.
+        Broken framing raises FramingError, but only once the payload before it has been handed on:
+        a stream that breaks after good events still delivers them.
         """
         if self.error is not None:
             raise self.error
@@ -3873,8 +3906,8 @@ def build_upstream_head(
     """The request head sent upstream: checked path and query, upstream Host, the real key, framing.
 
     Everything else the client sent passes unchanged, except hop-by-hop headers, and the org/project
-    headers when the token sets them. `body_length` replaces the client's framing for a rewritten body;
-    `extra` header lines replace the headers named in `also_drop` (the WebSocket handshake).
+    headers when the token sets them. `body_length` replaces the client's framing for a rewritten
+    body; `extra` header lines replace the headers named in `also_drop` (the WebSocket handshake).
     """
     drop = (
         REQUEST_DROP | ORG_HEADERS
@@ -3913,8 +3946,8 @@ def build_upstream_head(
 def without_secret(
     headers: Sequence[tuple[bytes, bytes]], secret: bytes
 ) -> Sequence[tuple[bytes, bytes]]:
-    """The headers less any that holds the real key: an upstream that echoes what it was sent must not
-    hand the key to the client."""
+    """The headers less any that holds the real key: an upstream that echoes what it was sent must
+    not hand the key to the client."""
     if not secret or not any(secret in value or secret in name for name, value in headers):
         return headers
     return [(name, value) for name, value in headers if secret not in value and secret not in name]
@@ -3923,14 +3956,15 @@ def without_secret(
 def build_client_head(
     resp: ResponseHead, plan: AnswerPlan, cors: bytes = b"", secret: bytes = b""
 ) -> bytes:
-    """The response head sent to the client: the upstream's status and headers less hop-by-hop ones and
-    any that holds `secret` (the real key), framed as `plan` says.
+    """The response head sent to the client: the upstream's status and headers less hop-by-hop ones
+    and any that holds `secret` (the real key), framed as `plan` says.
 
     `cors` holds SOAKP's own CORS header lines, which replace any the upstream sent.
     """
     parts = [b"HTTP/1.1 %d " % resp.status + resp.reason + b"\r\n"]
-    # For a body-less answer (HEAD, 204, 304) the upstream's Content-Length describes the resource: keep it.
-    # CORS is SOAKP's policy (--cors-origins), never the upstream's: its own CORS headers are dropped.
+    # For a body-less answer (HEAD, 204, 304) the upstream's Content-Length describes the resource:
+    # keep it. CORS is SOAKP's policy (--cors-origins), never the upstream's: its own CORS headers
+    # are dropped.
     drop = CORS_RESPONSE_HEADERS if resp.body_kind == "none" else RESPONSE_DROP
     parts.extend(forwarded_headers(without_secret(resp.headers, secret), drop))
     parts.append(cors)
@@ -3954,7 +3988,8 @@ USAGE_MAX_DECODED_BYTES = (
 
 
 def usage_counts(usage: object) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from an OpenAI `usage` object: Chat, Completions, Embeddings or Responses."""
+    """(prompt, completion) tokens from an OpenAI `usage` object: Chat, Completions, Embeddings or
+    Responses."""
     if not isinstance(usage, dict):
         return None
     prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
@@ -3967,7 +4002,8 @@ def usage_counts(usage: object) -> tuple[int, int] | None:
 
 
 def usage_in_document(document: object) -> tuple[int, int] | None:
-    """The usage of a response body or SSE event: top-level `usage`, or `response.usage` (Responses API)."""
+    """The usage of a response body or SSE event: top-level `usage`, or `response.usage` (Responses
+    API)."""
     if not isinstance(document, dict):
         return None
     found = usage_counts(document.get("usage"))
@@ -3981,8 +4017,8 @@ JSON_DECODER = json.JSONDecoder()
 
 
 def last_usage_object(data: bytes) -> tuple[int, int] | None:
-    """The counts of the last `"usage": {...}` in a JSON text (OpenAI puts it last), decoding that object
-    alone: cheaper than parsing the whole answer, and it works on the tail of a large one."""
+    """The counts of the last `"usage": {...}` in a JSON text (OpenAI puts it last), decoding that
+    object alone: cheaper than parsing the whole answer, and it works on the tail of a large one."""
     end = len(data)
     for _ in range(4):
         start = data.rfind(b'"usage"', 0, end)
@@ -4005,8 +4041,8 @@ def last_usage_object(data: bytes) -> tuple[int, int] | None:
 
 
 class UsageMeter:
-    """Reads OpenAI's own token counts from a response while it is relayed, without holding it back or
-    changing a byte: a JSON body's `usage`, or the last SSE event that carries one."""
+    """Reads OpenAI's own token counts from a response while it is relayed, without holding it back
+    or changing a byte: a JSON body's `usage`, or the last SSE event that carries one."""
 
     def __init__(self, sse: bool, encoding: bytes) -> None:
         self.sse = sse
@@ -4057,8 +4093,8 @@ class UsageMeter:
         end = self.buffer.rfind(b"\n")
         if end == -1:
             if len(self.buffer) > USAGE_WHOLE_BYTES:
-                # A huge event (Responses' response.completed repeats the whole output): its usage comes
-                # last, so keep only the line's start and its tail.
+                # A huge event (Responses' response.completed repeats the whole output): its usage
+                # comes last, so keep only the line's start and its tail.
                 if not self.whole:
                     del self.buffer[:-USAGE_TAIL_BYTES]
                 else:
@@ -4083,7 +4119,8 @@ class UsageMeter:
                     self.found = found
 
     def usage(self) -> tuple[int, int] | None:
-        """(prompt, completion) tokens once the body has been fed, or None when the answer had none."""
+        """(prompt, completion) tokens once the body has been fed, or None when the answer
+        had none."""
         if self.sse:
             return self.found
         return last_usage_object(bytes(self.buffer))
@@ -4091,8 +4128,8 @@ class UsageMeter:
 
 @dataclass(slots=True)
 class RequestBody:
-    """A request body as it is forwarded: what was read ahead (to check it, or to replay it on a fresh
-    connection) and what still streams from the client."""
+    """A request body as it is forwarded: what was read ahead (to check it, or to replay it on a
+    fresh connection) and what still streams from the client."""
 
     read_ahead: bytes = b""
     rest: AsyncIterator[bytes] | None = None  # None: read_ahead is the whole body
@@ -4113,9 +4150,10 @@ def check_model(allowed: Sequence[str], model: str | None) -> None:
         )
 
 
-# For a budgeted token (SPEC.md, Limits): the output caps each endpoint knows, and the one SOAKP adds
-# when the request has none. Reasoning models refuse `max_tokens`, so chat gets `max_completion_tokens`;
-# legacy completions get the API's own default of 16, which changes nothing but makes it explicit.
+# For a budgeted token (SPEC.md, Limits): the output caps each endpoint knows, and the one SOAKP
+# adds when the request has none. Reasoning models refuse `max_tokens`, so chat gets
+# `max_completion_tokens`; legacy completions get the API's own default of 16, which changes nothing
+# but makes it explicit.
 CAPPED_ENDPOINTS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "/v1/chat/completions": (("max_tokens", "max_completion_tokens"), "max_completion_tokens"),
     "/v1/responses": (("max_output_tokens",), "max_output_tokens"),
@@ -4158,11 +4196,12 @@ def whole_number(fields: Mapping[str, Any], name: str, default: int) -> int:
 
 
 def plan_budget(fields: Mapping[str, Any], upstream_path: str, left: int) -> BudgetPlan:
-    """Lower (or add) a budgeted request's output cap to what the budget has left, shared among its choices.
+    """Lower (or add) a budgeted request's output cap to what the budget has left, shared among its
+    choices.
 
-    `fields` are the request's top-level BUDGET_FIELDS. Pure. Raises ApiError: 400 for a cap that is not a
-    number, 403 for a background response (its usage is never reported in the answer), 429 when nothing
-    is left.
+    `fields` are the request's top-level BUDGET_FIELDS. Pure. Raises ApiError: 400 for a cap that is
+    not a number, 403 for a background response (its usage is never reported in the answer), 429
+    when nothing is left.
     """
     if upstream_path == "/v1/responses" and fields.get("background") not in (None, False):
         raise ApiError(
@@ -4214,8 +4253,9 @@ SSE_EVENT_END_RE = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
 class SseUsageStripper:
-    """Takes back out of a chat stream what SOAKP's own `include_usage` added: the final usage-only event
-    and the `"usage":null` of every other chunk, so the client receives the stream it asked for."""
+    """Takes back out of a chat stream what SOAKP's own `include_usage` added: the final usage-only
+    event and the `"usage":null` of every other chunk, so the client receives the stream it asked
+    for."""
 
     def __init__(self) -> None:
         self.buffer = b""
@@ -4266,7 +4306,8 @@ LAST_CHUNK = b"0\r\n\r\n"
 
 
 def encode_chunk(data: bytes) -> bytes:
-    """One chunk of the chunked transfer coding (nothing for no data: an empty chunk would end the body)."""
+    """One chunk of the chunked transfer coding (nothing for no data: an empty chunk would end the
+    body)."""
     return b"%x\r\n" % len(data) + data + b"\r\n" if data else b""
 
 
@@ -4292,9 +4333,9 @@ def plan_answer(
 ) -> AnswerPlan:
     """Decide the client's framing for an upstream answer. Pure.
 
-    The upstream's own framing is kept where it can be; an answer whose length is unknown (chunked, or
-    ended by close) goes to an HTTP/1.1 client chunked and to an HTTP/1.0 client ended by close, and so
-    does one whose usage event SOAKP takes out (its length changes).
+    The upstream's own framing is kept where it can be; an answer whose length is unknown (chunked,
+    or ended by close) goes to an HTTP/1.1 client chunked and to an HTTP/1.0 client ended by close,
+    and so does one whose usage event SOAKP takes out (its length changes).
     """
     strip = (
         strip_usage_event
@@ -4355,9 +4396,9 @@ def offered_subprotocols(head: RequestHead) -> list[str]:
 
 
 def websocket_model(claims: TokenClaims, upstream_path: str, query: str) -> str | None:
-    """The `model` of a WebSocket session (the Realtime API names it in the query), checked against a
-    models-limited token. Such a token must name exactly one allowed model up front: a tunnel cannot see
-    what a session asks for later (a Responses WebSocket, or a call joined by call_id).
+    """The `model` of a WebSocket session (the Realtime API names it in the query), checked against
+    a models-limited token. Such a token must name exactly one allowed model up front: a tunnel
+    cannot see what a session asks for later (a Responses WebSocket, or a call joined by call_id).
 
     Raises ApiError 400 (`model` named twice in any case: `?model=ok&MODEL=bad`) or 403.
     """
@@ -4391,8 +4432,8 @@ def is_websocket_upgrade(head: RequestHead) -> bool:
 def build_switching_head(
     resp: ResponseHead, offered: Sequence[str], cors: bytes, secret: bytes = b""
 ) -> bytes:
-    """The 101 sent to the client. Its subprotocol is one the client offered that carries no credential:
-    the upstream's choice when it is such, else the first such offer."""
+    """The 101 sent to the client. Its subprotocol is one the client offered that carries no
+    credential: the upstream's choice when it is such, else the first such offer."""
     safe = [p for p in offered if not p.startswith(WEBSOCKET_KEY_PROTOCOL)]
     chosen = None
     for name, value in resp.headers:
@@ -4416,10 +4457,12 @@ def build_switching_head(
 def upstream_handshake(
     head: RequestHead, upstream_path: str, claims: TokenClaims, target: UpstreamTarget
 ) -> bytes:
-    """The upstream WebSocket handshake: the client's, with the real key where the client put its token.
+    """The upstream WebSocket handshake: the client's, with the real key where the client put its
+    token.
 
     The real key goes into the upstream's subprotocol only when the client authenticated that way; a
-    client that sent Authorization gets Authorization upstream, and its key-shaped offers are dropped.
+    client that sent Authorization gets Authorization upstream, and its key-shaped offers are
+    dropped.
     """
     by_header = head.header(b"authorization") is not None
     protocols = [
@@ -4437,9 +4480,10 @@ def upstream_handshake(
 
 @dataclass(slots=True, eq=False)
 class Exchange:
-    """One request's progress and facts, from its head to its access log line: what forwarding needs to
-    answer a failure honestly, what the limits settle afterwards, and what the log and metrics show.
-    Forwarding's functions all take it (as uvicorn's RequestResponseCycle holds one request)."""
+    """One request's progress and facts, from its head to its access log line: what forwarding needs
+    to answer a failure honestly, what the limits settle afterwards, and what the log and metrics
+    show. Forwarding's functions all take it (as uvicorn's RequestResponseCycle holds one request).
+    """
 
     started: float
     watchdog: Watchdog
@@ -4474,13 +4518,14 @@ class Exchange:
     )
 
     def mark_first_byte(self) -> None:
-        """The first response byte is going out: from now on a failure can only cut the answer short."""
+        """The first response byte is going out: from now on a failure can only cut the answer
+        short."""
         if not self.response_started:
             self.response_started = True
             self.first_byte_s = time.monotonic() - self.started
 
 
-# 6. Forwarding: a checked request in, the upstream's answer streamed back. All upstream I/O lives here.
+# 6. Forwarding: a checked request in, the answer streamed back. All upstream I/O lives here.
 
 # The limits that count against state: a budget's spending and reservations and a rate limit, kept
 # by this instance or, with --redis, by every instance together (SharedStore, section 3).
@@ -4658,8 +4703,8 @@ POOL_IDLE_LIMIT_S = 50.0  # below the 60 s idle timeout common to cloud load bal
 
 
 class UpstreamError(Exception):
-    """The upstream failed; `status` is what the client gets if no response byte was sent yet, and `kind`
-    names the failure in metrics and the access log."""
+    """The upstream failed; `status` is what the client gets if no response byte was sent yet, and
+    `kind` names the failure in metrics and the access log."""
 
     def __init__(self, status: int, message: str, kind: str) -> None:
         super().__init__(message)
@@ -4695,11 +4740,11 @@ CLIENT_CHECK_S = (
 class Watchdog:
     """Every time limit of one client connection on one lazily rescheduled timer.
 
-    A timer per read (asyncio.timeout) costs more than the read it guards; here arming is an attribute
-    write and the timer, when it fires, checks whether a deadline really passed. A late read is ended by
-    setting TimeoutError on the stream it waits on. While an upstream read waits, the timer also looks
-    every CLIENT_CHECK_S whether the client has gone, so that no upstream keeps working (and billing)
-    for an answer nobody will read: that read ends with ClientGone.
+    A timer per read (asyncio.timeout) costs more than the read it guards; here arming is an
+    attribute write and the timer, when it fires, checks whether a deadline really passed. A late
+    read is ended by setting TimeoutError on the stream it waits on. While an upstream read waits,
+    the timer also looks every CLIENT_CHECK_S whether the client has gone, so that no upstream keeps
+    working (and billing) for an answer nobody will read: that read ends with ClientGone.
     """
 
     __slots__ = (
@@ -4738,7 +4783,8 @@ class Watchdog:
         self.finish_upstream = False  # a budgeted answer: keep reading it when the client leaves
 
     def arm_client(self, writing: bool = False) -> None:
-        """The client has --header-timeout to deliver what is read next, or to take what is written."""
+        """The client has --header-timeout to deliver what is read next, or to take what
+        is written."""
         self.client_deadline = deadline = self.loop.time() + self.client_timeout_s
         self.client_writing = writing
         self.wake_by(deadline)
@@ -4773,13 +4819,14 @@ class Watchdog:
             if now < self.client_deadline:
                 wake = self.client_deadline
             elif self.client_writing or self.client_cut:
-                # A client that stopped reading, or whose read went on after being told to stop: only
-                # closing ends the wait.
+                # A client that stopped reading, or whose read went on after being told to stop:
+                # only closing ends the wait.
                 self.client_deadline = None
                 cast(asyncio.Transport, self.client_transport).abort()
             else:
-                # End the read so that a 408 can still be sent. A stream checks for the exception only when
-                # a read starts: one woken by a byte just now would go on, so look again shortly.
+                # End the read so that a 408 can still be sent. A stream checks for the exception
+                # only when a read starts: one woken by a byte just now would go on, so look again
+                # shortly.
                 self.client.set_exception(TimeoutError("the client was too slow"))
                 self.client_cut = True
                 self.client_deadline = wake = now + CLIENT_CHECK_S
@@ -4818,8 +4865,9 @@ class UpstreamConnection:
             self.writer.close()
 
     def abort(self) -> None:
-        """Drop a connection at once with a TCP reset, so the upstream stops working on it now. A plain
-        close would queue the FIN behind unsent bytes that an upstream which stopped reading never takes."""
+        """Drop a connection at once with a TCP reset, so the upstream stops working on it now. A
+        plain close would queue the FIN behind unsent bytes that an upstream which stopped reading
+        never takes."""
         transport = self.writer.transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -4831,9 +4879,10 @@ class UpstreamConnection:
 
 
 def unread_bytes(reader: asyncio.StreamReader) -> int:
-    """Bytes received and not yet read. Past the end of a response there must be none: an upstream that
-    sent more than its framing announced would otherwise answer the next request, another client's,
-    with them (RFC 9112 §9.3). StreamReader has no public peek; its buffer is the stdlib's own."""
+    """Bytes received and not yet read. Past the end of a response there must be none: an upstream
+    that sent more than its framing announced would otherwise answer the next request, another
+    client's, with them (RFC 9112 §9.3). StreamReader has no public peek; its buffer is the stdlib's
+    own."""
     return len(reader._buffer)  # type: ignore[attr-defined]  # noqa: SLF001
 
 
@@ -4850,7 +4899,8 @@ class UpstreamPool:
         self.connections_opened = 0
 
     async def acquire(self) -> tuple[UpstreamConnection, bool]:
-        """An idle connection that still looks alive, else a new one. Returns (connection, reused)."""
+        """An idle connection that still looks alive, else a new one. Returns
+        (connection, reused)."""
         now = time.monotonic()
         while self.idle:
             conn = self.idle.pop()
@@ -4880,8 +4930,8 @@ class UpstreamPool:
                 self.connect_timeout_s,
             )
         except ssl.SSLCertVerificationError as exc:
-            # Never retried without verification: a certificate that does not verify is an attack or a
-            # misconfiguration, and the key must not go to whoever holds it.
+            # Never retried without verification: a certificate that does not verify is an attack or
+            # a misconfiguration, and the key must not go to whoever holds it.
             raise UpstreamError(
                 502,
                 f"The upstream's TLS certificate did not verify: {exc.verify_message}.",
@@ -4921,8 +4971,9 @@ class UpstreamPool:
 async def read_request_body(
     reader: asyncio.StreamReader, head: RequestHead, max_body_bytes: int, watchdog: Watchdog
 ) -> AsyncIterator[bytes]:
-    """Yield the client's request body in pieces as they arrive, decoding chunked framing with the same
-    ChunkedDecoder as upstream answers, and never reading past the body's end (a pipelined request).
+    """Yield the client's request body in pieces as they arrive, decoding chunked framing with the
+    same ChunkedDecoder as upstream answers, and never reading past the body's end (a pipelined
+    request).
 
     Raises ApiError (400 bad chunking, 413 over the limit, 408 too slow) or ClientGone.
     """
@@ -4975,8 +5026,8 @@ async def read_upstream_body(
 ) -> AsyncIterator[bytes]:
     """Yield the upstream's response body in pieces as they arrive (chunked framing decoded).
 
-    Raises UpstreamError if the upstream stalls, breaks its framing or closes early; ClientGone if the
-    client leaves while the upstream is silent.
+    Raises UpstreamError if the upstream stalls, breaks its framing or closes early; ClientGone if
+    the client leaves while the upstream is silent.
     """
     reader = conn.reader
 
@@ -5026,10 +5077,11 @@ async def read_upstream_body(
 async def read_response_head(
     conn: UpstreamConnection, method: str, watchdog: Watchdog, upgrade: bool = False
 ) -> ResponseHead:
-    """Read the upstream's final response head, skipping 1xx interim answers (but a 101 when upgrading).
+    """Read the upstream's final response head, skipping 1xx interim answers (but a 101 when
+    upgrading).
 
-    Raises UpstreamError (504 on silence, 502 otherwise) or ConnectionResetError/IncompleteReadError with
-    nothing read, which the caller may retry on a fresh connection.
+    Raises UpstreamError (504 on silence, 502 otherwise) or ConnectionResetError/IncompleteReadError
+    with nothing read, which the caller may retry on a fresh connection.
     """
     while True:
         try:
@@ -5059,7 +5111,8 @@ async def read_response_head(
 async def write_client(
     writer: asyncio.StreamWriter, data: bytes, watchdog: Watchdog | None = None
 ) -> None:
-    """Write and wait for the buffer to drain, so a slow client slows the upstream instead of filling memory.
+    """Write and wait for the buffer to drain, so a slow client slows the upstream instead of
+    filling memory.
 
     With a watchdog, a client that takes nothing for --header-timeout is disconnected.
     """
@@ -5098,10 +5151,10 @@ async def read_body_ahead(
 ) -> RequestBody:
     """Read as much of the request body as forwarding needs before it connects upstream.
 
-    A small body is read whole (one write upstream, and replayable). For a models-limited token, a JSON
-    body is read whole, since a later repeated "model" key would otherwise slip past the check; a
-    multipart body is read until its `model` field, and the rest is watched as it streams. For a token
-    with a budget, a streamed chat request is made to report its usage (see SseUsageStripper).
+    A small body is read whole (one write upstream, and replayable). For a models-limited token, a
+    JSON body is read whole, since a later repeated "model" key would otherwise slip past the check;
+    a multipart body is read until its `model` field, and the rest is watched as it streams. For a
+    token with a budget, a streamed chat request is made to report its usage (see SseUsageStripper).
     Raises ApiError (403 for a model outside the token's list, 400, 408, 413) or ClientGone.
     """
     if head.body_kind == "none":
@@ -5167,8 +5220,9 @@ async def read_body_ahead(
 async def budget_body(
     state: ServerState, exchange: Exchange, claims: TokenClaims, upstream_path: str, data: bytes
 ) -> RequestBody:
-    """A budgeted request's JSON body, its output cap lowered to what the chain's budget has left, and that
-    much reserved until the answer's usage settles it (record_outcome). Raises ApiError 400, 403, 429."""
+    """A budgeted request's JSON body, its output cap lowered to what the chain's budget has left,
+    and that much reserved until the answer's usage settles it (record_outcome). Raises ApiError
+    400, 403, 429."""
     if len(data) > JSON_OFF_LOOP_BYTES:  # JsonWalk's steps are short: the loop runs between them
         fields = await asyncio.to_thread(json_fields, data, BUDGET_FIELDS)
     else:
@@ -5241,7 +5295,8 @@ async def forward(
     claims: TokenClaims,
     cors: bytes,
 ) -> bool:
-    """Send one request upstream and stream the answer back. Returns whether the client connection may be reused.
+    """Send one request upstream and stream the answer back. Returns whether the client connection
+    may be reused.
 
     Raises ApiError/UpstreamError before the response starts; after that a failure closes the client
     connection so the client sees a truncated response, never an invented ending.
@@ -5291,8 +5346,9 @@ async def forward(
 async def send_upstream(
     state: ServerState, exchange: Exchange, head: RequestHead, first_write: bytes, body: RequestBody
 ) -> tuple[UpstreamConnection, ResponseHead]:
-    """Send the request on a pooled connection and read the answer's head, trying once more on a fresh
-    connection when that is safe. Raises UpstreamError (502 reset, 504) or what the body's reading raises.
+    """Send the request on a pooled connection and read the answer's head, trying once more on a
+    fresh connection when that is safe. Raises UpstreamError (502 reset, 504) or what the body's
+    reading raises.
     """
     replayable = body.rest is None
     for attempt in (1, 2):
@@ -5309,10 +5365,11 @@ async def send_upstream(
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
             conn.abort()
             exchange.upstream = None
-            # A pooled connection that broke before any answer was most likely closed by the upstream while
-            # idle, but the upstream may also have received the whole request and acted on it. Like Go's
-            # net/http and nginx, try once more only a request that may run twice (RFC 9110 §9.2.2); for a
-            # POST the client decides (the SDKs retry a 502 themselves).
+            # A pooled connection that broke before any answer was most likely closed by the
+            # upstream while idle, but the upstream may also have received the whole request and
+            # acted on it. Like Go's net/http and nginx, try once more only a request that may run
+            # twice (RFC 9110 §9.2.2); for a POST the client decides (the SDKs retry a 502
+            # themselves).
             if attempt == 1 and reused and replayable and head.method in IDEMPOTENT_METHODS:
                 continue
             raise upstream_reset(exc) from None
@@ -5342,8 +5399,8 @@ async def relay_whole(
     client_head: bytes,
     meter: UsageMeter | None,
 ) -> None:
-    """A small answer (most JSON responses), or one without a body, in one write: fewer syscalls, and a
-    failure while reading it still leaves the client an honest 502."""
+    """A small answer (most JSON responses), or one without a body, in one write: fewer syscalls,
+    and a failure while reading it still leaves the client an honest 502."""
     data = b""
     if resp.body_kind != "none":
         data = b"".join(
@@ -5367,15 +5424,16 @@ async def relay_stream(
     client_head: bytes,
     meter: UsageMeter | None,
 ) -> None:
-    """A large or streamed answer, piece by piece as it arrives: one client write per upstream read."""
+    """A large or streamed answer, piece by piece as it arrives: one client write per
+    upstream read."""
     claims = exchange.claims
     assert claims is not None
     client = ClientWriter(writer, exchange)
     stripper = SseUsageStripper() if plan.strip_usage_event else None
     chunked = plan.framing == "chunked"
     with open_stream(state, claims, exchange):
-        # The head goes out at once, unless the first body bytes came with it (an SSE stream's first event
-        # usually does): then both leave in one write.
+        # The head goes out at once, unless the first body bytes came with it (an SSE stream's first
+        # event usually does): then both leave in one write.
         pending = client_head
         if not unread_bytes(conn.reader):
             exchange.mark_first_byte()
@@ -5412,9 +5470,10 @@ BUDGET_DRAIN_MAX_BYTES = 64 * 1024**2  # what is read of a budgeted answer after
 
 
 class ClientWriter:
-    """Writes an answer to the client. For a budgeted answer (the watchdog finishes its upstream), a client
-    that leaves does not end the relay at once: the rest is read and metered, so that it is charged, up to
-    BUDGET_DRAIN_MAX_BYTES and --read-timeout; check_gone() then ends the exchange."""
+    """Writes an answer to the client. For a budgeted answer (the watchdog finishes its upstream), a
+    client that leaves does not end the relay at once: the rest is read and metered, so that it is
+    charged, up to BUDGET_DRAIN_MAX_BYTES and --read-timeout; check_gone() then ends the exchange.
+    """
 
     __slots__ = ("writer", "exchange", "gone", "drained")
 
@@ -5444,8 +5503,9 @@ class ClientWriter:
 
 @contextlib.contextmanager
 def open_stream(state: ServerState, claims: TokenClaims, exchange: Exchange) -> Iterator[None]:
-    """While an answer streams or a WebSocket session lasts: counted in the metrics, and registered under
-    its chain and every ancestor's, so that revoking any of them ends it (end_chain_streams)."""
+    """While an answer streams or a WebSocket session lasts: counted in the metrics, and registered
+    under its chain and every ancestor's, so that revoking any of them ends it (end_chain_streams).
+    """
     state.metrics.streams_open += 1
     for cid in claims.chains:
         state.streams.setdefault(cid, set()).add(exchange)
@@ -5498,7 +5558,8 @@ async def pipe(
     activity: list[float],
     moved: list[int],
 ) -> None:
-    """Copy bytes one way until EOF or an error; `activity` holds the time of the last byte, `moved` the count."""
+    """Copy bytes one way until EOF or an error; `activity` holds the time of the last byte, `moved`
+    the count."""
     try:
         while piece := await reader.read(READ_CHUNK_BYTES):
             activity[0] = time.monotonic()
@@ -5519,10 +5580,12 @@ async def tunnel_websocket(
     claims: TokenClaims,
     cors: bytes,
 ) -> bool:
-    """The Realtime API: make the upstream handshake with the real key, relay the 101, then move bytes
-    both ways without parsing frames until either side closes, goes idle or the session is too long.
+    """The Realtime API: make the upstream handshake with the real key, relay the 101, then move
+    bytes both ways without parsing frames until either side closes, goes idle or the session is too
+    long.
 
-    Returns False: the client connection is never reused. Raises ApiError/UpstreamError before the 101.
+    Returns False: the client connection is never reused. Raises ApiError/UpstreamError before the
+    101.
     """
     exchange.upstream_started = time.monotonic()
     conn = await state.pool.connect()
@@ -5635,7 +5698,8 @@ NOT_TRIED = object()
 
 
 def pair_fingerprint(cert_file: str, key_file: str) -> tuple[tuple[int, int, int], ...] | None:
-    """What identifies the files now on disk (through Certbot's symlinks); None if one is missing."""
+    """What identifies the files now on disk (through Certbot's symlinks); None if one
+    is missing."""
     try:
         return tuple(
             (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -5660,8 +5724,9 @@ class CertReloader:
 
     The listening socket keeps one front context whose SNI callback (OpenSSL calls it for every
     ClientHello, with or without SNI) hands each new handshake the current pair's context; open
-    connections keep the one they started with. A pair that does not load (Certbot swaps its symlinks
-    one at a time, so a renewal can be seen half done) keeps the old one and is tried again.
+    connections keep the one they started with. A pair that does not load (Certbot swaps its
+    symlinks one at a time, so a renewal can be seen half done) keeps the old one and is tried
+    again.
     """
 
     def __init__(self, cert_file: str, key_file: str) -> None:
@@ -5682,7 +5747,8 @@ class CertReloader:
         ssl_object.context = self.current
 
     def reload(self, force: bool = False) -> bool:
-        """Load the pair again if it changed on disk (or always, when forced). Returns whether it was swapped."""
+        """Load the pair again if it changed on disk (or always, when forced). Returns whether it
+        was swapped."""
         seen = pair_fingerprint(self.cert_file, self.key_file)
         if not force and (seen == self.loaded or seen == self.failed):
             return False
@@ -5708,7 +5774,8 @@ class CertReloader:
 
 
 def upstream_ssl_context(cafile: str | None) -> ssl.SSLContext:
-    """A verifying client context: hostname checked, certifi's bundle unless --upstream-ca names another."""
+    """A verifying client context: hostname checked, certifi's bundle unless --upstream-ca names
+    another."""
     try:
         context = ssl.create_default_context(cafile=cafile or certifi.where())
     except (OSError, ssl.SSLError) as exc:
@@ -5796,12 +5863,14 @@ CORS_ALLOWED_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 CORS_EXPOSED_HEADERS = (
     "x-request-id, openai-processing-ms, openai-organization, openai-project, openai-version, "
     "x-ratelimit-limit-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-requests, "
-    "x-ratelimit-remaining-tokens, x-ratelimit-reset-requests, x-ratelimit-reset-tokens, retry-after"
+    "x-ratelimit-remaining-tokens, x-ratelimit-reset-requests, x-ratelimit-reset-tokens, "
+    "retry-after"
 )
 CORS_MAX_AGE_S = 600
 REQUEST_HEADERS_LIST_RE = re.compile(rb"[A-Za-z0-9!#$%&'*+\-.^_`|~, \t]{0,2048}\Z")
 
-# OpenAI's top-level resources, so that metric labels stay a bounded set whatever paths clients send.
+# OpenAI's top-level resources, so that metric labels stay a bounded set whatever paths clients
+# send.
 METRIC_RESOURCES = frozenset(
     {
         "assistants",
@@ -5934,7 +6003,8 @@ class Metrics:
             for k, n in sorted(self.upstream_errors.items())
         ]
         lines += [
-            "# HELP soakp_client_disconnects_total Requests whose client left before the answer was complete.",
+            "# HELP soakp_client_disconnects_total Requests whose client left before the answer "
+            "was complete.",
             "# TYPE soakp_client_disconnects_total counter",
             f"soakp_client_disconnects_total {self.client_disconnects}",
         ]
@@ -5945,7 +6015,8 @@ class Metrics:
             "# HELP soakp_open_streams Responses being streamed now.",
             "# TYPE soakp_open_streams gauge",
             f"soakp_open_streams {self.streams_open}",
-            "# HELP soakp_tokens_used_total OpenAI tokens used, from the upstream's usage, by token sub.",
+            "# HELP soakp_tokens_used_total OpenAI tokens used, from the upstream's usage, "
+            "by token sub.",
             "# TYPE soakp_tokens_used_total counter",
         ]
         lines += [
@@ -6069,7 +6140,8 @@ def bearer_token(head: RequestHead) -> str:
 
 
 def websocket_token(head: RequestHead) -> str:
-    """A WebSocket client's token: `Authorization: Bearer`, or the subprotocol browsers use for it."""
+    """A WebSocket client's token: `Authorization: Bearer`, or the subprotocol browsers use
+    for it."""
     if head.header(b"authorization") is not None:
         return bearer_token(head)
     for protocol in offered_subprotocols(head):
@@ -6082,9 +6154,11 @@ def websocket_token(head: RequestHead) -> str:
 
 
 def check_admin(state: ServerState, head: RequestHead, peer: str, now: float) -> None:
-    """HTTP Basic for the admin endpoints, compared in constant time, with a lockout after repeated failures.
+    """HTTP Basic for the admin endpoints, compared in constant time, with a lockout after repeated
+    failures.
 
-    Raises ApiError: 404 when no admin credentials are configured, 429 while locked out, 401 on failure.
+    Raises ApiError: 404 when no admin credentials are configured, 429 while locked out, 401 on
+    failure.
     """
     config = state.config
     if config.admin_user is None or config.admin_pass is None:
@@ -6099,8 +6173,8 @@ def check_admin(state: ServerState, head: RequestHead, peer: str, now: float) ->
         )
     value = head.header(b"authorization")
     if value is None:
-        # Asking without credentials is how a browser learns it must log in (the console's page does it
-        # for each endpoint it calls): not a guess, so it does not count towards the lockout.
+        # Asking without credentials is how a browser learns it must log in (the console's page does
+        # it for each endpoint it calls): not a guess, so it does not count towards the lockout.
         raise ApiError(
             401,
             "Admin login required: send HTTP Basic credentials (--admin-user / --admin-pass).",
@@ -6241,8 +6315,9 @@ async def issue_token(state: ServerState, grant: Grant) -> MintedToken:
 
 
 def end_chain_streams(state: ServerState, cids: Sequence[str]) -> None:
-    """Cut the answers and WebSocket sessions still streaming for revoked chains: the upstream connection
-    is reset, so the client sees a truncated answer (SPEC.md: within the revocation delay)."""
+    """Cut the answers and WebSocket sessions still streaming for revoked chains: the upstream
+    connection is reset, so the client sees a truncated answer (SPEC.md: within the revocation
+    delay)."""
     for cid in cids:
         for exchange in list(state.streams.get(cid, ())):
             log.info("ending a stream of revoked chain cid=%s", cid)
@@ -6329,8 +6404,8 @@ async def handle_admin(
 async def revocation_target(state: ServerState, fields: Mapping[str, Any]) -> tuple[str, int]:
     """The chain (cid, renew-until) that a revoke request names by `jti`, `cid` or a whole `jwt`.
 
-    A token's text proves itself, so it may be revoked here even if this registry never saw it; an id
-    this registry does not know is a 404. Raises ApiError 400 or 404.
+    A token's text proves itself, so it may be revoked here even if this registry never saw it; an
+    id this registry does not know is a 404. Raises ApiError 400 or 404.
     """
     named = [name for name in ("jti", "cid", "jwt") if fields.get(name) is not None]
     if len(named) != 1 or set(fields) - {"jti", "cid", "jwt"}:
@@ -6404,8 +6479,8 @@ async def handle_delegate(
     state: ServerState, reader: asyncio.StreamReader, head: RequestHead, exchange: Exchange
 ) -> tuple[int, bytes, str]:
     """POST /jwt/delegate: a child token for the presented one, every limit within its own (SPEC.md,
-    Delegation). The child carries the parent's key, sealed again for the child's jti; the holder of the
-    parent never sees it. Minting counts as a request against the parent's `rpm`."""
+    Delegation). The child carries the parent's key, sealed again for the child's jti; the holder of
+    the parent never sees it. Minting counts as a request against the parent's `rpm`."""
     parent = state.tokens.verify(bearer_token(head), time.time())
     exchange.claims = parent
     fields = await read_json_body(reader, head, state.config, exchange)
@@ -6542,13 +6617,15 @@ def check_permissions(
             )
 
 
-# SPEC.md, Methods: what the OpenAI API uses; anything else, a lowercase spelling included, is a 501.
+# SPEC.md, Methods: what the OpenAI API uses; anything else, a lowercase spelling included, is a
+# 501.
 FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 @dataclass(frozen=True, slots=True)
 class Listener:
-    """What one listening socket serves: the proxy, the admin endpoints, or both (no --admin-listen)."""
+    """What one listening socket serves: the proxy, the admin endpoints, or both (no
+    --admin-listen)."""
 
     scheme: str  # "https" or "http": the Origin an admin page served here has
     proxy: bool = True
@@ -6696,7 +6773,8 @@ async def handle_proxied(
     websocket = is_websocket_upgrade(head)
     claims = state.tokens.verify(websocket_token(head) if websocket else bearer_token(head), now)
     exchange.claims = claims
-    # Usage is spent when an answer is made (POST); fetching a stored one later must not count it again.
+    # Usage is spent when an answer is made (POST); fetching a stored one later must not count it
+    # again.
     exchange.metered = head.method == "POST"
     record_use(state, claims, int(now))
     check_permissions(state, claims, head, upstream_path)
@@ -6835,7 +6913,8 @@ async def keep_registry(state: ServerState) -> None:
     while True:
         await asyncio.sleep(REGISTRY_POLL_S)
         try:
-            # Revocations first: a usage write that has to wait for the database must not delay them.
+            # Revocations first: a usage write that has to wait for the database must not delay
+            # them.
             now_version = await state.registry.call(registry.data_version)
             if now_version != version:
                 version = now_version
@@ -6981,8 +7060,9 @@ async def answer_error(
     keep_alive: bool,
     extra_headers: Sequence[tuple[str, str]] = (),
 ) -> int:
-    """Send an error response. When the connection is to close with request bytes possibly unread, read
-    and discard a little first, so the client receives the answer instead of a reset. Returns bytes sent."""
+    """Send an error response. When the connection is to close with request bytes possibly unread,
+    read and discard a little first, so the client receives the answer instead of a reset. Returns
+    bytes sent."""
     response = error_response(exc, keep_alive, extra_headers)
     try:
         await write_client(writer, response)
@@ -7025,22 +7105,25 @@ def access_log_line(
 ) -> str:
     """One JSON line per request: safe to ship anywhere (never the key, a token or a body).
 
-    Written out by hand rather than with json.dumps(dict): it runs for every request, and this way costs
-    a third as much.
+    Written out by hand rather than with json.dumps(dict): it runs for every request, and this way
+    costs a third as much.
     """
     claims = exchange.claims
     request_id = exchange.request_id or f"soakp-{next(state.request_counter)}"
     line = (
-        f'{{"time":"{utc_second(int(now))}.{int(now % 1 * 1000):03d}+00:00","request_id":{json_string(request_id)},'
+        f'{{"time":"{utc_second(int(now))}.{int(now % 1 * 1000):03d}+00:00",'
+        f'"request_id":{json_string(request_id)},'
         f'"client":{json_string(peer)},"method":{json_text(head.method if head else None)},'
         f'"path":{json_text(safe_for_log(head.path) if head else None)},"status":{exchange.status},'
         f'"bytes_in":{exchange.bytes_in},"bytes_out":{exchange.bytes_out},"duration_ms":{json_ms(elapsed_s)},'
         f'"upstream_ms":{json_ms(exchange.upstream_s if exchange.upstream_started else None)},'
-        f'"ttfb_ms":{json_ms(exchange.first_byte_s)},"sub":{json_text(claims.sub if claims else None)},'
+        f'"ttfb_ms":{json_ms(exchange.first_byte_s)},'
+        f'"sub":{json_text(claims.sub if claims else None)},'
         f'"jti":{json_text(claims.jti if claims else None)},"model":{json_text(exchange.model)}'
     )
     if exchange.usage is not None:
-        line += f',"usage":{{"prompt_tokens":{exchange.usage[0]},"completion_tokens":{exchange.usage[1]}}}'
+        prompt, completion = exchange.usage
+        line += f',"usage":{{"prompt_tokens":{prompt},"completion_tokens":{completion}}}'
     if exchange.error_kind:
         line += f',"error":{json_string(exchange.error_kind)}'
     return line + "}"
@@ -7051,8 +7134,9 @@ ACCESS_LOG_MAX_LINES = 256
 
 
 class AccessLog:
-    """The access log: one JSON object per line on stderr, written in small batches, since a write and a
-    flush per request would cost more CPU than proxying the request. Lines wait at most 50 ms."""
+    """The access log: one JSON object per line on stderr, written in small batches, since a write
+    and a flush per request would cost more CPU than proxying the request. Lines wait at most 50 ms.
+    """
 
     def __init__(self, stream: Any | None) -> None:
         self.stream = stream  # None: the log is off (--log-level warning or error)
@@ -7101,8 +7185,8 @@ async def answer_failure(
     peer: str,
 ) -> bool | None:
     """Answer a request that failed with SOAKP's own error, or the upstream's failure as a 502/504;
-    after the answer started, an upstream failure can only cut it short. Returns whether the connection
-    may carry another request, None when it must close at once."""
+    after the answer started, an upstream failure can only cut it short. Returns whether the
+    connection may carry another request, None when it must close at once."""
     if isinstance(exc, UpstreamError):
         exchange.error_kind = exc.kind
         if exchange.response_started:
@@ -7267,10 +7351,10 @@ def tune_process(config: Config) -> None:
     """Fit the process to many concurrent streams.
 
     asyncio's TLS layer gives every connection a zero-filled read buffer of SSLProtocol.max_size
-    (256 KiB in CPython 3.11 to 3.13): 1,000 streams over TLS held 250 MiB of zeros. A record's worth per
-    read costs a few more syscalls on large downloads and nothing on streams. And every connection needs
-    file descriptors: raise the soft limit towards the hard one, as nginx's worker_rlimit_nofile does, so
-    that --max-connections is reachable.
+    (256 KiB in CPython 3.11 to 3.13): 1,000 streams over TLS held 250 MiB of zeros. A record's
+    worth per read costs a few more syscalls on large downloads and nothing on streams. And every
+    connection needs file descriptors: raise the soft limit towards the hard one, as nginx's
+    worker_rlimit_nofile does, so that --max-connections is reachable.
     """
     if getattr(asyncio.sslproto.SSLProtocol, "max_size", 0) > TLS_READ_BUFFER_BYTES:
         asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER_BYTES
@@ -7284,7 +7368,8 @@ def tune_process(config: Config) -> None:
             new_soft = soft
         if new_soft < config.max_connections + 64:
             log.warning(
-                "only %d file descriptors: fewer than --max-connections %d needs; raise `ulimit -n`",
+                "only %d file descriptors: fewer than --max-connections %d needs; "
+                "raise `ulimit -n`",
                 new_soft,
                 config.max_connections,
             )
@@ -7376,9 +7461,9 @@ class TlsOrPlainSniffer(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         # Pause on the next turn of the loop, not now: the transport starts reading in a callback
-        # queued after this one, and before Python 3.11.3 it did so even when paused here (the client's
-        # first bytes were then read into this protocol and lost). Pausing later also cancels a read the
-        # loop already queued, so the bytes stay in the socket either way.
+        # queued after this one, and before Python 3.11.3 it did so even when paused here (the
+        # client's first bytes were then read into this protocol and lost). Pausing later also
+        # cancels a read the loop already queued, so the bytes stay in the socket either way.
         asyncio.get_running_loop().call_soon(self.pause_and_sniff, transport)
 
     def pause_and_sniff(self, transport: asyncio.Transport) -> None:
@@ -7514,8 +7599,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
 
 
 def handle_signals(stop: asyncio.Event, certs: CertReloader | None) -> None:
-    """SIGTERM and SIGINT stop the server; SIGHUP reloads the certificate, and never kills the server
-    (systemd's ExecReload sends it): without TLS it only logs."""
+    """SIGTERM and SIGINT stop the server; SIGHUP reloads the certificate, and never kills the
+    server (systemd's ExecReload sends it): without TLS it only logs."""
     loop = asyncio.get_running_loop()
     handlers = [
         (signal.SIGTERM, stop.set),
@@ -7603,8 +7688,9 @@ async def shut_down(
     servers: Sequence[asyncio.AbstractServer],
     background: Sequence[asyncio.Task[Any]],
 ) -> None:
-    """No new connections; in-flight requests and streams get --shutdown-grace to finish (a new request
-    on an open connection gets 503); then everything is closed and the last usage written."""
+    """No new connections; in-flight requests and streams get --shutdown-grace to finish (a new
+    request on an open connection gets 503); then everything is closed and the last usage written.
+    """
     config = state.config
     log.info(
         "shutting down: no new connections, %d requests in flight get up to %.0fs",
@@ -8576,7 +8662,8 @@ CONSOLE_ASSETS = {
 
 
 def configure_logging(level: str) -> None:
-    """Plain lines for events on stderr (the access log, one JSON object per line, is AccessLog's)."""
+    """Plain lines for events on stderr (the access log, one JSON object per line,
+    is AccessLog's)."""
     logging.basicConfig(
         stream=sys.stderr, level=level.upper(), format="%(asctime)s %(levelname)s %(message)s"
     )
@@ -8694,7 +8781,8 @@ def run_mint(
         registry.close()
     expires = datetime.datetime.fromtimestamp(minted.expires_at, datetime.timezone.utc).isoformat()
     print(
-        f"# jti={minted.jti} cid={minted.cid} sub={grant.sub} kid={keys.kid} expires_at={minted.expires_at} "
+        f"# jti={minted.jti} cid={minted.cid} sub={grant.sub} kid={keys.kid} "
+        f"expires_at={minted.expires_at} "
         f"({expires}) renew_until={minted.renew_until}"
     )
     print(minted.token)
