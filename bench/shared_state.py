@@ -100,7 +100,9 @@ class Run:
             "upstream",
             [
                 sys.executable,
-                str(BENCH_DIR / "upstream.py"),
+                str(BENCH_DIR.parent / "tests" / "fake_upstream.py"),
+                "--profile",
+                "bench",
                 "--cert",
                 str(cert),
                 "--key",

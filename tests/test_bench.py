@@ -87,3 +87,15 @@ def test_quick_bench_without_wrk_or_nginx_uses_the_python_fallbacks(tmp_path: Pa
     rows = check_rows(out, report)
     assert "bench/clients.py" in report["meta"]["load_generator"]
     assert rows["c16_rps"]["nginx"] == "skipped"
+
+
+def test_shared_state_bench_runs_and_prints_its_table(tmp_path: Path) -> None:
+    """bench/shared_state.py (what --redis costs, the end of a full `make bench`): a short run starts its
+    Redis, upstream and SOAKPs and prints every row. It once broke when its upstream moved, unseen,
+    because only full runs reach it."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "shared_state.py"), "--requests", "60"],
+                            capture_output=True, text=True, timeout=QUICK_TIMEOUT_S, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for row in ("c=1 latency, p50 (ms)", "SOAKP CPU per request (ms)", "Redis scripts (round trips) per request",
+                "Redis commands per request"):
+        assert row in result.stdout, result.stdout
