@@ -726,6 +726,26 @@ class OptionReader:
             raise ConfigError(f"{named}: {exc}") from None
 
 
+def ids_after_options(argv: list[str]) -> list[str]:
+    """`soakp revoke ID`: a jti or cid is base64url, so one in 32 starts with "-" and would read as
+    an option; such an argument that is no option of the command goes after "--"."""
+    options = {"-h", "--help", *(f"--{name}" for name in (*COMMON_OPTIONS, "redis"))}
+    ids = [
+        a
+        for a in argv[1:]
+        if a.startswith("-")
+        and a not in options
+        and len(a) >= MIN_TOKEN_ID_CHARS
+        and re.fullmatch(r"[A-Za-z0-9_\-]+", a)
+    ]
+    if not ids:
+        return argv
+    return [a for a in argv if a not in ids] + ["--", *ids]
+
+
+MIN_TOKEN_ID_CHARS = 16  # SOAKP's jtis are 22 characters (128 random bits); no option is this long
+
+
 def load_config(
     argv: Sequence[str], environ: Mapping[str, str]
 ) -> tuple[Config, argparse.Namespace]:
@@ -742,6 +762,8 @@ def load_config(
         )
     if not argv or argv[0] not in COMMANDS and argv[0] not in HELP_FLAGS:
         argv.insert(0, "serve")
+    if argv[0] == "revoke":
+        argv = ids_after_options(argv)
     args = build_parser().parse_args(argv)
     if args.command == "selfsigned":
         return Config(), args

@@ -671,3 +671,18 @@ def test_a_budgeted_body_soakp_cannot_read_with_certainty_is_a_400(body: bytes) 
         fields = soakp.json_fields(body, soakp.BUDGET_FIELDS)
         soakp.plan_budget(fields.values, CHAT, 1000)
     assert info.value.status == 400
+
+
+def test_cli_revoke_takes_an_id_that_starts_with_a_dash(soakp_cli: Callable[..., Any], tmp_path: Path,
+                                                         secret: str, secrets_registry: SecretsRegistry) -> None:
+    """A jti is base64url: one in 32 starts with "-", which argparse read as an unknown option (exit 2;
+    tests/test_lifecycle.py failed that way now and then)."""
+    db = tmp_path / "dash.db"
+    registry = soakp.TokenRegistry(str(db))
+    minted = soakp.MintedToken("", "-DashFirstJti0123456789", 2_000_000_000, "-DashFirstJti0123456789",
+                               2_000_000_000)
+    registry.register(minted, "s", "kid", 1_800_000_000, "{}")
+    registry.close()
+    result = soakp_cli("revoke", "-DashFirstJti0123456789", "--db", str(db))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["cid"] == "-DashFirstJti0123456789"
