@@ -4505,6 +4505,9 @@ class Exchange:
     watchdog: Watchdog
     status: int = 0
     route: str = "other"
+    head: RequestHead | None = None  # None until the request line and headers are read
+    upstream_path: str = ""  # the path (and query) it is forwarded to, once it is a /v1/... request
+    cors_head: bytes = b""  # the CORS header lines every answer to it carries
     body_consumed: bool = False
     response_started: bool = False
     upstream: UpstreamConnection | None = None
@@ -4532,6 +4535,13 @@ class Exchange:
     strip_usage_event: bool = (
         False  # SOAKP asked for stream usage itself: hide that event from the client
     )
+
+    def forwarded(self) -> tuple[RequestHead, TokenClaims]:
+        """The head and verified token of a request on its way upstream; forwarding starts only
+        after both are known."""
+        if self.head is None or self.claims is None:
+            raise RuntimeError("forwarding needs a request head and a verified token")
+        return self.head, self.claims
 
     def mark_first_byte(self) -> None:
         """The first response byte is going out: from now on a failure can only cut the answer
@@ -5306,10 +5316,6 @@ async def forward(
     exchange: Exchange,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
-    head: RequestHead,
-    upstream_path: str,
-    claims: TokenClaims,
-    cors: bytes,
 ) -> bool:
     """Send one request upstream and stream the answer back. Returns whether the client connection
     may be reused.
@@ -5317,6 +5323,8 @@ async def forward(
     Raises ApiError/UpstreamError before the response starts; after that a failure closes the client
     connection so the client sees a truncated response, never an invented ending.
     """
+    head, claims = exchange.forwarded()
+    upstream_path, cors = exchange.upstream_path, exchange.cors_head
     body = await read_body_ahead(state, exchange, reader, writer, head, claims, upstream_path)
     if not exchange.rate_taken:  # every other check has passed: now it counts against rpm
         await take_rate(state, claims, time.time())
@@ -5591,10 +5599,6 @@ async def tunnel_websocket(
     exchange: Exchange,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
-    head: RequestHead,
-    upstream_path: str,
-    claims: TokenClaims,
-    cors: bytes,
 ) -> bool:
     """The Realtime API: make the upstream handshake with the real key, relay the 101, then move
     bytes both ways without parsing frames until either side closes, goes idle or the session is too
@@ -5603,6 +5607,8 @@ async def tunnel_websocket(
     Returns False: the client connection is never reused. Raises ApiError/UpstreamError before the
     101.
     """
+    head, claims = exchange.forwarded()
+    upstream_path, cors = exchange.upstream_path, exchange.cors_head
     exchange.upstream_started = time.monotonic()
     conn = await state.pool.connect()
     exchange.upstream = conn
@@ -6565,6 +6571,16 @@ def allowed_cors_origin(state: ServerState, head: RequestHead) -> str | None:
     return text if "*" in state.cors_origins or text.lower() in state.cors_origins else None
 
 
+def allow_cors(exchange: Exchange, origin: str) -> None:
+    """Let the page at origin read every answer to this request, errors included."""
+    exchange.cors = (
+        ("Access-Control-Allow-Origin", origin),
+        ("Access-Control-Expose-Headers", CORS_EXPOSED_HEADERS),
+        ("Vary", "Origin"),
+    )
+    exchange.cors_head = "".join(f"{n}: {v}\r\n" for n, v in exchange.cors).encode("latin-1")
+
+
 def preflight_response(state: ServerState, head: RequestHead, origin: str | None) -> bytes:
     """Answer a CORS preflight itself: browsers send it without the token. Raises ApiError(403)."""
     if origin is None:
@@ -6700,14 +6716,8 @@ async def handle_request(
         check_admin_request(head, listener)
     else:
         origin = allowed_cors_origin(state, head)
-        cors = b""
         if origin is not None:
-            exchange.cors = (
-                ("Access-Control-Allow-Origin", origin),
-                ("Access-Control-Expose-Headers", CORS_EXPOSED_HEADERS),
-                ("Vary", "Origin"),
-            )
-            cors = "".join(f"{n}: {v}\r\n" for n, v in exchange.cors).encode("latin-1")
+            allow_cors(exchange, origin)
         if (
             head.method == "OPTIONS"
             and head.header(b"access-control-request-method") is not None
@@ -6718,7 +6728,8 @@ async def handle_request(
             return head.keep_alive and head.body_kind == "none"
         upstream_path = upstream_path_for(path)
         if upstream_path is not None and listener.proxy:
-            return await handle_proxied(state, reader, writer, head, exchange, upstream_path, cors)
+            exchange.upstream_path = upstream_path
+            return await handle_proxied(state, reader, writer, head, exchange)
     exchange.route = (
         path
         if path in ADMIN_ROUTES or path in ("/healthz", "/jwt/refresh", "/jwt/delegate")
@@ -6773,10 +6784,9 @@ async def handle_proxied(
     writer: asyncio.StreamWriter,
     head: RequestHead,
     exchange: Exchange,
-    upstream_path: str,
-    cors: bytes,
 ) -> bool:
     """A /v1/... request: the token, its limits, then forwarding or the WebSocket tunnel."""
+    upstream_path = exchange.upstream_path
     exchange.route = metric_route(upstream_path)
     if head.method not in FORWARDED_METHODS:
         raise ApiError(
@@ -6808,16 +6818,14 @@ async def handle_proxied(
             )
         exchange.model = websocket_model(claims, upstream_path, head.query)
         await take_rate(state, claims, now)
-        return await tunnel_websocket(
-            state, exchange, reader, writer, head, upstream_path, claims, cors
-        )
+        return await tunnel_websocket(state, exchange, reader, writer)
     if head.body_kind == "length" and head.content_length > state.config.max_body_bytes:
         raise ApiError(
             413,
             f"The request body is over the limit of {state.config.max_body_bytes} bytes.",
             "request_too_large",
         )
-    return await forward(state, exchange, reader, writer, head, upstream_path, claims, cors)
+    return await forward(state, exchange, reader, writer)
 
 
 def method_not_allowed(allowed: str) -> ApiError:
@@ -7309,7 +7317,7 @@ async def serve_request(
     turn.head = None
     state.busy.add(writer)
     try:
-        head = turn.head = parse_request_head(raw)
+        head = turn.head = exchange.head = parse_request_head(raw)
     except ApiError as exc:
         exchange.status = exc.status
         exchange.bytes_out = await answer_error(reader, writer, exc, keep_alive=False)
