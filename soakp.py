@@ -7367,21 +7367,49 @@ def build_state(config: Config) -> ServerState:
     )
 
 
-TLS_READ_BUFFER_BYTES = 16 * 1024  # one TLS record's worth of data (RFC 8446 §5.1)
+TLS_READ_BUFFER_BYTES = 64 * 1024  # four TLS records (RFC 8446 §5.1) per socket read
 FDS_PER_CONNECTION = 2  # the client's socket and, while it is forwarded, the upstream's
+
+
+def share_tls_read_buffer(protocol_class: type) -> None:
+    """Give every asyncio TLS connection one shared landing buffer for socket reads.
+
+    The buffer only carries bytes from recv_into() to the TLS object's incoming BIO within one
+    synchronous callback (get_buffer, recv_into, buffer_updated), so on the one event loop thread
+    no two connections ever use it at once. A buffer per connection cost 16 KiB of resident memory
+    per held stream at one record's size, and at four records' size (fewer reads and syscalls for
+    large downloads) it would cost 64 KiB; shared, it costs 64 KiB in all. A class that does not
+    look like CPython 3.11-3.13's SSLProtocol is left alone (uvloop has its own).
+    """
+    original_init = protocol_class.__init__  # type: ignore[misc]
+    if getattr(original_init, "shares_read_buffer", False) or not hasattr(
+        protocol_class, "get_buffer"
+    ):
+        return
+    protocol_class.max_size = TLS_READ_BUFFER_BYTES  # type: ignore[attr-defined]
+    shared = bytearray(TLS_READ_BUFFER_BYTES)
+    shared_view = memoryview(shared)
+
+    @functools.wraps(original_init)
+    def init_sharing_the_buffer(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        if isinstance(getattr(self, "_ssl_buffer", None), bytearray):
+            self._ssl_buffer, self._ssl_buffer_view = shared, shared_view
+
+    init_sharing_the_buffer.shares_read_buffer = True  # type: ignore[attr-defined]
+    protocol_class.__init__ = init_sharing_the_buffer  # type: ignore[misc]
 
 
 def tune_process(config: Config) -> None:
     """Fit the process to many concurrent streams.
 
     asyncio's TLS layer gives every connection a zero-filled read buffer of SSLProtocol.max_size
-    (256 KiB in CPython 3.11 to 3.13): 1,000 streams over TLS held 250 MiB of zeros. A record's
-    worth per read costs a few more syscalls on large downloads and nothing on streams. And every
-    connection needs file descriptors: raise the soft limit towards the hard one, as nginx's
-    worker_rlimit_nofile does, so that --max-connections is reachable.
+    (256 KiB in CPython 3.11 to 3.13): 1,000 streams over TLS held 250 MiB of zeros. See
+    share_tls_read_buffer. And every connection needs file descriptors: raise the soft limit
+    towards the hard one, as nginx's worker_rlimit_nofile does, so that --max-connections is
+    reachable.
     """
-    if getattr(asyncio.sslproto.SSLProtocol, "max_size", 0) > TLS_READ_BUFFER_BYTES:
-        asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER_BYTES
+    share_tls_read_buffer(asyncio.sslproto.SSLProtocol)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = config.max_connections * FDS_PER_CONNECTION + 64
     if soft < wanted:

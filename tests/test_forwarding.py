@@ -8,6 +8,7 @@ headers, status, body bytes) unchanged; SSE and large bodies stream instead of b
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import os
 import time
@@ -503,6 +504,27 @@ def test_chunked_response_reaches_client_unchanged(proxy: SoakpProcess, fake_ups
     response = proxy.request("GET", "/v1/fake/download", token)
     assert response.status == 200 and response.complete
     assert hashlib.sha256(response.body).hexdigest() == download_sha256(3 * 1024 * 1024 + 17)
+
+
+def test_concurrent_answers_over_tls_arrive_each_intact(proxy: SoakpProcess, fake_upstream: FakeUpstream, token: str) -> None:
+    """Sixteen different 1.5 MB answers read from the upstream at once each reach their own client
+    byte for byte: the TLS connections share one landing buffer for socket reads, and no answer may
+    carry another's bytes."""
+    expected = {}
+    for index in range(16):
+        blob = os.urandom(768 * 1024).hex()
+        fake_upstream.script(f"/v1/fake/blob{index}", json_reply({"index": index, "blob": blob}))
+        expected[index] = blob
+
+    def fetch(index: int) -> tuple[int, int, dict]:
+        response = proxy.request("GET", f"/v1/fake/blob{index}", token)
+        return index, response.status, response.json()
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(fetch, range(16)))
+    assert [(index, status) for index, status, _ in results] == [(i, 200) for i in range(16)]
+    for index, _, answer in results:
+        assert answer == {"index": index, "blob": expected[index]}
 
 
 def test_keep_alive_client_connection_serves_several_requests(proxy: SoakpProcess, fake_upstream: FakeUpstream, token: str) -> None:
