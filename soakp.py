@@ -5064,6 +5064,7 @@ async def read_upstream_body(
         finally:
             watchdog.disarm_upstream()
 
+    arm, disarm = watchdog.arm_upstream, watchdog.disarm_upstream
     try:
         if resp.body_kind == "length":
             remaining = resp.content_length
@@ -5078,7 +5079,11 @@ async def read_upstream_body(
             while not decoder.done:
                 if decoder.error is not None:
                     raise decoder.error
-                data = await wait(reader.read(READ_CHUNK_BYTES))
+                arm(conn)  # wait(), inlined: this runs once per streamed event
+                try:
+                    data = await reader.read(READ_CHUNK_BYTES)
+                finally:
+                    disarm()
                 if not data:
                     raise UpstreamError(502, "upstream closed mid-chunk", "reset_mid_body")
                 piece = decoder.feed(data)
@@ -5143,6 +5148,14 @@ async def write_client(
     With a watchdog, a client that takes nothing for --header-timeout is disconnected.
     """
     writer.write(data)
+    transport = writer.transport
+    if not transport.get_write_buffer_size():
+        # The kernel took it all (nearly every write of a stream): there is nothing to wait for,
+        # and skipping drain() spares a chain of coroutine calls per event. A client that is gone
+        # shows as a closing transport, which drain() would have turned into an exception.
+        if transport.is_closing():
+            raise ClientGone("client went away")
+        return
     if watchdog is not None:
         watchdog.arm_client(writing=True)
     try:
