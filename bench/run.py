@@ -16,9 +16,11 @@ One run starts, on 127.0.0.1 only:
 and measures each of direct / SOAKP / nginx:
   start      process start to the first proxied 200 (min/median of a few starts; also dist/soakp.pyz)
   idle       RSS after that first answer
-  c=1/16/64  wrk (bench/wrk.lua; bench/clients.py `load` when wrk is missing): requests/s, latency
-             percentiles, and the proxy's CPU per request from /proc/PID/stat (utime+stime over the
-             window / requests answered); new TLS connections the upstream accepted
+  c=1/16/64  wrk (bench/wrk.lua; bench/clients.py `load` when wrk is missing) POSTing a chat
+             completion of 231 bytes, the size issue #17 measured (bench/clients.py CHAT_BODY; wrk
+             gets it in BENCH_BODY): requests/s, latency percentiles, and the proxy's CPU per request
+             from /proc/PID/stat (utime+stime over the window / requests answered); new TLS
+             connections the upstream accepted
   sse        bench/clients.py `sse`: time to first event, and per event arrival minus the upstream's stamp
   hold       N slow streams held at once (1,000; 20 with --quick): errors and peak RSS (VmHWM)
 and prints one table with the targets and the ratios SOAKP/direct and SOAKP/nginx. "other load" is the
@@ -61,7 +63,9 @@ ROOT = BENCH_DIR.parent
 SOAKP_PY = ROOT / "soakp.py"
 SOAKP_PYZ = ROOT / "dist" / "soakp.pyz"
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(BENCH_DIR))
 
+from clients import CHAT_BODY  # noqa: E402
 from fake_upstream import BENCH_CHAT_COMPLETION as CHAT_COMPLETION  # noqa: E402
 from proc_helpers import memory_kib  # noqa: E402
 
@@ -610,7 +614,7 @@ LOAD_LINE_RE = re.compile(r"^BENCH (.*)$", re.MULTILINE)
 
 def run_load(h: Harness, url: str, auth: str, connections: int, duration_s: int) -> dict[str, int]:
     """One wrk run (or clients.py `load`). Returns its BENCH figures."""
-    env = {**os.environ, "BENCH_AUTH": auth}
+    env = {**os.environ, "BENCH_AUTH": auth, "BENCH_BODY": CHAT_BODY.decode()}
     if h.wrk:
         argv = [h.wrk, "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "5s",
                 "-s", str(BENCH_DIR / "wrk.lua"), url]
@@ -1154,6 +1158,8 @@ def header_text(meta: dict[str, Any]) -> str:
         f"rate runs {plan['rate_s']} s (+{plan['warmup_s']} s warm-up) per path and concurrency; "
         f"SSE {plan['sse_streams']} streams x {plan['sse_chunks']} events {plan['sse_interval_ms']:g} ms apart; "
         f"hold {plan['hold_streams']} streams for {plan['hold_s']:g} s",
+        f"requests POST a {len(CHAT_BODY)}-byte chat completion (application/json) and get "
+        f"{len(CHAT_COMPLETION)} bytes of JSON back",
     ])
 
 

@@ -6,11 +6,13 @@ on a quiet machine. They take about 15 s each.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -87,6 +89,37 @@ def test_quick_bench_without_wrk_or_nginx_uses_the_python_fallbacks(tmp_path: Pa
     rows = check_rows(out, report)
     assert "bench/clients.py" in report["meta"]["load_generator"]
     assert rows["c16_rps"]["nginx"] == "skipped"
+
+
+def test_shared_state_bench_runs_and_prints_its_table(tmp_path: Path) -> None:
+    """bench/shared_state.py (what --redis costs, the end of a full `make bench`): a short run starts its
+    Redis, upstream and SOAKPs and prints every row. It once broke when its upstream moved, unseen,
+    because only full runs reach it."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "shared_state.py"), "--requests", "60"],
+                            capture_output=True, text=True, timeout=QUICK_TIMEOUT_S, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for row in ("c=1 latency, p50 (ms)", "SOAKP CPU per request (ms)", "Redis scripts (round trips) per request",
+                "Redis commands per request"):
+        assert row in result.stdout, result.stdout
+
+
+def load_bench_clients() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_clients", ROOT / "bench" / "clients.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rate_runs_send_issue_17s_request_and_get_its_answer() -> None:
+    """The c=1/16/64 runs are issue #17's POST: a ~230-byte chat completion out, ~600 bytes back.
+    wrk and the fallback client send the same body: wrk.lua has none of its own."""
+    from fake_upstream import BENCH_CHAT_COMPLETION, bench_json_reply
+
+    body = load_bench_clients().CHAT_BODY
+    assert 200 <= len(body) <= 260 and json.loads(body)["messages"][-1]["role"] == "user"
+    assert 550 <= len(bench_json_reply(BENCH_CHAT_COMPLETION)) <= 650
+    wrk_lua = (ROOT / "bench" / "wrk.lua").read_text()
+    assert 'os.getenv("BENCH_BODY")' in wrk_lua and "messages" not in wrk_lua
 
 
 def test_shared_state_bench_runs_and_prints_its_table(tmp_path: Path) -> None:
