@@ -725,7 +725,7 @@ def hold_scenario(h: Harness, proxy: Proxy, upstream: Upstream) -> dict[str, Any
     errors_line = client.read_line(5)
     h.reap(client, 10)
     measured = window.close()
-    failed_open = int(re.search(r"failed=(\d+)", opened or "failed=-1").group(1))
+    failed_open = int(re.search(r"failed=(-?\d+)", opened or "failed=-1").group(1))
     ok = int(re.search(r"ok=(\d+)", done or "ok=0").group(1))
     errors = int(re.search(r"errors=(\d+)", done or f"errors={plan.hold_streams}").group(1))
     return {
