@@ -6,13 +6,22 @@ what it measures. Plain asyncio; stdlib only. Every loop is bounded in count and
         `BENCH requests=.. errors=.. non2xx=.. duration_us=.. p50_us=.. p90_us=.. p99_us=.. p999_us=.. max_us=..`,
         the same line bench/wrk.lua prints.
     python bench/clients.py sse --url URL --streams K --chunks M --interval-ms I [--ca CA]
-        K streamed chat completions one after another on one connection (after one warm-up stream);
-        prints one JSON line: time to first event and, per event, arrival minus the upstream's stamp.
-    python bench/clients.py hold --url URL --streams N --interval-ms I [--ca CA]
-        opens N streams at once and holds them; prints `OPEN ok=.. failed=..` once every stream has its
-        first event, then waits for the streams to end (the upstream's /release) and prints
-        `DONE ok=.. errors=.. events=..` and a JSON line of the first errors.
+                                [--connections C] [--cpu-pids PID,...]
+        K streamed chat completions one after another on each of C connections (default 1), after
+        one warm-up stream on each; prints one JSON line: time to first event and, per event,
+        arrival minus the upstream's stamp. With C > 1 the connections run at once, their measured
+        streams started I/C ms apart (independent users, not one burst every I ms). With
+        --cpu-pids, also the CPU those processes used (all threads, /proc/PID/task/*/schedstat, ns)
+        from the end of the last warm-up to the end of the last measured stream ("cpu_ns").
+    python bench/clients.py hold --url URL --streams N --interval-ms I [--chunks M] [--ca CA]
+        opens N streams at once and holds them; prints `OPEN ok=.. failed=..` once every stream has
+        its first event, then waits for the streams to end and prints `DONE ok=.. errors=..
+        events=..` and a JSON line of the first errors. Without --chunks the streams end at the
+        upstream's /release; with --chunks M each ends by itself after M events I ms apart, and one
+        that got fewer counts as an error.
 The token goes in the BENCH_AUTH environment variable (`Bearer ...`), never on the command line.
+The request body of `load` (and of wrk, which bench/run.py hands it) is CHAT_BODY: 231 bytes, the
+size of the chat completion request issue #17 measured.
 """
 
 from __future__ import annotations
@@ -28,8 +37,11 @@ import sys
 import time
 import urllib.parse
 
-CHAT_BODY = (b'{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a helpful assistant."},'
-             b'{"role":"user","content":"Say hello."}],"max_tokens":32}')
+CHAT_BODY = (
+    b'{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a helpful assistant. '
+    b'Answer briefly."},{"role":"user","content":"Say hello, and name one thing you can help me '
+    b'with today."}],"max_tokens":64,"temperature":0.7}'
+)
 MAX_HEAD_BYTES = 64 * 1024
 READ_BYTES = 64 * 1024
 STAMP_RE = re.compile(rb'"bench_ns":(\d+)')
@@ -219,32 +231,96 @@ async def one_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     return {"ttfc_ns": first_ns - sent_ns, "delays_ns": delays_ns, "coalesced": coalesced}
 
 
+STREAM_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                 asyncio.TimeoutError, ValueError)
+HAVE_SCHEDSTAT = os.path.exists("/proc/self/schedstat")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ns(pids: list[int]) -> int:
+    """CPU time every thread of these processes has used so far, in ns: the first field of each
+    /proc/PID/task/TID/schedstat (ns resolution, where /proc/PID/stat counts 10 ms ticks); ticks
+    only when the kernel has no schedstat. A thread that exits takes its time with it."""
+    total = 0
+    for pid in pids:
+        if not HAVE_SCHEDSTAT:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) * 1_000_000_000 // CLK_TCK
+            except (OSError, ValueError, IndexError):
+                pass
+            continue
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
+
+
 async def sse(args: argparse.Namespace) -> None:
     target = Target(args.url, args.ca)
-    body = json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "Hi"}],
+    body = json.dumps({"model": "gpt-4o-mini", "stream": True,
+                       "messages": [{"role": "user", "content": "Hi"}],
                        "bench": {"chunks": args.chunks, "interval_ms": args.interval_ms}}).encode()
     request = target.request(body)
-    reader, writer = await target.connect()
-    result = {"ttfc_us": [], "delay_us": [], "coalesced": 0, "events": 0, "errors": 0, "error": ""}
-    try:
-        for n in range(args.streams + 1):
+    pids = [int(pid) for pid in args.cpu_pids.split(",") if pid] if args.cpu_pids else []
+    result = {"ttfc_us": [], "delay_us": [], "coalesced": 0, "events": 0, "errors": 0, "error": "",
+              "connections": args.connections, "cpu_ns": None}
+    warming = [args.connections]
+    go = asyncio.Event()
+    cpu0 = 0
+
+    def warmed() -> None:
+        nonlocal cpu0
+        warming[0] -= 1
+        if warming[0] == 0:
+            cpu0 = cpu_ns(pids) if pids else 0
+            go.set()
+
+    async def one_connection(index: int) -> None:
+        conn: list = [None, None]  # reader, writer; None after an error, until the next stream
+
+        async def stream() -> dict | None:
             try:
-                stream = await one_stream(reader, writer, request)
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
-                    ValueError) as exc:
+                if conn[1] is None:
+                    conn[:] = await target.connect()
+                return await one_stream(conn[0], conn[1], request)
+            except STREAM_ERRORS as exc:
                 result["errors"] += 1
                 result["error"] = f"{exc.__class__.__name__}: {exc}"
-                writer.transport.abort()
-                reader, writer = await target.connect()
-                continue
-            if n == 0:
-                continue  # warm-up: the first stream also opens the proxy's upstream connection
-            result["ttfc_us"].append(stream["ttfc_ns"] / 1000)
-            result["delay_us"].extend(d / 1000 for d in stream["delays_ns"])
-            result["coalesced"] += stream["coalesced"]
-            result["events"] += len(stream["delays_ns"])
-    finally:
-        writer.transport.abort()
+                if conn[1] is not None:
+                    conn[1].transport.abort()
+                conn[:] = [None, None]
+                return None
+
+        try:
+            await stream()  # warm-up: the first stream also opens the proxy's upstream connection
+            warmed()
+            await go.wait()
+            if args.connections > 1:
+                await asyncio.sleep(index * args.interval_ms / 1000 / args.connections)
+            for _ in range(args.streams):
+                got = await stream()
+                if got is None:
+                    continue
+                result["ttfc_us"].append(got["ttfc_ns"] / 1000)
+                result["delay_us"].extend(d / 1000 for d in got["delays_ns"])
+                result["coalesced"] += got["coalesced"]
+                result["events"] += len(got["delays_ns"])
+        finally:
+            if conn[1] is not None:
+                conn[1].transport.abort()
+
+    await asyncio.gather(*(one_connection(i) for i in range(args.connections)))
+    if pids:
+        result["cpu_ns"] = cpu_ns(pids) - cpu0
     print(json.dumps(result), flush=True)
 
 
@@ -255,8 +331,10 @@ async def hold(args: argparse.Namespace) -> None:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     target = Target(args.url, args.ca)
-    body = json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "Hi"}],
-                       "bench": {"hold": True, "interval_ms": args.interval_ms}}).encode()
+    shape = ({"chunks": args.chunks, "interval_ms": args.interval_ms} if args.chunks else
+             {"hold": True, "interval_ms": args.interval_ms})
+    body = json.dumps({"model": "gpt-4o-mini", "stream": True,
+                       "messages": [{"role": "user", "content": "Hi"}], "bench": shape}).encode()
     request = target.request(body)
     opening = asyncio.Semaphore(args.open_concurrency)  # under the listen backlog
     opened = {"ok": 0, "failed": 0}
@@ -285,6 +363,8 @@ async def hold(args: argparse.Namespace) -> None:
         try:
             reader, writer = await target.connect()
             await one_stream(reader, writer, request, on_event)
+            if args.chunks and events != args.chunks:
+                raise ValueError(f"short stream: {events} of {args.chunks} events")
             results["ok"] += 1
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
                 ValueError) as exc:
@@ -322,15 +402,19 @@ def main() -> int:
     parser.add_argument("mode", choices=("load", "sse", "hold"))
     parser.add_argument("--url", required=True)
     parser.add_argument("--ca")
-    parser.add_argument("--connections", type=int, default=1)
+    parser.add_argument("--connections", type=int, default=1, help="load, sse: how many at once")
     parser.add_argument("--duration-s", type=float, default=2.0)
     parser.add_argument("--streams", type=int, default=5)
-    parser.add_argument("--chunks", type=int, default=20)
+    parser.add_argument("--chunks", type=int, default=None,
+                        help="events per stream (sse: default 20; hold: none, held until /release)")
     parser.add_argument("--interval-ms", type=float, default=10.0)
+    parser.add_argument("--cpu-pids", default="", help="sse: pids whose CPU to measure (a,b,..)")
     parser.add_argument("--open-concurrency", type=int, default=64)
     parser.add_argument("--open-timeout-s", type=float, default=60.0)
     parser.add_argument("--hold-timeout-s", type=float, default=120.0)
     args = parser.parse_args()
+    if args.mode == "sse" and args.chunks is None:
+        args.chunks = 20
     asyncio.run({"load": load, "sse": sse, "hold": hold}[args.mode](args))
     return 0
 

@@ -1,11 +1,12 @@
--- wrk script for bench/run.py: POST one chat completion with the Authorization header from BENCH_AUTH,
--- then print one machine-readable line (the same one bench/clients.py `load` prints).
+-- wrk script for bench/run.py: POST one chat completion with the Authorization header from BENCH_AUTH
+-- and the body from BENCH_BODY (bench/clients.py CHAT_BODY, which bench/run.py hands over, so that wrk
+-- and the fallback client send the same bytes), then print one machine-readable line (the same one
+-- bench/clients.py `load` prints).
 -- Latencies are wrk's, in microseconds; `errors` counts socket errors and timeouts, `non2xx` answers
 -- whose status was not 2xx (wrk's summary.errors.status).
 
 wrk.method = "POST"
-wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a helpful assistant."},'
-        .. '{"role":"user","content":"Say hello."}],"max_tokens":32}'
+wrk.body = assert(os.getenv("BENCH_BODY"), "BENCH_BODY is not set (bench/run.py sets it)")
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = os.getenv("BENCH_AUTH")
 
