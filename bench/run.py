@@ -1433,6 +1433,7 @@ def print_cprofile(path: Path, requests: int) -> None:
     for (filename, line, name), (cc, nc, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
         where = f"{Path(filename).name}:{line}" if line else filename
         entries.append((name, where, nc, tt, ct))
+    print_layers(entries, requests)
     for title, index in (("cumulative", 4), ("own time", 3)):
         print(f"\nTop 25 by {title} (cProfile, the event loop thread's CPU time; "
               f"µs/req = seconds x 1e6 / {requests:,} requests; the "
@@ -1441,6 +1442,43 @@ def print_cprofile(path: Path, requests: int) -> None:
         print(f"{'calls/req':>9} {'own µs/req':>10} {'cum µs/req':>10}  function")
         for name, where, nc, tt, ct in sorted(entries, key=lambda e: e[index], reverse=True)[:25]:
             print(f"{nc / requests:9.2f} {tt * 1e6 / requests:10.1f} {ct * 1e6 / requests:10.1f}  {name} ({where})")
+
+
+# Where a function's own time belongs, by the file it is in (or, for C functions, its name): the answer
+# to "what would move it" differs per layer.
+LAYERS = (
+    ("start-up: imports and compiling soakp.py (once, not per request)",
+     ("importlib", "<frozen", "marshal", "builtins.compile", "_compiler.py", "_parser.py", "runpy")),
+    ("socket and epoll syscalls (kernel time is not in this profile: see 'in the kernel' above)",
+     ("_socket.socket", "select.epoll")),
+    ("OpenSSL via the ssl module (encrypt, decrypt)", ("_ssl.", "ssl.py")),
+    ("asyncio's TLS layer in Python (sslproto.py)", ("sslproto.py",)),
+    ("asyncio streams (StreamReader/StreamWriter)", ("streams.py",)),
+    ("asyncio event loop, transports, futures, tasks",
+     ("base_events.py", "selector_events.py", "events.py", "selectors.py", "futures.py", "tasks.py",
+      "_contextvars", "transports.py")),
+    ("SOAKP's own code (soakp.py)", ("soakp.py",)),
+)
+
+
+def layer_of(name: str, where: str) -> str:
+    text = f"{where} {name}"
+    for layer, marks in LAYERS:
+        if any(mark in text for mark in marks):
+            return layer
+    return "other stdlib and builtins (len, dict, bytes methods, json, re, logging, ...)"
+
+
+def print_layers(entries: Sequence[tuple[str, str, int, float, float]], requests: int) -> None:
+    """Own time summed by layer: where the time goes, beyond the top functions."""
+    totals: dict[str, float] = {}
+    for name, where, _, own, _ in entries:
+        layer = layer_of(name, where)
+        totals[layer] = totals.get(layer, 0.0) + own
+    whole = sum(totals.values()) or 1.0
+    print("\nOwn time by layer (cProfile; µs/req as below; the profiler inflates Python code more than C)")
+    for layer, seconds in sorted(totals.items(), key=lambda item: item[1], reverse=True):
+        print(f"{seconds * 1e6 / requests:10.1f} µs/req {100 * seconds / whole:5.1f} %  {layer}")
 
 
 def print_pyspy(path: Path, requests: int, active_s: float) -> None:
