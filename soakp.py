@@ -54,15 +54,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
-import certifi
 import jwt
-from cryptography import x509
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.x509.oid import NameOID
 
 __version__ = "0.1.0"
 
@@ -2743,6 +2739,8 @@ async def open_shared_store(config: Config) -> SharedStore:
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(config.redis_url).query)
         options.update(ssl_cert_reqs="required", ssl_check_hostname=True)
         if "ssl_ca_certs" not in query:
+            import certifi  # noqa: PLC0415 - its CA list only when no other is named (issue #17)
+
             options["ssl_ca_certs"] = certifi.where()
     try:
         single = aioredis.Redis.from_url(config.redis_url, **options)
@@ -5727,6 +5725,8 @@ def pair_fingerprint(cert_file: str, key_file: str) -> tuple[tuple[int, int, int
 
 def certificate_serial(cert_file: str) -> str:
     """The serial of the first certificate in a PEM file, for log lines."""
+    from cryptography import x509  # noqa: PLC0415 - only TLS serving reads certificates (issue #17)
+
     try:
         return format(
             x509.load_pem_x509_certificate(Path(cert_file).read_bytes()).serial_number, "x"
@@ -5792,8 +5792,12 @@ class CertReloader:
 def upstream_ssl_context(cafile: str | None) -> ssl.SSLContext:
     """A verifying client context: hostname checked, certifi's bundle unless --upstream-ca names
     another."""
+    if not cafile:
+        import certifi  # noqa: PLC0415 - not even imported when --upstream-ca names a file (#17)
+
+        cafile = certifi.where()
     try:
-        context = ssl.create_default_context(cafile=cafile or certifi.where())
+        context = ssl.create_default_context(cafile=cafile)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(
             f"--upstream-ca: cannot load the CA file {cafile}: {describe_error(exc)}"
@@ -5808,6 +5812,12 @@ def write_selfsigned(directory: str, host: str, now: datetime.datetime) -> None:
 
     The certificate names `host`, localhost, 127.0.0.1 and ::1.
     """
+    # Certificate making is for `soakp selfsigned` only: a server never loads it (issue #17).
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: PLC0415
+
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [x509.DNSName(n) for n in dict.fromkeys([host, "localhost"])]
     names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]
@@ -5841,9 +5851,7 @@ def write_selfsigned(directory: str, host: str, now: datetime.datetime) -> None:
             ),
             critical=True,
         )
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(key, hashes.SHA256())
     )
     out = Path(directory)
