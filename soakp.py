@@ -7399,6 +7399,20 @@ def tune_process(config: Config) -> None:
             )
 
 
+def release_start_up_memory() -> None:
+    """Give the kernel back the heap that start-up used and freed: compiling soakp.py when no .pyc
+    could be read or written (a read-only install, PYTHONDONTWRITEBYTECODE) leaves ~8 MiB free in
+    the middle of glibc's heap, which free() never returns and only malloc_trim() does (issue #17).
+    A no-op elsewhere than on glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes  # noqa: PLC0415 - once per process, only to reach glibc's malloc_trim()
+
+    malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # musl has none
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
 def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -7605,6 +7619,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     if certs:
         background.append(asyncio.create_task(certs.watch()))
     log_start_notes(config, state.keyring)
+    release_start_up_memory()
     if not certs and not is_loopback(config.listen_host):
         log.warning(
             "serving plain HTTP on a non-loopback address: tokens cross the network unencrypted; "
