@@ -17,6 +17,39 @@ Read top to bottom, in the order a request flows; search "# 5." to jump to a sec
 
 from __future__ import annotations
 
+import os
+import sys
+
+# Started as a script (`python soakp.py serve`), a server would keep this file's parse tree for its
+# whole life: CPython frees a script's tokens and AST only when the script returns (pyrun_file() in
+# Python/pythonrun.c), and for ~9,000 lines they hold ~14 MiB. An imported module's tree is freed
+# once compiled. So serve starts again at once as an import, the way the `soakp` command and the
+# zipapp run it: exec keeps the PID, the arguments, the interpreter's options and every descriptor
+# (issue #17). Not for the one-shot commands, not when a debugger or profiler runs this file from a
+# frame of its own (f_back), and not without exec or a .py file to import.
+if (
+    __name__ == "__main__"
+    and sys._getframe().f_back is None
+    and os.name == "posix"
+    and sys.executable
+    and __file__.endswith(".py")
+    and sys.argv[1:2] not in (["mint"], ["revoke"], ["tokens"], ["selfsigned"])
+):
+    # The child: argv back to this script's, its folder first on sys.path as for a script (unless
+    # -P or -I left no "" there), then `import soakp` from this very file and main().
+    relaunch = (
+        "import os, sys; path = sys.argv[1]; del sys.argv[:2]\n"
+        "if sys.path[0] == '': sys.path[0] = os.path.dirname(os.path.realpath(path))\n"
+        "import importlib.util; spec = importlib.util.spec_from_file_location('soakp', path)\n"
+        "soakp = sys.modules['soakp'] = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(soakp); raise SystemExit(soakp.main())"
+    )
+    options = sys.orig_argv[1 : len(sys.orig_argv) - len(sys.argv)]  # -X importtime, -W, -u...
+    try:
+        os.execv(sys.executable, [sys.executable, *options, "-c", relaunch, __file__, *sys.argv])
+    except OSError:
+        pass  # serve from here, with the parse tree
+
 import argparse
 import asyncio
 import asyncio.selector_events
@@ -36,7 +69,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import re
 import resource
 import secrets
@@ -45,7 +77,6 @@ import socket
 import sqlite3
 import ssl
 import struct
-import sys
 import time
 import urllib.parse
 import zlib
