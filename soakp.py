@@ -17,6 +17,39 @@ Read top to bottom, in the order a request flows; search "# 5." to jump to a sec
 
 from __future__ import annotations
 
+import os
+import sys
+
+# Started as a script (`python soakp.py serve`), a server would keep this file's parse tree for its
+# whole life: CPython frees a script's tokens and AST only when the script returns (pyrun_file() in
+# Python/pythonrun.c), and for ~9,000 lines they hold ~14 MiB. An imported module's tree is freed
+# once compiled. So serve starts again at once as an import, the way the `soakp` command and the
+# zipapp run it: exec keeps the PID, the arguments, the interpreter's options and every descriptor
+# (issue #17). Not for the one-shot commands, not when a debugger or profiler runs this file from a
+# frame of its own (f_back), and not without exec or a .py file to import.
+if (
+    __name__ == "__main__"
+    and sys._getframe().f_back is None
+    and os.name == "posix"
+    and sys.executable
+    and __file__.endswith(".py")
+    and sys.argv[1:2] not in (["mint"], ["revoke"], ["tokens"], ["selfsigned"])
+):
+    # The child: argv back to this script's, its folder first on sys.path as for a script (unless
+    # -P or -I left no "" there), then `import soakp` from this very file and main().
+    relaunch = (
+        "import os, sys; path = sys.argv[1]; del sys.argv[:2]\n"
+        "if sys.path[0] == '': sys.path[0] = os.path.dirname(os.path.realpath(path))\n"
+        "import importlib.util; spec = importlib.util.spec_from_file_location('soakp', path)\n"
+        "soakp = sys.modules['soakp'] = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(soakp); raise SystemExit(soakp.main())"
+    )
+    options = sys.orig_argv[1 : len(sys.orig_argv) - len(sys.argv)]  # -X importtime, -W, -u...
+    try:
+        os.execv(sys.executable, [sys.executable, *options, "-c", relaunch, __file__, *sys.argv])
+    except OSError:
+        pass  # serve from here, with the parse tree
+
 import argparse
 import asyncio
 import asyncio.selector_events
@@ -36,7 +69,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import re
 import resource
 import secrets
@@ -45,7 +77,6 @@ import socket
 import sqlite3
 import ssl
 import struct
-import sys
 import time
 import urllib.parse
 import zlib
@@ -54,15 +85,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
-import certifi
 import jwt
-from cryptography import x509
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.x509.oid import NameOID
 
 __version__ = "0.1.0"
 
@@ -2743,6 +2770,8 @@ async def open_shared_store(config: Config) -> SharedStore:
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(config.redis_url).query)
         options.update(ssl_cert_reqs="required", ssl_check_hostname=True)
         if "ssl_ca_certs" not in query:
+            import certifi  # noqa: PLC0415 - its CA list only when no other is named (issue #17)
+
             options["ssl_ca_certs"] = certifi.where()
     try:
         single = aioredis.Redis.from_url(config.redis_url, **options)
@@ -5923,6 +5952,8 @@ def pair_fingerprint(cert_file: str, key_file: str) -> tuple[tuple[int, int, int
 
 def certificate_serial(cert_file: str) -> str:
     """The serial of the first certificate in a PEM file, for log lines."""
+    from cryptography import x509  # noqa: PLC0415 - only TLS serving reads certificates (issue #17)
+
     try:
         return format(
             x509.load_pem_x509_certificate(Path(cert_file).read_bytes()).serial_number, "x"
@@ -5988,8 +6019,12 @@ class CertReloader:
 def upstream_ssl_context(cafile: str | None) -> ssl.SSLContext:
     """A verifying client context: hostname checked, certifi's bundle unless --upstream-ca names
     another."""
+    if not cafile:
+        import certifi  # noqa: PLC0415 - not even imported when --upstream-ca names a file (#17)
+
+        cafile = certifi.where()
     try:
-        context = ssl.create_default_context(cafile=cafile or certifi.where())
+        context = ssl.create_default_context(cafile=cafile)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(
             f"--upstream-ca: cannot load the CA file {cafile}: {describe_error(exc)}"
@@ -6004,6 +6039,12 @@ def write_selfsigned(directory: str, host: str, now: datetime.datetime) -> None:
 
     The certificate names `host`, localhost, 127.0.0.1 and ::1.
     """
+    # Certificate making is for `soakp selfsigned` only: a server never loads it (issue #17).
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: PLC0415
+
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [x509.DNSName(n) for n in dict.fromkeys([host, "localhost"])]
     names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]
@@ -6037,9 +6078,7 @@ def write_selfsigned(directory: str, host: str, now: datetime.datetime) -> None:
             ),
             critical=True,
         )
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(key, hashes.SHA256())
     )
     out = Path(directory)
@@ -7617,6 +7656,20 @@ def tune_process(config: Config) -> None:
             )
 
 
+def release_start_up_memory() -> None:
+    """Give the kernel back the heap that start-up used and freed: compiling soakp.py when no .pyc
+    could be read or written (a read-only install, PYTHONDONTWRITEBYTECODE) leaves ~8 MiB free in
+    the middle of glibc's heap, which free() never returns and only malloc_trim() does (issue #17).
+    A no-op elsewhere than on glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes  # noqa: PLC0415 - once per process, only to reach glibc's malloc_trim()
+
+    malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # musl has none
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
 def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -7823,6 +7876,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     if certs:
         background.append(asyncio.create_task(certs.watch()))
     log_start_notes(config, state.keyring)
+    release_start_up_memory()
     if not certs and not is_loopback(config.listen_host):
         log.warning(
             "serving plain HTTP on a non-loopback address: tokens cross the network unencrypted; "

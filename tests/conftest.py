@@ -20,7 +20,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +96,8 @@ def soakp_env() -> dict[str, str]:
 
 
 class SoakpProcess:
-    """One running `soakp.py serve`, its log file and helpers to talk to it."""
+    """One running `soakp.py serve` (`entry` instead of soakp.py: `-m soakp`, say), its log file and
+    helpers to talk to it."""
 
     def __init__(
         self,
@@ -106,6 +107,7 @@ class SoakpProcess:
         registry: SecretsRegistry,
         admin: tuple[str, str],
         ca: CertAuthority,
+        entry: Sequence[str] = (),
     ) -> None:
         self.args = args
         self.log_path = log_path
@@ -115,7 +117,7 @@ class SoakpProcess:
         registry.logs.append(log_path)
         with open(log_path, "wb") as log:
             self.popen = subprocess.Popen(
-                [sys.executable, str(SOAKP_PY), *args],
+                [sys.executable, *(entry or [str(SOAKP_PY)]), *args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -287,6 +289,12 @@ class SoakpLauncher:
         }
 
     def start(self, *extra_args: str, **options: str | None) -> SoakpProcess:
+        return self.start_entry((), *extra_args, **options)
+
+    def start_entry(
+        self, entry: Sequence[str], *extra_args: str, **options: str | None
+    ) -> SoakpProcess:
+        """start(), with `entry` (say `-m soakp`) between the interpreter and SOAKP's arguments."""
         if not SOAKP_PY.exists():
             pytest.skip(f"{SOAKP_PY} does not exist yet")
         merged = {**self.default_options(), **options}
@@ -303,6 +311,7 @@ class SoakpLauncher:
             self.registry,
             self.admin,
             self.ca,
+            entry,
         )
         self.processes.append(process)
         return process
