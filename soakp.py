@@ -2150,6 +2150,24 @@ class RegistryWorker:
 # matter. When Redis fails, each kind of state falls back as SPEC.md says; a background probe brings
 # it back.
 
+# asyncio.wait_for() runs what it waits for as a task of its own before Python 3.12; a timeout
+# of the waiting task costs a timer only. Forwarding bounds its waits on peers with it too.
+if sys.version_info >= (3, 11):
+
+    async def bounded(awaitable: Any, seconds: float) -> Any:
+        """Await with a time limit; TimeoutError past it."""
+        async with asyncio.timeout(seconds):
+            return await awaitable
+else:  # pragma: no cover - Python 3.10
+
+    async def bounded(awaitable: Any, seconds: float) -> Any:
+        """Await with a time limit; TimeoutError past it."""
+        try:
+            return await asyncio.wait_for(awaitable, seconds)
+        except asyncio.TimeoutError:
+            raise TimeoutError from None
+
+
 STORE_TIMEOUT_S = 0.3  # no request waits longer than this on Redis
 SHARED_POLL_S = 0.25  # revocation version check, probe, pending writes: a change is seen within 1 s
 RESERVATION_LEASE_S = 30  # a reservation whose instance died is freed after this (else renewed)
@@ -2389,7 +2407,7 @@ class SharedStore:
         if not self.up:
             raise StoreDown
         try:
-            return await asyncio.wait_for(self.evaluate(script, keys, args), STORE_TIMEOUT_S)
+            return await bounded(self.evaluate(script, keys, args), STORE_TIMEOUT_S)
         except (*self.errors, TimeoutError, OSError) as exc:  # type: ignore[misc]
             self.mark_down(exc)
             raise StoreDown from None
@@ -2403,7 +2421,7 @@ class SharedStore:
             awaitable.close()
             raise StoreDown
         try:
-            return await asyncio.wait_for(awaitable, STORE_TIMEOUT_S)
+            return await bounded(awaitable, STORE_TIMEOUT_S)
         except (*self.errors, TimeoutError, OSError) as exc:  # type: ignore[misc]
             self.mark_down(exc)
             raise StoreDown from None
@@ -4730,22 +4748,6 @@ class UpstreamError(Exception):
 
 class ClientGone(Exception):
     """The client closed its connection or stopped sending; nothing more can be said to it."""
-
-
-if sys.version_info >= (3, 11):
-
-    async def bounded(awaitable: Any, seconds: float) -> Any:
-        """Await with a time limit; TimeoutError past it."""
-        async with asyncio.timeout(seconds):
-            return await awaitable
-else:  # pragma: no cover - Python 3.10
-
-    async def bounded(awaitable: Any, seconds: float) -> Any:
-        """Await with a time limit; TimeoutError past it."""
-        try:
-            return await asyncio.wait_for(awaitable, seconds)
-        except asyncio.TimeoutError:
-            raise TimeoutError from None
 
 
 CLIENT_CHECK_S = (
