@@ -2176,6 +2176,7 @@ RESERVATION_RENEW_S = 10.0
 # instead of one per request. A settled request counts as in flight for this long longer.
 SETTLE_BATCH_S = 0.02
 SHARED_LIST_BATCH = 500
+IDLE_CONNECTIONS = 16  # the store's own connections kept open between scripts
 REVOCATIONS_KEY, REVOCATIONS_VERSION_KEY = "soakp:{rev}", "soakp:{rev}:v"
 REVOCATION_KEYS = [REVOCATIONS_KEY, REVOCATIONS_VERSION_KEY]
 REVOCATIONS_CHANNEL = "soakp:revocations"
@@ -2315,6 +2316,16 @@ RATE, BUDGET, REVOKE, CHAIN, ADMIN = (
 )
 
 
+def resp_command(*args: str | int) -> bytes:
+    """A command as RESP puts it on the wire (an array of bulk strings), ready for redis-py's
+    Connection.send_packed_command(): what its own packer writes, less its checks of each type."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode() if isinstance(arg, str) else b"%d" % arg
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
 def store_error(exc: BaseException) -> str:
     """A Redis failure for the log: its class and message (with the address, never a password)."""
     text = str(exc)[:200].translate({c: " " for c in range(0x20)})
@@ -2368,8 +2379,13 @@ class SharedStore:
         errors: tuple[type[BaseException], ...],
         no_script: type[BaseException],
         stale_after_s: float,
+        new_connection: Callable[[], Any] | None = None,
     ) -> None:
         self.client, self.subscriber = client, subscriber
+        # Scripts go over connections of their own (a single server; None on a Cluster): see
+        # evaluate().
+        self.new_connection = new_connection
+        self.idle: list[Any] = []
         self.errors, self.no_script = errors, no_script
         self.stale_after_s = stale_after_s
         self.up = True
@@ -2427,10 +2443,54 @@ class SharedStore:
             raise StoreDown from None
 
     async def evaluate(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """A script through redis-py. On a single server it goes over a connection of the store's
+        own, straight to redis-py's Connection: the client's pool, retry and metrics cost more than
+        the round trip itself."""
+        if self.new_connection is None:  # a Cluster: redis-py sends it to its slot's node
+            try:
+                return await self.client.execute_command(
+                    "EVALSHA", script.sha, len(keys), *keys, *args
+                )
+            except self.no_script:  # a restarted Redis forgot its scripts
+                return await self.client.execute_command(
+                    "EVAL", script.text, len(keys), *keys, *args
+                )
+        conn = await self.connection()
         try:
-            return await self.client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        except self.no_script:  # a restarted Redis forgot its scripts
-            return await self.client.execute_command("EVAL", script.text, len(keys), *keys, *args)
+            try:
+                await conn.send_packed_command(
+                    resp_command("EVALSHA", script.sha, len(keys), *keys, *args),
+                    check_health=False,
+                )
+                reply = await conn.read_response()
+            except self.no_script:
+                await conn.send_packed_command(
+                    resp_command("EVAL", script.text, len(keys), *keys, *args),
+                    check_health=False,
+                )
+                reply = await conn.read_response()
+        except BaseException:  # redis-py has closed it on a failure of the connection itself
+            self.start(conn.disconnect(nowait=True))
+            raise
+        if len(self.idle) < IDLE_CONNECTIONS:
+            self.idle.append(conn)
+        else:
+            self.start(conn.disconnect())
+        return reply
+
+    async def connection(self) -> Any:
+        """An idle connection of the store's, or a new one (it connects on its first command). One
+        that Redis closed meanwhile (a restart) is dropped first, as redis-py's pool would."""
+        assert self.new_connection is not None
+        conn = self.idle.pop() if self.idle else self.new_connection()
+        if conn.is_connected:
+            try:
+                stale = await conn.can_read()  # an answer nobody asked for, or the end of it
+            except (*self.errors, OSError):  # type: ignore[misc]
+                stale = True
+            if stale:
+                await conn.disconnect(nowait=True)
+        return conn
 
     # Rate limits and budgets
     async def admit(
@@ -2737,6 +2797,9 @@ class SharedStore:
         for client in (self.subscriber, self.client):
             with contextlib.suppress(Exception):
                 await client.aclose()
+        for conn in self.idle:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
 
 
 async def open_shared_store(config: Config) -> SharedStore:
@@ -2777,7 +2840,17 @@ async def open_shared_store(config: Config) -> SharedStore:
         )
     if cluster:
         client = RedisCluster.from_url(config.redis_url, **options, cluster_error_retry_attempts=0)
-    store = SharedStore(client, single, (RedisError,), NoScriptError, config.redis_stale_after_s)
+    pool = single.connection_pool
+    # The store's own connections: the client's settings, but the store times each script whole.
+    settings = {**pool.connection_kwargs, "socket_timeout": None}
+    store = SharedStore(
+        client,
+        single,
+        (RedisError,),
+        NoScriptError,
+        config.redis_stale_after_s,
+        None if cluster else functools.partial(pool.connection_class, **settings),
+    )
     where = urllib.parse.urlsplit(config.redis_url)
     log.info(
         "sharing state through Redis%s at %s://%s%s",
