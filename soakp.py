@@ -2183,6 +2183,9 @@ REVOCATIONS_CHANNEL = "soakp:revocations"
 CHAINS_KEY = "soakp:{chains}"  # chain ids by renew-until: what GET /jwt lists
 KEEP_AFTER_S = 86400  # chain keys outlive the chain's renew-until by a day, then Redis drops them
 
+# The scripts a request waits for answer one status line ({ok = ...}): redis-py's parser reads it in
+# one step, where an array costs it a step per element.
+#
 # GCRA, as RateLimiter, on Redis's clock. KEYS: the chain's theoretical arrival time. ARGV: rpm, and
 # 1 to take a request or -1 to give one back. Returns the seconds to wait, "0" when allowed.
 RATE_SCRIPT = """
@@ -2192,15 +2195,15 @@ local interval = 60 / tonumber(ARGV[1])
 local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
 if ARGV[2] == '-1' then tat = tat - interval
 elseif tat - now - (60 - interval) > 1e-9 then
-  return string.format('%.3f', tat - now - (60 - interval))
+  return {ok = string.format('%.3f', tat - now - (60 - interval))}
 else tat = tat + interval end
 if tat <= now then redis.call('DEL', KEYS[1]) else
   redis.call('SET', KEYS[1], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000)) end
-return '0'
+return {ok = '0'}
 """
 # A chain's budget. KEYS: spent (tokens), reservations (hash id -> tokens), leases (zset id ->
 # expiry), and the chain's rate key. ARGV: op, budget, amount, reservation id, lease seconds,
-# keep-until, rpm (0: none). Returns {spent, reserved, granted, seconds to wait}. `reserve` takes
+# keep-until, rpm (0: none). Returns "spent reserved granted seconds-to-wait". `reserve` takes
 # one request from the rpm (GCRA, as RATE_SCRIPT) and grants min(amount, what is left), both or
 # neither, so a request with rpm and a budget costs one round trip; `settle` frees a reservation and
 # charges what was used (several reservation ids at once, separated by spaces, and what they used
@@ -2214,14 +2217,14 @@ if op == 'settle' then
   end
   local spent = redis.call('INCRBY', KEYS[1], ARGV[3])
   redis.call('EXPIREAT', KEYS[1], ARGV[6])
-  return {spent, 0, 0}
+  return {ok = string.format('%d 0 0 0', spent)}
 end
 if op == 'renew' or op == 'shrink' then
   if redis.call('ZSCORE', KEYS[3], id) then
     redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), id)
     if op == 'shrink' then redis.call('HSET', KEYS[2], id, ARGV[3]) end
   end
-  return {0, 0, 0}
+  return {ok = '0 0 0 0'}
 end
 local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
 for _, gone in ipairs(dead) do redis.call('HDEL', KEYS[2], gone) end
@@ -2236,7 +2239,7 @@ if op == 'reserve' then
     interval = 60 / rpm
     tat = math.max(tonumber(redis.call('GET', KEYS[4]) or '0'), exact)
     if tat - exact - (60 - interval) > 1e-9 then
-      return {spent, reserved, 0, string.format('%.3f', tat - exact - (60 - interval))}
+      return {ok = string.format('%d %d 0 %.3f', spent, reserved, tat - exact - (60 - interval))}
     end
   end
   granted = math.min(tonumber(ARGV[3]), tonumber(ARGV[2]) - spent - reserved)
@@ -2250,7 +2253,7 @@ if op == 'reserve' then
     end
   else granted = 0 end
 end
-return {spent, reserved, granted, '0'}
+return {ok = string.format('%d %d %d 0', spent, reserved, granted)}
 """
 # KEYS: the revocation set (member `c:<cid>` or `t:<jti>`, score: until when it matters) and its
 # version. ARGV: member, until. Returns 1 when it is new (one refresh of a token wins everywhere).
@@ -2533,8 +2536,9 @@ class SharedStore:
                             rpm or 0,
                         ],
                     )
-                    figures[cid] = (int(reply[0]), int(reply[1]))
-                    wait_s, got = float(reply[3]), int(reply[2])
+                    spent, reserved, granted_here, waited = reply.split()
+                    figures[cid] = (int(spent), int(reserved))
+                    wait_s, got = float(waited), int(granted_here)
                 elif rpm:
                     wait_s, got = float(await self.run(RATE, [chain_key(cid, "rate")], [rpm, 1])), 1
                 else:
@@ -2589,10 +2593,11 @@ class SharedStore:
                 for cid, budget in budgets
             )
         )
-        return {
-            cid: (int(reply[0]), int(reply[1]))
-            for (cid, _), reply in zip(budgets, replies, strict=True)
-        }
+        figures = {}
+        for (cid, _), reply in zip(budgets, replies, strict=True):
+            spent, reserved, _, _ = reply.split()
+            figures[cid] = (int(spent), int(reserved))
+        return figures
 
     def queue_settle(
         self, budgets: Sequence[tuple[str, int]], rid: str, used: int, keep_until: int

@@ -470,8 +470,8 @@ def test_a_reservation_whose_instance_died_is_freed_when_its_lease_ends(
     keys = ["soakp:{c}:spent", "soakp:{c}:reserved", "soakp:{c}:leases", "soakp:{c}:rate"]
     far = int(time.time()) + 3600
 
-    def budget(*args: Any) -> list[Any]:
-        return client.eval(soakp.BUDGET_SCRIPT, len(keys), *keys, *args)
+    def budget(*args: Any) -> list[float]:  # "spent reserved granted seconds-to-wait"
+        return [float(n) for n in client.eval(soakp.BUDGET_SCRIPT, len(keys), *keys, *args).split()]
 
     assert budget("reserve", 1000, 600, "dead", 1, far, 0)[2] == 600
     assert budget("reserve", 1000, 300, "alive", 3, far, 0)[2] == 300
