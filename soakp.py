@@ -2176,7 +2176,7 @@ RESERVATION_RENEW_S = 10.0
 # instead of one per request. A settled request counts as in flight for this long longer.
 SETTLE_BATCH_S = 0.02
 SHARED_LIST_BATCH = 500
-IDLE_CONNECTIONS = 16  # the store's own connections kept open between scripts
+IDLE_CONNECTIONS = 32  # the store's own connections kept open between scripts; more close after use
 REVOCATIONS_KEY, REVOCATIONS_VERSION_KEY = "soakp:{rev}", "soakp:{rev}:v"
 REVOCATION_KEYS = [REVOCATIONS_KEY, REVOCATIONS_VERSION_KEY]
 REVOCATIONS_CHANNEL = "soakp:revocations"
