@@ -2319,12 +2319,13 @@ RATE, BUDGET, REVOKE, CHAIN, ADMIN = (
 )
 
 
-def resp_command(*args: str | int) -> bytes:
+def resp_command(*args: str | int | float) -> bytes:
     """A command as RESP puts it on the wire (an array of bulk strings), ready for redis-py's
-    Connection.send_packed_command(): what its own packer writes, less its checks of each type."""
+    Connection.send_packed_command(): what its own packer writes for strings and numbers (UTF-8,
+    repr), in half its time."""
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
-        data = arg.encode() if isinstance(arg, str) else b"%d" % arg
+        data = str(arg).encode()
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
 
@@ -2447,8 +2448,8 @@ class SharedStore:
 
     async def evaluate(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """A script through redis-py. On a single server it goes over a connection of the store's
-        own, straight to redis-py's Connection: the client's pool, retry and metrics cost more than
-        the round trip itself."""
+        own, straight to redis-py's Connection: the client's pool checkout, retry wrapper, metrics
+        hooks and per-call timers nearly double what a script costs a request."""
         if self.new_connection is None:  # a Cluster: redis-py sends it to its slot's node
             try:
                 return await self.client.execute_command(
@@ -2472,7 +2473,7 @@ class SharedStore:
                     check_health=False,
                 )
                 reply = await conn.read_response()
-        except BaseException:  # redis-py has closed it on a failure of the connection itself
+        except BaseException:  # dropped (redis-py has closed it if the connection itself failed)
             self.start(conn.disconnect(nowait=True))
             raise
         if len(self.idle) < IDLE_CONNECTIONS:

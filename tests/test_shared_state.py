@@ -545,6 +545,17 @@ def test_the_stores_own_connections_recover_from_a_kill_a_script_flush_and_a_pau
     asyncio.run(scenario())
 
 
+def test_scripts_are_packed_as_redis_py_packs_them() -> None:
+    """SharedStore writes its commands itself (soakp.resp_command): byte for byte what redis-py's
+    packer would have sent, for the strings and numbers the scripts take."""
+    from redis.asyncio.connection import Connection
+
+    import soakp
+
+    args = ("EVALSHA", "f" * 40, 4, "soakp:{c}:spent", "reserve", 10**12, 0, -1, 1.5, "é", "")
+    assert soakp.resp_command(*args) == b"".join(Connection().pack_command(*args))
+
+
 # Connections: TLS with a verified certificate, a Unix socket, a password ##########################
 
 
