@@ -193,6 +193,12 @@ class Run:
         )
         return sum(int(n) for _, n in re.findall(pattern, stats, re.MULTILINE))
 
+    def script_usec(self, port: int) -> int:
+        """Microseconds Redis spent running scripts, by its own count (part of each round trip)."""
+        stats = self.redis_cli(port, "INFO", "commandstats")
+        pattern = r"^cmdstat_(?:evalsha|eval):calls=\d+,usec=(\d+)"
+        return sum(int(n) for n in re.findall(pattern, stats, re.MULTILINE))
+
     def soakp_serve(self, *flags: str) -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()
         child = self.spawn(
@@ -296,10 +302,11 @@ def measure(python: str, soakp: Path, n: int) -> dict[str, float]:
         without, with_redis = timed_turns([(alone_port, alone.pid), (port, child.pid)], limited, n)
         alone.terminate()
         alone.wait(10)
-        before = run.commands(redis_port, scripts=True)
+        before, usec_before = run.commands(redis_port, scripts=True), run.script_usec(redis_port)
         timed_requests(port, limited, child.pid, n)
         time.sleep(0.5)  # the last settlements
         limited_calls = run.commands(redis_port, scripts=True) - before
+        script_usec = run.script_usec(redis_port) - usec_before
         before = run.commands(redis_port)
         plain_run = timed_requests(port, plain, child.pid, n)
         busy_calls = run.commands(redis_port) - before
@@ -315,6 +322,7 @@ def measure(python: str, soakp: Path, n: int) -> dict[str, float]:
             "cpu_without_ms": without["cpu_ms"],
             "cpu_with_ms": with_redis["cpu_ms"],
             "calls_per_limited_request": limited_calls / (n + min(200, n)),
+            "redis_us_per_limited_request": script_usec / (n + min(200, n)),
             "calls_plain_busy": busy_calls,
             "calls_plain_idle": idle_calls,
             "calls_per_plain_request": max(0, busy_calls - idle_calls) / (n + min(200, n)),
@@ -348,6 +356,12 @@ def render(r: dict[str, float], markdown: bool = False) -> str:
             "—",
             f"{r['calls_per_limited_request']:.2f}",
             "rpm + reservation in one, settlement after the answer",
+        ),
+        (
+            "Redis's own time in scripts per request (µs), token with rpm + budget",
+            "—",
+            f"{r['redis_us_per_limited_request']:.1f}",
+            "INFO commandstats: part of the c=1 latency, not of SOAKP's CPU",
         ),
         (
             "Redis commands per request (scripts' included), token with neither",
