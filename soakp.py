@@ -2177,6 +2177,24 @@ class RegistryWorker:
 # matter. When Redis fails, each kind of state falls back as SPEC.md says; a background probe brings
 # it back.
 
+# asyncio.wait_for() runs what it waits for as a task of its own before Python 3.12; a timeout
+# of the waiting task costs a timer only. Forwarding bounds its waits on peers with it too.
+if sys.version_info >= (3, 11):
+
+    async def bounded(awaitable: Any, seconds: float) -> Any:
+        """Await with a time limit; TimeoutError past it."""
+        async with asyncio.timeout(seconds):
+            return await awaitable
+else:  # pragma: no cover - Python 3.10
+
+    async def bounded(awaitable: Any, seconds: float) -> Any:
+        """Await with a time limit; TimeoutError past it."""
+        try:
+            return await asyncio.wait_for(awaitable, seconds)
+        except asyncio.TimeoutError:
+            raise TimeoutError from None
+
+
 STORE_TIMEOUT_S = 0.3  # no request waits longer than this on Redis
 SHARED_POLL_S = 0.25  # revocation version check, probe, pending writes: a change is seen within 1 s
 RESERVATION_LEASE_S = 30  # a reservation whose instance died is freed after this (else renewed)
@@ -2185,12 +2203,16 @@ RESERVATION_RENEW_S = 10.0
 # instead of one per request. A settled request counts as in flight for this long longer.
 SETTLE_BATCH_S = 0.02
 SHARED_LIST_BATCH = 500
+IDLE_CONNECTIONS = 32  # the store's own connections kept open between scripts; more close after use
 REVOCATIONS_KEY, REVOCATIONS_VERSION_KEY = "soakp:{rev}", "soakp:{rev}:v"
 REVOCATION_KEYS = [REVOCATIONS_KEY, REVOCATIONS_VERSION_KEY]
 REVOCATIONS_CHANNEL = "soakp:revocations"
 CHAINS_KEY = "soakp:{chains}"  # chain ids by renew-until: what GET /jwt lists
 KEEP_AFTER_S = 86400  # chain keys outlive the chain's renew-until by a day, then Redis drops them
 
+# The scripts a request waits for answer one status line ({ok = ...}): redis-py's parser reads it in
+# one step, where an array costs it a step per element.
+#
 # GCRA, as RateLimiter, on Redis's clock. KEYS: the chain's theoretical arrival time. ARGV: rpm, and
 # 1 to take a request or -1 to give one back. Returns the seconds to wait, "0" when allowed.
 RATE_SCRIPT = """
@@ -2200,15 +2222,15 @@ local interval = 60 / tonumber(ARGV[1])
 local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
 if ARGV[2] == '-1' then tat = tat - interval
 elseif tat - now - (60 - interval) > 1e-9 then
-  return string.format('%.3f', tat - now - (60 - interval))
+  return {ok = string.format('%.3f', tat - now - (60 - interval))}
 else tat = tat + interval end
 if tat <= now then redis.call('DEL', KEYS[1]) else
   redis.call('SET', KEYS[1], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000)) end
-return '0'
+return {ok = '0'}
 """
 # A chain's budget. KEYS: spent (tokens), reservations (hash id -> tokens), leases (zset id ->
 # expiry), and the chain's rate key. ARGV: op, budget, amount, reservation id, lease seconds,
-# keep-until, rpm (0: none). Returns {spent, reserved, granted, seconds to wait}. `reserve` takes
+# keep-until, rpm (0: none). Returns "spent reserved granted seconds-to-wait". `reserve` takes
 # one request from the rpm (GCRA, as RATE_SCRIPT) and grants min(amount, what is left), both or
 # neither, so a request with rpm and a budget costs one round trip; `settle` frees a reservation and
 # charges what was used (several reservation ids at once, separated by spaces, and what they used
@@ -2222,14 +2244,14 @@ if op == 'settle' then
   end
   local spent = redis.call('INCRBY', KEYS[1], ARGV[3])
   redis.call('EXPIREAT', KEYS[1], ARGV[6])
-  return {spent, 0, 0}
+  return {ok = string.format('%d 0 0 0', spent)}
 end
 if op == 'renew' or op == 'shrink' then
   if redis.call('ZSCORE', KEYS[3], id) then
     redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), id)
     if op == 'shrink' then redis.call('HSET', KEYS[2], id, ARGV[3]) end
   end
-  return {0, 0, 0}
+  return {ok = '0 0 0 0'}
 end
 local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
 for _, gone in ipairs(dead) do redis.call('HDEL', KEYS[2], gone) end
@@ -2244,7 +2266,7 @@ if op == 'reserve' then
     interval = 60 / rpm
     tat = math.max(tonumber(redis.call('GET', KEYS[4]) or '0'), exact)
     if tat - exact - (60 - interval) > 1e-9 then
-      return {spent, reserved, 0, string.format('%.3f', tat - exact - (60 - interval))}
+      return {ok = string.format('%d %d 0 %.3f', spent, reserved, tat - exact - (60 - interval))}
     end
   end
   granted = math.min(tonumber(ARGV[3]), tonumber(ARGV[2]) - spent - reserved)
@@ -2258,7 +2280,7 @@ if op == 'reserve' then
     end
   else granted = 0 end
 end
-return {spent, reserved, granted, '0'}
+return {ok = string.format('%d %d %d 0', spent, reserved, granted)}
 """
 # KEYS: the revocation set (member `c:<cid>` or `t:<jti>`, score: until when it matters) and its
 # version. ARGV: member, until. Returns 1 when it is new (one refresh of a token wins everywhere).
@@ -2324,6 +2346,17 @@ RATE, BUDGET, REVOKE, CHAIN, ADMIN = (
 )
 
 
+def resp_command(*args: str | int | float) -> bytes:
+    """A command as RESP puts it on the wire (an array of bulk strings), ready for redis-py's
+    Connection.send_packed_command(): what its own packer writes for strings and numbers (UTF-8,
+    repr), in half its time."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
 def store_error(exc: BaseException) -> str:
     """A Redis failure for the log: its class and message (with the address, never a password)."""
     text = str(exc)[:200].translate({c: " " for c in range(0x20)})
@@ -2377,8 +2410,13 @@ class SharedStore:
         errors: tuple[type[BaseException], ...],
         no_script: type[BaseException],
         stale_after_s: float,
+        new_connection: Callable[[], Any] | None = None,
     ) -> None:
         self.client, self.subscriber = client, subscriber
+        # Scripts go over connections of their own (a single server; None on a Cluster): see
+        # evaluate().
+        self.new_connection = new_connection
+        self.idle: list[Any] = []
         self.errors, self.no_script = errors, no_script
         self.stale_after_s = stale_after_s
         self.up = True
@@ -2416,7 +2454,7 @@ class SharedStore:
         if not self.up:
             raise StoreDown
         try:
-            return await asyncio.wait_for(self.evaluate(script, keys, args), STORE_TIMEOUT_S)
+            return await bounded(self.evaluate(script, keys, args), STORE_TIMEOUT_S)
         except (*self.errors, TimeoutError, OSError) as exc:  # type: ignore[misc]
             self.mark_down(exc)
             raise StoreDown from None
@@ -2430,16 +2468,60 @@ class SharedStore:
             awaitable.close()
             raise StoreDown
         try:
-            return await asyncio.wait_for(awaitable, STORE_TIMEOUT_S)
+            return await bounded(awaitable, STORE_TIMEOUT_S)
         except (*self.errors, TimeoutError, OSError) as exc:  # type: ignore[misc]
             self.mark_down(exc)
             raise StoreDown from None
 
     async def evaluate(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """A script through redis-py. On a single server it goes over a connection of the store's
+        own, straight to redis-py's Connection: the client's pool checkout, retry wrapper, metrics
+        hooks and per-call timers nearly double what a script costs a request."""
+        if self.new_connection is None:  # a Cluster: redis-py sends it to its slot's node
+            try:
+                return await self.client.execute_command(
+                    "EVALSHA", script.sha, len(keys), *keys, *args
+                )
+            except self.no_script:  # a restarted Redis forgot its scripts
+                return await self.client.execute_command(
+                    "EVAL", script.text, len(keys), *keys, *args
+                )
+        conn = await self.connection()
         try:
-            return await self.client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        except self.no_script:  # a restarted Redis forgot its scripts
-            return await self.client.execute_command("EVAL", script.text, len(keys), *keys, *args)
+            try:
+                await conn.send_packed_command(
+                    resp_command("EVALSHA", script.sha, len(keys), *keys, *args),
+                    check_health=False,
+                )
+                reply = await conn.read_response()
+            except self.no_script:
+                await conn.send_packed_command(
+                    resp_command("EVAL", script.text, len(keys), *keys, *args),
+                    check_health=False,
+                )
+                reply = await conn.read_response()
+        except BaseException:  # dropped (redis-py has closed it if the connection itself failed)
+            self.start(conn.disconnect(nowait=True))
+            raise
+        if len(self.idle) < IDLE_CONNECTIONS:
+            self.idle.append(conn)
+        else:
+            self.start(conn.disconnect())
+        return reply
+
+    async def connection(self) -> Any:
+        """An idle connection of the store's, or a new one (it connects on its first command). One
+        that Redis closed meanwhile (a restart) is dropped first, as redis-py's pool would."""
+        assert self.new_connection is not None
+        conn = self.idle.pop() if self.idle else self.new_connection()
+        if conn.is_connected:
+            try:
+                stale = await conn.can_read()  # an answer nobody asked for, or the end of it
+            except (*self.errors, OSError):  # type: ignore[misc]
+                stale = True
+            if stale:
+                await conn.disconnect(nowait=True)
+        return conn
 
     # Rate limits and budgets
     async def admit(
@@ -2482,8 +2564,9 @@ class SharedStore:
                             rpm or 0,
                         ],
                     )
-                    figures[cid] = (int(reply[0]), int(reply[1]))
-                    wait_s, got = float(reply[3]), int(reply[2])
+                    spent, reserved, granted_here, waited = reply.split()
+                    figures[cid] = (int(spent), int(reserved))
+                    wait_s, got = float(waited), int(granted_here)
                 elif rpm:
                     wait_s, got = float(await self.run(RATE, [chain_key(cid, "rate")], [rpm, 1])), 1
                 else:
@@ -2538,10 +2621,11 @@ class SharedStore:
                 for cid, budget in budgets
             )
         )
-        return {
-            cid: (int(reply[0]), int(reply[1]))
-            for (cid, _), reply in zip(budgets, replies, strict=True)
-        }
+        figures = {}
+        for (cid, _), reply in zip(budgets, replies, strict=True):
+            spent, reserved, _, _ = reply.split()
+            figures[cid] = (int(spent), int(reserved))
+        return figures
 
     def queue_settle(
         self, budgets: Sequence[tuple[str, int]], rid: str, used: int, keep_until: int
@@ -2746,6 +2830,9 @@ class SharedStore:
         for client in (self.subscriber, self.client):
             with contextlib.suppress(Exception):
                 await client.aclose()
+        for conn in self.idle:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
 
 
 async def open_shared_store(config: Config) -> SharedStore:
@@ -2788,7 +2875,17 @@ async def open_shared_store(config: Config) -> SharedStore:
         )
     if cluster:
         client = RedisCluster.from_url(config.redis_url, **options, cluster_error_retry_attempts=0)
-    store = SharedStore(client, single, (RedisError,), NoScriptError, config.redis_stale_after_s)
+    pool = single.connection_pool
+    # The store's own connections: the client's settings, but the store times each script whole.
+    settings = {**pool.connection_kwargs, "socket_timeout": None}
+    store = SharedStore(
+        client,
+        single,
+        (RedisError,),
+        NoScriptError,
+        config.redis_stale_after_s,
+        None if cluster else functools.partial(pool.connection_class, **settings),
+    )
     where = urllib.parse.urlsplit(config.redis_url)
     log.info(
         "sharing state through Redis%s at %s://%s%s",
@@ -4769,22 +4866,6 @@ class UpstreamError(Exception):
 
 class ClientGone(Exception):
     """The client closed its connection or stopped sending; nothing more can be said to it."""
-
-
-if sys.version_info >= (3, 11):
-
-    async def bounded(awaitable: Any, seconds: float) -> Any:
-        """Await with a time limit; TimeoutError past it."""
-        async with asyncio.timeout(seconds):
-            return await awaitable
-else:  # pragma: no cover - Python 3.10
-
-    async def bounded(awaitable: Any, seconds: float) -> Any:
-        """Await with a time limit; TimeoutError past it."""
-        try:
-            return await asyncio.wait_for(awaitable, seconds)
-        except asyncio.TimeoutError:
-            raise TimeoutError from None
 
 
 CLIENT_CHECK_S = (

@@ -3,9 +3,11 @@ last table) or on its own:
 
     python bench/shared_state.py [--requests 3000] [--python PY] [--markdown FILE]
 
-One SOAKP without --redis, then one with a private redis-server on loopback, each against
-bench/upstream.py. For a token with `rpm` and a budget (`max_tokens_total`): latency at c=1 (one
-keep-alive connection, sequential chat completions) and CPU per request of the SOAKP process. For a
+One SOAKP without --redis and one with a private redis-server on loopback, side by side against
+the fake upstream. For a token with `rpm` and a budget (`max_tokens_total`): latency at c=1 (one
+keep-alive connection to each, sequential chat completions) and CPU per request of each SOAKP
+process, the two taking turns in ROUNDS rounds so that a change in the machine's load (other work
+on a shared machine) falls on both columns alike, not on one of them. For a
 token with neither: Redis's own `INFO commandstats` over the same number of requests, less what the
 background tasks send meanwhile (measured over an idle stretch as long), which shows that such a
 token costs no round trip.
@@ -34,6 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 START_TIMEOUT_S = 15.0
 REQUESTS = 3000
+ROUNDS = 10  # turns of the two SOAKPs in the latency comparison
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BODY = (
     b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}],"max_tokens":20}'
@@ -190,6 +193,12 @@ class Run:
         )
         return sum(int(n) for _, n in re.findall(pattern, stats, re.MULTILINE))
 
+    def script_usec(self, port: int) -> int:
+        """Microseconds Redis spent running scripts, by its own count (part of each round trip)."""
+        stats = self.redis_cli(port, "INFO", "commandstats")
+        pattern = r"^cmdstat_(?:evalsha|eval):calls=\d+,usec=(\d+)"
+        return sum(int(n) for n in re.findall(pattern, stats, re.MULTILINE))
+
     def soakp_serve(self, *flags: str) -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()
         child = self.spawn(
@@ -236,27 +245,48 @@ class Run:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def timed_requests(port: int, token: str, pid: int, n: int) -> dict[str, float]:
-    client = Client(port, token)
-    try:
-        for _ in range(min(200, n)):  # warm up: TLS to the upstream, caches, script loading
-            assert client.once() == 200
-        cpu_before, latencies = cpu_s(pid), []
-        for _ in range(n):
-            started = time.perf_counter()
-            status = client.once()
-            latencies.append(time.perf_counter() - started)
-            assert status == 200, status
-        cpu = cpu_s(pid) - cpu_before
-    finally:
-        client.close()
-    latencies.sort()
+def summary(latencies: list[float], cpu: float) -> dict[str, float]:
+    latencies = sorted(latencies)
+    n = len(latencies)
     return {
         "p50_ms": latencies[n // 2] * 1000,
         "p99_ms": latencies[min(n - 1, n * 99 // 100)] * 1000,
         "cpu_ms": cpu / n * 1000,
         "wall_s": sum(latencies),
     }
+
+
+def timed_turns(targets: Sequence[tuple[int, int]], token: str, n: int) -> list[dict[str, float]]:
+    """n requests to each (port, pid), one keep-alive connection each, in ROUNDS turns that
+    alternate which goes first."""
+    clients = [Client(port, token) for port, _ in targets]
+    try:
+        for client in clients:
+            for _ in range(min(200, n)):  # warm up: TLS to the upstream, caches, script loading
+                assert client.once() == 200
+        latencies: list[list[float]] = [[] for _ in targets]
+        cpu = [0.0 for _ in targets]
+        rounds = min(ROUNDS, n)
+        for turn in range(rounds):
+            count = n // rounds + (turn < n % rounds)
+            order = list(range(len(targets)))
+            for i in order if turn % 2 == 0 else order[::-1]:
+                pid, client, seen = targets[i][1], clients[i], latencies[i]
+                cpu_before = cpu_s(pid)
+                for _ in range(count):
+                    started = time.perf_counter()
+                    status = client.once()
+                    seen.append(time.perf_counter() - started)
+                    assert status == 200, status
+                cpu[i] += cpu_s(pid) - cpu_before
+    finally:
+        for client in clients:
+            client.close()
+    return [summary(seen, spent) for seen, spent in zip(latencies, cpu)]
+
+
+def timed_requests(port: int, token: str, pid: int, n: int) -> dict[str, float]:
+    return timed_turns([(port, pid)], token, n)[0]
 
 
 def measure(python: str, soakp: Path, n: int) -> dict[str, float]:
@@ -266,17 +296,17 @@ def measure(python: str, soakp: Path, n: int) -> dict[str, float]:
             "--rpm", "1000000", "--max-tokens-total", "1000000000", "--sub", "limited"
         )
         plain = run.mint("--sub", "plain")
-        child, port = run.soakp_serve()
-        without = timed_requests(port, limited, child.pid, n)
-        child.terminate()
-        child.wait(10)
+        alone, alone_port = run.soakp_serve()
         redis_port = run.redis()
         child, port = run.soakp_serve("--redis", f"redis://127.0.0.1:{redis_port}")
-        with_redis = timed_requests(port, limited, child.pid, n)
-        before = run.commands(redis_port, scripts=True)
+        without, with_redis = timed_turns([(alone_port, alone.pid), (port, child.pid)], limited, n)
+        alone.terminate()
+        alone.wait(10)
+        before, usec_before = run.commands(redis_port, scripts=True), run.script_usec(redis_port)
         timed_requests(port, limited, child.pid, n)
         time.sleep(0.5)  # the last settlements
         limited_calls = run.commands(redis_port, scripts=True) - before
+        script_usec = run.script_usec(redis_port) - usec_before
         before = run.commands(redis_port)
         plain_run = timed_requests(port, plain, child.pid, n)
         busy_calls = run.commands(redis_port) - before
@@ -292,6 +322,7 @@ def measure(python: str, soakp: Path, n: int) -> dict[str, float]:
             "cpu_without_ms": without["cpu_ms"],
             "cpu_with_ms": with_redis["cpu_ms"],
             "calls_per_limited_request": limited_calls / (n + min(200, n)),
+            "redis_us_per_limited_request": script_usec / (n + min(200, n)),
             "calls_plain_busy": busy_calls,
             "calls_plain_idle": idle_calls,
             "calls_per_plain_request": max(0, busy_calls - idle_calls) / (n + min(200, n)),
@@ -325,6 +356,12 @@ def render(r: dict[str, float], markdown: bool = False) -> str:
             "—",
             f"{r['calls_per_limited_request']:.2f}",
             "rpm + reservation in one, settlement after the answer",
+        ),
+        (
+            "Redis's own time in scripts per request (µs), token with rpm + budget",
+            "—",
+            f"{r['redis_us_per_limited_request']:.1f}",
+            "INFO commandstats: part of the c=1 latency, not of SOAKP's CPU",
         ),
         (
             "Redis commands per request (scripts' included), token with neither",

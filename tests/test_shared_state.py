@@ -470,8 +470,8 @@ def test_a_reservation_whose_instance_died_is_freed_when_its_lease_ends(
     keys = ["soakp:{c}:spent", "soakp:{c}:reserved", "soakp:{c}:leases", "soakp:{c}:rate"]
     far = int(time.time()) + 3600
 
-    def budget(*args: Any) -> list[Any]:
-        return client.eval(soakp.BUDGET_SCRIPT, len(keys), *keys, *args)
+    def budget(*args: Any) -> list[float]:  # "spent reserved granted seconds-to-wait"
+        return [float(n) for n in client.eval(soakp.BUDGET_SCRIPT, len(keys), *keys, *args).split()]
 
     assert budget("reserve", 1000, 600, "dead", 1, far, 0)[2] == 600
     assert budget("reserve", 1000, 300, "alive", 3, far, 0)[2] == 300
@@ -484,6 +484,76 @@ def test_a_reservation_whose_instance_died_is_freed_when_its_lease_ends(
     budget("settle", 0, 250, "alive", 0, far)
     assert budget("check", 1000, 0, "", 0, 0)[:2] == [250, 0]
     client.close()
+
+
+def test_the_stores_own_connections_recover_from_a_kill_a_script_flush_and_a_pause(
+    redis_server: RedisServer,
+) -> None:
+    """Scripts go over SharedStore's own redis-py connections, not the client's pool. Connections
+    Redis closed (a restart, CLIENT KILL) are replaced before use, scripts it forgot (SCRIPT FLUSH)
+    are sent again, and a pause costs the call within the store timeout; each time the next call
+    goes through."""
+    import asyncio
+    import types
+
+    import soakp
+
+    async def scenario() -> None:
+        config = types.SimpleNamespace(redis_url=redis_server.url, redis_stale_after_s=60.0)
+        store = await soakp.open_shared_store(config)  # type: ignore[arg-type]
+        limits = [("c" * 22, 1000, 100)]  # (cid, budget, rpm)
+
+        async def granted() -> int:
+            return (await store.admit(limits, 10, int(time.time()) + 3600, time.time()))[1]
+
+        try:
+            assert await granted() == 10
+            redis_cli(redis_server.port, "CLIENT", "KILL", "TYPE", "normal")
+            await asyncio.sleep(0.1)  # the end of the connection reaches the event loop
+            assert await granted() == 10 and store.up
+            redis_cli(redis_server.port, "SCRIPT", "FLUSH")
+            assert await granted() == 10 and store.up
+            redis_server.pause()
+            try:
+                started = time.monotonic()
+                with pytest.raises(soakp.StoreDown):
+                    await granted()
+                assert time.monotonic() - started < STORE_TIMEOUT_S + 0.2
+            finally:
+                redis_server.resume()
+            store.up = True  # what the background probe does once Redis answers again
+            assert await granted() == 10
+            spent, reserved, _, _ = redis_cli(
+                redis_server.port,
+                "EVAL",
+                soakp.BUDGET_SCRIPT,
+                "4",
+                *[*store.budget_keys(limits[0][0]), soakp.chain_key(limits[0][0], "rate")],
+                "check",
+                "1000",
+                "0",
+                "",
+                "0",
+                "0",
+            ).split()
+            # Four granted, and the paused call's: Redis ran it on resuming, after SOAKP had given
+            # up; it holds its reservation until its lease ends.
+            assert (spent, reserved) == ("0", "50")
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_scripts_are_packed_as_redis_py_packs_them() -> None:
+    """SharedStore writes its commands itself (soakp.resp_command): byte for byte what redis-py's
+    packer would have sent, for the strings and numbers the scripts take."""
+    from redis.asyncio.connection import Connection
+
+    import soakp
+
+    args = ("EVALSHA", "f" * 40, 4, "soakp:{c}:spent", "reserve", 10**12, 0, -1, 1.5, "é", "")
+    assert soakp.resp_command(*args) == b"".join(Connection().pack_command(*args))
 
 
 # Connections: TLS with a verified certificate, a Unix socket, a password ##########################
