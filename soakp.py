@@ -9,7 +9,7 @@ Read top to bottom, in the order a request flows; search "# 5." to jump to a sec
  5 Bodies and answers (pure)  ChunkedDecoder, json_models(), MultipartModelScanner, plan_budget(),
                               plan_answer(), UsageMeter, SseUsageStripper, Exchange
  6 Forwarding     the limits kept in state, Watchdog, UpstreamPool, forward(), send_upstream(),
-                  relay_stream(), tunnel_websocket()
+                  relay_stream() and StreamRelay, tunnel_websocket()
  7 TLS            server_ssl_context(), CertReloader, write_selfsigned()
  8 Server         ServerState, handle_connection(), error_response(), serve(), the /admin/ console
  9 CLI            main()
