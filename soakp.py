@@ -5174,7 +5174,6 @@ async def read_upstream_body(
         finally:
             watchdog.disarm_upstream()
 
-    arm, disarm = watchdog.arm_upstream, watchdog.disarm_upstream
     try:
         if resp.body_kind == "length":
             remaining = resp.content_length
@@ -5189,11 +5188,7 @@ async def read_upstream_body(
             while not decoder.done:
                 if decoder.error is not None:
                     raise decoder.error
-                arm(conn)  # wait(), inlined: this runs once per streamed event
-                try:
-                    data = await reader.read(READ_CHUNK_BYTES)
-                finally:
-                    disarm()
+                data = await wait(reader.read(READ_CHUNK_BYTES))
                 if not data:
                     raise UpstreamError(502, "upstream closed mid-chunk", "reset_mid_body")
                 piece = decoder.feed(data)
@@ -5620,18 +5615,12 @@ class ClientWriter:
 
     def send_now(self, data: bytes) -> bool:
         """Hand data to the client's transport without waiting. Returns whether the client must be
-        drained before more is sent. Raises ClientGone (see write)."""
-        if self.gone is None:
-            transport = self.writer.transport
-            if not transport.is_closing():
-                transport.write(data)
-                return transport.get_write_buffer_size() > CLIENT_WRITE_HIGH_BYTES
-            if not self.exchange.watchdog.finish_upstream:
-                raise ClientGone("client went away")
-            self.gone = ClientGone("client went away")
-        self.drained += len(data)
-        if self.drained > BUDGET_DRAIN_MAX_BYTES:
-            raise self.gone
+        drained before more is sent. Raises ClientGone (see left)."""
+        transport = self.writer.transport
+        if self.gone is None and not transport.is_closing():
+            transport.write(data)
+            return transport.get_write_buffer_size() > CLIENT_WRITE_HIGH_BYTES
+        self.left(self.gone or ClientGone("client went away"), data)
         return False
 
     async def write(self, data: bytes, watchdog: Watchdog | None = None) -> None:
@@ -5640,12 +5629,19 @@ class ClientWriter:
                 await write_client(self.writer, data, watchdog)
                 return
             except ClientGone as exc:
-                if not self.exchange.watchdog.finish_upstream:
-                    raise
-                self.gone = exc
+                self.left(exc, data)
+                return
+        self.left(self.gone, data)
+
+    def left(self, gone: ClientGone, data: bytes) -> None:
+        """The client is gone and data was not sent: raise, unless the answer is budgeted, then
+        count it until BUDGET_DRAIN_MAX_BYTES."""
+        if not self.exchange.watchdog.finish_upstream:
+            raise gone
+        self.gone = gone
         self.drained += len(data)
         if self.drained > BUDGET_DRAIN_MAX_BYTES:
-            raise self.gone
+            raise gone
 
     def check_gone(self) -> None:
         if self.gone is not None:
@@ -7498,15 +7494,14 @@ class AccessLog:
                 pass
 
 
-def finish_exchange(
-    state: ServerState, exchange: Exchange, peer: str, head: RequestHead | None
-) -> None:
+def finish_exchange(state: ServerState, exchange: Exchange, peer: str) -> None:
     """Account for one request: metrics, usage and the access log line."""
     elapsed_s = time.monotonic() - exchange.started
     record_outcome(state, exchange)
     state.metrics.record(exchange, elapsed_s)
     if state.access.stream is not None:
-        state.access.add(access_log_line(state, exchange, peer, head, elapsed_s, time.time()))
+        line = access_log_line(state, exchange, peer, exchange.head, elapsed_s, time.time())
+        state.access.add(line)
 
 
 async def answer_failure(
@@ -7549,7 +7544,6 @@ class Turn:
     """The request a connection is serving, if any: what the catch-all answers and logs."""
 
     exchange: Exchange | None = None
-    head: RequestHead | None = None
 
 
 async def handle_connection(
@@ -7592,7 +7586,7 @@ async def handle_connection(
     finally:
         watchdog.close()
         if turn.exchange is not None:
-            finish_exchange(state, turn.exchange, peer, turn.head)
+            finish_exchange(state, turn.exchange, peer)
         state.connections.discard(writer)
         state.busy.discard(writer)
         writer.close()
@@ -7615,19 +7609,15 @@ async def serve_request(
         return False
     except asyncio.LimitOverrunError:
         watchdog.disarm_client()
-        turn.exchange, turn.head = (
-            Exchange(started=time.monotonic(), watchdog=watchdog, status=431),
-            None,
-        )
+        turn.exchange = Exchange(started=time.monotonic(), watchdog=watchdog, status=431)
         too_large = bad_request("The request head is too large.", 431)
         turn.exchange.bytes_out = await answer_error(reader, writer, too_large, False)
         return False
     watchdog.disarm_client()
     exchange = turn.exchange = Exchange(started=time.monotonic(), watchdog=watchdog)
-    turn.head = None
     state.busy.add(writer)
     try:
-        head = turn.head = exchange.head = parse_request_head(raw)
+        head = exchange.head = parse_request_head(raw)
     except ApiError as exc:
         exchange.status = exc.status
         exchange.bytes_out = await answer_error(reader, writer, exc, keep_alive=False)
@@ -7646,7 +7636,7 @@ async def serve_request(
         state.busy.discard(writer)
         if exchange.upstream is not None:
             exchange.upstream.abort()
-    finish_exchange(state, exchange, peer, head)
+    finish_exchange(state, exchange, peer)
     turn.exchange = None
     return keep_alive and not state.shutting_down
 
