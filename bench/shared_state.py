@@ -33,6 +33,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(ROOT / "tests"))
+from redis_servers import RedisServer, redis_cli, stop_process  # noqa: E402 - tests/ helpers, path set above
 
 START_TIMEOUT_S = 15.0
 REQUESTS = 3000
@@ -93,6 +94,7 @@ class Run:
         self.python, self.soakp = python, soakp
         self.dir = Path(tempfile.mkdtemp(prefix="soakp-bench-shared-"))
         self.children: list[subprocess.Popen[bytes]] = []
+        self.redis_servers: list[RedisServer] = []
         self.api_key = "sk-bench-" + secrets.token_urlsafe(18)
         (self.dir / "secret").write_text(secrets.token_urlsafe(48))
         from fake_upstream import CertAuthority  # noqa: PLC0415 - tests/ helper
@@ -154,38 +156,14 @@ class Run:
         return done.stdout.strip().splitlines()[-1]
 
     def redis(self) -> int:
-        port = free_port()
-        self.spawn(
-            "redis",
-            [
-                "redis-server",
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-        )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while self.redis_cli(port, "PING") != "PONG":
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-        return port
-
-    @staticmethod
-    def redis_cli(port: int, *args: str) -> str:
-        return subprocess.run(
-            ["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
+        server = RedisServer(self.dir / "redis").start()
+        self.redis_servers.append(server)
+        return server.port
 
     def commands(self, port: int, scripts: bool = False) -> int:
         """Commands Redis ran (those inside scripts included), or (`scripts`) scripts: round
         trips."""
-        stats = self.redis_cli(port, "INFO", "commandstats")
+        stats = redis_cli(port, "INFO", "commandstats")
         pattern = (
             r"^cmdstat_(evalsha|eval):calls=(\d+)"
             if scripts
@@ -195,7 +173,7 @@ class Run:
 
     def script_usec(self, port: int) -> int:
         """Microseconds Redis spent running scripts, by its own count (part of each round trip)."""
-        stats = self.redis_cli(port, "INFO", "commandstats")
+        stats = redis_cli(port, "INFO", "commandstats")
         pattern = r"^cmdstat_(?:evalsha|eval):calls=\d+,usec=(\d+)"
         return sum(int(n) for n in re.findall(pattern, stats, re.MULTILINE))
 
@@ -235,13 +213,10 @@ class Run:
                 time.sleep(0.05)
 
     def close(self) -> None:
+        for server in self.redis_servers:
+            server.stop()
         for child in reversed(self.children):
-            if child.poll() is None:
-                child.terminate()
-                try:
-                    child.wait(10)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+            stop_process(child, 10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -245,6 +245,55 @@ class SoakpProcess:
         return self.popen.returncode
 
 
+MAKE_LISTENING = re.compile(r"listening on https://127\.0\.0\.1:(\d+)")
+
+
+class MakeRun:
+    """`make ... run` in its own process group (as a user's shell runs it), its output in a file, ready
+    once SOAKP logs its port. stop() sends SIGTERM to the whole group (make and the SOAKP it runs)."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        log_path: Path,
+        registry: SecretsRegistry,
+        env: dict[str, str],
+        start_timeout_s: float,
+        cwd: Path | None = None,
+    ) -> None:
+        self.log_path = log_path
+        registry.logs.append(log_path)
+        with open(log_path, "wb") as log:
+            self.popen = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + start_timeout_s
+        while not (found := MAKE_LISTENING.search(self.log())):
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"make run did not start:\n{self.log()}")
+            time.sleep(0.05)
+        self.port = int(found.group(1))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(STOP_TIMEOUT_S)
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

@@ -24,6 +24,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process(popen: subprocess.Popen[bytes], timeout_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within timeout_s."""
+    if popen.poll() is None:
+        popen.terminate()
+        try:
+            popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(timeout_s)
+
+
 def redis_cli(port: int, *args: str, timeout_s: float = 5.0, how: tuple[str, ...] = ()) -> str:
     where = how or ("-h", "127.0.0.1", "-p", str(port))
     result = subprocess.run(
@@ -111,12 +122,7 @@ class RedisServer:
     def stop(self) -> None:
         if self.popen is not None and self.popen.poll() is None:
             os.kill(self.popen.pid, signal.SIGCONT)
-            self.popen.terminate()
-            try:
-                self.popen.wait(5)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+            stop_process(self.popen)
         self.popen = None
 
 
@@ -221,10 +227,4 @@ class Balancer:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(5)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+        stop_process(self.popen)

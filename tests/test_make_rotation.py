@@ -10,22 +10,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import jwt
 import pytest
-from conftest import SecretsRegistry
+from conftest import MakeRun, SecretsRegistry
 from fake_upstream import CertAuthority, FakeUpstream, build_request, exchange
 
 ROOT = Path(__file__).resolve().parents[1]
-LISTENING = re.compile(r"listening on https://127\.0\.0\.1:(\d+)")
 START_TIMEOUT_S = 120.0  # the first `make run` may install soakp into .venv
-STOP_TIMEOUT_S = 15.0
 MAKE_TIMEOUT_S = 120.0
 
 
@@ -37,40 +33,14 @@ def make_env() -> dict[str, str]:
     }
 
 
-class MakeRun:
-    """`make run` in its own process group, with its log in a file."""
-
-    def __init__(self, variables: list[str], log_path: Path, registry: SecretsRegistry) -> None:
-        self.log_path = log_path
-        registry.logs.append(log_path)
-        with open(log_path, "wb") as log:
-            self.popen = subprocess.Popen(
-                ["make", "-s", "-C", str(ROOT), *variables, "run"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=make_env(),
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not (found := LISTENING.search(self.log())):
-            if self.popen.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"make run did not start:\n{self.log()}")
-            time.sleep(0.05)
-        self.port = int(found.group(1))
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(STOP_TIMEOUT_S)
+def make_run(variables: list[str], log_path: Path, registry: SecretsRegistry) -> MakeRun:
+    return MakeRun(
+        ["make", "-s", "-C", str(ROOT), *variables, "run"],
+        log_path,
+        registry,
+        make_env(),
+        START_TIMEOUT_S,
+    )
 
 
 @pytest.fixture
@@ -143,7 +113,7 @@ def test_rotation_through_the_makefile_end_to_end(
     ]
 
     def start(name: str) -> MakeRun:
-        runs.append(MakeRun(variables, tmp_path / f"{name}.log", secrets_registry))
+        runs.append(make_run(variables, tmp_path / f"{name}.log", secrets_registry))
         return runs[-1]
 
     def mint() -> str:

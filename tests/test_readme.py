@@ -13,22 +13,18 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SecretsRegistry
+from conftest import MakeRun, SecretsRegistry
 from fake_upstream import CertAuthority, FakeUpstream
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-LISTENING = re.compile(r"listening on https://127\.0\.0\.1:(\d+)")
 START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 15.0
 BLOCK_TIMEOUT_S = 60.0
 
 
@@ -66,44 +62,28 @@ class Clone:
         venv = Path(sys.prefix)
         (directory / ".venv").symlink_to(venv)
         (venv / ".installed-run").touch(exist_ok=True)  # this venv has soakp and its dependencies
-        self.log_path = directory / "make-run.log"
-        registry.logs.append(self.log_path)
-        with open(self.log_path, "wb") as log:
-            self.popen = subprocess.Popen(
-                [
-                    "make",
-                    "run",
-                    "LISTEN=127.0.0.1:0",
-                    f"ARGS=--upstream {upstream.url} --upstream-ca {ca.ca_path}",
-                ],
-                cwd=directory,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=clean_env(),
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not (found := LISTENING.search(self.log())):
-            if self.popen.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"make run did not start:\n{self.log()}")
-            time.sleep(0.05)
-        self.port = int(found.group(1))
+        self.make = MakeRun(
+            [
+                "make",
+                "run",
+                "LISTEN=127.0.0.1:0",
+                f"ARGS=--upstream {upstream.url} --upstream-ca {ca.ca_path}",
+            ],
+            directory / "make-run.log",
+            registry,
+            clean_env(),
+            START_TIMEOUT_S,
+            cwd=directory,
+        )
+        self.port = self.make.port
         registry.add((directory / "var" / "admin-pass").read_text().strip())
         registry.add((directory / "var" / "secret").read_text().strip())
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.make.log()
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(STOP_TIMEOUT_S)
+        self.make.stop()
 
     def run(self, script: str, program: list[str], **env: str) -> subprocess.CompletedProcess[str]:
         """Run a README block (its port changed to ours) and return what it printed."""

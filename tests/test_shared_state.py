@@ -5,6 +5,7 @@ the fake upstream reporting usage. Each failure mode of SPEC.md "Shared state" h
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import secrets
 import shutil
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-
 from conftest import basic_auth
 from fake_upstream import RecordedRequest, Responder, build_request, exchange
 from redis_servers import Balancer, RedisServer, free_port, redis_cli, start_cluster
@@ -178,21 +178,11 @@ def test_a_budget_over_three_instances_stays_within_its_bound(
         CHAT, usage_reply(10, lambda d: min(100, d["max_completion_tokens"]), delay_s=0.3)
     )
     minted = servers[0].mint_data(max_tokens_total=1000)
-    statuses: list[int] = []
-    lock = threading.Lock()
+    def one(_: int) -> int:
+        return via(balancer, "POST", CHAT, minted.token, chat_body(max_completion_tokens=100)).status
 
-    def one() -> None:
-        status = via(
-            balancer, "POST", CHAT, minted.token, chat_body(max_completion_tokens=100)
-        ).status
-        with lock:
-            statuses.append(status)
-
-    threads = [threading.Thread(target=one) for _ in range(20)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        statuses = list(pool.map(one, range(20)))
     assert len(statuses) == 20 and set(statuses) <= {200, 429} and 200 in statuses, statuses
 
     def spent(server: SoakpProcess) -> int:

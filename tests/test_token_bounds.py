@@ -7,6 +7,7 @@ fake upstream and, where it matters, raw sockets.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import socket
@@ -19,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import jwt
 import pytest
-
-import soakp
 from conftest import admin_call, basic_auth, error_of
 from conftest import token_claims as claims_of
 from fake_upstream import Gate, RecordedRequest, Responder, build_request
 from usage_upstream import Sent, chat_completion, chat_stream, compact
+
+import soakp
 
 if TYPE_CHECKING:
     from conftest import SecretsRegistry, SoakpProcess
@@ -324,19 +325,11 @@ def test_concurrent_requests_overshoot_a_budget_by_at_most_their_prompts(
     its cap allows (the worst case) and 10 prompt tokens: what is spent stays within 1,000 + 20 x 10."""
     fake_upstream.script(CHAT, usage_reply(10, lambda d: d["max_completion_tokens"], delay_s=0.3))
     minted = proxy.mint_data(max_tokens_total=1000)
-    statuses: list[int] = []
-    lock = threading.Lock()
+    def one(_: int) -> int:
+        return proxy.request("POST", CHAT, minted.token, JSON, chat_body()).status
 
-    def one() -> None:
-        status = proxy.request("POST", CHAT, minted.token, JSON, chat_body()).status
-        with lock:
-            statuses.append(status)
-
-    threads = [threading.Thread(target=one) for _ in range(20)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        statuses = list(pool.map(one, range(20)))
     assert len(statuses) == 20 and set(statuses) <= {200, 429} and 200 in statuses
     assert wait_until(lambda: spent(proxy, minted.jti) > 0, 3)
     time.sleep(0.6)  # the last usage batch

@@ -479,6 +479,17 @@ def read_line(process: Process, prefix: str, timeout_s: float) -> str:
     raise RuntimeError(f"{process.name} did not print {prefix} within {timeout_s:.0f}s")
 
 
+def recv_until(sock: socket.socket, marker: bytes) -> bytes:
+    """What the peer sent until `marker` arrived or it closed."""
+    received = b""
+    while marker not in received:
+        piece = sock.recv(READ_BYTES)
+        if not piece:
+            break
+        received += piece
+    return received
+
+
 def collect(port: int, data: bytes, timeout_s: float = CLIENT_TIMEOUT_S, half_close: bool = True,
             enough: int | None = None) -> Any:
     from fault_servers import collect as raw_collect  # the test suite's bounded raw client
@@ -710,12 +721,7 @@ def redos_probe(server: Soakp) -> Row:
         probe = collect(server.port,
                         b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         took = time.monotonic() - started
-        answer = b""
-        while b"\r\n" not in answer:
-            piece = sock.recv(READ_BYTES)
-            if not piece:
-                break
-            answer += piece
+        answer = recv_until(sock, b"\r\n")
     status = answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/") else "no answer"
     got = f"{status}; /healthz {probe.statuses} after {took * 1000:.0f} ms"
     return Row("ReDoS: 60,000 spaces then a control byte in a header", expected, got,
@@ -966,12 +972,7 @@ def leave_after_first_event(server: Soakp, request: bytes) -> None:
     with socket.create_connection((LOOPBACK, server.port), timeout=10) as sock:
         sock.sendall(request)
         sock.settimeout(10)
-        received = b""
-        while b"data: " not in received:
-            piece = sock.recv(READ_BYTES)
-            if not piece:
-                break
-            received += piece
+        recv_until(sock, b"data: ")
 
 
 def resources(harness: Harness, server: Soakp, report: Report) -> None:
