@@ -33,7 +33,8 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from redis_servers import RedisServer, redis_cli, stop_process  # noqa: E402 - tests/ helpers, path set above
+from proc_helpers import stop_process  # noqa: E402 - tests/ helpers, path set above
+from redis_servers import RedisServer, redis_cli  # noqa: E402
 
 START_TIMEOUT_S = 15.0
 REQUESTS = 3000

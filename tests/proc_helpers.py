@@ -3,11 +3,13 @@
     memory_kib(pid)      VmRSS and VmHWM (peak RSS), in KiB
     descriptors(pid)     how many file descriptors it has open
     listening_port(pid)  the TCP port it listens on (a quiet SOAKP does not log it)
+    stop_process(popen)  SIGTERM, then SIGKILL after a timeout
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 
@@ -50,3 +52,14 @@ def listening_port(pid: int) -> int | None:
         if fields[3] == "0A" and fields[9] in inodes:  # state LISTEN
             return int(fields[1].rsplit(":", 1)[1], 16)
     return None
+
+
+def stop_process(popen: subprocess.Popen[bytes], timeout_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within timeout_s."""
+    if popen.poll() is None:
+        popen.terminate()
+        try:
+            popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(timeout_s)

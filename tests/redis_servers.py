@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from proc_helpers import stop_process
+
 START_TIMEOUT_S = 10.0
 
 
@@ -22,17 +24,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def stop_process(popen: subprocess.Popen[bytes], timeout_s: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within timeout_s."""
-    if popen.poll() is None:
-        popen.terminate()
-        try:
-            popen.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait(timeout_s)
 
 
 def redis_cli(port: int, *args: str, timeout_s: float = 5.0, how: tuple[str, ...] = ()) -> str:

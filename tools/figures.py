@@ -26,6 +26,9 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from proc_helpers import memory_kib, stop_process  # noqa: E402 - the tests' /proc helpers
+
 LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+)")
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -125,16 +128,9 @@ def start_once(python: str, zipapp: Path, shiv_root: Path) -> tuple[float, int]:
                     time.sleep(POLL_S)
             took = time.monotonic() - started
             time.sleep(0.5)  # idle
-            status = Path(f"/proc/{process.pid}/status").read_text()
-            rss_kib = int(re.search(r"^VmRSS:\s+(\d+)", status, re.MULTILINE).group(1))
-            return took, rss_kib
+            return took, memory_kib(process.pid)["VmRSS"]
         finally:
-            process.terminate()
-            try:
-                process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(STOP_TIMEOUT_S)
+            stop_process(process, STOP_TIMEOUT_S)
 
 
 def main(argv: list[str] | None = None) -> int:
